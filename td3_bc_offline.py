@@ -1,0 +1,404 @@
+# Stage 1 of robust offline-to-online RL by adversarial fine-tuning (Ayabe, Kera & Kawamoto, arXiv 2510.13358):
+# TD3+BC pretraining (Fujimoto & Gu, 2021, arXiv 2106.06860) on a Minari dataset -> checkpoint.
+"""TD3+BC: TD3 whose actor loss is  -λ Q1(s, π(s)) + ‖π(s) − a‖²  with  λ = α / mean|Q1(s, π(s))|.
+
+Observations are normalized by the dataset's mean/std (stored in the checkpoint and used when acting).
+Targets bootstrap through truncations (time limits), not through terminations.
+Outputs in runs/{run_name}/: checkpoint.pt (schema in README.md), metrics.jsonl, args.json.
+"""
+import copy
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Args:
+    exp_name: str = "td3_bc_offline"
+    """the name of this experiment"""
+    dataset_id: str = "local/hopper/medium-v0"
+    """Minari dataset id: one made by collect_dataset.py (local/...), or an official one such as mujoco/hopper/medium-v0"""
+    env_id: Optional[str] = None
+    """evaluation env id (default: the dataset's own eval env)"""
+    download: bool = True
+    """download the dataset from Minari's remote if it is not in the local store (never for the local/ namespace)"""
+    run_name: Optional[str] = None
+    """output folder under runs/ (default: {dataset}__{exp_name}__{seed})"""
+    overwrite: bool = False
+    """replace an existing run folder of the same name"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when available"""
+    track: bool = False
+    """log to Weights & Biases (honours WANDB_MODE=offline)"""
+    wandb_project_name: str = "robust-o2o"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+
+    # Algorithm specific arguments
+    total_steps: int = 1_000_000
+    """gradient updates (the paper pretrains for 5M)"""
+    batch_size: int = 256
+    """minibatch size"""
+    learning_rate: float = 3e-4
+    """Adam learning rate of actor and critics"""
+    gamma: float = 0.99
+    """discount factor γ"""
+    tau: float = 0.005
+    """target smoothing coefficient τ"""
+    policy_noise: float = 0.2
+    """target policy smoothing noise (fraction of the action half-range)"""
+    noise_clip: float = 0.5
+    """target policy smoothing noise clip (fraction of the action half-range)"""
+    policy_frequency: int = 2
+    """delayed actor (and target) update frequency"""
+    alpha: float = 2.5
+    """α of TD3+BC: λ = α / mean|Q(s, π(s))| weighs the Q term against the BC term"""
+    normalize_obs: bool = True
+    """normalize observations by the dataset's mean/std"""
+    hidden_dim: int = 256
+    """width of the 2-hidden-layer actor and critics"""
+    eval_freq: int = 5_000
+    """updates between deterministic evaluations (and checkpoints)"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    eval_seed: int = 10_000
+    """evaluation episode i is reset with seed eval_seed + i (the same episodes at every evaluation)"""
+    log_freq: int = 1_000
+    """updates between training-loss rows in metrics.jsonl"""
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+# ALGO LOGIC: networks (copied verbatim into every stage script; tests/test_contracts.py proves the copies agree)
+class Actor(nn.Module):
+    """Deterministic policy π(s): 2×hidden ReLU MLP, tanh output rescaled to the action bounds."""
+
+    def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+                                 nn.Linear(hidden_dim, act_dim), nn.Tanh())
+        low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
+        self.register_buffer("action_scale", (high - low) / 2)
+        self.register_buffer("action_bias", (high + low) / 2)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs) * self.action_scale + self.action_bias
+
+
+class VectorizedLinear(nn.Module):
+    """`n` independent linear layers applied in one batched matmul: x [n, B, in] -> [n, B, out]."""
+
+    def __init__(self, in_features: int, out_features: int, n: int):
+        super().__init__()
+        bound = 1 / in_features ** 0.5  # the same init as nn.Linear
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class Critic(nn.Module):
+    """Twin Q-networks Q1, Q2 (2×hidden ReLU MLPs) evaluated as one batched call: returns [2, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 256, n: int = 2):
+        super().__init__()
+        self.n = n
+        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden_dim, n), nn.ReLU(),
+                                 VectorizedLinear(hidden_dim, hidden_dim, n), nn.ReLU(), VectorizedLinear(hidden_dim, 1, n))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, act], -1)
+        x = x.unsqueeze(0).expand(self.n, *x.shape) if x.dim() == 2 else x
+        return self.net(x).squeeze(-1)
+
+
+# ALGO LOGIC: the TD3+BC losses, as functions so tests can check them piece by piece
+def td_target(critic_target: Critic, actor_target: Actor, next_obs, reward, termination, gamma: float,
+              policy_noise: float, noise_clip: float) -> torch.Tensor:
+    """y = r + γ (1 − terminated) min_i Q'_i(s', clip(π'(s') + clip(ε, −c, c)))  with ε ~ N(0, σ²), in action units.
+    Truncated transitions have termination = 0, so they bootstrap."""
+    with torch.no_grad():
+        scale, bias = actor_target.action_scale, actor_target.action_bias
+        noise = (torch.randn(reward.shape[0], scale.shape[0], device=reward.device) * policy_noise).clamp(-noise_clip, noise_clip)
+        next_action = (actor_target(next_obs) + noise * scale).clamp(bias - scale, bias + scale)
+        next_q = critic_target(next_obs, next_action).min(0).values
+        return reward + gamma * (1.0 - termination) * next_q
+
+
+def td3_bc_actor_loss(actor: Actor, critic: Critic, obs, actions, alpha: float):
+    """-λ mean Q1(s, π(s)) + mean ‖π(s) − a‖²/Na, λ = α / mean|Q1(s, π(s))| (detached). Returns (loss, λ, bc)."""
+    pi = actor(obs)
+    q1 = critic(obs, pi)[0]
+    lmbda = alpha / q1.abs().mean().detach()
+    bc = F.mse_loss(pi, actions)
+    return -lmbda * q1.mean() + bc, lmbda, bc
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float):
+    """θ' ← τ θ + (1 − τ) θ' for every parameter, in one fused foreach call."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+# Data: a Minari dataset -> flat transition tensors
+def load_minari_dataset(dataset_id: str, download: bool):
+    local = os.path.exists(minari.storage.get_dataset_path(dataset_id))
+    hint = (f"create it with `python collect_dataset.py --env-id <Env>-v5` (ids local/<env>/<level>-v0), or, online, "
+            f"`minari download {dataset_id}`")
+    if not local and (not download or dataset_id.startswith("local/")):
+        raise UserError(f"dataset '{dataset_id}' is not in the local Minari store "
+                        f"({minari.storage.get_dataset_path()}); {hint}")
+    try:
+        return minari.load_dataset(dataset_id, download=download and not local)
+    except Exception as e:  # unknown remote id, no network, corrupt files: all end in the same advice
+        raise UserError(f"could not load dataset '{dataset_id}' ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); {hint}")
+
+
+def dataset_to_transitions(dataset) -> dict:
+    """Flatten episodes into (s, a, r, s', terminated) arrays. Observations hold T+1 entries per episode, so
+    s' is always the real next observation, also for the last step of a truncated episode."""
+    obs, act, rew, nxt, term = [], [], [], [], []
+    for ep in dataset.iterate_episodes():
+        if not isinstance(ep.observations, np.ndarray):
+            raise UserError(f"dataset '{dataset.spec.dataset_id}' has dict/tuple observations; only Box observations are supported")
+        obs.append(ep.observations[:-1]); nxt.append(ep.observations[1:])
+        act.append(ep.actions); rew.append(ep.rewards); term.append(ep.terminations)
+    if not obs or sum(len(r) for r in rew) == 0:
+        raise UserError(f"dataset '{dataset.spec.dataset_id}' is empty; re-create it with collect_dataset.py")
+    cat = lambda xs: np.concatenate(xs).astype(np.float32)  # noqa: E731
+    return {"obs": cat(obs), "actions": cat(act), "rewards": cat(rew), "next_obs": cat(nxt), "terminations": cat(term)}
+
+
+def dataset_eval_spec(dataset):
+    """The env spec the dataset asks to be evaluated in (its eval env if it stores one, else its own)."""
+    return getattr(dataset, "_eval_env_spec", None) or dataset.env_spec
+
+
+def dataset_env_id(dataset, override: Optional[str]) -> str:
+    if override is not None:
+        return override
+    spec = dataset_eval_spec(dataset)
+    if spec is None:
+        raise UserError(f"dataset '{dataset.spec.dataset_id}' records no environment; pass --env-id")
+    return spec.id
+
+
+def make_eval_env(dataset, env_id: str) -> gym.Env:
+    """The dataset's own eval env (same time limit and kwargs) unless --env-id names another."""
+    spec = dataset_eval_spec(dataset)
+    try:
+        if spec is not None and spec.id == env_id:
+            return gym.make(spec)
+        return gym.make(env_id)
+    except gym.error.Error as e:
+        raise UserError(f"unknown env id '{env_id}' ({e}); pass a Gymnasium id such as Hopper-v5")
+
+
+def evaluate(actor: Actor, env: gym.Env, obs_mean, obs_std, episodes: int, seed: int) -> np.ndarray:
+    """Deterministic returns of `episodes` episodes; episode i starts from reset(seed=seed + i)."""
+    device = obs_mean.device
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        done, ret = False, 0.0
+        while not done:
+            with torch.no_grad():
+                o = (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean) / obs_std
+                action = actor(o).cpu().numpy()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            ret += float(reward)
+            done = terminated or truncated
+        returns.append(ret)
+    return np.asarray(returns)
+
+
+def normalized_score(ret: float, ref_min, ref_max) -> Optional[float]:
+    """D4RL-style score: 0 = random, 100 = expert (None when the dataset has no reference scores)."""
+    if ref_min is None or ref_max is None:
+        return None
+    return 100.0 * (ret - ref_min) / (ref_max - ref_min)
+
+
+def save_checkpoint(path: str, ckpt: dict):
+    """Atomic: write a temporary file next to `path`, fsync, then rename over it."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint of this project without running any code (torch.load(weights_only=True)) and check its format."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found; train one with `python td3_bc_offline.py`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable or not a plain-tensor checkpoint ({type(e).__name__}); "
+                        f"re-create it with `python td3_bc_offline.py`")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this project (format '{CHECKPOINT_FORMAT}' expected)")
+    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise UserError(f"{path} has checkpoint format version {ckpt['format_version']} > {CHECKPOINT_VERSION}; update this code")
+    return ckpt
+
+
+def actor_from_checkpoint(ckpt: dict, device="cpu") -> Actor:
+    actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
+    actor.load_state_dict(ckpt["actor"])
+    return actor.to(device).eval()
+
+
+def main(args: Args):
+    if args.total_steps < 1 or args.batch_size < 1 or args.eval_freq < 1 or args.eval_episodes < 1:
+        raise UserError("--total-steps, --batch-size, --eval-freq and --eval-episodes must be >= 1")
+    if args.alpha < 0 or not 0 < args.tau <= 1 or not 0 <= args.gamma <= 1:
+        raise UserError("need --alpha >= 0, 0 < --tau <= 1 and 0 <= --gamma <= 1")
+    dataset = load_minari_dataset(args.dataset_id, args.download)
+    env_id = dataset_env_id(dataset, args.env_id)
+    env = make_eval_env(dataset, env_id)
+    data = dataset_to_transitions(dataset)
+    obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
+    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
+        raise UserError(f"env {env_id} (obs {env.observation_space.shape}, act {env.action_space.shape}) does not match "
+                        f"dataset '{args.dataset_id}' (obs ({obs_dim},), act ({act_dim},)); pass the right --env-id")
+    ref_min, ref_max = dataset.storage.metadata.get("ref_min_score"), dataset.storage.metadata.get("ref_max_score")
+
+    run_name = args.run_name or f"{args.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}"
+    run_dir = os.path.join("runs", run_name)
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not args.overwrite:
+        raise UserError(f"{run_dir} already holds a run; pass --overwrite or another --run-name")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({**dataclasses.asdict(args), "env_id": env_id, "run_name": run_name}, f, indent=2)
+    metrics = open(os.path.join(run_dir, "metrics.jsonl"), "w")
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, dir=run_dir,
+                   config={**vars(args), "env_id": env_id}, save_code=True)
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # the whole dataset lives on the training device; minibatch indices are drawn there
+    D = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
+    if args.normalize_obs:
+        obs_mean, obs_std = D["obs"].mean(0), D["obs"].std(0) + 1e-3
+    else:
+        obs_mean, obs_std = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device)
+    D["obs"], D["next_obs"] = (D["obs"] - obs_mean) / obs_std, (D["next_obs"] - obs_mean) / obs_std
+    N = D["obs"].shape[0]
+    low, high = env.action_space.low, env.action_space.high
+
+    actor = Actor(obs_dim, act_dim, low, high, args.hidden_dim).to(device)
+    critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+    actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
+
+    def checkpoint(step: int, eval_return: float, eval_score) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "stage": "td3_bc_offline", "step": step,
+            "env_id": env_id, "dataset_id": args.dataset_id, "obs_dim": obs_dim, "act_dim": act_dim,
+            "hidden_dim": args.hidden_dim, "action_low": torch.as_tensor(low), "action_high": torch.as_tensor(high),
+            "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(),
+            "ref_min_score": ref_min, "ref_max_score": ref_max, "eval_return": eval_return, "eval_normalized_score": eval_score,
+            "actor": actor.state_dict(), "critic": critic.state_dict(),
+            "actor_target": actor_target.state_dict(), "critic_target": critic_target.state_dict(),
+            "actor_optimizer": actor_optimizer.state_dict(), "critic_optimizer": critic_optimizer.state_dict(),
+            "args": dataclasses.asdict(args),
+        }
+
+    def log(row: dict):
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        if args.track:
+            wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+
+    print(f"{args.dataset_id}: {N} transitions, env {env_id}, obs {obs_dim}, act {act_dim}, device {device}; run dir {run_dir}")
+    start_time, t_last, s_last = time.time(), time.time(), 0
+    q_loss_sum = torch.zeros((), device=device)
+    actor_loss = lmbda = bc = torch.zeros((), device=device)
+    pbar = tqdm(range(1, args.total_steps + 1), desc="TD3+BC", mininterval=2)
+    for step in pbar:
+        # ALGO LOGIC: training
+        idx = torch.randint(0, N, (args.batch_size,), device=device)
+        obs, actions, next_obs = D["obs"][idx], D["actions"][idx], D["next_obs"][idx]
+        y = td_target(critic_target, actor_target, next_obs, D["rewards"][idx], D["terminations"][idx],
+                      args.gamma, args.policy_noise, args.noise_clip)
+        q = critic(obs, actions)
+        critic_loss = ((q - y) ** 2).mean(1).sum()  # MSE of Q1 plus MSE of Q2
+        critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        critic_optimizer.step()
+        q_loss_sum += critic_loss.detach()
+
+        if step % args.policy_frequency == 0:
+            actor_loss, lmbda, bc = td3_bc_actor_loss(actor, critic, obs, actions, args.alpha)
+            actor_optimizer.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            actor_optimizer.step()
+            soft_update(actor_target, actor, args.tau)
+            soft_update(critic_target, critic, args.tau)
+
+        if step % args.log_freq == 0:  # the only host syncs outside evaluation
+            sps = (step - s_last) / (time.time() - t_last)
+            t_last, s_last = time.time(), step
+            log({"step": step, "losses/critic_loss": q_loss_sum.item() / args.log_freq, "losses/actor_loss": actor_loss.item(),
+                 "losses/bc_loss": bc.item(), "losses/lambda": lmbda.item(), "losses/q1_mean": q[0].mean().item(),
+                 "charts/updates_per_sec": sps})
+            q_loss_sum.zero_()
+        if step % args.eval_freq == 0 or step == args.total_steps:
+            returns = evaluate(actor, env, obs_mean, obs_std, args.eval_episodes, args.eval_seed)
+            score = normalized_score(float(returns.mean()), ref_min, ref_max)
+            log({"step": step, "eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
+                 "eval/normalized_score": score, "charts/elapsed_sec": time.time() - start_time})
+            pbar.set_postfix(ret=f"{returns.mean():.1f}", score="n/a" if score is None else f"{score:.1f}")
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint(step, float(returns.mean()), score))
+    pbar.close()
+    metrics.close()
+    env.close()
+    elapsed = time.time() - start_time
+    print(f"done: {args.total_steps} updates in {elapsed:.1f}s ({args.total_steps / elapsed:.0f} updates/s incl. evaluation); "
+          f"final return {returns.mean():.1f}" + ("" if score is None else f", normalized score {score:.1f}")
+          + f"; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}")
+    if args.track:
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,42 @@
+"""Shared fixtures: a private Minari store for the whole session and small datasets made in it."""
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# every test (and every subprocess it starts) writes datasets into a throwaway store, never ~/.minari
+os.environ["MINARI_DATASETS_PATH"] = tempfile.mkdtemp(prefix="minari-test-")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def run_script(script: str, *args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a stage script's CLI in a subprocess; returns the completed process (never raises on exit code)."""
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str):
+    """A user error: non-zero exit, no traceback, one line on stderr naming the problem and the fix."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: "), proc.stderr
+    assert sum(ln.startswith("error: ") for ln in lines) == 1
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+
+
+@pytest.fixture(scope="session")
+def hopper_datasets():
+    """All four levels for Hopper-v5 at a tiny scale (100-step episodes), made once per session."""
+    import collect_dataset as cd
+
+    args = cd.Args(env_id="Hopper-v5", namespace="test", num_transitions=1500, max_train_steps=1500, learning_starts=500,
+                   eval_freq=500, eval_episodes=2, ref_episodes=5, max_episode_steps=100, medium_target_return=60.0,
+                   expert_target_return=1e9, overwrite=True, cuda=False, seed=3)
+    cd.main(args)
+    return {lv: cd.dataset_id_for("test", "Hopper-v5", lv, 0) for lv in cd.LEVELS}
