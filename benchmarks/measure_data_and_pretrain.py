@@ -1,0 +1,74 @@
+"""Measure dataset creation time and TD3+BC updates/s on this machine; prints a Markdown table (the README's).
+
+    python benchmarks/measure_data_and_pretrain.py            # default sizes (about 3 minutes on 2 CPU cores)
+    python benchmarks/measure_data_and_pretrain.py --updates 500 --transitions 2000 --train-steps 3000   # quick
+
+Runs each stage script in a subprocess against a throwaway Minari store and run folder.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd, cwd, env):
+    t = time.time()
+    proc = subprocess.run([sys.executable, *cmd], cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return time.time() - t
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env-id", default="Hopper-v5")
+    p.add_argument("--transitions", type=int, default=100_000, help="transitions in the random dataset")
+    p.add_argument("--train-steps", type=int, default=20_000, help="online TD3 steps for the behaviour policy")
+    p.add_argument("--updates", type=int, default=10_000, help="TD3+BC updates timed")
+    a = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp / "minari")}
+    name = a.env_id.split("-")[0].lower()
+    common = [str(ROOT / "collect_dataset.py"), "--env-id", a.env_id, "--namespace", "bench", "--ref-episodes", "20",
+              "--num-transitions", str(a.transitions)]
+    t_random = run(common + ["--levels", "random"], tmp, env)
+    t_medium = run(common + ["--levels", "medium", "--max-train-steps", str(a.train_steps), "--learning-starts",
+                             str(min(5000, a.train_steps // 2)), "--eval-freq", "5000", "--eval-episodes", "5",
+                             "--medium-target-return", "1e9"], tmp, env)
+    run([str(ROOT / "td3_bc_offline.py"), "--dataset-id", f"bench/{name}/medium-v0", "--total-steps", str(a.updates),
+         "--eval-freq", str(10 * a.updates), "--eval-episodes", "1", "--log-freq", str(max(a.updates // 10, 1)),
+         "--run-name", "bench"], tmp, env)
+    rows = [json.loads(line) for line in open(tmp / "runs" / "bench" / "metrics.jsonl")]
+    ups = [r["charts/updates_per_sec"] for r in rows if "charts/updates_per_sec" in r][1:]  # skip the warm-up window
+    ups_mean = sum(ups) / len(ups) if ups else float("nan")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n")
+    print("| what | figure |\n|---|---|")
+    print(f"| `random` dataset, {a.transitions:,} transitions of {a.env_id} (+20 reference episodes) | {t_random:.1f} s |")
+    print(f"| `medium` dataset: {a.train_steps:,} online TD3 steps + {a.transitions:,}-transition rollout | {t_medium:.1f} s "
+          f"({a.train_steps / t_medium:.0f} training steps/s overall) |")
+    print(f"| TD3+BC updates/s, batch 256, eager PyTorch, device {'cuda' if torch.cuda.is_available() else 'cpu'} "
+          f"(mean of {len(ups)} windows of {max(a.updates // 10, 1)}) | {ups_mean:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
