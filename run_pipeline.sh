@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The pipeline, stage by stage, each a separate process. Stages so far: 0 data, 1 TD3+BC pretraining.
+# The pipeline, stage by stage, each a separate process. Stages so far: 0 data, 1 TD3+BC pretraining,
+# 2 differential-evolution perturbations.
 #   bash run_pipeline.sh                 # small embedded default: minutes on 2 CPU cores, no internet
 #   SCALE=paper bash run_pipeline.sh     # D4RL-size datasets (1M transitions) and 5M pretraining updates
-# Overrides: ENV_ID (Hopper-v5), SEED (1), MINARI_DATASETS_PATH (Minari's store, default ~/.minari/datasets).
+# Overrides: ENV_ID (Hopper-v5), SEED (1), EPSILON (0.3), MINARI_DATASETS_PATH (Minari's store, default ~/.minari/datasets).
 set -euo pipefail
 cd "$(dirname "$0")"
 ENV_ID=${ENV_ID:-Hopper-v5}
@@ -15,11 +16,13 @@ case "$SCALE" in
     NS=local-quick
     COLLECT=(--levels random medium --num-transitions 50000 --max-train-steps 40000 --learning-starts 5000
              --eval-freq 5000 --eval-episodes 5 --ref-episodes 20 --medium-target-return 200)
-    PRETRAIN=(--total-steps 10000 --eval-freq 2500 --eval-episodes 5) ;;
+    PRETRAIN=(--total-steps 10000 --eval-freq 2500 --eval-episodes 5)
+    DE=(--num-perturbations 3 --maxiter 10) ;;
   paper)
     NS=local
     COLLECT=()
-    PRETRAIN=(--total-steps 5000000) ;;
+    PRETRAIN=(--total-steps 5000000)
+    DE=() ;;
   *) echo "error: SCALE must be small or paper (got '$SCALE')" >&2; exit 2 ;;
 esac
 DATASET="$NS/$ENV_NAME/medium-v0"
@@ -29,4 +32,6 @@ echo "== stage 0: datasets ($SCALE scale) -> $DATASET"
 python collect_dataset.py --env-id "$ENV_ID" --namespace "$NS" --seed "$SEED" --overwrite "${COLLECT[@]}"
 echo "== stage 1: TD3+BC pretraining -> $RUN/checkpoint.pt"
 python td3_bc_offline.py --dataset-id "$DATASET" --seed "$SEED" --overwrite "${PRETRAIN[@]}"
-echo "== done: checkpoint $RUN/checkpoint.pt, metrics $RUN/metrics.jsonl"
+echo "== stage 2: differential-evolution perturbations -> $RUN/perturbations.npz"
+python de_perturbations.py --checkpoint "$RUN/checkpoint.pt" --epsilon "${EPSILON:-0.3}" "${DE[@]}"
+echo "== done: checkpoint $RUN/checkpoint.pt, metrics $RUN/metrics.jsonl, perturbations $RUN/perturbations.npz (+ .png)"

@@ -330,8 +330,9 @@ def main(args: Args):
     def checkpoint(step: int, eval_return: float, eval_score) -> dict:
         return {
             "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "stage": "td3_bc_offline", "step": step,
-            "env_id": env_id, "dataset_id": args.dataset_id, "obs_dim": obs_dim, "act_dim": act_dim,
-            "hidden_dim": args.hidden_dim, "action_low": torch.as_tensor(low), "action_high": torch.as_tensor(high),
+            "env_id": env_id, "max_episode_steps": env.spec.max_episode_steps, "dataset_id": args.dataset_id,
+            "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim,
+            "action_low": torch.as_tensor(low), "action_high": torch.as_tensor(high),
             "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(),
             "ref_min_score": ref_min, "ref_max_score": ref_max, "eval_return": eval_return, "eval_normalized_score": eval_score,
             "actor": actor.state_dict(), "critic": critic.state_dict(),

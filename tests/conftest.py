@@ -40,3 +40,18 @@ def hopper_datasets():
                    expert_target_return=1e9, overwrite=True, cuda=False, seed=3)
     cd.main(args)
     return {lv: cd.dataset_id_for("test", "Hopper-v5", lv, 0) for lv in cd.LEVELS}
+
+
+@pytest.fixture(scope="session")
+def hopper_checkpoint(hopper_datasets, tmp_path_factory):
+    """A TD3+BC checkpoint (300 updates on the tiny Hopper medium data, 100-step episodes)."""
+    import td3_bc_offline as tb
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("ckpt"))
+    try:
+        tb.main(tb.Args(dataset_id=hopper_datasets["medium"], total_steps=300, eval_freq=300, eval_episodes=1,
+                        cuda=False, run_name="hopper", seed=1))
+        return str(Path("runs/hopper/checkpoint.pt").resolve())
+    finally:
+        os.chdir(cwd)

@@ -33,3 +33,29 @@ def test_benchmark_script_runs_at_tiny_size():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "| TD3+BC updates/s" in proc.stdout and "machine:" in proc.stdout
+
+
+def test_checkpoint_acts_identically_in_every_stage_script(hopper_checkpoint):
+    """The Actor and checkpoint loader are copied into each stage script: a checkpoint written by td3_bc_offline.py
+    must load and give bit-identical actions in all of them."""
+    import torch
+
+    import de_perturbations as de
+    ckpt = tb.load_checkpoint(hopper_checkpoint)
+    obs = (torch.randn(64, ckpt["obs_dim"]) * 3 - ckpt["obs_mean"]) / ckpt["obs_std"]
+    reference = tb.actor_from_checkpoint(ckpt)(obs)
+    for module in (de,):
+        other = module.actor_from_checkpoint(module.load_checkpoint(hopper_checkpoint))
+        assert torch.equal(other(obs), reference), module.__name__
+        assert module.CHECKPOINT_FORMAT == tb.CHECKPOINT_FORMAT
+
+
+def test_error_messages_for_a_missing_checkpoint_agree(tmp_path):
+    import de_perturbations as de
+    for module in (tb, de):
+        try:
+            module.load_checkpoint(str(tmp_path / "none.pt"))
+        except module.UserError as e:
+            assert "not found" in str(e) and "td3_bc_offline.py" in str(e)
+        else:
+            raise AssertionError(module.__name__)

@@ -1,0 +1,407 @@
+# Stage 2 of robust offline-to-online RL by adversarial fine-tuning (Ayabe, Kera & Kawamoto, arXiv 2510.13358):
+# differential evolution finds action perturbations δ ∈ [−ε, ε]^Na that minimise a policy's return -> .npz
+"""The perturbation model (an actuator fault, fixed for a whole episode):
+
+    multiplicative (default):  ã = clip(a ⊙ (1 + δ), low, high)
+    additive:                  ã = clip(a + δ ⊙ (high − low)/2, low, high)
+
+Conditions, with the same meaning in every stage: normal (δ = 0), random (δ ~ U([−ε, ε]^Na) per episode),
+adversarial (δ from the set found here). The objective of DE run k is the policy's mean return over M episodes
+whose seeds are fixed for the run (common random numbers), evaluated for the whole population at once.
+Output schema: README.md ("Perturbations file").
+"""
+import hashlib
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from scipy.optimize import differential_evolution
+from tqdm import tqdm
+
+PERTURBATION_FORMAT = "o2o-adv-perturbations"
+PERTURBATION_VERSION = 1
+CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
+
+
+@dataclass
+class Args:
+    checkpoint: str = "runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt"
+    """policy checkpoint (from td3_bc_offline.py or td3_adv_finetune.py)"""
+    output: Optional[str] = None
+    """output .npz (default: perturbations.npz next to the checkpoint); a PNG of DE convergence goes beside it"""
+    epsilon: float = 0.3
+    """ε: perturbation bound, δ ∈ [−ε, ε]^Na (the paper uses 0.3 or 0.5 depending on the env)"""
+    perturbation_model: str = "multiplicative"
+    """multiplicative: ã = a ⊙ (1 + δ); additive: ã = a + δ ⊙ half-range (both clipped to the action bounds)"""
+    num_perturbations: int = 5
+    """K: independent DE runs (own seed and own episode seeds each); their best δ form the set {δ_a}"""
+    de_episodes: int = 5
+    """M: episodes averaged in the DE objective (the same seeds for every candidate of a run)"""
+    popsize: int = 10
+    """scipy popsize: the population has popsize × Na candidates"""
+    maxiter: int = 20
+    """maximum DE generations"""
+    mutation: tuple[float, float] = (0.5, 1.0)
+    """DE mutation (dithering range)"""
+    recombination: float = 0.7
+    """DE crossover probability"""
+    strategy: str = "best1bin"
+    """DE strategy (scipy name)"""
+    tol: float = 0.01
+    """DE relative convergence tolerance"""
+    polish: bool = False
+    """polish the best δ with L-BFGS-B (off: the objective is piecewise and noisy)"""
+    eval_episodes: int = 10
+    """episodes (seeds eval_seed + i) for the reported returns: nominal, random draws and each δ_a"""
+    eval_seed: int = 10_000
+    """first seed of the reporting episodes (the same as the other stages' evaluations)"""
+    de_seed: int = 20_000
+    """DE run k uses episode seeds de_seed + 1000 k + i and optimizer seed de_seed + k"""
+    random_draws: int = 20
+    """R: random δ ~ U([−ε, ε]^Na) evaluated for the random-condition baseline"""
+    max_episode_steps: Optional[int] = None
+    """override the checkpoint's episode time limit (shorter, cheaper episodes)"""
+    num_workers: int = 0
+    """processes stepping the environments (0: one per CPU core)"""
+    seed: int = 1
+    """seed for the random draws"""
+    track: bool = False
+    """log to Weights & Biases (honours WANDB_MODE=offline)"""
+    wandb_project_name: str = "robust-o2o"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+# ALGO LOGIC: the policy network (a copy of td3_bc_offline.Actor; tests/test_contracts.py proves the copies agree)
+class Actor(nn.Module):
+    """Deterministic policy π(s): 2×hidden ReLU MLP, tanh output rescaled to the action bounds."""
+
+    def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+                                 nn.Linear(hidden_dim, act_dim), nn.Tanh())
+        low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
+        self.register_buffer("action_scale", (high - low) / 2)
+        self.register_buffer("action_bias", (high + low) / 2)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs) * self.action_scale + self.action_bias
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint without running code (weights_only) and check its format."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found; train one with `python td3_bc_offline.py` or pass --checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable or not a plain-tensor checkpoint ({type(e).__name__}); "
+                        f"re-create it with `python td3_bc_offline.py`")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this project (format '{CHECKPOINT_FORMAT}' expected)")
+    return ckpt
+
+
+def actor_from_checkpoint(ckpt: dict) -> Actor:
+    actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
+    actor.load_state_dict(ckpt["actor"])
+    return actor.eval()
+
+
+# ALGO LOGIC: the perturbation model (copied verbatim into td3_adv_finetune.py and evaluate_matrix.py)
+PERTURBATION_MODELS = ("multiplicative", "additive")
+CONDITIONS = ("normal", "random", "adversarial")
+
+
+def perturb_action(action: np.ndarray, delta: np.ndarray, low: np.ndarray, high: np.ndarray, model: str) -> np.ndarray:
+    """Executed action ã for the chosen action a under perturbation δ; works row-wise on batches [..., Na]."""
+    if model == "multiplicative":
+        executed = action * (1.0 + delta)
+    elif model == "additive":
+        executed = action + delta * (high - low) / 2.0
+    else:
+        raise ValueError(f"unknown perturbation model {model!r}")
+    return np.clip(executed, low, high).astype(action.dtype, copy=False)
+
+
+class ActionPerturbation(gym.ActionWrapper):
+    """Injects a per-episode perturbation δ into executed actions.
+
+    At each reset: `reset(options={"delta": δ})` pins δ for that episode; otherwise, with probability q, δ is drawn by
+    the condition (random: U([−ε, ε]^Na); adversarial: uniformly from `deltas`; normal: 0), and δ = 0 with
+    probability 1 − q. The draw uses the wrapper's own RNG (seeded by reset(seed=...)), never the env's, so the
+    env's start states do not depend on the condition. `reset` reports δ in info["delta"]."""
+
+    def __init__(self, env: gym.Env, epsilon: float, model: str = "multiplicative", condition: str = "normal",
+                 deltas: Optional[np.ndarray] = None, q: float = 1.0):
+        super().__init__(env)
+        if condition not in CONDITIONS or model not in PERTURBATION_MODELS:
+            raise ValueError(f"condition must be one of {CONDITIONS} and model one of {PERTURBATION_MODELS}")
+        if condition == "adversarial" and (deltas is None or len(deltas) == 0):
+            raise ValueError("the adversarial condition needs a non-empty set of deltas")
+        self.epsilon, self.model, self.condition, self.q = epsilon, model, condition, q
+        self.deltas = None if deltas is None else np.asarray(deltas, dtype=np.float64)
+        self.low, self.high = env.action_space.low, env.action_space.high
+        self.delta = np.zeros(env.action_space.shape, dtype=np.float64)
+        self.rng = np.random.default_rng()
+
+    def draw_delta(self) -> np.ndarray:
+        if self.condition == "normal" or self.rng.random() >= self.q:
+            return np.zeros_like(self.delta)
+        if self.condition == "random":
+            return self.rng.uniform(-self.epsilon, self.epsilon, size=self.delta.shape)
+        return self.deltas[self.rng.integers(len(self.deltas))].copy()
+
+    def reset(self, *, seed=None, options=None):
+        options = dict(options or {})
+        if seed is not None:
+            self.rng = np.random.default_rng([seed, 0x5EED])
+        pinned = options.pop("delta", None)
+        self.delta = np.asarray(pinned, dtype=np.float64) if pinned is not None else self.draw_delta()
+        obs, info = self.env.reset(seed=seed, options=options or None)
+        return obs, {**info, "delta": self.delta.copy()}
+
+    def action(self, action):
+        return perturb_action(np.asarray(action), self.delta, self.low, self.high, self.model)
+
+
+# Batched evaluation: many (δ, episode seed) pairs step together, one policy forward per step
+def make_env(env_id: str, max_episode_steps: Optional[int]) -> gym.Env:
+    return gym.make(env_id, max_episode_steps=max_episode_steps)
+
+
+def rollout_batch(envs, actor: Actor, obs_mean, obs_std, deltas: np.ndarray, seeds, model: str):
+    """Run one episode per (δ_j, seed_j) in lockstep. Returns (returns [B], env steps taken)."""
+    low, high = envs[0].action_space.low, envs[0].action_space.high
+    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
+    returns, alive, steps = np.zeros(len(seeds)), np.ones(len(seeds), bool), 0
+    while alive.any():
+        idx = np.flatnonzero(alive)
+        with torch.no_grad():
+            actions = actor((torch.as_tensor(obs[idx], dtype=torch.float32) - obs_mean) / obs_std).numpy()
+        executed = perturb_action(actions, deltas[idx], low, high, model)
+        for j, i in enumerate(idx):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(executed[j])
+            returns[i] += reward
+            alive[i] = not (terminated or truncated)
+        steps += len(idx)
+    return returns, steps
+
+
+_WORKER = {}
+
+
+def _init_worker(ckpt_small: dict, env_id: str, max_episode_steps, model: str):
+    torch.set_num_threads(1)
+    _WORKER.update(actor=actor_from_checkpoint(ckpt_small), obs_mean=ckpt_small["obs_mean"], obs_std=ckpt_small["obs_std"],
+                   env_id=env_id, max_episode_steps=max_episode_steps, model=model, envs=[])
+
+
+def _worker_rollout(deltas: np.ndarray, seeds: np.ndarray):
+    w = _WORKER
+    while len(w["envs"]) < len(seeds):
+        w["envs"].append(make_env(w["env_id"], w["max_episode_steps"]))
+    return rollout_batch(w["envs"][:len(seeds)], w["actor"], w["obs_mean"], w["obs_std"], deltas, seeds, w["model"])
+
+
+class PopulationEvaluator:
+    """Evaluates returns of many (δ, seed) pairs, split across `num_workers` processes (in-process for 1)."""
+
+    def __init__(self, ckpt: dict, model: str, max_episode_steps: Optional[int], num_workers: int = 1):
+        small = {k: ckpt[k] for k in ("obs_dim", "act_dim", "action_low", "action_high", "hidden_dim", "actor", "obs_mean", "obs_std")}
+        env_id = ckpt["env_id"]
+        self.num_workers, self.env_steps = max(1, num_workers), 0
+        if self.num_workers == 1:
+            _init_worker(small, env_id, max_episode_steps, model)
+            self.pool = None
+        else:
+            self.pool = ProcessPoolExecutor(self.num_workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                            initargs=(small, env_id, max_episode_steps, model))
+
+    def returns(self, deltas: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """Mean return of each δ (rows of deltas [S, Na]) over the episode seeds [M]: returns [S]."""
+        S, M = len(deltas), len(seeds)
+        pair_deltas, pair_seeds = np.repeat(deltas, M, axis=0), np.tile(seeds, S)
+        if self.pool is None:
+            chunks = [_worker_rollout(pair_deltas, pair_seeds)]
+        else:
+            parts = np.array_split(np.arange(S * M), self.num_workers)
+            chunks = list(self.pool.map(_worker_rollout, [pair_deltas[p] for p in parts], [pair_seeds[p] for p in parts]))
+        self.env_steps += sum(c[1] for c in chunks)
+        return np.concatenate([c[0] for c in chunks]).reshape(S, M).mean(1)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def run_de(evaluate, act_dim: int, epsilon: float, seeds: np.ndarray, de_seed: int, args: Args, pbar=None):
+    """One DE run minimising the mean return over `seeds`. Returns (best δ, best objective, best per generation)."""
+    history = []
+
+    def objective(x):  # x: [Na, S] (scipy's vectorized layout) -> mean returns [S]
+        return evaluate(np.ascontiguousarray(x.T), seeds)
+
+    def callback(intermediate_result):
+        history.append(float(intermediate_result.fun))
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix(best_return=f"{intermediate_result.fun:.1f}")
+
+    result = differential_evolution(objective, [(-epsilon, epsilon)] * act_dim, strategy=args.strategy,
+                                    maxiter=args.maxiter, popsize=args.popsize, tol=args.tol, mutation=args.mutation,
+                                    recombination=args.recombination, rng=de_seed, polish=args.polish,
+                                    vectorized=True, updating="deferred", callback=callback)
+    return np.asarray(result.x), float(result.fun), history
+
+
+def check_args(args: Args):
+    if args.perturbation_model not in PERTURBATION_MODELS:
+        raise UserError(f"--perturbation-model must be one of {', '.join(PERTURBATION_MODELS)}")
+    if args.epsilon <= 0 or (args.perturbation_model == "multiplicative" and args.epsilon >= 1):
+        raise UserError(f"--epsilon must be in (0, 1) for the multiplicative model (got {args.epsilon}): δ = −1 would "
+                        f"switch an actuator off and δ < −1 reverse it; use 0.3 or 0.5 as the paper does")
+    if args.num_perturbations < 1:
+        raise UserError("--num-perturbations (K) must be >= 1")
+    if args.popsize < 4:
+        raise UserError("--popsize must be >= 4")
+    if args.maxiter < 1 or args.de_episodes < 1 or args.eval_episodes < 1 or args.random_draws < 1:
+        raise UserError("--maxiter, --de-episodes, --eval-episodes and --random-draws must be >= 1")
+    if not 0 <= args.recombination <= 1:
+        raise UserError("--recombination must be in [0, 1]")
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_npz(path: str, arrays: dict):
+    """Atomic write: a temporary file beside `path`, then rename. Strings are stored as unicode arrays (no pickle)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plot_convergence(path: str, history: np.ndarray, nominal: float, random_mean: float, adversarial: np.ndarray, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for k, h in enumerate(history):
+        h = h[~np.isnan(h)]
+        ax.plot(np.arange(1, len(h) + 1), h, marker=".", label=f"DE run {k} (best of population)")
+    ax.axhline(nominal, color="k", ls="--", label=f"normal (δ = 0): {nominal:.1f}")
+    ax.axhline(random_mean, color="gray", ls=":", label=f"random δ, mean: {random_mean:.1f}")
+    ax.axhline(adversarial.mean(), color="tab:red", ls="-.", label=f"found δ on eval episodes, mean: {adversarial.mean():.1f}")
+    ax.set_xlabel("DE generation")
+    ax.set_ylabel("mean episodic return (DE episodes)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(args: Args):
+    check_args(args)
+    ckpt = load_checkpoint(args.checkpoint)
+    env_id, act_dim = ckpt["env_id"], int(ckpt["act_dim"])
+    max_steps = args.max_episode_steps if args.max_episode_steps is not None else ckpt.get("max_episode_steps")
+    try:
+        make_env(env_id, max_steps).close()
+    except gym.error.Error as e:
+        raise UserError(f"the checkpoint's env '{env_id}' cannot be made here ({e})")
+    output = args.output or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
+    if not output.endswith(".npz"):
+        raise UserError(f"--output must end in .npz (got {output})")
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                   name=f"{env_id}__de_perturbations__{args.seed}")
+    workers = args.num_workers or os.cpu_count() or 1
+    evaluator = PopulationEvaluator(ckpt, args.perturbation_model, max_steps, workers)
+    rng = np.random.default_rng(args.seed)
+    eps = args.epsilon
+    eval_seeds = args.eval_seed + np.arange(args.eval_episodes)
+    t0 = time.time()
+    try:
+        random_deltas = rng.uniform(-eps, eps, size=(args.random_draws, act_dim))
+        baseline = evaluator.returns(np.vstack([np.zeros((1, act_dim)), random_deltas]), eval_seeds)
+        nominal, random_returns = float(baseline[0]), baseline[1:]
+        print(f"{env_id}: nominal return {nominal:.1f}; random δ (ε={eps}, {args.perturbation_model}): "
+              f"{random_returns.mean():.1f} ± {random_returns.std():.1f} over {args.random_draws} draws")
+        deltas, objective, histories = [], [], []
+        pbar = tqdm(total=args.num_perturbations * args.maxiter, desc="DE generations", mininterval=1)
+        for k in range(args.num_perturbations):
+            seeds = args.de_seed + 1000 * k + np.arange(args.de_episodes)
+            delta, fun, hist = run_de(evaluator.returns, act_dim, eps, seeds, args.de_seed + k, args, pbar)
+            pbar.update(args.maxiter - len(hist))  # a run that converged early
+            deltas.append(delta); objective.append(fun); histories.append(hist)
+            if args.track:
+                wandb.log({f"de/run{k}_best_return": fun})
+        pbar.close()
+        deltas = np.stack(deltas)
+        adversarial_returns = evaluator.returns(deltas, eval_seeds)
+        env_steps, wall = evaluator.env_steps, time.time() - t0
+    finally:
+        evaluator.close()
+    history = np.full((len(histories), max(len(h) for h in histories)), np.nan)
+    for k, h in enumerate(histories):
+        history[k, :len(h)] = h
+    save_npz(output, {
+        "format": PERTURBATION_FORMAT, "format_version": PERTURBATION_VERSION,
+        "perturbations": deltas, "perturbation_returns": adversarial_returns, "de_objective": np.asarray(objective),
+        "nominal_return": nominal, "random_deltas": random_deltas, "random_returns": random_returns,
+        "random_return_mean": random_returns.mean(), "random_return_std": random_returns.std(),
+        "epsilon": eps, "perturbation_model": args.perturbation_model, "env_id": env_id,
+        "max_episode_steps": -1 if max_steps is None else int(max_steps), "act_dim": act_dim,
+        "checkpoint_path": args.checkpoint, "checkpoint_sha256": sha256(args.checkpoint),
+        "eval_seeds": eval_seeds, "de_seed": args.de_seed, "de_episodes": args.de_episodes, "popsize": args.popsize,
+        "maxiter": args.maxiter, "mutation": np.asarray(args.mutation), "recombination": args.recombination,
+        "strategy": args.strategy, "tol": args.tol, "polish": args.polish, "history": history,
+        "env_steps": env_steps, "wall_time_sec": wall, "num_workers": workers,
+    })
+    png = output[:-4] + ".png"
+    plot_convergence(png, history, nominal, float(random_returns.mean()), adversarial_returns,
+                     f"DE against {os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}\n"
+                     f"{env_id}, ε={eps}, {args.perturbation_model}, K={len(deltas)}")
+    print(f"adversarial δ_a (K={len(deltas)}): return {adversarial_returns.mean():.1f} ± {adversarial_returns.std():.1f} "
+          f"on the eval episodes (nominal {nominal:.1f}, random {random_returns.mean():.1f})")
+    print(f"{env_steps} env steps in {wall:.1f}s = {env_steps / wall:.0f} steps/s with {workers} worker(s); wrote {output} and {png}")
+    if args.track:
+        wandb.log({"de/nominal_return": nominal, "de/random_return": float(random_returns.mean()),
+                   "de/adversarial_return": float(adversarial_returns.mean()), "de/steps_per_sec": env_steps / wall,
+                   "de/convergence": wandb.Image(png)})
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        sys.exit(f"error: {e}")
