@@ -55,3 +55,13 @@ def hopper_checkpoint(hopper_datasets, tmp_path_factory):
         return str(Path("runs/hopper/checkpoint.pt").resolve())
     finally:
         os.chdir(cwd)
+
+
+@pytest.fixture(scope="session")
+def hopper_perturbations(hopper_checkpoint):
+    """A tiny DE perturbation set (K=2, ε=0.4) against hopper_checkpoint, next to it as perturbations.npz."""
+    import de_perturbations as de
+
+    de.main(de.Args(checkpoint=hopper_checkpoint, epsilon=0.4, num_perturbations=2, popsize=4, maxiter=2, de_episodes=2,
+                    eval_episodes=2, random_draws=3, num_workers=1))
+    return str(Path(hopper_checkpoint).parent / "perturbations.npz")

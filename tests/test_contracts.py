@@ -28,11 +28,13 @@ def test_readme_schema_matches_written_checkpoint(hopper_datasets, tmp_path, mon
 
 
 def test_benchmark_script_runs_at_tiny_size():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "measure_data_and_pretrain.py"), "--env-id",
-                           "InvertedPendulum-v5", "--transitions", "500", "--train-steps", "600", "--updates", "200"],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "measure_stages.py"), "--env-id",
+                           "InvertedPendulum-v5", "--transitions", "500", "--train-steps", "600", "--updates", "200",
+                           "--de-steps", "300"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "| TD3+BC updates/s" in proc.stdout and "machine:" in proc.stdout
+    assert "DE population evaluation" in proc.stdout
 
 
 def test_checkpoint_acts_identically_in_every_stage_script(hopper_checkpoint):
@@ -41,10 +43,11 @@ def test_checkpoint_acts_identically_in_every_stage_script(hopper_checkpoint):
     import torch
 
     import de_perturbations as de
+    import td3_adv_finetune as ft
     ckpt = tb.load_checkpoint(hopper_checkpoint)
     obs = (torch.randn(64, ckpt["obs_dim"]) * 3 - ckpt["obs_mean"]) / ckpt["obs_std"]
     reference = tb.actor_from_checkpoint(ckpt)(obs)
-    for module in (de,):
+    for module in (de, ft):
         other = module.actor_from_checkpoint(module.load_checkpoint(hopper_checkpoint))
         assert torch.equal(other(obs), reference), module.__name__
         assert module.CHECKPOINT_FORMAT == tb.CHECKPOINT_FORMAT
@@ -52,10 +55,40 @@ def test_checkpoint_acts_identically_in_every_stage_script(hopper_checkpoint):
 
 def test_error_messages_for_a_missing_checkpoint_agree(tmp_path):
     import de_perturbations as de
-    for module in (tb, de):
+    import td3_adv_finetune as ft
+    for module in (tb, de, ft):
         try:
             module.load_checkpoint(str(tmp_path / "none.pt"))
         except module.UserError as e:
             assert "not found" in str(e) and "td3_bc_offline.py" in str(e)
         else:
             raise AssertionError(module.__name__)
+
+
+def test_readme_perturbation_schema_matches_written_npz(hopper_checkpoint, tmp_path):
+    import numpy as np
+
+    import de_perturbations as de
+    out = tmp_path / "p.npz"
+    de.main(de.Args(checkpoint=hopper_checkpoint, output=str(out), num_perturbations=1, popsize=4, maxiter=1,
+                    de_episodes=1, eval_episodes=1, random_draws=2, max_episode_steps=10, num_workers=1))
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- perturbations-schema:start -->")[1].split("<!-- perturbations-schema:end -->")[0]
+    documented = set()
+    for line in table.splitlines()[2:]:
+        documented |= set(re.findall(r"`([a-z_0-9]+)`", line.split("|")[1]))
+    assert set(np.load(out, allow_pickle=False).files) == documented
+
+
+def test_network_classes_are_identical_copies():
+    """Critic and Actor source in the stage scripts is a verbatim copy of td3_bc_offline.py's."""
+    import inspect
+
+    import de_perturbations as de
+    import td3_adv_finetune as ft
+    for cls in ("Actor", "VectorizedLinear", "Critic"):
+        for module in (de, ft):
+            if hasattr(module, cls):
+                assert inspect.getsource(getattr(module, cls)) == inspect.getsource(getattr(tb, cls)), (module.__name__, cls)
+    for fn in ("perturb_action", "ActionPerturbation", "rollout_batch"):
+        assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(de, fn)), fn

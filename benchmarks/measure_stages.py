@@ -1,7 +1,9 @@
-"""Measure dataset creation time and TD3+BC updates/s on this machine; prints a Markdown table (the README's).
+"""Measure the stages on this machine; prints a Markdown table (the README's).
 
-    python benchmarks/measure_data_and_pretrain.py            # default sizes (about 3 minutes on 2 CPU cores)
-    python benchmarks/measure_data_and_pretrain.py --updates 500 --transitions 2000 --train-steps 3000   # quick
+Dataset creation time, TD3+BC updates/s, and DE's population evaluation against raw single-env stepping,
+all in one run:
+    python benchmarks/measure_stages.py            # default sizes (about 4 minutes on 2 CPU cores)
+    python benchmarks/measure_stages.py --updates 500 --transitions 2000 --train-steps 3000   # quick
 
 Runs each stage script in a subprocess against a throwaway Minari store and run folder.
 """
@@ -15,9 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def run(cmd, cwd, env):
@@ -44,6 +49,7 @@ def main():
     p.add_argument("--transitions", type=int, default=100_000, help="transitions in the random dataset")
     p.add_argument("--train-steps", type=int, default=20_000, help="online TD3 steps for the behaviour policy")
     p.add_argument("--updates", type=int, default=10_000, help="TD3+BC updates timed")
+    p.add_argument("--de-steps", type=int, default=50_000, help="env steps for each DE stepping measurement")
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp / "minari")}
@@ -60,6 +66,8 @@ def main():
     rows = [json.loads(line) for line in open(tmp / "runs" / "bench" / "metrics.jsonl")]
     ups = [r["charts/updates_per_sec"] for r in rows if "charts/updates_per_sec" in r][1:]  # skip the warm-up window
     ups_mean = sum(ups) / len(ups) if ups else float("nan")
+    ckpt_path = str(tmp / "runs" / "bench" / "checkpoint.pt")
+    de_rows = measure_de(ckpt_path, a.env_id, a.de_steps)
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n")
     print("| what | figure |\n|---|---|")
@@ -68,6 +76,47 @@ def main():
           f"({a.train_steps / t_medium:.0f} training steps/s overall) |")
     print(f"| TD3+BC updates/s, batch 256, eager PyTorch, device {'cuda' if torch.cuda.is_available() else 'cpu'} "
           f"(mean of {len(ups)} windows of {max(a.updates // 10, 1)}) | {ups_mean:.0f} |")
+    base = de_rows[0][1]
+    for what, sps in de_rows:
+        print(f"| {what} | {sps:,.0f} env steps/s ({sps / base:.2f}×) |")
+
+
+def measure_de(ckpt_path: str, env_id: str, n: int):
+    """Env steps/s: raw stepping with random actions, the serial policy rollout (one unbatched forward per step),
+    and de_perturbations' batched population evaluation with 1 worker and with one per core."""
+    import de_perturbations as de
+    rows = []
+    env = gym.make(env_id)
+    env.reset(seed=0)
+    t = time.time()
+    for _ in range(n):
+        _, _, te, tr, _ = env.step(env.action_space.sample())
+        if te or tr:
+            env.reset()
+    rows.append((f"raw single-env stepping, random actions ({env_id})", n / (time.time() - t)))
+    ckpt = de.load_checkpoint(ckpt_path)
+    actor = de.actor_from_checkpoint(ckpt)
+    penv = de.ActionPerturbation(env, 0.3, "multiplicative", "random")
+    obs, _ = penv.reset(seed=0)
+    t = time.time()
+    for _ in range(n):
+        with torch.no_grad():
+            act = actor((torch.as_tensor(obs, dtype=torch.float32) - ckpt["obs_mean"]) / ckpt["obs_std"]).numpy()
+        obs, _, te, tr, _ = penv.step(act)
+        if te or tr:
+            obs, _ = penv.reset()
+    rows.append(("serial policy rollout through the perturbation wrapper (one forward per step)", n / (time.time() - t)))
+    deltas = np.random.default_rng(0).uniform(-0.3, 0.3, (30, ckpt["act_dim"]))  # popsize 10 × Na = 3
+    for workers in sorted({1, os.cpu_count() or 1}):
+        ev = de.PopulationEvaluator(ckpt, "multiplicative", None, workers)
+        ev.returns(deltas[:2], np.arange(1))  # start the workers
+        ev.env_steps, t = 0, time.time()
+        while ev.env_steps < n:
+            ev.returns(deltas, np.arange(5))
+        rows.append((f"DE population evaluation: 30 δ × 5 episodes in lockstep, {workers} worker(s)",
+                     ev.env_steps / (time.time() - t)))
+        ev.close()
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,584 @@
+# Stage 3 of robust offline-to-online RL by adversarial fine-tuning (Ayabe, Kera & Kawamoto, arXiv 2510.13358):
+# online TD3 from the TD3+BC checkpoint, perturbations injected into executed actions with probability q.
+"""Adversarial fine-tuning.
+
+- Start: actor, critics and targets from the TD3+BC checkpoint (`--init offline`), with the same observation
+  normalization; or random networks (`--init scratch`, the paper's from-scratch baseline, uniform warm-up as TD3).
+- Loss: plain TD3 (the BC term is dropped).
+- Replay: each batch draws a fraction r_off from the offline dataset and the rest from online transitions.
+- Perturbation: at each training episode's start, with probability q, a δ is chosen for the whole episode
+  (adversarial: uniformly from the DE set {δ_a}; random: U([−ε, ε]^Na)). The buffer stores the action the
+  policy chose, a, not the executed ã: the critic then learns what a choice leads to under the fault, and the
+  actor learns choices that compensate for it.
+- Curriculum for q: fixed, linear (q_init → q_max) or adaptive:
+      R̄_n = β R_n + (1 − β) R̄_{n−1},   q ← clip(q + η (R̄_n − R̄_{n−1}), q_min, q_max)
+  with R_n the normalized return (fraction: 0 = random, 1 = expert) of evaluation n under the normal condition.
+"""
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from tqdm import tqdm
+
+CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
+CHECKPOINT_VERSION = 1
+PERTURBATION_FORMAT = "o2o-adv-perturbations"
+
+
+@dataclass
+class Args:
+    exp_name: str = "td3_adv_finetune"
+    """the name of this experiment"""
+    checkpoint: str = "runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt"
+    """TD3+BC checkpoint (td3_bc_offline.py): initial networks, normalization, env and dataset"""
+    perturbations: Optional[str] = None
+    """.npz from de_perturbations.py (default: perturbations.npz next to the checkpoint); gives {δ_a}, ε and the model"""
+    init: str = "offline"
+    """offline: start from the checkpoint; scratch: random networks, no offline data (the from-scratch baseline)"""
+    finetune_condition: str = "adversarial"
+    """perturbations injected while fine-tuning: normal, random or adversarial"""
+    curriculum: str = "adaptive"
+    """schedule of q: fixed, linear or adaptive"""
+    q: float = 0.5
+    """q for the fixed curriculum"""
+    q_init: float = 0.1
+    """initial q of the linear and adaptive curricula"""
+    q_min: float = 0.0
+    """lower bound of q (adaptive)"""
+    q_max: float = 1.0
+    """final q of the linear curriculum and upper bound of the adaptive one"""
+    beta: float = 0.9
+    """β: EMA weight of the newest evaluation in the adaptive curriculum"""
+    eta: float = 0.7
+    """η: adaptive step size, per unit of normalized return (1 = random-to-expert); the paper tunes it per env"""
+    r_off: float = 0.1
+    """r_off: fraction of every batch drawn from the offline dataset (ignored for --init scratch)"""
+    run_name: Optional[str] = None
+    """output folder under runs/ (default: {env}__{exp_name}__{init}-{condition}-{curriculum}__{seed})"""
+    overwrite: bool = False
+    """replace an existing run folder of the same name"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when available"""
+    track: bool = False
+    """log to Weights & Biases (honours WANDB_MODE=offline)"""
+    wandb_project_name: str = "robust-o2o"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+
+    # TD3
+    total_steps: int = 1_000_000
+    """online env steps (the paper fine-tunes for 1M-3M)"""
+    learning_starts: Optional[int] = None
+    """steps before updates begin (default: 25k uniform-random steps for scratch; batch size for offline init)"""
+    buffer_size: Optional[int] = None
+    """online replay capacity (default: total steps)"""
+    batch_size: int = 256
+    """minibatch size"""
+    learning_rate: float = 3e-4
+    """Adam learning rate"""
+    reset_optimizers: bool = False
+    """start fine-tuning with fresh Adam states instead of the checkpoint's"""
+    gamma: float = 0.99
+    """discount factor γ"""
+    tau: float = 0.005
+    """target smoothing coefficient τ"""
+    exploration_noise: float = 0.1
+    """Gaussian exploration noise (fraction of the action half-range)"""
+    policy_noise: float = 0.2
+    """target policy smoothing noise"""
+    noise_clip: float = 0.5
+    """target policy smoothing noise clip"""
+    policy_frequency: int = 2
+    """delayed actor (and target) update frequency"""
+    eval_freq: int = 10_000
+    """env steps between evaluations (each under normal, random and adversarial conditions) and checkpoints"""
+    eval_episodes: int = 10
+    """episodes per condition and evaluation (seeds eval_seed + i)"""
+    eval_seed: int = 10_000
+    """first evaluation seed (the same episodes as the other stages)"""
+    ref_min_score: Optional[float] = None
+    """override the checkpoint's reference return for normalized score 0"""
+    ref_max_score: Optional[float] = None
+    """override the checkpoint's reference return for normalized score 1"""
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+# ALGO LOGIC: networks (copies of td3_bc_offline.py's; tests/test_contracts.py proves the copies agree)
+class Actor(nn.Module):
+    """Deterministic policy π(s): 2×hidden ReLU MLP, tanh output rescaled to the action bounds."""
+
+    def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+                                 nn.Linear(hidden_dim, act_dim), nn.Tanh())
+        low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
+        self.register_buffer("action_scale", (high - low) / 2)
+        self.register_buffer("action_bias", (high + low) / 2)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs) * self.action_scale + self.action_bias
+
+
+class VectorizedLinear(nn.Module):
+    """`n` independent linear layers applied in one batched matmul: x [n, B, in] -> [n, B, out]."""
+
+    def __init__(self, in_features: int, out_features: int, n: int):
+        super().__init__()
+        bound = 1 / in_features ** 0.5  # the same init as nn.Linear
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class Critic(nn.Module):
+    """Twin Q-networks Q1, Q2 (2×hidden ReLU MLPs) evaluated as one batched call: returns [2, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 256, n: int = 2):
+        super().__init__()
+        self.n = n
+        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden_dim, n), nn.ReLU(),
+                                 VectorizedLinear(hidden_dim, hidden_dim, n), nn.ReLU(), VectorizedLinear(hidden_dim, 1, n))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, act], -1)
+        x = x.unsqueeze(0).expand(self.n, *x.shape) if x.dim() == 2 else x
+        return self.net(x).squeeze(-1)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint without running code (weights_only) and check its format."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found; train one with `python td3_bc_offline.py` "
+                        f"(or run `bash run_pipeline.sh`), or pass --checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable or not a plain-tensor checkpoint ({type(e).__name__}); "
+                        f"re-create it with `python td3_bc_offline.py`")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this project (format '{CHECKPOINT_FORMAT}' expected)")
+    return ckpt
+
+
+def actor_from_checkpoint(ckpt: dict) -> Actor:
+    actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
+    actor.load_state_dict(ckpt["actor"])
+    return actor.eval()
+
+
+# ALGO LOGIC: the perturbation model (a verbatim copy of de_perturbations.py's; tests prove the copies agree)
+PERTURBATION_MODELS = ("multiplicative", "additive")
+CONDITIONS = ("normal", "random", "adversarial")
+
+
+def perturb_action(action: np.ndarray, delta: np.ndarray, low: np.ndarray, high: np.ndarray, model: str) -> np.ndarray:
+    """Executed action ã for the chosen action a under perturbation δ; works row-wise on batches [..., Na]."""
+    if model == "multiplicative":
+        executed = action * (1.0 + delta)
+    elif model == "additive":
+        executed = action + delta * (high - low) / 2.0
+    else:
+        raise ValueError(f"unknown perturbation model {model!r}")
+    return np.clip(executed, low, high).astype(action.dtype, copy=False)
+
+
+class ActionPerturbation(gym.ActionWrapper):
+    """Injects a per-episode perturbation δ into executed actions.
+
+    At each reset: `reset(options={"delta": δ})` pins δ for that episode; otherwise, with probability q, δ is drawn by
+    the condition (random: U([−ε, ε]^Na); adversarial: uniformly from `deltas`; normal: 0), and δ = 0 with
+    probability 1 − q. The draw uses the wrapper's own RNG (seeded by reset(seed=...)), never the env's, so the
+    env's start states do not depend on the condition. `reset` reports δ in info["delta"]."""
+
+    def __init__(self, env: gym.Env, epsilon: float, model: str = "multiplicative", condition: str = "normal",
+                 deltas: Optional[np.ndarray] = None, q: float = 1.0):
+        super().__init__(env)
+        if condition not in CONDITIONS or model not in PERTURBATION_MODELS:
+            raise ValueError(f"condition must be one of {CONDITIONS} and model one of {PERTURBATION_MODELS}")
+        if condition == "adversarial" and (deltas is None or len(deltas) == 0):
+            raise ValueError("the adversarial condition needs a non-empty set of deltas")
+        self.epsilon, self.model, self.condition, self.q = epsilon, model, condition, q
+        self.deltas = None if deltas is None else np.asarray(deltas, dtype=np.float64)
+        self.low, self.high = env.action_space.low, env.action_space.high
+        self.delta = np.zeros(env.action_space.shape, dtype=np.float64)
+        self.rng = np.random.default_rng()
+
+    def draw_delta(self) -> np.ndarray:
+        if self.condition == "normal" or self.rng.random() >= self.q:
+            return np.zeros_like(self.delta)
+        if self.condition == "random":
+            return self.rng.uniform(-self.epsilon, self.epsilon, size=self.delta.shape)
+        return self.deltas[self.rng.integers(len(self.deltas))].copy()
+
+    def reset(self, *, seed=None, options=None):
+        options = dict(options or {})
+        if seed is not None:
+            self.rng = np.random.default_rng([seed, 0x5EED])
+        pinned = options.pop("delta", None)
+        self.delta = np.asarray(pinned, dtype=np.float64) if pinned is not None else self.draw_delta()
+        obs, info = self.env.reset(seed=seed, options=options or None)
+        return obs, {**info, "delta": self.delta.copy()}
+
+    def action(self, action):
+        return perturb_action(np.asarray(action), self.delta, self.low, self.high, self.model)
+
+
+def rollout_batch(envs, actor: Actor, obs_mean, obs_std, deltas: np.ndarray, seeds, model: str):
+    """Run one episode per (δ_j, seed_j) in lockstep. Returns (returns [B], env steps taken)."""
+    low, high = envs[0].action_space.low, envs[0].action_space.high
+    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
+    returns, alive, steps = np.zeros(len(seeds)), np.ones(len(seeds), bool), 0
+    while alive.any():
+        idx = np.flatnonzero(alive)
+        with torch.no_grad():
+            actions = actor((torch.as_tensor(obs[idx], dtype=torch.float32) - obs_mean) / obs_std).numpy()
+        executed = perturb_action(actions, deltas[idx], low, high, model)
+        for j, i in enumerate(idx):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(executed[j])
+            returns[i] += reward
+            alive[i] = not (terminated or truncated)
+        steps += len(idx)
+    return returns, steps
+
+
+# ALGO LOGIC: the curricula for q
+def linear_q(step: int, total_steps: int, q_init: float, q_max: float) -> float:
+    """q rises linearly from q_init at step 0 to q_max at the last step."""
+    return q_init + (q_max - q_init) * min(step / max(total_steps, 1), 1.0)
+
+
+def adaptive_q(q: float, ema_prev: float, R: float, beta: float, eta: float, q_min: float, q_max: float):
+    """One update after evaluation n: R̄_n = β R_n + (1 − β) R̄_{n−1}; q ← clip(q + η (R̄_n − R̄_{n−1})). -> (q, R̄_n)"""
+    ema = beta * R + (1.0 - beta) * ema_prev
+    return float(np.clip(q + eta * (ema - ema_prev), q_min, q_max)), float(ema)
+
+
+# ALGO LOGIC: replay with a fixed offline share r_off per batch
+def batch_split(batch_size: int, r_off: float, n_online: int, has_offline: bool) -> int:
+    """How many of a batch's rows come from the offline data: round(r_off · B); all of them while fewer than B
+    online transitions exist (the first updates after an offline start); none without offline data."""
+    if not has_offline:
+        return 0
+    if n_online < batch_size:
+        return batch_size
+    return int(round(r_off * batch_size))
+
+
+def sample(data: dict, size: int, k: int) -> tuple:
+    """k uniform rows of the first `size` entries of a transition store."""
+    idx = torch.randint(0, size, (k,), device=data["obs"].device)
+    return tuple(data[key][idx] for key in ("obs", "actions", "rewards", "next_obs", "terminations"))
+
+
+class OnlineBuffer:
+    """Ring buffer of online transitions on the training device: normalized s and s', the action the policy CHOSE
+    (never the executed, perturbed one), r, and terminated (truncations are stored as 0 so they bootstrap)."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device):
+        self.capacity, self.ptr, self.size = capacity, 0, 0
+        self.data = {"obs": torch.zeros(capacity, obs_dim, device=device), "actions": torch.zeros(capacity, act_dim, device=device),
+                     "rewards": torch.zeros(capacity, device=device), "next_obs": torch.zeros(capacity, obs_dim, device=device),
+                     "terminations": torch.zeros(capacity, device=device)}
+
+    def add(self, obs, chosen_action, reward, next_obs, terminated):
+        d, i = self.data, self.ptr
+        d["obs"][i], d["next_obs"][i] = obs, next_obs
+        d["actions"][i] = torch.as_tensor(chosen_action, device=d["actions"].device)
+        d["rewards"][i], d["terminations"][i] = float(reward), float(terminated)
+        self.ptr, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
+
+
+def td_target(critic_target, actor_target, next_obs, reward, termination, gamma, policy_noise, noise_clip):
+    """y = r + γ (1 − terminated) min_i Q'_i(s', clip(π'(s') + clip(ε, −c, c))); truncations bootstrap."""
+    with torch.no_grad():
+        scale, bias = actor_target.action_scale, actor_target.action_bias
+        noise = (torch.randn(reward.shape[0], scale.shape[0], device=reward.device) * policy_noise).clamp(-noise_clip, noise_clip)
+        next_action = (actor_target(next_obs) + noise * scale).clamp(bias - scale, bias + scale)
+        return reward + gamma * (1.0 - termination) * critic_target(next_obs, next_action).min(0).values
+
+
+def td3_actor_loss(actor, critic, obs):
+    """Plain TD3: −mean Q1(s, π(s)); no behaviour-cloning term."""
+    return -critic(obs, actor(obs))[0].mean()
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float):
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def load_offline_data(dataset_id: str, obs_mean, obs_std, device) -> dict:
+    """The checkpoint's dataset as flat tensors, normalized with the checkpoint's statistics."""
+    if not os.path.exists(minari.storage.get_dataset_path(dataset_id)):
+        raise UserError(f"the checkpoint's dataset '{dataset_id}' is not in the local Minari store; re-create it with "
+                        f"collect_dataset.py (or `minari download {dataset_id}`), or pass --init scratch")
+    ds = minari.load_dataset(dataset_id)
+    parts = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminations": []}
+    for ep in ds.iterate_episodes():
+        parts["obs"].append(ep.observations[:-1]); parts["next_obs"].append(ep.observations[1:])
+        parts["actions"].append(ep.actions); parts["rewards"].append(ep.rewards); parts["terminations"].append(ep.terminations)
+    data = {k: torch.as_tensor(np.concatenate(v).astype(np.float32), device=device) for k, v in parts.items()}
+    data["obs"], data["next_obs"] = (data["obs"] - obs_mean) / obs_std, (data["next_obs"] - obs_mean) / obs_std
+    return data
+
+
+def load_perturbations(path: str, ckpt: dict) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"perturbations {path} not found; make them with "
+                        f"`python de_perturbations.py --checkpoint <checkpoint>` (or run `bash run_pipeline.sh`)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            npz = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise UserError(f"perturbations {path} are unreadable ({type(e).__name__}); re-create them with de_perturbations.py")
+    if str(npz.get("format", "")) != PERTURBATION_FORMAT:
+        raise UserError(f"{path} is not a perturbations file of this project; re-create it with de_perturbations.py")
+    if str(npz["env_id"]) != ckpt["env_id"] or npz["perturbations"].shape[1:] != (ckpt["act_dim"],):
+        raise UserError(f"{path} was made for {npz['env_id']} with action dimension {npz['perturbations'].shape[1:]}, "
+                        f"but the checkpoint is {ckpt['env_id']} with {ckpt['act_dim']}; run de_perturbations.py on this checkpoint")
+    if str(npz["perturbation_model"]) not in PERTURBATION_MODELS or not float(npz["epsilon"]) > 0:
+        raise UserError(f"{path} has an invalid perturbation model or ε; re-create it with de_perturbations.py")
+    return npz
+
+
+def check_args(args: Args):
+    if args.init not in ("offline", "scratch"):
+        raise UserError("--init must be offline or scratch")
+    if args.finetune_condition not in CONDITIONS:
+        raise UserError(f"--finetune-condition must be one of {', '.join(CONDITIONS)}")
+    if args.curriculum not in ("fixed", "linear", "adaptive"):
+        raise UserError("--curriculum must be fixed, linear or adaptive")
+    for name in ("q", "q_init", "q_min", "q_max", "r_off"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")
+    if args.q_min > args.q_max or not args.q_min <= args.q_init <= args.q_max:
+        raise UserError("need --q-min <= --q-init <= --q-max")
+    if not 0 < args.beta <= 1:
+        raise UserError(f"--beta must be in (0, 1] (got {args.beta})")
+    if args.eta < 0:
+        raise UserError(f"--eta must be >= 0 (got {args.eta})")
+    if min(args.total_steps, args.batch_size, args.eval_freq, args.eval_episodes) < 1 or (args.learning_starts or 0) < 0:
+        raise UserError("--total-steps, --batch-size, --eval-freq and --eval-episodes must be >= 1, --learning-starts >= 0")
+
+
+def main(args: Args):
+    check_args(args)
+    ckpt = load_checkpoint(args.checkpoint)
+    pert_path = args.perturbations or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
+    pert = load_perturbations(pert_path, ckpt)
+    eps, model, deltas = float(pert["epsilon"]), str(pert["perturbation_model"]), pert["perturbations"]
+    env_id, obs_dim, act_dim, max_steps = ckpt["env_id"], ckpt["obs_dim"], ckpt["act_dim"], ckpt.get("max_episode_steps")
+    ref_min = args.ref_min_score if args.ref_min_score is not None else ckpt.get("ref_min_score")
+    ref_max = args.ref_max_score if args.ref_max_score is not None else ckpt.get("ref_max_score")
+    if args.curriculum == "adaptive" and (ref_min is None or ref_max is None):
+        raise UserError("the adaptive curriculum needs normalized returns but the checkpoint has no reference scores; "
+                        "pass --ref-min-score and --ref-max-score")
+    scratch = args.init == "scratch"
+    learning_starts = args.learning_starts if args.learning_starts is not None else (25_000 if scratch else args.batch_size)
+    run_name = args.run_name or f"{env_id}__{args.exp_name}__{args.init}-{args.finetune_condition}-{args.curriculum}__{args.seed}"
+    run_dir = os.path.join("runs", run_name)
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not args.overwrite:
+        raise UserError(f"{run_dir} already holds a run; pass --overwrite or another --run-name")
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    low, high = ckpt["action_low"].numpy(), ckpt["action_high"].numpy()
+    actor = Actor(obs_dim, act_dim, low, high, ckpt["hidden_dim"]).to(device)
+    critic = Critic(obs_dim, act_dim, ckpt["hidden_dim"]).to(device)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
+    if scratch:  # TD3 from random init, no offline data, raw observations
+        obs_mean, obs_std, offline = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device), None
+        actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
+    else:
+        actor.load_state_dict(ckpt["actor"]); critic.load_state_dict(ckpt["critic"])
+        actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
+        actor_target.load_state_dict(ckpt["actor_target"]); critic_target.load_state_dict(ckpt["critic_target"])
+        if not args.reset_optimizers:
+            actor_optimizer.load_state_dict(ckpt["actor_optimizer"]); critic_optimizer.load_state_dict(ckpt["critic_optimizer"])
+        obs_mean, obs_std = ckpt["obs_mean"].to(device), ckpt["obs_std"].to(device)
+        offline = load_offline_data(ckpt["dataset_id"], obs_mean, obs_std, device)
+    n_offline = 0 if offline is None else offline["obs"].shape[0]
+
+    online = OnlineBuffer(args.buffer_size or args.total_steps, obs_dim, act_dim, device)
+
+    env = ActionPerturbation(gym.make(env_id, max_episode_steps=max_steps), eps, model, args.finetune_condition, deltas,
+                             q=args.q if args.curriculum == "fixed" else args.q_init)
+    env.action_space.seed(args.seed)
+    eval_envs = [gym.make(env_id, max_episode_steps=max_steps) for _ in range(3 * args.eval_episodes)]
+    E = args.eval_episodes
+    eval_deltas = np.vstack([np.zeros((E, act_dim)), pert["random_deltas"][np.arange(E) % len(pert["random_deltas"])],
+                             deltas[np.arange(E) % len(deltas)]])
+    eval_seeds = np.tile(args.eval_seed + np.arange(E), 3)
+
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({**dataclasses.asdict(args), "env_id": env_id, "run_name": run_name, "perturbations": pert_path,
+                   "learning_starts": learning_starts, "epsilon": eps, "perturbation_model": model}, f, indent=2)
+    metrics = open(os.path.join(run_dir, "metrics.jsonl"), "w")
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, dir=run_dir,
+                   config={**vars(args), "env_id": env_id}, save_code=True)
+
+    def log(row: dict):
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        if args.track:
+            wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+
+    def norm(ret: float) -> Optional[float]:
+        return None if ref_min is None or ref_max is None else (ret - ref_min) / (ref_max - ref_min)
+
+    def evaluate() -> dict:
+        """Deterministic policy on the same E episodes under normal, random (the .npz's draws) and adversarial δ."""
+        actor.eval()
+        cpu_actor = copy.deepcopy(actor).cpu()
+        returns, _ = rollout_batch(eval_envs, cpu_actor, obs_mean.cpu(), obs_std.cpu(), eval_deltas, eval_seeds, model)
+        actor.train()
+        row = {}
+        for c, cond in enumerate(CONDITIONS):
+            r = returns[c * E:(c + 1) * E]
+            row[f"eval/{cond}_return"], row[f"eval/{cond}_return_std"] = float(r.mean()), float(r.std())
+            row[f"eval/{cond}_normalized"] = norm(float(r.mean()))
+        return row
+
+    q = env.q
+    row = evaluate()  # evaluation 0: the starting policy; it seeds the EMA R̄_0 = R_0
+    ema = row["eval/normal_normalized"]
+    log({"step": 0, **row, "curriculum/q": q, "curriculum/ema": ema})
+
+    def checkpoint(step: int, row: dict) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "stage": "td3_adv_finetune", "step": step,
+            "env_id": env_id, "max_episode_steps": max_steps, "dataset_id": ckpt["dataset_id"],
+            "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": ckpt["hidden_dim"],
+            "action_low": ckpt["action_low"], "action_high": ckpt["action_high"],
+            "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(), "ref_min_score": ref_min, "ref_max_score": ref_max,
+            "eval_return": row["eval/normal_return"],
+            "eval_normalized_score": None if row["eval/normal_normalized"] is None else 100 * row["eval/normal_normalized"],
+            "actor": actor.state_dict(), "critic": critic.state_dict(),
+            "actor_target": actor_target.state_dict(), "critic_target": critic_target.state_dict(),
+            "actor_optimizer": actor_optimizer.state_dict(), "critic_optimizer": critic_optimizer.state_dict(),
+            "args": dataclasses.asdict(args),
+            "init": args.init, "finetune_condition": args.finetune_condition, "curriculum": args.curriculum,
+            "q": q, "q_ema": ema, "epsilon": eps, "perturbation_model": model, "perturbations_path": pert_path,
+            "perturbations_sha256": hashlib.sha256(open(pert_path, "rb").read()).hexdigest(),
+            "initial_checkpoint": args.checkpoint,
+            "eval": {k: v for k, v in row.items()},
+        }
+
+    scale = torch.as_tensor((high - low) / 2, device=device)
+    low_t, high_t = torch.as_tensor(low, device=device), torch.as_tensor(high, device=device)
+    obs, info = env.reset(seed=args.seed)
+    episode_return, episode_len, perturbed, episodes = 0.0, 0, [], 0
+    perturbed.append(bool(info["delta"].any()))
+    start_time = time.time()
+    pbar = tqdm(range(1, args.total_steps + 1), desc=f"fine-tune ({args.init}, {args.finetune_condition}, {args.curriculum})",
+                mininterval=2)
+    for step in pbar:
+        # ALGO LOGIC: act. The policy chooses a; the wrapper executes ã = perturb(a, δ); the buffer keeps a.
+        obs_n = (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean) / obs_std
+        if scratch and step <= learning_starts:
+            action = env.action_space.sample()
+        else:
+            with torch.no_grad():
+                a = actor(obs_n)
+                a = (a + torch.randn_like(a) * scale * args.exploration_noise).clamp(low_t, high_t)
+            action = a.cpu().numpy()
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        online.add(obs_n, action, reward, (torch.as_tensor(next_obs, dtype=torch.float32, device=device) - obs_mean) / obs_std,
+                   terminated)
+        episode_return, episode_len = episode_return + float(reward), episode_len + 1
+        obs = next_obs
+        if terminated or truncated:
+            episodes += 1
+            log({"step": step, "charts/episodic_return": episode_return, "charts/episodic_length": episode_len,
+                 "charts/perturbed": perturbed[-1], "curriculum/q": q})
+            obs, info = env.reset()
+            perturbed.append(bool(info["delta"].any()))
+            episode_return, episode_len = 0.0, 0
+
+        # ALGO LOGIC: TD3 update on a batch with r_off offline rows
+        if step > learning_starts:
+            k_off = batch_split(args.batch_size, args.r_off, online.size, offline is not None)
+            parts = [sample(online.data, online.size, args.batch_size - k_off)] if k_off < args.batch_size else []
+            if k_off:
+                parts.append(sample(offline, n_offline, k_off))
+            b_obs, b_act, b_rew, b_next, b_term = (torch.cat(x) for x in zip(*parts))
+            y = td_target(critic_target, actor_target, b_next, b_rew, b_term, args.gamma, args.policy_noise, args.noise_clip)
+            critic_loss = ((critic(b_obs, b_act) - y) ** 2).mean(1).sum()
+            critic_optimizer.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            critic_optimizer.step()
+            if step % args.policy_frequency == 0:
+                actor_loss = td3_actor_loss(actor, critic, b_obs)
+                actor_optimizer.zero_grad(set_to_none=True)
+                actor_loss.backward()
+                actor_optimizer.step()
+                soft_update(actor_target, actor, args.tau)
+                soft_update(critic_target, critic, args.tau)
+
+        if args.curriculum == "linear":
+            q = linear_q(step, args.total_steps, args.q_init, args.q_max)
+        if step % args.eval_freq == 0 or step == args.total_steps:
+            row = evaluate()
+            if args.curriculum == "adaptive":
+                q, ema = adaptive_q(q, ema, row["eval/normal_normalized"], args.beta, args.eta, args.q_min, args.q_max)
+            log({"step": step, **row, "curriculum/q": q, "curriculum/ema": ema,
+                 "charts/perturbed_fraction": float(np.mean(perturbed)), "charts/sps": step / (time.time() - start_time)})
+            pbar.set_postfix(normal=f"{row['eval/normal_return']:.0f}", adv=f"{row['eval/adversarial_return']:.0f}", q=f"{q:.2f}")
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint(step, row))
+        env.q = q  # takes effect at the next episode's start
+    pbar.close()
+    metrics.close()
+    print(f"done: {args.total_steps} steps in {time.time() - start_time:.1f}s; final returns normal "
+          f"{row['eval/normal_return']:.1f}, random {row['eval/random_return']:.1f}, adversarial "
+          f"{row['eval/adversarial_return']:.1f}; q = {q:.3f}; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}")
+    if args.track:
+        wandb.finish()
+
+
+def save_checkpoint(path: str, ckpt: dict):
+    """Atomic: write a temporary file next to `path`, fsync, then rename over it."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,170 @@
+"""td3_adv_finetune.py: curricula, batch composition, perturbation injection, TD3 loss, start state, CLI."""
+import json
+import shutil
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import de_perturbations as de
+import td3_adv_finetune as ft
+import td3_bc_offline as tb
+from conftest import assert_one_line_error, run_script
+
+
+def test_linear_curriculum_shape():
+    assert ft.linear_q(0, 100, 0.1, 1.0) == pytest.approx(0.1)
+    assert ft.linear_q(50, 100, 0.1, 1.0) == pytest.approx(0.55)
+    assert ft.linear_q(100, 100, 0.1, 1.0) == pytest.approx(1.0)
+    assert ft.linear_q(250, 100, 0.1, 1.0) == pytest.approx(1.0)
+
+
+def test_adaptive_curriculum_hand_computed_sequence():
+    q, ema = 0.1, 0.2  # R̄_0 = R_0 = 0.2
+    expected = [(0.29, 0.163), (0.254, 0.1378), (0.4754, 0.29278)]
+    for R, (ema_exp, q_exp) in zip([0.3, 0.25, 0.5], expected):
+        q, ema = ft.adaptive_q(q, ema, R, beta=0.9, eta=0.7, q_min=0.0, q_max=1.0)
+        assert ema == pytest.approx(ema_exp) and q == pytest.approx(q_exp)
+    assert ft.adaptive_q(0.9, 0.0, 5.0, 0.9, 0.7, 0.0, 1.0)[0] == 1.0   # clipped at q_max
+    assert ft.adaptive_q(0.1, 5.0, 0.0, 0.9, 0.7, 0.05, 1.0)[0] == 0.05  # clipped at q_min
+    assert ft.adaptive_q(0.3, 0.2, 0.6, 1.0, 0.5, 0.0, 1.0) == pytest.approx((0.5, 0.6))  # β = 1: no smoothing
+    assert ft.adaptive_q(0.3, 0.2, 0.9, 0.9, 0.0, 0.0, 1.0)[0] == 0.3  # η = 0: q never moves
+    rng = np.random.default_rng(0)
+    q, ema = 0.5, 0.0
+    for R in rng.normal(0, 3, 200):
+        q, ema = ft.adaptive_q(q, ema, R, 0.9, 0.7, 0.1, 0.9)
+        assert 0.1 <= q <= 0.9
+
+
+def test_batch_composition_matches_r_off():
+    assert ft.batch_split(256, 0.1, 10_000, True) == 26
+    assert ft.batch_split(256, 0.0, 10_000, True) == 0 and ft.batch_split(256, 1.0, 10_000, True) == 256
+    assert ft.batch_split(256, 0.1, 100, True) == 256  # too little online data yet: all offline
+    assert ft.batch_split(256, 0.1, 10_000, False) == 0  # scratch: no offline data
+    offline = {k: torch.full((500, 2), 1.0) if k in ("obs", "next_obs", "actions") else torch.ones(500)
+               for k in ("obs", "actions", "rewards", "next_obs", "terminations")}
+    online = {k: torch.zeros_like(v) for k, v in offline.items()}
+    fractions = []
+    for _ in range(50):
+        k_off = ft.batch_split(256, 0.1, 500, True)
+        parts = [ft.sample(online, 500, 256 - k_off), ft.sample(offline, 500, k_off)]
+        obs = torch.cat([p[0] for p in parts])
+        fractions.append(obs[:, 0].mean().item())
+    assert np.mean(fractions) == pytest.approx(0.1, abs=0.01)
+
+
+def test_perturbation_code_is_the_same_in_both_scripts():
+    rng = np.random.default_rng(0)
+    low, high = np.array([-1.0, -2.0, 0.0]), np.array([1.0, 2.0, 4.0])
+    for model in ("multiplicative", "additive"):
+        a, d = rng.uniform(-3, 5, (50, 3)), rng.uniform(-0.9, 0.9, (50, 3))
+        np.testing.assert_array_equal(ft.perturb_action(a, d, low, high, model), de.perturb_action(a, d, low, high, model))
+    bank = rng.uniform(-0.3, 0.3, (4, 3))
+    for cond in ("normal", "random", "adversarial"):
+        envs = [m.ActionPerturbation(gym.make("Hopper-v5"), 0.3, "multiplicative", cond, bank, q=0.6) for m in (ft, de)]
+        draws = [[e.reset(seed=s)[1]["delta"] for s in range(30)] for e in envs]
+        np.testing.assert_array_equal(draws[0], draws[1])
+
+
+@pytest.mark.parametrize("condition", ["random", "adversarial"])
+def test_injection_fraction_matches_q_and_deltas_are_valid(condition):
+    bank = np.array([[0.2, -0.2, 0.1], [-0.3, 0.3, 0.0]])
+    env = ft.ActionPerturbation(gym.make("Hopper-v5"), 0.3, "multiplicative", condition, bank, q=0.3)
+    env.reset(seed=0)
+    ds = np.array([env.reset()[1]["delta"] for _ in range(3000)])
+    hit = ds.any(1)
+    assert abs(hit.mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / 3000)
+    if condition == "adversarial":
+        assert all(any(np.array_equal(d, b) for b in bank) for d in ds[hit])
+    else:
+        assert np.all(np.abs(ds) <= 0.3) and len(np.unique(ds[hit], axis=0)) == hit.sum()
+
+
+def test_finetune_actor_loss_has_no_bc_term():
+    torch.manual_seed(0)
+    actor, critic = ft.Actor(3, 2, -np.ones(2), np.ones(2), 16), ft.Critic(3, 2, 16)
+    obs = torch.randn(32, 3)
+    torch.testing.assert_close(ft.td3_actor_loss(actor, critic, obs), -critic(obs, actor(obs))[0].mean())
+    dataset_actions = torch.rand(32, 2)
+    bc_loss, _, _ = tb.td3_bc_actor_loss(actor, critic, obs, dataset_actions, alpha=2.5)
+    assert not torch.allclose(bc_loss, ft.td3_actor_loss(actor, critic, obs))
+
+
+def test_buffer_stores_the_chosen_action_not_the_executed_one(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    chosen, executed, stored = [], [], []
+    orig_action, orig_add = ft.ActionPerturbation.action, ft.OnlineBuffer.add
+
+    def action(self, a):
+        chosen.append(np.array(a)); out = orig_action(self, a); executed.append(out); return out
+
+    def add(self, obs, a, *rest):
+        stored.append(np.array(a)); return orig_add(self, obs, a, *rest)
+    monkeypatch.setattr(ft.ActionPerturbation, "action", action)
+    monkeypatch.setattr(ft.OnlineBuffer, "add", add)
+    ft.main(ft.Args(checkpoint=hopper_checkpoint, curriculum="fixed", q=1.0, total_steps=40, eval_freq=40, eval_episodes=1,
+                    batch_size=16, cuda=False, run_name="buf"))
+    assert len(stored) == len(chosen) == 40
+    np.testing.assert_array_equal(np.array(stored), np.array(chosen))
+    assert np.abs(np.array(executed) - np.array(chosen)).max() > 1e-3  # δ ≠ 0: the executed action differs
+
+
+def test_start_policy_is_the_checkpoint_and_evaluation_matches_de(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ft.main(ft.Args(checkpoint=hopper_checkpoint, curriculum="adaptive", total_steps=30, eval_freq=30, eval_episodes=2,
+                    batch_size=16, cuda=False, run_name="start"))
+    rows = [json.loads(line) for line in open("runs/start/metrics.jsonl")]
+    first = rows[0]
+    assert first["step"] == 0 and first["curriculum/q"] == pytest.approx(0.1)
+    ckpt, pert = de.load_checkpoint(hopper_checkpoint), np.load(hopper_perturbations)
+    ev = de.PopulationEvaluator(ckpt, "multiplicative", None, 1)
+    seeds = 10_000 + np.arange(2)
+    assert first["eval/normal_return"] == pytest.approx(ev.returns(np.zeros((1, 3)), seeds)[0], rel=1e-6)
+    per_episode = [ev.returns(pert["perturbations"][i % 2][None], seeds[i:i + 1])[0] for i in range(2)]
+    assert first["eval/adversarial_return"] == pytest.approx(np.mean(per_episode), rel=1e-6)
+    assert first["curriculum/ema"] == pytest.approx(first["eval/normal_normalized"])
+    last = [r for r in rows if "eval/normal_return" in r][-1]
+    q_exp, _ = ft.adaptive_q(0.1, first["curriculum/ema"], last["eval/normal_normalized"], 0.9, 0.7, 0.0, 1.0)
+    assert last["curriculum/q"] == pytest.approx(q_exp)
+    saved = tb.load_checkpoint("runs/start/checkpoint.pt")
+    assert saved["stage"] == "td3_adv_finetune" and saved["q"] == pytest.approx(q_exp) and saved["step"] == 30
+    assert torch.equal(saved["obs_mean"], ckpt["obs_mean"])
+
+
+TINY = ["--total-steps", "60", "--eval-freq", "30", "--eval-episodes", "1", "--batch-size", "16"]
+
+
+@pytest.mark.parametrize("extra", [
+    ["--curriculum", "adaptive"], ["--curriculum", "linear"], ["--curriculum", "fixed", "--finetune-condition", "random"],
+    ["--curriculum", "fixed", "--finetune-condition", "normal"], ["--init", "scratch", "--learning-starts", "20"],
+])
+def test_cli_smoke(hopper_checkpoint, hopper_perturbations, tmp_path, extra):
+    proc = run_script("td3_adv_finetune.py", "--checkpoint", hopper_checkpoint, *TINY, *extra, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = next((tmp_path / "runs").iterdir())
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    evals = [r for r in rows if "eval/adversarial_return" in r]
+    assert [r["step"] for r in evals] == [0, 30, 60]
+    ckpt = tb.load_checkpoint(str(run / "checkpoint.pt"))
+    assert ckpt["step"] == 60 and 0 <= ckpt["q"] <= 1
+    if "linear" in extra:
+        assert evals[-1]["curriculum/q"] == pytest.approx(1.0) and evals[1]["curriculum/q"] == pytest.approx(0.55, abs=0.02)
+
+
+def test_cli_bad_input_is_one_clear_line(hopper_checkpoint, hopper_perturbations, tmp_path):
+    base = ["--checkpoint", hopper_checkpoint]
+    for argv, needle in [(["--q", "1.5"], "--q"), (["--r-off", "-0.1"], "--r-off"), (["--beta", "0"], "--beta"),
+                         (["--beta", "1.2"], "--beta"), (["--eta", "-1"], "--eta"), (["--init", "warm"], "--init")]:
+        assert_one_line_error(run_script("td3_adv_finetune.py", *base, *argv, cwd=tmp_path, timeout=60), needle)
+    assert_one_line_error(run_script("td3_adv_finetune.py", "--checkpoint", str(tmp_path / "x.pt"), cwd=tmp_path),
+                          "td3_bc_offline.py")
+    shutil.copy(hopper_checkpoint, tmp_path / "c.pt")
+    assert_one_line_error(run_script("td3_adv_finetune.py", "--checkpoint", str(tmp_path / "c.pt"), cwd=tmp_path),
+                          "de_perturbations.py")
+    d = dict(np.load(hopper_perturbations))
+    d["perturbations"] = np.zeros((2, 5))
+    np.savez(tmp_path / "bad.npz", **d)
+    assert_one_line_error(run_script("td3_adv_finetune.py", *base, "--perturbations", str(tmp_path / "bad.npz"),
+                                     cwd=tmp_path), "action dimension")
+    assert not (tmp_path / "runs").exists()
