@@ -311,13 +311,16 @@ class OnlineBuffer:
         self.ptr, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
 
 
-def td_target(critic_target, actor_target, next_obs, reward, termination, gamma, policy_noise, noise_clip):
-    """y = r + γ (1 − terminated) min_i Q'_i(s', clip(π'(s') + clip(ε, −c, c))); truncations bootstrap."""
+def td_target(critic_target: Critic, actor_target: Actor, next_obs, reward, termination, gamma: float,
+              policy_noise: float, noise_clip: float) -> torch.Tensor:
+    """y = r + γ (1 − terminated) min_i Q'_i(s', clip(π'(s') + clip(ε, −c, c)))  with ε ~ N(0, σ²), in action units.
+    Truncated transitions have termination = 0, so they bootstrap."""
     with torch.no_grad():
         scale, bias = actor_target.action_scale, actor_target.action_bias
         noise = (torch.randn(reward.shape[0], scale.shape[0], device=reward.device) * policy_noise).clamp(-noise_clip, noise_clip)
         next_action = (actor_target(next_obs) + noise * scale).clamp(bias - scale, bias + scale)
-        return reward + gamma * (1.0 - termination) * critic_target(next_obs, next_action).min(0).values
+        next_q = critic_target(next_obs, next_action).min(0).values
+        return reward + gamma * (1.0 - termination) * next_q
 
 
 def td3_actor_loss(actor, critic, obs):
@@ -326,6 +329,7 @@ def td3_actor_loss(actor, critic, obs):
 
 
 def soft_update(target: nn.Module, source: nn.Module, tau: float):
+    """θ' ← τ θ + (1 − τ) θ' for every parameter, in one fused foreach call."""
     with torch.no_grad():
         torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 

@@ -90,5 +90,21 @@ def test_network_classes_are_identical_copies():
         for module in (de, ft):
             if hasattr(module, cls):
                 assert inspect.getsource(getattr(module, cls)) == inspect.getsource(getattr(tb, cls)), (module.__name__, cls)
+    for fn in ("td_target", "soft_update"):
+        assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(tb, fn)), fn
     for fn in ("perturb_action", "ActionPerturbation", "rollout_batch"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(de, fn)), fn
+
+
+def test_readme_finetune_schema_matches_written_checkpoint(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):
+    import td3_adv_finetune as ft
+    monkeypatch.chdir(tmp_path)
+    ft.main(ft.Args(checkpoint=hopper_checkpoint, total_steps=4, eval_freq=4, eval_episodes=1, batch_size=8, cuda=False,
+                    run_name="schema"))
+    ckpt = tb.load_checkpoint("runs/schema/checkpoint.pt")
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- finetune-schema:start -->")[1].split("<!-- finetune-schema:end -->")[0]
+    added = set()
+    for line in table.splitlines()[2:]:
+        added |= set(re.findall(r"`([a-z_0-9]+)`", line.split("|")[1]))
+    assert set(ckpt) == documented_checkpoint_keys() | added
