@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# The pipeline, stage by stage, each a separate process. Stages so far: 0 data, 1 TD3+BC pretraining,
-# 2 differential-evolution perturbations, 3 fine-tuning (adversarial + adaptive curriculum, normal, from scratch).
-#   bash run_pipeline.sh                 # small embedded default: minutes on 2 CPU cores, no internet
-#   SCALE=paper bash run_pipeline.sh     # D4RL-size datasets (1M transitions) and 5M pretraining updates
-# Overrides: ENV_ID (Hopper-v5), SEED (1), EPSILON (0.3), MINARI_DATASETS_PATH (Minari's store, default ~/.minari/datasets).
+# The whole method, stage by stage, each stage a separate process:
+#   0 data -> 1 TD3+BC pretraining -> 2 DE perturbations -> 3 fine-tuning (adversarial + adaptive curriculum,
+#   normal, from scratch) -> 4 evaluation matrix (tables and plots in $RESULTS).
+#   bash run_pipeline.sh                 # small embedded default: about 9 minutes on 2 CPU cores, no internet
+#   SCALE=paper bash run_pipeline.sh     # D4RL-size datasets, 5M pretraining updates, 1M fine-tuning steps
+#   SCALE=tiny bash run_pipeline.sh      # seconds: checks that every stage runs (the test suite uses it)
+# Overrides: ENV_ID (Hopper-v5), SEED (1), EPSILON (0.3), RESULTS (results/$SCALE-<env>),
+# MINARI_DATASETS_PATH (Minari's store, default ~/.minari/datasets). Outputs go under the current directory.
 set -euo pipefail
-cd "$(dirname "$0")"
+HERE=$(cd "$(dirname "$0")" && pwd)
 ENV_ID=${ENV_ID:-Hopper-v5}
 SEED=${SEED:-1}
 SCALE=${SCALE:-small}
 ENV_NAME=$(echo "${ENV_ID%%-*}" | tr '[:upper:]' '[:lower:]')
+RESULTS=${RESULTS:-results/$SCALE-$ENV_NAME}
 
 case "$SCALE" in
+  tiny)
+    NS=local-tiny
+    COLLECT=(--levels medium --num-transitions 1000 --max-train-steps 1500 --learning-starts 500 --eval-freq 500
+             --eval-episodes 2 --ref-episodes 3 --medium-target-return 50 --max-episode-steps 100)
+    PRETRAIN=(--total-steps 200 --eval-freq 100 --eval-episodes 2 --batch-size 64)
+    DE=(--num-perturbations 1 --popsize 4 --maxiter 2 --de-episodes 2 --eval-episodes 2 --random-draws 2 --num-workers 1)
+    FINETUNE=(--total-steps 300 --eval-freq 150 --eval-episodes 2 --batch-size 64)
+    SCRATCH_STARTS=100
+    MATRIX=(--eval-episodes 2 --num-workers 1) ;;
   small)  # a weak "medium" (return ~200 where D4RL's Hopper medium is ~1400): enough to exercise every stage
     NS=local-quick
     COLLECT=(--levels random medium --num-transitions 50000 --max-train-steps 40000 --learning-starts 5000
@@ -19,28 +32,35 @@ case "$SCALE" in
     PRETRAIN=(--total-steps 10000 --eval-freq 2500 --eval-episodes 5)
     DE=(--num-perturbations 3 --maxiter 10)
     FINETUNE=(--total-steps 20000 --eval-freq 5000 --eval-episodes 5)
-    SCRATCH_STARTS=5000 ;;
+    SCRATCH_STARTS=5000
+    MATRIX=(--eval-episodes 10) ;;
   paper)
     NS=local
     COLLECT=()
     PRETRAIN=(--total-steps 5000000)
     DE=()
     FINETUNE=(--total-steps 1000000)
-    SCRATCH_STARTS=25000 ;;
-  *) echo "error: SCALE must be small or paper (got '$SCALE')" >&2; exit 2 ;;
+    SCRATCH_STARTS=25000
+    MATRIX=() ;;
+  *) echo "error: SCALE must be tiny, small or paper (got '$SCALE')" >&2; exit 2 ;;
 esac
 DATASET="$NS/$ENV_NAME/medium-v0"
 RUN="runs/${DATASET//\//-}__td3_bc_offline__$SEED"
+FT_RUN="runs/${ENV_ID}__td3_adv_finetune"
 
 echo "== stage 0: datasets ($SCALE scale) -> $DATASET"
-python collect_dataset.py --env-id "$ENV_ID" --namespace "$NS" --seed "$SEED" --overwrite "${COLLECT[@]}"
+python "$HERE/collect_dataset.py" --env-id "$ENV_ID" --namespace "$NS" --seed "$SEED" --overwrite "${COLLECT[@]}"
 echo "== stage 1: TD3+BC pretraining -> $RUN/checkpoint.pt"
-python td3_bc_offline.py --dataset-id "$DATASET" --seed "$SEED" --overwrite "${PRETRAIN[@]}"
+python "$HERE/td3_bc_offline.py" --dataset-id "$DATASET" --seed "$SEED" --overwrite "${PRETRAIN[@]}"
 echo "== stage 2: differential-evolution perturbations -> $RUN/perturbations.npz"
-python de_perturbations.py --checkpoint "$RUN/checkpoint.pt" --epsilon "${EPSILON:-0.3}" "${DE[@]}"
-echo "== stage 3: fine-tuning from $RUN/checkpoint.pt -> runs/${ENV_ID}__td3_adv_finetune__*__$SEED/"
-FT=(python td3_adv_finetune.py --checkpoint "$RUN/checkpoint.pt" --seed "$SEED" --overwrite "${FINETUNE[@]}")
+python "$HERE/de_perturbations.py" --checkpoint "$RUN/checkpoint.pt" --epsilon "${EPSILON:-0.3}" "${DE[@]}"
+echo "== stage 3: fine-tuning from $RUN/checkpoint.pt -> ${FT_RUN}__*__$SEED/"
+FT=(python "$HERE/td3_adv_finetune.py" --checkpoint "$RUN/checkpoint.pt" --seed "$SEED" --overwrite "${FINETUNE[@]}")
 "${FT[@]}" --finetune-condition adversarial --curriculum adaptive
 "${FT[@]}" --finetune-condition normal --curriculum fixed
 "${FT[@]}" --finetune-condition adversarial --curriculum adaptive --init scratch --learning-starts "$SCRATCH_STARTS"
-echo "== done: pretraining $RUN/, perturbations $RUN/perturbations.npz (+ .png), fine-tuning runs/${ENV_ID}__td3_adv_finetune__*__$SEED/"
+echo "== stage 4: evaluation matrix -> $RESULTS/"
+python "$HERE/evaluate_matrix.py" --output-dir "$RESULTS" "${MATRIX[@]}" --checkpoints "$RUN" \
+  "${FT_RUN}__offline-adversarial-adaptive__$SEED" "${FT_RUN}__offline-normal-fixed__$SEED" \
+  "${FT_RUN}__scratch-adversarial-adaptive__$SEED"
+echo "== done: table $RESULTS/matrix.md, CSV $RESULTS/matrix.csv, plots $RESULTS/{heatmap,curves,q_trajectory}.png"

@@ -94,6 +94,10 @@ def test_network_classes_are_identical_copies():
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(tb, fn)), fn
     for fn in ("perturb_action", "ActionPerturbation", "rollout_batch"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(de, fn)), fn
+    import evaluate_matrix as em
+    assert inspect.getsource(em.Actor) == inspect.getsource(tb.Actor)
+    for fn in ("perturb_action", "rollout_batch"):
+        assert inspect.getsource(getattr(em, fn)) == inspect.getsource(getattr(de, fn)), fn
 
 
 def test_readme_finetune_schema_matches_written_checkpoint(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):

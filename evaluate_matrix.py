@@ -1,0 +1,384 @@
+# Stage 4 of robust offline-to-online RL by adversarial fine-tuning (Ayabe, Kera & Kawamoto, arXiv 2510.13358):
+# every policy under normal, random, adversarial (a fresh DE attack on it) and transfer conditions -> tables, plots.
+"""The evaluation matrix.
+
+Conditions, each on the same `--eval-episodes` seeded episodes (seeds eval_seed + i):
+- normal:      δ = 0.
+- random:      the fixed random draws stored in the reference perturbations file (episode i uses draw i mod R).
+- adversarial: a fresh DE attack against this very policy, with the same budget as the precomputed one
+               (run as `de_perturbations.py`, so its semantics are the adversary's own); episode i uses δ_{i mod K}.
+- transfer:    the precomputed set the policy was fine-tuned against (for an offline-only policy, the
+               perturbations.npz next to it): robustness to the attack it trained on.
+Outputs in --output-dir: matrix.csv, matrix.md, heatmap.png, curves.png, q_trajectory.png, attacks/*.npz.
+"""
+import csv
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from tqdm import tqdm
+
+CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
+PERTURBATION_FORMAT = "o2o-adv-perturbations"
+EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
+
+
+@dataclass
+class Args:
+    checkpoints: tuple[str, ...] = ("runs",)
+    """checkpoint files, globs, or folders searched recursively for checkpoint.pt"""
+    output_dir: str = "results"
+    """where the table, CSV, plots and fresh attacks go"""
+    env_id: Optional[str] = None
+    """keep only checkpoints of this env (required when the set mixes envs)"""
+    eval_episodes: int = 10
+    """episodes per policy and condition (seeds eval_seed + i)"""
+    eval_seed: int = 10_000
+    """first evaluation seed (the same episodes as the other stages)"""
+    attack_num_perturbations: Optional[int] = None
+    """K of each fresh attack (default: the reference perturbations file's)"""
+    attack_maxiter: Optional[int] = None
+    """DE generations of each fresh attack (default: the reference file's)"""
+    attack_popsize: Optional[int] = None
+    """DE popsize of each fresh attack (default: the reference file's)"""
+    num_workers: int = 0
+    """processes for the fresh attacks (0: one per core)"""
+    track: bool = False
+    """log the table and images to Weights & Biases (honours WANDB_MODE=offline)"""
+    wandb_project_name: str = "robust-o2o"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+# ALGO LOGIC: the policy and the perturbation model (verbatim copies; tests/test_contracts.py proves they agree)
+class Actor(nn.Module):
+    """Deterministic policy π(s): 2×hidden ReLU MLP, tanh output rescaled to the action bounds."""
+
+    def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+                                 nn.Linear(hidden_dim, act_dim), nn.Tanh())
+        low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
+        self.register_buffer("action_scale", (high - low) / 2)
+        self.register_buffer("action_bias", (high + low) / 2)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs) * self.action_scale + self.action_bias
+
+
+def perturb_action(action: np.ndarray, delta: np.ndarray, low: np.ndarray, high: np.ndarray, model: str) -> np.ndarray:
+    """Executed action ã for the chosen action a under perturbation δ; works row-wise on batches [..., Na]."""
+    if model == "multiplicative":
+        executed = action * (1.0 + delta)
+    elif model == "additive":
+        executed = action + delta * (high - low) / 2.0
+    else:
+        raise ValueError(f"unknown perturbation model {model!r}")
+    return np.clip(executed, low, high).astype(action.dtype, copy=False)
+
+
+def rollout_batch(envs, actor: Actor, obs_mean, obs_std, deltas: np.ndarray, seeds, model: str):
+    """Run one episode per (δ_j, seed_j) in lockstep. Returns (returns [B], env steps taken)."""
+    low, high = envs[0].action_space.low, envs[0].action_space.high
+    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
+    returns, alive, steps = np.zeros(len(seeds)), np.ones(len(seeds), bool), 0
+    while alive.any():
+        idx = np.flatnonzero(alive)
+        with torch.no_grad():
+            actions = actor((torch.as_tensor(obs[idx], dtype=torch.float32) - obs_mean) / obs_std).numpy()
+        executed = perturb_action(actions, deltas[idx], low, high, model)
+        for j, i in enumerate(idx):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(executed[j])
+            returns[i] += reward
+            alive[i] = not (terminated or truncated)
+        steps += len(idx)
+    return returns, steps
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint without running code (weights_only) and check its format."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable or not a plain-tensor checkpoint ({type(e).__name__}); remove it "
+                        f"or re-create it")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this project (format '{CHECKPOINT_FORMAT}' expected)")
+    return ckpt
+
+
+def load_npz(path: str) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            npz = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise UserError(f"perturbations {path} are missing or unreadable ({type(e).__name__}); make them with "
+                        f"`python de_perturbations.py --checkpoint <offline checkpoint>`")
+    if str(npz.get("format", "")) != PERTURBATION_FORMAT:
+        raise UserError(f"{path} is not a perturbations file of this project")
+    return npz
+
+
+def find_checkpoints(patterns) -> list:
+    paths = []
+    for p in patterns:
+        if os.path.isdir(p):
+            paths += glob.glob(os.path.join(p, "**", "checkpoint.pt"), recursive=True)
+        else:
+            paths += [m for m in glob.glob(p) if os.path.isfile(m)]
+    return sorted(set(os.path.normpath(p) for p in paths))
+
+
+def policy_label(ckpt: dict) -> str:
+    """Offline-only, or how it was fine-tuned: from the checkpoint's own record."""
+    if ckpt.get("stage") == "td3_bc_offline":
+        return "offline-only"
+    head = "scratch" if ckpt["init"] == "scratch" else "fine-tuned"
+    cond = ckpt["finetune_condition"]
+    return f"{head} {cond}" + ("" if cond == "normal" else f" ({ckpt['curriculum']})")
+
+
+def reference_npz_path(path: str, ckpt: dict) -> str:
+    """The precomputed set this policy relates to: the one it was fine-tuned against, else the one beside it."""
+    return ckpt.get("perturbations_path") or os.path.join(os.path.dirname(path), "perturbations.npz")
+
+
+def fresh_attack(path: str, ckpt: dict, ref: dict, args: Args, out_dir: str) -> dict:
+    """Run de_perturbations.py against this policy with the reference file's budget; cached by checkpoint hash."""
+    sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    out = os.path.join(out_dir, "attacks", f"{sha[:16]}.npz")
+    if os.path.exists(out) and str(load_npz(out)["checkpoint_sha256"]) == sha:
+        return load_npz(out)
+    k = args.attack_num_perturbations or len(ref["perturbations"])
+    maxiter, popsize = args.attack_maxiter or int(ref["maxiter"]), args.attack_popsize or int(ref["popsize"])
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "de_perturbations.py"),
+           "--checkpoint", path, "--output", out, "--epsilon", str(float(ref["epsilon"])),
+           "--perturbation-model", str(ref["perturbation_model"]), "--num-perturbations", str(k),
+           "--maxiter", str(maxiter), "--popsize", str(popsize), "--de-episodes", str(int(ref["de_episodes"])),
+           "--mutation", *[str(float(m)) for m in ref["mutation"]], "--recombination", str(float(ref["recombination"])),
+           "--strategy", str(ref["strategy"]), "--tol", str(float(ref["tol"])), "--eval-episodes", "1",
+           "--random-draws", "1", "--num-workers", str(args.num_workers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"the fresh DE attack on {path} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else '?'}")
+    return load_npz(out)
+
+
+def evaluate_policy(ckpt: dict, conditions: dict, episodes: int, eval_seed: int, model: str) -> dict:
+    """Per-episode returns under each condition (name -> δ set); episode i of a condition uses δ_{i mod len}."""
+    env_kw = {"max_episode_steps": ckpt.get("max_episode_steps")}
+    names = list(conditions)
+    envs = [gym.make(ckpt["env_id"], **env_kw) for _ in range(len(names) * episodes)]
+    deltas = np.vstack([conditions[n][np.arange(episodes) % len(conditions[n])] for n in names])
+    seeds = np.tile(eval_seed + np.arange(episodes), len(names))
+    actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
+    actor.load_state_dict(ckpt["actor"])
+    returns, _ = rollout_batch(envs, actor.eval(), ckpt["obs_mean"], ckpt["obs_std"], deltas, seeds, model)
+    return {n: returns[i * episodes:(i + 1) * episodes] for i, n in enumerate(names)}
+
+
+def normalized(ret, ckpt):
+    lo, hi = ckpt.get("ref_min_score"), ckpt.get("ref_max_score")
+    return None if lo is None or hi is None else 100.0 * (ret - lo) / (hi - lo)
+
+
+def write_atomic(path: str, text: str):
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def summarize(rows: list) -> dict:
+    """(label, condition) -> (mean over seeds, std over seeds, n seeds), for raw and normalized returns."""
+    by = defaultdict(list)
+    for r in rows:
+        by[(r["policy"], r["eval_condition"])].append(r)
+    out = {}
+    for key, rs in by.items():
+        means = np.array([r["mean_return"] for r in rs])
+        norms = [r["normalized_mean"] for r in rs]
+        norm = None if any(n is None for n in norms) else np.array(norms, dtype=float)
+        out[key] = (means.mean(), means.std(), len(rs), None if norm is None else norm.mean(), None if norm is None else norm.std())
+    return out
+
+
+def markdown_table(summary: dict, labels: list, env_id: str, episodes: int) -> str:
+    lines = [f"Returns on {env_id}: mean ± std over seeds of each seed's mean over {episodes} episodes; "
+             f"normalized score in brackets (0 = random, 100 = expert reference).", "",
+             "| policy | seeds | " + " | ".join(EVAL_CONDITIONS) + " |", "|---|---|" + "---|" * len(EVAL_CONDITIONS)]
+    for label in labels:
+        cells = []
+        for c in EVAL_CONDITIONS:
+            m, s, n, nm, ns = summary[(label, c)]
+            cells.append(f"{m:.1f} ± {s:.1f}" + ("" if nm is None else f" [{nm:.1f} ± {ns:.1f}]"))
+        lines.append(f"| {label} | {summary[(label, 'normal')][2]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_heatmap(path, summary, labels, env_id):
+    import matplotlib.pyplot as plt
+    use_norm = all(summary[(lb, c)][3] is not None for lb in labels for c in EVAL_CONDITIONS)
+    vals = np.array([[summary[(lb, c)][3 if use_norm else 0] for c in EVAL_CONDITIONS] for lb in labels])
+    fig, ax = plt.subplots(figsize=(8, max(3.2, 1.4 + 0.55 * len(labels))), dpi=110)
+    im = ax.imshow(vals, cmap="viridis", aspect="auto")
+    for i in range(len(labels)):
+        for j in range(len(EVAL_CONDITIONS)):
+            ax.text(j, i, f"{vals[i, j]:.1f}", ha="center", va="center", color="w" if vals[i, j] < vals.mean() else "k", fontsize=9)
+    ax.set_xticks(range(len(EVAL_CONDITIONS)), EVAL_CONDITIONS)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("evaluation condition (adversarial: fresh DE attack on each policy; transfer: the precomputed set)", fontsize=8)
+    fig.colorbar(im, ax=ax, label="normalized score (0 random, 100 expert)" if use_norm else "episodic return")
+    ax.set_title(f"{env_id}: training condition × evaluation condition (mean over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def load_curves(paths_by_label: dict) -> dict:
+    """label -> list of metric rows (eval rows) per seed, read from each fine-tuning run's metrics.jsonl."""
+    curves = defaultdict(list)
+    for label, paths in paths_by_label.items():
+        for p in paths:
+            mpath = os.path.join(os.path.dirname(p), "metrics.jsonl")
+            if not os.path.exists(mpath):
+                raise UserError(f"no metrics file {mpath} for the learning curve of {p}; restore it or leave that "
+                                f"checkpoint out of --checkpoints")
+            curves[label].append([r for r in map(json.loads, open(mpath)) if "eval/normal_return" in r])
+    return curves
+
+
+def mean_curve(runs: list, key: str):
+    steps = sorted(set.intersection(*[{r["step"] for r in run} for run in runs]))
+    vals = np.array([[next(r[key] for r in run if r["step"] == s) for s in steps] for run in runs])
+    return np.array(steps), vals.mean(0), vals.std(0)
+
+
+def plot_curves(path, curves, summary, env_id):
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=100, sharey=True)
+    for ax, cond in zip(axes, ("normal", "random", "adversarial")):
+        for label, runs in sorted(curves.items()):
+            x, m, s = mean_curve(runs, f"eval/{cond}_return")
+            ax.plot(x, m, marker=".", ls="--" if label.startswith("scratch") else "-", label=f"{label} (n={len(runs)})")
+            ax.fill_between(x, m - s, m + s, alpha=0.15)
+        if ("offline-only", cond) in summary:
+            ax.axhline(summary[("offline-only", cond)][0], color="k", ls=":", label="offline-only")
+        ax.set_title(f"evaluated under {cond} (precomputed δ set)" if cond == "adversarial" else f"evaluated under {cond}")
+        ax.set_xlabel("online env steps")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean episodic return")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{env_id}: learning curves during fine-tuning (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_q(path, curves, env_id):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for label, runs in sorted(curves.items()):
+        x, m, s = mean_curve(runs, "curriculum/q")
+        ax.plot(x, m, marker=".", label=label)
+        ax.fill_between(x, m - s, m + s, alpha=0.15)
+    ax.set_xlabel("online env steps")
+    ax.set_ylabel("perturbation probability q")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{env_id}: q at each evaluation (mean ± std over seeds)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(args: Args):
+    if args.eval_episodes < 1:
+        raise UserError("--eval-episodes must be >= 1")
+    paths = find_checkpoints(args.checkpoints)
+    if not paths:
+        raise UserError(f"no checkpoints found in {' '.join(args.checkpoints)}; train some first (`bash run_pipeline.sh`) "
+                        f"or pass --checkpoints PATH|GLOB|DIR")
+    ckpts = {p: load_checkpoint(p) for p in paths}
+    if args.env_id is not None:
+        ckpts = {p: c for p, c in ckpts.items() if c["env_id"] == args.env_id}
+        if not ckpts:
+            raise UserError(f"none of the {len(paths)} checkpoints is for {args.env_id}")
+    envs = sorted({c["env_id"] for c in ckpts.values()})
+    if len(envs) > 1:
+        raise UserError(f"the checkpoints mix envs ({', '.join(envs)}); pass --env-id to evaluate one env at a time")
+    env_id = envs[0]
+    os.makedirs(os.path.join(args.output_dir, "attacks"), exist_ok=True)
+    import matplotlib
+    matplotlib.use("Agg")
+
+    rows = []
+    for path, ckpt in tqdm(ckpts.items(), desc="policies (fresh attack + evaluation)"):
+        ref = load_npz(reference_npz_path(path, ckpt))
+        if str(ref["env_id"]) != env_id:
+            raise UserError(f"{reference_npz_path(path, ckpt)} is for {ref['env_id']}, but {path} is for {env_id}")
+        attack = fresh_attack(path, ckpt, ref, args, args.output_dir)
+        conditions = {"normal": np.zeros((1, ckpt["act_dim"])), "random": ref["random_deltas"],
+                      "adversarial": attack["perturbations"], "transfer": ref["perturbations"]}
+        returns = evaluate_policy(ckpt, conditions, args.eval_episodes, args.eval_seed, str(ref["perturbation_model"]))
+        for cond in EVAL_CONDITIONS:
+            r = returns[cond]
+            rows.append({"policy": policy_label(ckpt), "seed": ckpt["args"]["seed"], "env_id": env_id,
+                         "init": ckpt.get("init", "offline"), "finetune_condition": ckpt.get("finetune_condition", ""),
+                         "curriculum": ckpt.get("curriculum", ""), "eval_condition": cond, "episodes": len(r),
+                         "mean_return": float(r.mean()), "std_return": float(r.std()),
+                         "normalized_mean": normalized(float(r.mean()), ckpt),
+                         "episode_returns": ";".join(f"{x:.3f}" for x in r), "checkpoint": path})
+    fields = list(rows[0])
+    tmp = os.path.join(args.output_dir, "matrix.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, os.path.join(args.output_dir, "matrix.csv"))
+    summary = summarize(rows)
+    order = ["offline-only"] + sorted({r["policy"] for r in rows} - {"offline-only"}, key=lambda s: (s.startswith("scratch"), s))
+    labels = [lb for lb in order if (lb, "normal") in summary]
+    table = markdown_table(summary, labels, env_id, args.eval_episodes)
+    write_atomic(os.path.join(args.output_dir, "matrix.md"), table)
+    plot_heatmap(os.path.join(args.output_dir, "heatmap.png"), summary, labels, env_id)
+    finetuned = defaultdict(list)
+    for p, c in ckpts.items():
+        if c.get("stage") == "td3_adv_finetune":
+            finetuned[policy_label(c)].append(p)
+    if finetuned:
+        curves = load_curves(finetuned)
+        plot_curves(os.path.join(args.output_dir, "curves.png"), curves, summary, env_id)
+        plot_q(os.path.join(args.output_dir, "q_trajectory.png"), curves, env_id)
+    print(table)
+    print(f"wrote {args.output_dir}/matrix.csv, matrix.md, heatmap.png" + (", curves.png, q_trajectory.png" if finetuned else ""))
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=f"{env_id}__evaluate_matrix")
+        wandb.log({"matrix": wandb.Table(columns=fields, data=[[r[k] for k in fields] for r in rows]),
+                   **{name: wandb.Image(os.path.join(args.output_dir, f"{name}.png"))
+                      for name in ("heatmap", "curves", "q_trajectory") if os.path.exists(os.path.join(args.output_dir, f"{name}.png"))}})
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        sys.exit(f"error: {e}")

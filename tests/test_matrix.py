@@ -1,0 +1,132 @@
+"""evaluate_matrix.py: the matrix (CSV, table, plots), the fresh attack, bad input, and the whole pipeline."""
+import csv
+import os
+import shutil
+import subprocess
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import torch
+
+import de_perturbations as de
+import evaluate_matrix as em
+import td3_adv_finetune as ft
+import td3_bc_offline as tb
+from conftest import ROOT, assert_one_line_error, run_script
+
+
+@pytest.fixture(scope="module")
+def policy_set(hopper_datasets, hopper_checkpoint, hopper_perturbations, tmp_path_factory):
+    """offline-only with seeds 1 and 2 (each with its perturbations.npz), and one adversarial fine-tune."""
+    root = tmp_path_factory.mktemp("matrix")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        off1 = root / "runs" / "off1"
+        off1.mkdir(parents=True)
+        shutil.copy(hopper_checkpoint, off1 / "checkpoint.pt")
+        shutil.copy(hopper_perturbations, off1 / "perturbations.npz")
+        tb.main(tb.Args(dataset_id=hopper_datasets["medium"], total_steps=300, eval_freq=300, eval_episodes=1, cuda=False,
+                        run_name="off2", seed=2))
+        de.main(de.Args(checkpoint="runs/off2/checkpoint.pt", epsilon=0.4, num_perturbations=2, popsize=4, maxiter=2,
+                        de_episodes=2, eval_episodes=2, random_draws=3, num_workers=1))
+        ft.main(ft.Args(checkpoint=str(off1 / "checkpoint.pt"), total_steps=60, eval_freq=30, eval_episodes=1,
+                        batch_size=16, cuda=False, run_name="ft1", curriculum="linear"))
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture(scope="module")
+def matrix(policy_set):
+    out = policy_set / "results"
+    em.main(em.Args(checkpoints=(str(policy_set / "runs"),), output_dir=str(out), eval_episodes=3, num_workers=1))
+    return out
+
+
+def test_csv_has_every_policy_seed_and_condition(matrix):
+    rows = list(csv.DictReader(open(matrix / "matrix.csv")))
+    assert set(rows[0]) >= {"policy", "seed", "env_id", "eval_condition", "episodes", "mean_return", "std_return",
+                            "normalized_mean", "episode_returns", "checkpoint"}
+    cells = {(r["policy"], r["seed"], r["eval_condition"]) for r in rows}
+    expected = {(p, s, c) for p, s in [("offline-only", "1"), ("offline-only", "2"), ("fine-tuned adversarial (linear)", "1")]
+                for c in em.EVAL_CONDITIONS}
+    assert cells == expected and len(rows) == len(expected)
+    for r in rows:
+        eps = np.array([float(x) for x in r["episode_returns"].split(";")])
+        assert len(eps) == 3 and float(r["mean_return"]) == pytest.approx(eps.mean(), abs=1e-3)
+
+
+def test_markdown_table_parses_and_std_is_over_seeds(matrix):
+    rows = list(csv.DictReader(open(matrix / "matrix.csv")))
+    lines = [ln for ln in (matrix / "matrix.md").read_text().splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["policy", "seeds", *em.EVAL_CONDITIONS]
+    body = {c[0]: c for c in ([x.strip() for x in ln.strip("|").split("|")] for ln in lines[2:])}
+    assert set(body) == {"offline-only", "fine-tuned adversarial (linear)"} and body["offline-only"][1] == "2"
+    for j, cond in enumerate(em.EVAL_CONDITIONS):
+        per_seed = [float(r["mean_return"]) for r in rows if r["policy"] == "offline-only" and r["eval_condition"] == cond]
+        mean, std = body["offline-only"][2 + j].split(" [")[0].split(" ± ")
+        assert float(mean) == pytest.approx(np.mean(per_seed), abs=0.051)
+        assert float(std) == pytest.approx(np.std(per_seed), abs=0.051)
+
+
+def test_plots_are_written_with_sensible_sizes(matrix):
+    for name in ("heatmap", "curves", "q_trajectory"):
+        img = mpimg.imread(matrix / f"{name}.png")
+        assert img.shape[0] >= 300 and img.shape[1] >= 600, (name, img.shape)
+        assert img[..., :3].std() > 0.05  # not blank
+        assert (matrix / f"{name}.png").stat().st_size > 15_000
+
+
+def test_fresh_attack_lowers_return_and_uses_de_semantics(matrix, policy_set):
+    rows = list(csv.DictReader(open(matrix / "matrix.csv")))
+    for seed in ("1", "2"):
+        get = lambda c: next(float(r["mean_return"]) for r in rows  # noqa: E731
+                             if r["policy"] == "offline-only" and r["seed"] == seed and r["eval_condition"] == c)
+        assert get("adversarial") < get("normal")
+    # the adversarial column is the attack's δ set played through de_perturbations' own evaluator
+    path = str(policy_set / "runs" / "off1" / "checkpoint.pt")
+    ckpt = de.load_checkpoint(path)
+    attack = np.load(matrix / "attacks" / f"{de.sha256(path)[:16]}.npz")
+    assert str(attack["checkpoint_sha256"]) == de.sha256(path)
+    ev = de.PopulationEvaluator(ckpt, "multiplicative", None, 1)
+    K = len(attack["perturbations"])
+    expected = np.mean([ev.returns(attack["perturbations"][i % K][None], np.array([10_000 + i]))[0] for i in range(3)])
+    got = next(float(r["mean_return"]) for r in rows if r["checkpoint"] == os.path.normpath(path) and r["eval_condition"] == "adversarial")
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_bad_input_is_one_clear_line(policy_set, tmp_path):
+    assert_one_line_error(run_script("evaluate_matrix.py", "--checkpoints", str(tmp_path / "nothing"), cwd=tmp_path),
+                          "no checkpoints found")
+    other = tmp_path / "other"
+    other.mkdir()
+    ckpt = torch.load(policy_set / "runs" / "off1" / "checkpoint.pt", weights_only=True)
+    ckpt["env_id"] = "Walker2d-v5"
+    torch.save(ckpt, other / "checkpoint.pt")
+    assert_one_line_error(run_script("evaluate_matrix.py", "--checkpoints", str(policy_set / "runs"), str(other),
+                                     cwd=tmp_path), "--env-id")
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    shutil.copy(policy_set / "runs" / "ft1" / "checkpoint.pt", lonely / "checkpoint.pt")
+    proc = run_script("evaluate_matrix.py", "--checkpoints", str(lonely), "--eval-episodes", "1", "--num-workers", "1",
+                      "--output-dir", str(tmp_path / "res"), cwd=tmp_path)
+    assert_one_line_error(proc, "metrics")
+
+
+def test_whole_pipeline_runs_at_tiny_scale(tmp_path):
+    env = {**os.environ, "SCALE": "tiny", "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
+    proc = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = tmp_path / "results" / "tiny-hopper"
+    for name in ("matrix.csv", "matrix.md", "heatmap.png", "curves.png", "q_trajectory.png"):
+        assert (res / name).stat().st_size > 0, name
+    policies = {r["policy"] for r in csv.DictReader(open(res / "matrix.csv"))}
+    assert policies == {"offline-only", "fine-tuned adversarial (adaptive)", "fine-tuned normal",
+                        "scratch adversarial (adaptive)"}
+    bad = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], cwd=tmp_path, env={**env, "SCALE": "huge"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "SCALE must be" in bad.stderr
