@@ -30,12 +30,14 @@ from tqdm import tqdm
 PERTURBATION_FORMAT = "o2o-adv-perturbations"
 PERTURBATION_VERSION = 1
 CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
+DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
+                       "runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt")
 
 
 @dataclass
 class Args:
-    checkpoint: str = "runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt"
-    """policy checkpoint (from td3_bc_offline.py or td3_adv_finetune.py)"""
+    checkpoint: Optional[str] = None
+    """policy checkpoint (default: the first of DEFAULT_CHECKPOINTS that exists: full-scale, then run_pipeline.sh's)"""
     output: Optional[str] = None
     """output .npz (default: perturbations.npz next to the checkpoint); a PNG of DE convergence goes beside it"""
     epsilon: float = 0.3
@@ -326,8 +328,19 @@ def plot_convergence(path: str, history: np.ndarray, nominal: float, random_mean
     os.replace(tmp, path)
 
 
+def default_checkpoint() -> str:
+    found = [p for p in DEFAULT_CHECKPOINTS if os.path.isfile(p)]
+    if not found:
+        raise UserError(f"no --checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; make one with "
+                        f"`bash run_pipeline.sh` or `python td3_bc_offline.py`, or pass --checkpoint")
+    return found[0]
+
+
 def main(args: Args):
     check_args(args)
+    if args.checkpoint is None:
+        args.checkpoint = default_checkpoint()
+        print(f"using checkpoint {args.checkpoint}")
     ckpt = load_checkpoint(args.checkpoint)
     env_id, act_dim = ckpt["env_id"], int(ckpt["act_dim"])
     max_steps = args.max_episode_steps if args.max_episode_steps is not None else ckpt.get("max_episode_steps")

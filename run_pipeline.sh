@@ -56,9 +56,11 @@ echo "== stage 2: differential-evolution perturbations -> $RUN/perturbations.npz
 python "$HERE/de_perturbations.py" --checkpoint "$RUN/checkpoint.pt" --epsilon "${EPSILON:-0.3}" "${DE[@]}"
 echo "== stage 3: fine-tuning from $RUN/checkpoint.pt -> ${FT_RUN}__*__$SEED/"
 FT=(python "$HERE/td3_adv_finetune.py" --checkpoint "$RUN/checkpoint.pt" --seed "$SEED" --overwrite "${FINETUNE[@]}")
-"${FT[@]}" --finetune-condition adversarial --curriculum adaptive
-"${FT[@]}" --finetune-condition normal --curriculum fixed
-"${FT[@]}" --finetune-condition adversarial --curriculum adaptive --init scratch --learning-starts "$SCRATCH_STARTS"
+for spec in offline-adversarial-adaptive offline-normal-fixed scratch-adversarial-adaptive; do
+  IFS=- read -r INIT COND CURR <<< "$spec"
+  EXTRA=(); [ "$INIT" = scratch ] && EXTRA=(--learning-starts "$SCRATCH_STARTS")
+  "${FT[@]}" --init "$INIT" --finetune-condition "$COND" --curriculum "$CURR" --run-name "${FT_RUN#runs/}__${spec}__$SEED" "${EXTRA[@]}"
+done
 echo "== stage 4: evaluation matrix -> $RESULTS/"
 python "$HERE/evaluate_matrix.py" --output-dir "$RESULTS" "${MATRIX[@]}" --checkpoints "$RUN" \
   "${FT_RUN}__offline-adversarial-adaptive__$SEED" "${FT_RUN}__offline-normal-fixed__$SEED" \

@@ -36,14 +36,16 @@ from tqdm import tqdm
 CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
 CHECKPOINT_VERSION = 1
 PERTURBATION_FORMAT = "o2o-adv-perturbations"
+DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
+                       "runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt")
 
 
 @dataclass
 class Args:
     exp_name: str = "td3_adv_finetune"
     """the name of this experiment"""
-    checkpoint: str = "runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt"
-    """TD3+BC checkpoint (td3_bc_offline.py): initial networks, normalization, env and dataset"""
+    checkpoint: Optional[str] = None
+    """TD3+BC checkpoint (default: the first of DEFAULT_CHECKPOINTS that exists: full-scale, then run_pipeline.sh's)"""
     perturbations: Optional[str] = None
     """.npz from de_perturbations.py (default: perturbations.npz next to the checkpoint); gives {δ_a}, ε and the model"""
     init: str = "offline"
@@ -67,7 +69,7 @@ class Args:
     r_off: float = 0.1
     """r_off: fraction of every batch drawn from the offline dataset (ignored for --init scratch)"""
     run_name: Optional[str] = None
-    """output folder under runs/ (default: {env}__{exp_name}__{init}-{condition}-{curriculum}__{seed})"""
+    """output folder under runs/ (default: {env}__{exp_name}__{init}-{condition}-{curriculum}__{seed}__{unix time})"""
     overwrite: bool = False
     """replace an existing run folder of the same name"""
     seed: int = 1
@@ -390,6 +392,14 @@ def check_args(args: Args):
 
 def main(args: Args):
     check_args(args)
+    if args.checkpoint is None:
+        found = [p for p in DEFAULT_CHECKPOINTS if os.path.isfile(p)]
+        if not found:
+            raise UserError(f"no --checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; make one with "
+                            f"`bash run_pipeline.sh`, or with `python collect_dataset.py`, `python td3_bc_offline.py` and "
+                            f"`python de_perturbations.py`")
+        args.checkpoint = found[0]
+        print(f"using checkpoint {args.checkpoint}")
     ckpt = load_checkpoint(args.checkpoint)
     pert_path = args.perturbations or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
     pert = load_perturbations(pert_path, ckpt)
@@ -402,7 +412,8 @@ def main(args: Args):
                         "pass --ref-min-score and --ref-max-score")
     scratch = args.init == "scratch"
     learning_starts = args.learning_starts if args.learning_starts is not None else (25_000 if scratch else args.batch_size)
-    run_name = args.run_name or f"{env_id}__{args.exp_name}__{args.init}-{args.finetune_condition}-{args.curriculum}__{args.seed}"
+    run_name = args.run_name or (f"{env_id}__{args.exp_name}__{args.init}-{args.finetune_condition}-{args.curriculum}"
+                                 f"__{args.seed}__{int(time.time())}")
     run_dir = os.path.join("runs", run_name)
     if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not args.overwrite:
         raise UserError(f"{run_dir} already holds a run; pass --overwrite or another --run-name")

@@ -170,7 +170,7 @@ def load_minari_dataset(dataset_id: str, download: bool):
     local = os.path.exists(minari.storage.get_dataset_path(dataset_id))
     hint = (f"create it with `python collect_dataset.py --env-id <Env>-v5` (ids local/<env>/<level>-v0), or, online, "
             f"`minari download {dataset_id}`")
-    if not local and (not download or dataset_id.startswith("local/")):
+    if not local and (not download or dataset_id.startswith("local")):  # local*/ ids are ours: never online
         raise UserError(f"dataset '{dataset_id}' is not in the local Minari store "
                         f"({minari.storage.get_dataset_path()}); {hint}")
     try:

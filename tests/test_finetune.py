@@ -168,3 +168,19 @@ def test_cli_bad_input_is_one_clear_line(hopper_checkpoint, hopper_perturbations
     assert_one_line_error(run_script("td3_adv_finetune.py", *base, "--perturbations", str(tmp_path / "bad.npz"),
                                      cwd=tmp_path), "action dimension")
     assert not (tmp_path / "runs").exists()
+
+
+def test_plain_command_finds_the_pipeline_outputs_and_repeats(hopper_checkpoint, hopper_perturbations, tmp_path):
+    """`python td3_adv_finetune.py --curriculum adaptive` after `run_pipeline.sh`: the defaults find its checkpoint."""
+    assert_one_line_error(run_script("td3_adv_finetune.py", "--curriculum", "adaptive", cwd=tmp_path), "run_pipeline.sh")
+    assert_one_line_error(run_script("de_perturbations.py", cwd=tmp_path), "run_pipeline.sh")
+    quick = tmp_path / "runs" / "local-quick-hopper-medium-v0__td3_bc_offline__1"
+    quick.mkdir(parents=True)
+    shutil.copy(hopper_checkpoint, quick / "checkpoint.pt")
+    shutil.copy(hopper_perturbations, quick / "perturbations.npz")
+    for _ in range(2):
+        proc = run_script("td3_adv_finetune.py", "--curriculum", "adaptive", *TINY, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "using checkpoint runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt" in proc.stdout
+    runs = [d.name for d in (tmp_path / "runs").iterdir() if "td3_adv_finetune" in d.name]
+    assert len(runs) == 2 and all(r.startswith("Hopper-v5__td3_adv_finetune__offline-adversarial-adaptive__1__") for r in runs)

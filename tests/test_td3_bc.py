@@ -165,6 +165,8 @@ def test_cli_smoke(hopper_datasets, tmp_path):
 def test_cli_bad_input_is_one_clear_line(hopper_datasets, tmp_path):
     assert_one_line_error(run_script("td3_bc_offline.py", "--dataset-id", "local/hopper/nothing-v0", cwd=tmp_path),
                           "collect_dataset.py", "minari download")
+    quick = run_script("td3_bc_offline.py", "--dataset-id", "local-quick/hopper/nothing-v0", cwd=tmp_path, timeout=20)
+    assert_one_line_error(quick, "not in the local Minari store")  # never looked up online: fails at once
     assert_one_line_error(run_script("td3_bc_offline.py", "--dataset-id", hopper_datasets["medium"], "--env-id",
                                      "InvertedPendulum-v5", cwd=tmp_path), "does not match")
     assert_one_line_error(run_script("td3_bc_offline.py", "--dataset-id", hopper_datasets["medium"], "--env-id",
