@@ -124,7 +124,7 @@ def actor_from_checkpoint(ckpt: dict) -> Actor:
     return actor.eval()
 
 
-# ALGO LOGIC: the perturbation model (copied verbatim into td3_adv_finetune.py and evaluate_matrix.py)
+# ALGO LOGIC: the perturbation model (copied verbatim into td3_adv_finetune.py; perturb_action also into evaluate_matrix.py)
 PERTURBATION_MODELS = ("multiplicative", "additive")
 CONDITIONS = ("normal", "random", "adversarial")
 
@@ -329,10 +329,12 @@ def plot_convergence(path: str, history: np.ndarray, nominal: float, random_mean
 
 
 def default_checkpoint() -> str:
+    """The first of DEFAULT_CHECKPOINTS that exists: the full-scale run's, then run_pipeline.sh's."""
     found = [p for p in DEFAULT_CHECKPOINTS if os.path.isfile(p)]
     if not found:
         raise UserError(f"no --checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; make one with "
-                        f"`bash run_pipeline.sh` or `python td3_bc_offline.py`, or pass --checkpoint")
+                        f"`bash run_pipeline.sh`, or with `python collect_dataset.py` and `python td3_bc_offline.py`")
+    print(f"using checkpoint {found[0]}")
     return found[0]
 
 
@@ -340,7 +342,6 @@ def main(args: Args):
     check_args(args)
     if args.checkpoint is None:
         args.checkpoint = default_checkpoint()
-        print(f"using checkpoint {args.checkpoint}")
     ckpt = load_checkpoint(args.checkpoint)
     env_id, act_dim = ckpt["env_id"], int(ckpt["act_dim"])
     max_steps = args.max_episode_steps if args.max_episode_steps is not None else ckpt.get("max_episode_steps")

@@ -159,24 +159,26 @@ def reference_npz_path(path: str, ckpt: dict) -> str:
     return ckpt.get("perturbations_path") or os.path.join(os.path.dirname(path), "perturbations.npz")
 
 
-def fresh_attack(path: str, ckpt: dict, ref: dict, args: Args, out_dir: str) -> dict:
-    """Run de_perturbations.py against this policy with the reference file's budget; cached by checkpoint hash."""
-    sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    out = os.path.join(out_dir, "attacks", f"{sha[:16]}.npz")
-    if os.path.exists(out) and str(load_npz(out)["checkpoint_sha256"]) == sha:
-        return load_npz(out)
+def fresh_attack(path: str, ref: dict, args: Args, out_dir: str) -> dict:
+    """Run de_perturbations.py against this policy with the reference file's budget. Cached under a key made of
+    the checkpoint's hash and the attack settings, so a different budget never reuses an old attack."""
     k = args.attack_num_perturbations or len(ref["perturbations"])
     maxiter, popsize = args.attack_maxiter or int(ref["maxiter"]), args.attack_popsize or int(ref["popsize"])
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "de_perturbations.py"),
-           "--checkpoint", path, "--output", out, "--epsilon", str(float(ref["epsilon"])),
-           "--perturbation-model", str(ref["perturbation_model"]), "--num-perturbations", str(k),
-           "--maxiter", str(maxiter), "--popsize", str(popsize), "--de-episodes", str(int(ref["de_episodes"])),
-           "--mutation", *[str(float(m)) for m in ref["mutation"]], "--recombination", str(float(ref["recombination"])),
-           "--strategy", str(ref["strategy"]), "--tol", str(float(ref["tol"])), "--eval-episodes", "1",
-           "--random-draws", "1", "--num-workers", str(args.num_workers)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"the fresh DE attack on {path} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else '?'}")
+    settings = ["--epsilon", str(float(ref["epsilon"])), "--perturbation-model", str(ref["perturbation_model"]),
+                "--num-perturbations", str(k), "--maxiter", str(maxiter), "--popsize", str(popsize),
+                "--de-episodes", str(int(ref["de_episodes"])), "--mutation", *[str(float(m)) for m in ref["mutation"]],
+                "--recombination", str(float(ref["recombination"])), "--strategy", str(ref["strategy"]),
+                "--tol", str(float(ref["tol"])), "--eval-episodes", "1", "--random-draws", "1"]
+    sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    key = hashlib.sha256(" ".join([sha, *settings]).encode()).hexdigest()[:16]
+    out = os.path.join(out_dir, "attacks", f"{key}.npz")
+    if not os.path.exists(out):
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "de_perturbations.py"),
+               "--checkpoint", path, "--output", out, *settings, "--num-workers", str(args.num_workers)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
+            raise UserError(f"the fresh DE attack on {path} failed: {last}")
     return load_npz(out)
 
 
@@ -205,7 +207,8 @@ def write_atomic(path: str, text: str):
 
 
 def summarize(rows: list) -> dict:
-    """(label, condition) -> (mean over seeds, std over seeds, n seeds), for raw and normalized returns."""
+    """(label, condition) -> (mean, std, n) over seeds of the raw returns, then mean and std of the normalized ones
+    (None without reference scores)."""
     by = defaultdict(list)
     for r in rows:
         by[(r["policy"], r["eval_condition"])].append(r)
@@ -333,7 +336,7 @@ def main(args: Args):
         ref = load_npz(reference_npz_path(path, ckpt))
         if str(ref["env_id"]) != env_id:
             raise UserError(f"{reference_npz_path(path, ckpt)} is for {ref['env_id']}, but {path} is for {env_id}")
-        attack = fresh_attack(path, ckpt, ref, args, args.output_dir)
+        attack = fresh_attack(path, ref, args, args.output_dir)
         conditions = {"normal": np.zeros((1, ckpt["act_dim"])), "random": ref["random_deltas"],
                       "adversarial": attack["perturbations"], "transfer": ref["perturbations"]}
         returns = evaluate_policy(ckpt, conditions, args.eval_episodes, args.eval_seed, str(ref["perturbation_model"]))

@@ -336,19 +336,39 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float):
         torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
+def dataset_to_transitions(dataset) -> dict:
+    """Flatten episodes into (s, a, r, s', terminated) arrays. Observations hold T+1 entries per episode, so
+    s' is always the real next observation, also for the last step of a truncated episode."""
+    obs, act, rew, nxt, term = [], [], [], [], []
+    for ep in dataset.iterate_episodes():
+        if not isinstance(ep.observations, np.ndarray):
+            raise UserError(f"dataset '{dataset.spec.dataset_id}' has dict/tuple observations; only Box observations are supported")
+        obs.append(ep.observations[:-1]); nxt.append(ep.observations[1:])
+        act.append(ep.actions); rew.append(ep.rewards); term.append(ep.terminations)
+    if not obs or sum(len(r) for r in rew) == 0:
+        raise UserError(f"dataset '{dataset.spec.dataset_id}' is empty; re-create it with collect_dataset.py")
+    cat = lambda xs: np.concatenate(xs).astype(np.float32)  # noqa: E731
+    return {"obs": cat(obs), "actions": cat(act), "rewards": cat(rew), "next_obs": cat(nxt), "terminations": cat(term)}
+
+
 def load_offline_data(dataset_id: str, obs_mean, obs_std, device) -> dict:
     """The checkpoint's dataset as flat tensors, normalized with the checkpoint's statistics."""
     if not os.path.exists(minari.storage.get_dataset_path(dataset_id)):
         raise UserError(f"the checkpoint's dataset '{dataset_id}' is not in the local Minari store; re-create it with "
                         f"collect_dataset.py (or `minari download {dataset_id}`), or pass --init scratch")
-    ds = minari.load_dataset(dataset_id)
-    parts = {"obs": [], "actions": [], "rewards": [], "next_obs": [], "terminations": []}
-    for ep in ds.iterate_episodes():
-        parts["obs"].append(ep.observations[:-1]); parts["next_obs"].append(ep.observations[1:])
-        parts["actions"].append(ep.actions); parts["rewards"].append(ep.rewards); parts["terminations"].append(ep.terminations)
-    data = {k: torch.as_tensor(np.concatenate(v).astype(np.float32), device=device) for k, v in parts.items()}
+    data = {k: torch.as_tensor(v, device=device) for k, v in dataset_to_transitions(minari.load_dataset(dataset_id)).items()}
     data["obs"], data["next_obs"] = (data["obs"] - obs_mean) / obs_std, (data["next_obs"] - obs_mean) / obs_std
     return data
+
+
+def default_checkpoint() -> str:
+    """The first of DEFAULT_CHECKPOINTS that exists: the full-scale run's, then run_pipeline.sh's."""
+    found = [p for p in DEFAULT_CHECKPOINTS if os.path.isfile(p)]
+    if not found:
+        raise UserError(f"no --checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; make one with "
+                        f"`bash run_pipeline.sh`, or with `python collect_dataset.py` and `python td3_bc_offline.py`")
+    print(f"using checkpoint {found[0]}")
+    return found[0]
 
 
 def load_perturbations(path: str, ckpt: dict) -> dict:
@@ -393,13 +413,7 @@ def check_args(args: Args):
 def main(args: Args):
     check_args(args)
     if args.checkpoint is None:
-        found = [p for p in DEFAULT_CHECKPOINTS if os.path.isfile(p)]
-        if not found:
-            raise UserError(f"no --checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; make one with "
-                            f"`bash run_pipeline.sh`, or with `python collect_dataset.py`, `python td3_bc_offline.py` and "
-                            f"`python de_perturbations.py`")
-        args.checkpoint = found[0]
-        print(f"using checkpoint {args.checkpoint}")
+        args.checkpoint = default_checkpoint()
     ckpt = load_checkpoint(args.checkpoint)
     pert_path = args.perturbations or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
     pert = load_perturbations(pert_path, ckpt)
@@ -475,10 +489,8 @@ def main(args: Args):
 
     def evaluate() -> dict:
         """Deterministic policy on the same E episodes under normal, random (the .npz's draws) and adversarial δ."""
-        actor.eval()
         cpu_actor = copy.deepcopy(actor).cpu()
         returns, _ = rollout_batch(eval_envs, cpu_actor, obs_mean.cpu(), obs_std.cpu(), eval_deltas, eval_seeds, model)
-        actor.train()
         row = {}
         for c, cond in enumerate(CONDITIONS):
             r = returns[c * E:(c + 1) * E]
@@ -486,6 +498,7 @@ def main(args: Args):
             row[f"eval/{cond}_normalized"] = norm(float(r.mean()))
         return row
 
+    pert_sha256 = hashlib.sha256(open(pert_path, "rb").read()).hexdigest()
     q = env.q
     row = evaluate()  # evaluation 0: the starting policy; it seeds the EMA R̄_0 = R_0
     ema = row["eval/normal_normalized"]
@@ -506,22 +519,25 @@ def main(args: Args):
             "args": dataclasses.asdict(args),
             "init": args.init, "finetune_condition": args.finetune_condition, "curriculum": args.curriculum,
             "q": q, "q_ema": ema, "epsilon": eps, "perturbation_model": model, "perturbations_path": pert_path,
-            "perturbations_sha256": hashlib.sha256(open(pert_path, "rb").read()).hexdigest(),
+            "perturbations_sha256": pert_sha256,
             "initial_checkpoint": args.checkpoint,
-            "eval": {k: v for k, v in row.items()},
+            "eval": dict(row),
         }
 
     scale = torch.as_tensor((high - low) / 2, device=device)
     low_t, high_t = torch.as_tensor(low, device=device), torch.as_tensor(high, device=device)
+
+    def normalize(o) -> torch.Tensor:
+        return (torch.as_tensor(o, dtype=torch.float32, device=device) - obs_mean) / obs_std
+
     obs, info = env.reset(seed=args.seed)
-    episode_return, episode_len, perturbed, episodes = 0.0, 0, [], 0
-    perturbed.append(bool(info["delta"].any()))
+    obs_n, episode_perturbed = normalize(obs), bool(info["delta"].any())
+    episode_return, episode_len, n_episodes, n_perturbed = 0.0, 0, 1, int(episode_perturbed)
     start_time = time.time()
     pbar = tqdm(range(1, args.total_steps + 1), desc=f"fine-tune ({args.init}, {args.finetune_condition}, {args.curriculum})",
                 mininterval=2)
     for step in pbar:
         # ALGO LOGIC: act. The policy chooses a; the wrapper executes ã = perturb(a, δ); the buffer keeps a.
-        obs_n = (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean) / obs_std
         if scratch and step <= learning_starts:
             action = env.action_space.sample()
         else:
@@ -530,17 +546,17 @@ def main(args: Args):
                 a = (a + torch.randn_like(a) * scale * args.exploration_noise).clamp(low_t, high_t)
             action = a.cpu().numpy()
         next_obs, reward, terminated, truncated, info = env.step(action)
-        online.add(obs_n, action, reward, (torch.as_tensor(next_obs, dtype=torch.float32, device=device) - obs_mean) / obs_std,
-                   terminated)
+        next_obs_n = normalize(next_obs)
+        online.add(obs_n, action, reward, next_obs_n, terminated)
         episode_return, episode_len = episode_return + float(reward), episode_len + 1
-        obs = next_obs
+        obs_n = next_obs_n
         if terminated or truncated:
-            episodes += 1
             log({"step": step, "charts/episodic_return": episode_return, "charts/episodic_length": episode_len,
-                 "charts/perturbed": perturbed[-1], "curriculum/q": q})
+                 "charts/perturbed": episode_perturbed, "curriculum/q": q})
             obs, info = env.reset()
-            perturbed.append(bool(info["delta"].any()))
+            obs_n, episode_perturbed = normalize(obs), bool(info["delta"].any())
             episode_return, episode_len = 0.0, 0
+            n_episodes, n_perturbed = n_episodes + 1, n_perturbed + int(episode_perturbed)
 
         # ALGO LOGIC: TD3 update on a batch with r_off offline rows
         if step > learning_starts:
@@ -569,7 +585,7 @@ def main(args: Args):
             if args.curriculum == "adaptive":
                 q, ema = adaptive_q(q, ema, row["eval/normal_normalized"], args.beta, args.eta, args.q_min, args.q_max)
             log({"step": step, **row, "curriculum/q": q, "curriculum/ema": ema,
-                 "charts/perturbed_fraction": float(np.mean(perturbed)), "charts/sps": step / (time.time() - start_time)})
+                 "charts/perturbed_fraction": n_perturbed / n_episodes, "charts/sps": step / (time.time() - start_time)})
             pbar.set_postfix(normal=f"{row['eval/normal_return']:.0f}", adv=f"{row['eval/adversarial_return']:.0f}", q=f"{q:.2f}")
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint(step, row))
         env.q = q  # takes effect at the next episode's start

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,7 @@ def main():
     ups_mean = sum(ups) / len(ups) if ups else float("nan")
     ckpt_path = str(tmp / "runs" / "bench" / "checkpoint.pt")
     de_rows = measure_de(ckpt_path, a.env_id, a.de_steps)
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n")
     print("| what | figure |\n|---|---|")

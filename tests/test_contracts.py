@@ -90,10 +90,11 @@ def test_network_classes_are_identical_copies():
         for module in (de, ft):
             if hasattr(module, cls):
                 assert inspect.getsource(getattr(module, cls)) == inspect.getsource(getattr(tb, cls)), (module.__name__, cls)
-    for fn in ("td_target", "soft_update"):
+    for fn in ("td_target", "soft_update", "dataset_to_transitions"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(tb, fn)), fn
-    for fn in ("perturb_action", "ActionPerturbation", "rollout_batch"):
+    for fn in ("perturb_action", "ActionPerturbation", "rollout_batch", "default_checkpoint"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(de, fn)), fn
+    assert ft.DEFAULT_CHECKPOINTS == de.DEFAULT_CHECKPOINTS
     import evaluate_matrix as em
     assert inspect.getsource(em.Actor) == inspect.getsource(tb.Actor)
     for fn in ("perturb_action", "rollout_batch"):

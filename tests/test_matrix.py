@@ -89,13 +89,26 @@ def test_fresh_attack_lowers_return_and_uses_de_semantics(matrix, policy_set):
     # the adversarial column is the attack's δ set played through de_perturbations' own evaluator
     path = str(policy_set / "runs" / "off1" / "checkpoint.pt")
     ckpt = de.load_checkpoint(path)
-    attack = np.load(matrix / "attacks" / f"{de.sha256(path)[:16]}.npz")
-    assert str(attack["checkpoint_sha256"]) == de.sha256(path)
+    attacks = [np.load(f) for f in (matrix / "attacks").glob("*.npz")]
+    mine = [a for a in attacks if str(a["checkpoint_sha256"]) == de.sha256(path)]
+    assert len(attacks) == 3 and len(mine) == 1  # one fresh attack per policy
+    attack = mine[0]
     ev = de.PopulationEvaluator(ckpt, "multiplicative", None, 1)
     K = len(attack["perturbations"])
     expected = np.mean([ev.returns(attack["perturbations"][i % K][None], np.array([10_000 + i]))[0] for i in range(3)])
     got = next(float(r["mean_return"]) for r in rows if r["checkpoint"] == os.path.normpath(path) and r["eval_condition"] == "adversarial")
     assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_attack_cache_is_reused_only_for_the_same_budget(matrix, policy_set, tmp_path):
+    off1, out = str(policy_set / "runs" / "off1"), tmp_path / "res"
+    shutil.copytree(matrix / "attacks", out / "attacks")
+    before = set((out / "attacks").glob("*.npz"))
+    em.main(em.Args(checkpoints=(off1,), output_dir=str(out), eval_episodes=1, num_workers=1))
+    assert set((out / "attacks").glob("*.npz")) == before  # same budget: cached
+    em.main(em.Args(checkpoints=(off1,), output_dir=str(out), eval_episodes=1, num_workers=1, attack_maxiter=1))
+    new = set((out / "attacks").glob("*.npz")) - before
+    assert len(new) == 1 and int(np.load(new.pop())["maxiter"]) == 1  # another budget: a fresh attack
 
 
 def test_bad_input_is_one_clear_line(policy_set, tmp_path):
