@@ -121,6 +121,14 @@ class Args:
     ref_max_score: Optional[float] = None
     """override the checkpoint's reference return for normalized score 1"""
 
+    # Fast path (benchmarks/fast_path.py measures it); the defaults are exact fp32 and run anywhere
+    compile: bool = False
+    """torch.compile the two halves of the update"""
+    cudagraphs: bool = False
+    """capture the two halves of the update in CUDA graphs (CUDA only; capturable fused Adam)"""
+    matmul_precision: str = "highest"
+    """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs with AMX)"""
+
 
 class UserError(Exception):
     """A problem the user can fix; printed as one line."""
@@ -151,12 +159,12 @@ class VectorizedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [k, B, in] uses the first k of the n layers
+        return torch.baddbmm(self.bias[:x.shape[0]], x, self.weight[:x.shape[0]])
 
 
 class Critic(nn.Module):
-    """Twin Q-networks Q1, Q2 (2×hidden ReLU MLPs) evaluated as one batched call: returns [2, B]."""
+    """Twin Q-networks Q1, Q2 (2×hidden ReLU MLPs) evaluated as one batched call: returns [2, B] ([heads, B] if given)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 256, n: int = 2):
         super().__init__()
@@ -164,9 +172,9 @@ class Critic(nn.Module):
         self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden_dim, n), nn.ReLU(),
                                  VectorizedLinear(hidden_dim, hidden_dim, n), nn.ReLU(), VectorizedLinear(hidden_dim, 1, n))
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, act: torch.Tensor, heads: Optional[int] = None) -> torch.Tensor:
         x = torch.cat([obs, act], -1)
-        x = x.unsqueeze(0).expand(self.n, *x.shape) if x.dim() == 2 else x
+        x = x.unsqueeze(0).expand(heads or self.n, *x.shape) if x.dim() == 2 else x
         return self.net(x).squeeze(-1)
 
 
@@ -327,13 +335,101 @@ def td_target(critic_target: Critic, actor_target: Actor, next_obs, reward, term
 
 def td3_actor_loss(actor, critic, obs):
     """Plain TD3: −mean Q1(s, π(s)); no behaviour-cloning term."""
-    return -critic(obs, actor(obs))[0].mean()
+    return -critic(obs, actor(obs), heads=1)[0].mean()
 
 
-def soft_update(target: nn.Module, source: nn.Module, tau: float):
-    """θ' ← τ θ + (1 − τ) θ' for every parameter, in one fused foreach call."""
+def soft_update(targets: list, sources: list, tau: float):
+    """θ' ← τ θ + (1 − τ) θ' for every parameter of every target network, in one fused foreach call."""
     with torch.no_grad():
-        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+        torch._foreach_lerp_([p for m in targets for p in m.parameters()], [p for m in sources for p in m.parameters()], tau)
+
+
+# Fast path (copied verbatim into td3_adv_finetune.py; tests/test_contracts.py proves the copies agree)
+def adam(params, lr: float, device: torch.device, capturable: bool = False) -> torch.optim.Adam:
+    """Adam with the fused kernel (CPU and CUDA): one kernel for all parameters instead of a loop of small ops."""
+    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"), capturable=capturable)
+
+
+def set_adam_flags(opt: torch.optim.Adam, device: torch.device, capturable: bool):
+    """load_state_dict restores the saved group flags and step placement; set this run's instead."""
+    for g in opt.param_groups:
+        g.update(fused=device.type in ("cpu", "cuda"), foreach=None, capturable=capturable)
+    fused = device.type in ("cpu", "cuda")
+    for st in opt.state.values():
+        if "step" in st:  # fused and capturable Adam keep the step count on the parameters' device
+            st["step"] = st["step"].to(device if fused or capturable else "cpu", torch.float32)
+
+
+class CudaGraph:
+    """Run `fn` eagerly (on a side stream) for its first `warmup` calls, which are real updates, then capture it in a
+    CUDA graph and replay it: inputs are copied into static tensors; outputs are static tensors, overwritten by the
+    next call. `fn` must have static shapes and no host syncs (LeanRL's recipe, without the dependency)."""
+
+    def __init__(self, fn, warmup: int = 2):
+        self.fn, self.warmup, self.calls, self.graph = fn, warmup, 0, None
+
+    def __call__(self, *inputs):
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                out = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            return out
+        if self.graph is None:  # capture records the kernels without running them; the replay below runs them
+            self.static_inputs = [x.clone() for x in inputs]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_outputs = self.fn(*self.static_inputs)
+        for static, x in zip(self.static_inputs, inputs):
+            static.copy_(x)
+        self.graph.replay()
+        return self.static_outputs
+
+
+def check_fast_path_args(args):
+    if args.matmul_precision not in ("highest", "high", "medium"):
+        raise UserError(f"--matmul-precision must be highest, high or medium (got {args.matmul_precision})")
+    if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
+        raise UserError("--cudagraphs needs a CUDA device; drop the flag on this machine (use --compile instead)")
+    torch.set_float32_matmul_precision(args.matmul_precision)
+
+
+def accelerate(fn, args):
+    """The fast-path flags applied to one half of the update."""
+    if args.compile:
+        import torch._inductor.config
+        torch._inductor.config.fallback_random = True  # the same random draws as eager for the same seed
+        fn = torch.compile(fn)
+    if args.cudagraphs:
+        fn = CudaGraph(fn)
+    return fn
+
+
+# ALGO LOGIC: one TD3 update, in two halves with static shapes; the actor delay stays outside them
+def make_update(actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer, args):
+    """-> update_critic(obs, actions, rewards, next_obs, terminations) -> (critic_loss, q1_mean) and update_actor(obs)
+    -> actor_loss. They return tensors, never Python numbers: nothing waits for the device."""
+
+    def update_critic(obs, actions, rewards, next_obs, terminations):
+        y = td_target(critic_target, actor_target, next_obs, rewards, terminations, args.gamma, args.policy_noise, args.noise_clip)
+        q = critic(obs, actions)
+        critic_loss = ((q - y) ** 2).mean(1).sum()  # MSE of Q1 plus MSE of Q2
+        critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        critic_optimizer.step()
+        return critic_loss.detach(), q[0].mean().detach()
+
+    def update_actor(obs):
+        actor_loss = td3_actor_loss(actor, critic, obs)
+        actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward(inputs=list(actor.parameters()))  # no gradients for the critic's weights: not needed
+        actor_optimizer.step()
+        soft_update([actor_target, critic_target], [actor, critic], args.tau)
+        return actor_loss.detach()
+
+    return accelerate(update_critic, args), accelerate(update_actor, args)
 
 
 def dataset_to_transitions(dataset) -> dict:
@@ -406,6 +502,7 @@ def check_args(args: Args):
         raise UserError(f"--beta must be in (0, 1] (got {args.beta})")
     if args.eta < 0:
         raise UserError(f"--eta must be >= 0 (got {args.eta})")
+    check_fast_path_args(args)
     if min(args.total_steps, args.batch_size, args.eval_freq, args.eval_episodes) < 1 or (args.learning_starts or 0) < 0:
         raise UserError("--total-steps, --batch-size, --eval-freq and --eval-episodes must be >= 1, --learning-starts >= 0")
 
@@ -442,8 +539,8 @@ def main(args: Args):
     low, high = ckpt["action_low"].numpy(), ckpt["action_high"].numpy()
     actor = Actor(obs_dim, act_dim, low, high, ckpt["hidden_dim"]).to(device)
     critic = Critic(obs_dim, act_dim, ckpt["hidden_dim"]).to(device)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
+    actor_optimizer = adam(actor.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
+    critic_optimizer = adam(critic.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
     if scratch:  # TD3 from random init, no offline data, raw observations
         obs_mean, obs_std, offline = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device), None
         actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
@@ -453,9 +550,11 @@ def main(args: Args):
         actor_target.load_state_dict(ckpt["actor_target"]); critic_target.load_state_dict(ckpt["critic_target"])
         if not args.reset_optimizers:
             actor_optimizer.load_state_dict(ckpt["actor_optimizer"]); critic_optimizer.load_state_dict(ckpt["critic_optimizer"])
+            set_adam_flags(actor_optimizer, device, args.cudagraphs); set_adam_flags(critic_optimizer, device, args.cudagraphs)
         obs_mean, obs_std = ckpt["obs_mean"].to(device), ckpt["obs_std"].to(device)
         offline = load_offline_data(ckpt["dataset_id"], obs_mean, obs_std, device)
     n_offline = 0 if offline is None else offline["obs"].shape[0]
+    update_critic, update_actor = make_update(actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer, args)
 
     online = OnlineBuffer(args.buffer_size or args.total_steps, obs_dim, act_dim, device)
 
@@ -565,18 +664,9 @@ def main(args: Args):
             if k_off:
                 parts.append(sample(offline, n_offline, k_off))
             b_obs, b_act, b_rew, b_next, b_term = (torch.cat(x) for x in zip(*parts))
-            y = td_target(critic_target, actor_target, b_next, b_rew, b_term, args.gamma, args.policy_noise, args.noise_clip)
-            critic_loss = ((critic(b_obs, b_act) - y) ** 2).mean(1).sum()
-            critic_optimizer.zero_grad(set_to_none=True)
-            critic_loss.backward()
-            critic_optimizer.step()
+            critic_loss, q1_mean = update_critic(b_obs, b_act, b_rew, b_next, b_term)
             if step % args.policy_frequency == 0:
-                actor_loss = td3_actor_loss(actor, critic, b_obs)
-                actor_optimizer.zero_grad(set_to_none=True)
-                actor_loss.backward()
-                actor_optimizer.step()
-                soft_update(actor_target, actor, args.tau)
-                soft_update(critic_target, critic, args.tau)
+                actor_loss = update_actor(b_obs)
 
         if args.curriculum == "linear":
             q = linear_q(step, args.total_steps, args.q_init, args.q_max)
@@ -584,7 +674,9 @@ def main(args: Args):
             row = evaluate()
             if args.curriculum == "adaptive":
                 q, ema = adaptive_q(q, ema, row["eval/normal_normalized"], args.beta, args.eta, args.q_min, args.q_max)
-            log({"step": step, **row, "curriculum/q": q, "curriculum/ema": ema,
+            losses = {} if step <= learning_starts + args.policy_frequency else {"losses/critic_loss": critic_loss.item(), "losses/q1_mean": q1_mean.item(),
+                                                          "losses/actor_loss": actor_loss.item()}
+            log({"step": step, **row, **losses, "curriculum/q": q, "curriculum/ema": ema,
                  "charts/perturbed_fraction": n_perturbed / n_episodes, "charts/sps": step / (time.time() - start_time)})
             pbar.set_postfix(normal=f"{row['eval/normal_return']:.0f}", adv=f"{row['eval/adversarial_return']:.0f}", q=f"{q:.2f}")
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint(step, row))

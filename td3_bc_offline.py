@@ -86,7 +86,15 @@ class Args:
     eval_seed: int = 10_000
     """evaluation episode i is reset with seed eval_seed + i (the same episodes at every evaluation)"""
     log_freq: int = 1_000
-    """updates between training-loss rows in metrics.jsonl"""
+    """updates between training-loss rows in metrics.jsonl (the only host syncs between evaluations)"""
+
+    # Fast path (benchmarks/fast_path.py measures it); the defaults are exact fp32 and run anywhere
+    compile: bool = False
+    """torch.compile the two halves of the update"""
+    cudagraphs: bool = False
+    """capture the two halves of the update in CUDA graphs (CUDA only; capturable fused Adam)"""
+    matmul_precision: str = "highest"
+    """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs with AMX)"""
 
 
 class UserError(Exception):
@@ -118,12 +126,12 @@ class VectorizedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [k, B, in] uses the first k of the n layers
+        return torch.baddbmm(self.bias[:x.shape[0]], x, self.weight[:x.shape[0]])
 
 
 class Critic(nn.Module):
-    """Twin Q-networks Q1, Q2 (2×hidden ReLU MLPs) evaluated as one batched call: returns [2, B]."""
+    """Twin Q-networks Q1, Q2 (2×hidden ReLU MLPs) evaluated as one batched call: returns [2, B] ([heads, B] if given)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 256, n: int = 2):
         super().__init__()
@@ -131,9 +139,9 @@ class Critic(nn.Module):
         self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden_dim, n), nn.ReLU(),
                                  VectorizedLinear(hidden_dim, hidden_dim, n), nn.ReLU(), VectorizedLinear(hidden_dim, 1, n))
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, act: torch.Tensor, heads: Optional[int] = None) -> torch.Tensor:
         x = torch.cat([obs, act], -1)
-        x = x.unsqueeze(0).expand(self.n, *x.shape) if x.dim() == 2 else x
+        x = x.unsqueeze(0).expand(heads or self.n, *x.shape) if x.dim() == 2 else x
         return self.net(x).squeeze(-1)
 
 
@@ -153,16 +161,105 @@ def td_target(critic_target: Critic, actor_target: Actor, next_obs, reward, term
 def td3_bc_actor_loss(actor: Actor, critic: Critic, obs, actions, alpha: float):
     """-λ mean Q1(s, π(s)) + mean ‖π(s) − a‖²/Na, λ = α / mean|Q1(s, π(s))| (detached). Returns (loss, λ, bc)."""
     pi = actor(obs)
-    q1 = critic(obs, pi)[0]
+    q1 = critic(obs, pi, heads=1)[0]  # Q2 is not needed: do not compute it
     lmbda = alpha / q1.abs().mean().detach()
     bc = F.mse_loss(pi, actions)
     return -lmbda * q1.mean() + bc, lmbda, bc
 
 
-def soft_update(target: nn.Module, source: nn.Module, tau: float):
-    """θ' ← τ θ + (1 − τ) θ' for every parameter, in one fused foreach call."""
+def soft_update(targets: list, sources: list, tau: float):
+    """θ' ← τ θ + (1 − τ) θ' for every parameter of every target network, in one fused foreach call."""
     with torch.no_grad():
-        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+        torch._foreach_lerp_([p for m in targets for p in m.parameters()], [p for m in sources for p in m.parameters()], tau)
+
+
+# Fast path (copied verbatim into td3_adv_finetune.py; tests/test_contracts.py proves the copies agree)
+def adam(params, lr: float, device: torch.device, capturable: bool = False) -> torch.optim.Adam:
+    """Adam with the fused kernel (CPU and CUDA): one kernel for all parameters instead of a loop of small ops."""
+    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"), capturable=capturable)
+
+
+def set_adam_flags(opt: torch.optim.Adam, device: torch.device, capturable: bool):
+    """load_state_dict restores the saved group flags and step placement; set this run's instead."""
+    for g in opt.param_groups:
+        g.update(fused=device.type in ("cpu", "cuda"), foreach=None, capturable=capturable)
+    fused = device.type in ("cpu", "cuda")
+    for st in opt.state.values():
+        if "step" in st:  # fused and capturable Adam keep the step count on the parameters' device
+            st["step"] = st["step"].to(device if fused or capturable else "cpu", torch.float32)
+
+
+class CudaGraph:
+    """Run `fn` eagerly (on a side stream) for its first `warmup` calls, which are real updates, then capture it in a
+    CUDA graph and replay it: inputs are copied into static tensors; outputs are static tensors, overwritten by the
+    next call. `fn` must have static shapes and no host syncs (LeanRL's recipe, without the dependency)."""
+
+    def __init__(self, fn, warmup: int = 2):
+        self.fn, self.warmup, self.calls, self.graph = fn, warmup, 0, None
+
+    def __call__(self, *inputs):
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                out = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            return out
+        if self.graph is None:  # capture records the kernels without running them; the replay below runs them
+            self.static_inputs = [x.clone() for x in inputs]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_outputs = self.fn(*self.static_inputs)
+        for static, x in zip(self.static_inputs, inputs):
+            static.copy_(x)
+        self.graph.replay()
+        return self.static_outputs
+
+
+def check_fast_path_args(args):
+    if args.matmul_precision not in ("highest", "high", "medium"):
+        raise UserError(f"--matmul-precision must be highest, high or medium (got {args.matmul_precision})")
+    if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
+        raise UserError("--cudagraphs needs a CUDA device; drop the flag on this machine (use --compile instead)")
+    torch.set_float32_matmul_precision(args.matmul_precision)
+
+
+def accelerate(fn, args):
+    """The fast-path flags applied to one half of the update."""
+    if args.compile:
+        import torch._inductor.config
+        torch._inductor.config.fallback_random = True  # the same random draws as eager for the same seed
+        fn = torch.compile(fn)
+    if args.cudagraphs:
+        fn = CudaGraph(fn)
+    return fn
+
+
+# ALGO LOGIC: one TD3+BC update, in two halves with static shapes; the actor delay stays outside them
+def make_update(actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer, sample_batch, args):
+    """-> update_critic() -> (obs, actions, critic_loss, q1_mean) and update_actor(obs, actions) -> (actor_loss, λ, bc).
+    They return tensors, never Python numbers: nothing waits for the device."""
+
+    def update_critic():
+        obs, actions, rewards, next_obs, terminations = sample_batch()
+        y = td_target(critic_target, actor_target, next_obs, rewards, terminations, args.gamma, args.policy_noise, args.noise_clip)
+        q = critic(obs, actions)
+        critic_loss = ((q - y) ** 2).mean(1).sum()  # MSE of Q1 plus MSE of Q2
+        critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        critic_optimizer.step()
+        return obs, actions, critic_loss.detach(), q[0].mean().detach()
+
+    def update_actor(obs, actions):
+        actor_loss, lmbda, bc = td3_bc_actor_loss(actor, critic, obs, actions, args.alpha)
+        actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward(inputs=list(actor.parameters()))  # no gradients for the critic's weights: not needed
+        actor_optimizer.step()
+        soft_update([actor_target, critic_target], [actor, critic], args.tau)
+        return actor_loss.detach(), lmbda, bc.detach()
+
+    return accelerate(update_critic, args), accelerate(update_actor, args)
 
 
 # Data: a Minari dataset -> flat transition tensors
@@ -281,6 +378,7 @@ def main(args: Args):
         raise UserError("--total-steps, --batch-size, --eval-freq and --eval-episodes must be >= 1")
     if args.alpha < 0 or not 0 < args.tau <= 1 or not 0 <= args.gamma <= 1:
         raise UserError("need --alpha >= 0, 0 < --tau <= 1 and 0 <= --gamma <= 1")
+    check_fast_path_args(args)
     dataset = load_minari_dataset(args.dataset_id, args.download)
     env_id = dataset_env_id(dataset, args.env_id)
     env = make_eval_env(dataset, env_id)
@@ -311,21 +409,30 @@ def main(args: Args):
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # the whole dataset lives on the training device; minibatch indices are drawn there
+    # the whole dataset lives on the training device as one [N, obs + act + 1 + obs + 1] tensor: one gather per batch
     D = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
     if args.normalize_obs:
         obs_mean, obs_std = D["obs"].mean(0), D["obs"].std(0) + 1e-3
     else:
         obs_mean, obs_std = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device)
-    D["obs"], D["next_obs"] = (D["obs"] - obs_mean) / obs_std, (D["next_obs"] - obs_mean) / obs_std
-    N = D["obs"].shape[0]
+    D = torch.cat([(D["obs"] - obs_mean) / obs_std, D["actions"], D["rewards"][:, None], (D["next_obs"] - obs_mean) / obs_std,
+                   D["terminations"][:, None]], 1)
+    N = D.shape[0]
     low, high = env.action_space.low, env.action_space.high
+
+    def sample_batch():
+        """A uniform minibatch (s, a, r, s', terminated); the indices are drawn on the device."""
+        obs, actions, rewards, next_obs, terminations = D[torch.randint(0, N, (args.batch_size,), device=device)].split(
+            [obs_dim, act_dim, 1, obs_dim, 1], 1)
+        return obs, actions, rewards.squeeze(1), next_obs, terminations.squeeze(1)
 
     actor = Actor(obs_dim, act_dim, low, high, args.hidden_dim).to(device)
     critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
     actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
+    actor_optimizer = adam(actor.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
+    critic_optimizer = adam(critic.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
+    update_critic, update_actor = make_update(actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer,
+                                              sample_batch, args)
 
     def checkpoint(step: int, eval_return: float, eval_score) -> dict:
         return {
@@ -353,31 +460,17 @@ def main(args: Args):
     actor_loss = lmbda = bc = torch.zeros((), device=device)
     pbar = tqdm(range(1, args.total_steps + 1), desc="TD3+BC", mininterval=2)
     for step in pbar:
-        # ALGO LOGIC: training
-        idx = torch.randint(0, N, (args.batch_size,), device=device)
-        obs, actions, next_obs = D["obs"][idx], D["actions"][idx], D["next_obs"][idx]
-        y = td_target(critic_target, actor_target, next_obs, D["rewards"][idx], D["terminations"][idx],
-                      args.gamma, args.policy_noise, args.noise_clip)
-        q = critic(obs, actions)
-        critic_loss = ((q - y) ** 2).mean(1).sum()  # MSE of Q1 plus MSE of Q2
-        critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        critic_optimizer.step()
-        q_loss_sum += critic_loss.detach()
-
+        # ALGO LOGIC: training (TD3's delayed actor: one actor and target update per policy_frequency critic updates)
+        obs, actions, critic_loss, q1_mean = update_critic()
+        q_loss_sum += critic_loss
         if step % args.policy_frequency == 0:
-            actor_loss, lmbda, bc = td3_bc_actor_loss(actor, critic, obs, actions, args.alpha)
-            actor_optimizer.zero_grad(set_to_none=True)
-            actor_loss.backward()
-            actor_optimizer.step()
-            soft_update(actor_target, actor, args.tau)
-            soft_update(critic_target, critic, args.tau)
+            actor_loss, lmbda, bc = update_actor(obs, actions)
 
         if step % args.log_freq == 0:  # the only host syncs outside evaluation
             sps = (step - s_last) / (time.time() - t_last)
             t_last, s_last = time.time(), step
             log({"step": step, "losses/critic_loss": q_loss_sum.item() / args.log_freq, "losses/actor_loss": actor_loss.item(),
-                 "losses/bc_loss": bc.item(), "losses/lambda": lmbda.item(), "losses/q1_mean": q[0].mean().item(),
+                 "losses/bc_loss": bc.item(), "losses/lambda": lmbda.item(), "losses/q1_mean": q1_mean.item(),
                  "charts/updates_per_sec": sps})
             q_loss_sum.zero_()
         if step % args.eval_freq == 0 or step == args.total_steps:

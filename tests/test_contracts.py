@@ -90,7 +90,8 @@ def test_network_classes_are_identical_copies():
         for module in (de, ft):
             if hasattr(module, cls):
                 assert inspect.getsource(getattr(module, cls)) == inspect.getsource(getattr(tb, cls)), (module.__name__, cls)
-    for fn in ("td_target", "soft_update", "dataset_to_transitions"):
+    for fn in ("td_target", "soft_update", "dataset_to_transitions", "adam", "set_adam_flags", "CudaGraph", "accelerate",
+               "check_fast_path_args"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(tb, fn)), fn
     for fn in ("perturb_action", "ActionPerturbation", "rollout_batch", "default_checkpoint"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(de, fn)), fn
