@@ -72,6 +72,8 @@ class Args:
     """output folder under runs/ (default: {env}__{exp_name}__{init}-{condition}-{curriculum}__{seed}__{unix time})"""
     overwrite: bool = False
     """replace an existing run folder of the same name"""
+    resume: bool = False
+    """continue the run runs/{run_name}/ (give --run-name) from its last state.pt (same arguments; --total-steps may grow)"""
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
@@ -486,6 +488,83 @@ def load_perturbations(path: str, ckpt: dict) -> dict:
     return npz
 
 
+# Resuming (copied verbatim into td3_adv_finetune.py; tests/test_contracts.py proves the copies agree)
+def rng_state() -> dict:
+    """Python, NumPy and torch generator states as plain types and tensors (they load with weights_only=True)."""
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+RESUME_MAY_CHANGE = ("resume", "overwrite", "total_steps", "track", "wandb_project_name", "wandb_entity")
+
+
+def resume_point(path: str, args, stage: str) -> dict:
+    """The saved state to continue from; refuses a different stage or different arguments (bar RESUME_MAY_CHANGE)."""
+    if not os.path.isfile(path):
+        raise UserError(f"nothing to resume: {path} does not exist; start the run without --resume")
+    state = load_checkpoint(path)
+    if state.get("stage") != stage or "rng" not in state:
+        raise UserError(f"{path} is not a resumable {stage} state; start the run without --resume")
+    saved, now = state["args"], dataclasses.asdict(args)
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"--resume needs the run's own arguments, but --{k.replace('_', '-')} was {saved.get(k)!r} and is now "
+                        f"{now[k]!r}; pass the original value or start a new run")
+    if state["step"] > args.total_steps:
+        raise UserError(f"{path} is at step {state['step']} > --total-steps {args.total_steps}; pass a larger --total-steps")
+    return state
+
+
+def open_metrics(path: str, resumed: Optional[dict]):
+    """metrics.jsonl for appending: fresh, or cut back to the length it had at the resumed save (no duplicate rows)."""
+    if resumed is None:
+        return open(path, "w")
+    with open(path, "r+") as f:
+        f.truncate(resumed["metrics_bytes"])
+    return open(path, "a")
+
+
+def env_state(env: "ActionPerturbation") -> dict:
+    """What continuing the current episode exactly needs: MuJoCo's integration state, the time-limit counter, the env's,
+    the action space's and the perturbation wrapper's RNGs, and the episode's δ (plain types and tensors)."""
+    import mujoco
+    u, spec = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
+    physics = np.empty(mujoco.mj_stateSize(u.model, spec))
+    mujoco.mj_getState(u.model, u.data, physics, spec)
+    return {"mujoco": torch.from_numpy(physics), "elapsed_steps": time_limit(env)._elapsed_steps,
+            "env_rng": u.np_random.bit_generator.state, "action_space_rng": env.action_space.np_random.bit_generator.state,
+            "wrapper_rng": env.rng.bit_generator.state, "delta": torch.from_numpy(env.delta.copy())}
+
+
+def set_env_state(env: "ActionPerturbation", state: dict):
+    import mujoco
+    u = env.unwrapped
+    mujoco.mj_setState(u.model, u.data, state["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
+    time_limit(env)._elapsed_steps = state["elapsed_steps"]
+    u.np_random.bit_generator.state = state["env_rng"]
+    env.action_space.np_random.bit_generator.state = state["action_space_rng"]
+    env.rng.bit_generator.state = state["wrapper_rng"]
+    env.delta = state["delta"].numpy().copy()
+
+
+def time_limit(env: gym.Env) -> gym.wrappers.TimeLimit:
+    while not isinstance(env, gym.wrappers.TimeLimit):
+        env = env.env
+    return env
+
+
 def check_args(args: Args):
     if args.init not in ("offline", "scratch"):
         raise UserError("--init must be offline or scratch")
@@ -526,8 +605,12 @@ def main(args: Args):
     run_name = args.run_name or (f"{env_id}__{args.exp_name}__{args.init}-{args.finetune_condition}-{args.curriculum}"
                                  f"__{args.seed}__{int(time.time())}")
     run_dir = os.path.join("runs", run_name)
-    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not args.overwrite:
-        raise UserError(f"{run_dir} already holds a run; pass --overwrite or another --run-name")
+    if args.resume and args.run_name is None:
+        raise UserError("--resume needs --run-name: the folder under runs/ of the run to continue")
+    state_path = os.path.join(run_dir, "state.pt")
+    resumed = resume_point(state_path, args, "td3_adv_finetune") if args.resume else None
+    if resumed is None and os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not args.overwrite:
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite, or another --run-name")
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -571,7 +654,7 @@ def main(args: Args):
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump({**dataclasses.asdict(args), "env_id": env_id, "run_name": run_name, "perturbations": pert_path,
                    "learning_starts": learning_starts, "epsilon": eps, "perturbation_model": model}, f, indent=2)
-    metrics = open(os.path.join(run_dir, "metrics.jsonl"), "w")
+    metrics = open_metrics(os.path.join(run_dir, "metrics.jsonl"), resumed)
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, dir=run_dir,
@@ -599,9 +682,10 @@ def main(args: Args):
 
     pert_sha256 = hashlib.sha256(open(pert_path, "rb").read()).hexdigest()
     q = env.q
-    row = evaluate()  # evaluation 0: the starting policy; it seeds the EMA R̄_0 = R_0
-    ema = row["eval/normal_normalized"]
-    log({"step": 0, **row, "curriculum/q": q, "curriculum/ema": ema})
+    if resumed is None:
+        row = evaluate()  # evaluation 0: the starting policy; it seeds the EMA R̄_0 = R_0
+        ema = row["eval/normal_normalized"]
+        log({"step": 0, **row, "curriculum/q": q, "curriculum/ema": ema})
 
     def checkpoint(step: int, row: dict) -> dict:
         return {
@@ -629,12 +713,43 @@ def main(args: Args):
     def normalize(o) -> torch.Tensor:
         return (torch.as_tensor(o, dtype=torch.float32, device=device) - obs_mean) / obs_std
 
+    def state(step: int, row: dict) -> dict:
+        """The checkpoint plus what continuing needs: RNGs, the env mid-episode, the online buffer, counters."""
+        return {**checkpoint(step, row), "rng": rng_state(), "env": env_state(env), "obs_n": obs_n.cpu(),
+                "episode": [episode_return, episode_len, n_episodes, n_perturbed, episode_perturbed],
+                "online": {k: v[:online.size].cpu() for k, v in online.data.items()}, "online_ptr": online.ptr, "online_capacity": online.capacity,
+                "learning_starts": learning_starts, "metrics_bytes": metrics.tell(),
+                "losses": torch.stack([critic_loss, q1_mean, actor_loss]).cpu()}
+
+    critic_loss = q1_mean = actor_loss = torch.zeros((), device=device)
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with a non-finite loss (0: none yet)
     obs, info = env.reset(seed=args.seed)
-    obs_n, episode_perturbed = normalize(obs), bool(info["delta"].any())
+    episode_perturbed = bool(info["delta"].any())
     episode_return, episode_len, n_episodes, n_perturbed = 0.0, 0, 1, int(episode_perturbed)
+    start_step = 0
+    if resumed is not None:
+        for net, key in ((actor, "actor"), (critic, "critic"), (actor_target, "actor_target"), (critic_target, "critic_target"),
+                         (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer")):
+            net.load_state_dict(resumed[key])
+        set_adam_flags(actor_optimizer, device, args.cudagraphs); set_adam_flags(critic_optimizer, device, args.cudagraphs)
+        rows, online.ptr = resumed["online"], resumed["online_ptr"]
+        if resumed["online_capacity"] != online.capacity:  # a new --total-steps resized the buffer: oldest rows first
+            rows = {k: v.roll(-online.ptr, 0)[-online.capacity:] for k, v in rows.items()}
+            online.ptr = len(rows["obs"]) % online.capacity
+        online.size = len(rows["obs"])
+        for k, v in rows.items():
+            online.data[k][:online.size] = v.to(device)
+        critic_loss, q1_mean, actor_loss = resumed["losses"].to(device)
+        q, ema, row, start_step = resumed["q"], resumed["q_ema"], resumed["eval"], resumed["step"]
+        episode_return, episode_len, n_episodes, n_perturbed, episode_perturbed = resumed["episode"]
+        env.q = q
+        set_env_state(env, resumed["env"])
+        set_rng_state(resumed["rng"])
+        print(f"resuming {run_dir} at step {start_step}")
+    obs_n = normalize(obs) if resumed is None else resumed["obs_n"].to(device)
     start_time = time.time()
-    pbar = tqdm(range(1, args.total_steps + 1), desc=f"fine-tune ({args.init}, {args.finetune_condition}, {args.curriculum})",
-                mininterval=2)
+    pbar = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, mininterval=2,
+                desc=f"fine-tune ({args.init}, {args.finetune_condition}, {args.curriculum})")
     for step in pbar:
         # ALGO LOGIC: act. The policy chooses a; the wrapper executes ã = perturb(a, δ); the buffer keeps a.
         if scratch and step <= learning_starts:
@@ -667,19 +782,23 @@ def main(args: Args):
             critic_loss, q1_mean = update_critic(b_obs, b_act, b_rew, b_next, b_term)
             if step % args.policy_frequency == 0:
                 actor_loss = update_actor(b_obs)
+            first_bad = torch.where(torch.isfinite(critic_loss + actor_loss) | (first_bad > 0), first_bad, step)
 
         if args.curriculum == "linear":
             q = linear_q(step, args.total_steps, args.q_init, args.q_max)
         if step % args.eval_freq == 0 or step == args.total_steps:
+            if first_bad.item():
+                raise UserError(f"non-finite loss at step {first_bad.item()}: stopped; {run_dir} keeps the last good checkpoint "
+                                f"and state; check the offline data for NaN/inf or lower --learning-rate, then --resume or start over")
             row = evaluate()
             if args.curriculum == "adaptive":
                 q, ema = adaptive_q(q, ema, row["eval/normal_normalized"], args.beta, args.eta, args.q_min, args.q_max)
-            losses = {} if step <= learning_starts + args.policy_frequency else {"losses/critic_loss": critic_loss.item(), "losses/q1_mean": q1_mean.item(),
-                                                          "losses/actor_loss": actor_loss.item()}
+            losses = {"losses/critic_loss": critic_loss.item(), "losses/q1_mean": q1_mean.item(), "losses/actor_loss": actor_loss.item()}
             log({"step": step, **row, **losses, "curriculum/q": q, "curriculum/ema": ema,
-                 "charts/perturbed_fraction": n_perturbed / n_episodes, "charts/sps": step / (time.time() - start_time)})
+                 "charts/perturbed_fraction": n_perturbed / n_episodes, "charts/sps": (step - start_step) / (time.time() - start_time)})
             pbar.set_postfix(normal=f"{row['eval/normal_return']:.0f}", adv=f"{row['eval/adversarial_return']:.0f}", q=f"{q:.2f}")
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint(step, row))
+            save_checkpoint(state_path, state(step, row))
         env.q = q  # takes effect at the next episode's start
     pbar.close()
     metrics.close()

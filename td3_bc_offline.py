@@ -43,6 +43,8 @@ class Args:
     """output folder under runs/ (default: {dataset}__{exp_name}__{seed})"""
     overwrite: bool = False
     """replace an existing run folder of the same name"""
+    resume: bool = False
+    """continue the run in runs/{run_name}/ from its last checkpoint (same arguments; --total-steps may grow)"""
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
@@ -373,6 +375,54 @@ def actor_from_checkpoint(ckpt: dict, device="cpu") -> Actor:
     return actor.to(device).eval()
 
 
+# Resuming (copied verbatim into td3_adv_finetune.py; tests/test_contracts.py proves the copies agree)
+def rng_state() -> dict:
+    """Python, NumPy and torch generator states as plain types and tensors (they load with weights_only=True)."""
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+RESUME_MAY_CHANGE = ("resume", "overwrite", "total_steps", "track", "wandb_project_name", "wandb_entity")
+
+
+def resume_point(path: str, args, stage: str) -> dict:
+    """The saved state to continue from; refuses a different stage or different arguments (bar RESUME_MAY_CHANGE)."""
+    if not os.path.isfile(path):
+        raise UserError(f"nothing to resume: {path} does not exist; start the run without --resume")
+    state = load_checkpoint(path)
+    if state.get("stage") != stage or "rng" not in state:
+        raise UserError(f"{path} is not a resumable {stage} state; start the run without --resume")
+    saved, now = state["args"], dataclasses.asdict(args)
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"--resume needs the run's own arguments, but --{k.replace('_', '-')} was {saved.get(k)!r} and is now "
+                        f"{now[k]!r}; pass the original value or start a new run")
+    if state["step"] > args.total_steps:
+        raise UserError(f"{path} is at step {state['step']} > --total-steps {args.total_steps}; pass a larger --total-steps")
+    return state
+
+
+def open_metrics(path: str, resumed: Optional[dict]):
+    """metrics.jsonl for appending: fresh, or cut back to the length it had at the resumed save (no duplicate rows)."""
+    if resumed is None:
+        return open(path, "w")
+    with open(path, "r+") as f:
+        f.truncate(resumed["metrics_bytes"])
+    return open(path, "a")
+
+
 def main(args: Args):
     if args.total_steps < 1 or args.batch_size < 1 or args.eval_freq < 1 or args.eval_episodes < 1:
         raise UserError("--total-steps, --batch-size, --eval-freq and --eval-episodes must be >= 1")
@@ -391,12 +441,14 @@ def main(args: Args):
 
     run_name = args.run_name or f"{args.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}"
     run_dir = os.path.join("runs", run_name)
-    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not args.overwrite:
-        raise UserError(f"{run_dir} already holds a run; pass --overwrite or another --run-name")
+    ckpt_path, metrics_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "metrics.jsonl")
+    resumed = resume_point(ckpt_path, args, "td3_bc_offline") if args.resume else None
+    if resumed is None and os.path.exists(ckpt_path) and not args.overwrite:
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite, or another --run-name")
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump({**dataclasses.asdict(args), "env_id": env_id, "run_name": run_name}, f, indent=2)
-    metrics = open(os.path.join(run_dir, "metrics.jsonl"), "w")
+    metrics = open_metrics(metrics_path, resumed)
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, dir=run_dir,
@@ -446,6 +498,8 @@ def main(args: Args):
             "actor_target": actor_target.state_dict(), "critic_target": critic_target.state_dict(),
             "actor_optimizer": actor_optimizer.state_dict(), "critic_optimizer": critic_optimizer.state_dict(),
             "args": dataclasses.asdict(args),
+            # to resume: random generators, the open loss window, the metrics log's length
+            "rng": rng_state(), "q_loss_sum": q_loss_sum.cpu(), "metrics_bytes": metrics.tell(),
         }
 
     def log(row: dict):
@@ -455,18 +509,34 @@ def main(args: Args):
             wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
 
     print(f"{args.dataset_id}: {N} transitions, env {env_id}, obs {obs_dim}, act {act_dim}, device {device}; run dir {run_dir}")
-    start_time, t_last, s_last = time.time(), time.time(), 0
     q_loss_sum = torch.zeros((), device=device)
     actor_loss = lmbda = bc = torch.zeros((), device=device)
-    pbar = tqdm(range(1, args.total_steps + 1), desc="TD3+BC", mininterval=2)
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # first update with a non-finite loss (0: none yet)
+    start_step = 0
+    if resumed is not None:
+        for net, key in ((actor, "actor"), (critic, "critic"), (actor_target, "actor_target"), (critic_target, "critic_target"),
+                         (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer")):
+            net.load_state_dict(resumed[key])
+        set_adam_flags(actor_optimizer, device, args.cudagraphs); set_adam_flags(critic_optimizer, device, args.cudagraphs)
+        q_loss_sum += resumed["q_loss_sum"].to(device)
+        set_rng_state(resumed["rng"])
+        start_step = resumed["step"]
+        print(f"resuming {run_dir} at update {start_step}")
+    start_time, t_last, s_last = time.time(), time.time(), start_step
+    pbar = tqdm(range(start_step + 1, args.total_steps + 1), desc="TD3+BC", mininterval=2, initial=start_step, total=args.total_steps)
     for step in pbar:
         # ALGO LOGIC: training (TD3's delayed actor: one actor and target update per policy_frequency critic updates)
         obs, actions, critic_loss, q1_mean = update_critic()
         q_loss_sum += critic_loss
         if step % args.policy_frequency == 0:
             actor_loss, lmbda, bc = update_actor(obs, actions)
+        first_bad = torch.where(torch.isfinite(critic_loss + actor_loss) | (first_bad > 0), first_bad, step)
 
-        if step % args.log_freq == 0:  # the only host syncs outside evaluation
+        if step % args.log_freq == 0 or step % args.eval_freq == 0 or step == args.total_steps:
+            if first_bad.item():  # the only host syncs outside evaluation
+                raise UserError(f"non-finite loss at update {first_bad.item()}: stopped; {ckpt_path} keeps the last good "
+                                f"state; check the dataset for NaN/inf or lower --learning-rate, then --resume or start over")
+        if step % args.log_freq == 0:
             sps = (step - s_last) / (time.time() - t_last)
             t_last, s_last = time.time(), step
             log({"step": step, "losses/critic_loss": q_loss_sum.item() / args.log_freq, "losses/actor_loss": actor_loss.item(),
@@ -479,12 +549,13 @@ def main(args: Args):
             log({"step": step, "eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
                  "eval/normalized_score": score, "charts/elapsed_sec": time.time() - start_time})
             pbar.set_postfix(ret=f"{returns.mean():.1f}", score="n/a" if score is None else f"{score:.1f}")
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint(step, float(returns.mean()), score))
+            save_checkpoint(ckpt_path, checkpoint(step, float(returns.mean()), score))
     pbar.close()
     metrics.close()
     env.close()
     elapsed = time.time() - start_time
-    print(f"done: {args.total_steps} updates in {elapsed:.1f}s ({args.total_steps / elapsed:.0f} updates/s incl. evaluation); "
+    print(f"done: {args.total_steps - start_step} updates in {elapsed:.1f}s ({(args.total_steps - start_step) / elapsed:.0f} "
+          f"updates/s incl. evaluation); "
           f"final return {returns.mean():.1f}" + ("" if score is None else f", normalized score {score:.1f}")
           + f"; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}")
     if args.track:

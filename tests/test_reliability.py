@@ -1,0 +1,197 @@
+"""Resume after interruption (kill -9 included), determinism, safe loading and bad input, stage by stage."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, assert_one_line_error, run_script
+
+import td3_bc_offline as tb
+
+TIMING = {"charts/updates_per_sec", "charts/elapsed_sec", "charts/sps"}  # wall-clock figures: never reproducible
+
+
+def metric_rows(run_dir: Path) -> list:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in open(run_dir / "metrics.jsonl")]
+
+
+def assert_same_tree(a, b, path="", skip=("args", "metrics_bytes", "initial_checkpoint", "perturbations_path")):
+    """Equal nested dicts of tensors and plain values (bit-identical tensors)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            if k not in skip:
+                assert_same_tree(a[k], b[k], f"{path}/{k}", skip)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{path}[{i}]", skip)
+    else:
+        assert a == b, (path, a, b)
+
+
+def td3_bc_args(dataset_id, run_name, total=60, *extra):
+    return ["--dataset-id", dataset_id, "--total-steps", str(total), "--eval-freq", "20", "--log-freq", "10",
+            "--eval-episodes", "1", "--no-cuda", "--run-name", run_name, *extra]
+
+
+def test_td3_bc_is_deterministic_and_resumes_identically_after_kill_9(hopper_datasets, tmp_path):
+    ds = hopper_datasets["medium"]
+    for name in ("a", "b"):  # two uninterrupted runs: identical logs and checkpoints
+        assert run_script("td3_bc_offline.py", *td3_bc_args(ds, name), cwd=tmp_path).returncode == 0
+    assert metric_rows(tmp_path / "runs/a") == metric_rows(tmp_path / "runs/b")
+    load = lambda n: torch.load(tmp_path / "runs" / n / "checkpoint.pt", weights_only=True)  # noqa: E731
+    assert_same_tree(load("a"), load("b"))
+
+    # a run killed with SIGKILL after its first save, then resumed: the same files as the uninterrupted run
+    cmd = [sys.executable, str(ROOT / "td3_bc_offline.py"), *td3_bc_args(ds, "c", 1500)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "runs/c/checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved_step = torch.load(ckpt, weights_only=True)["step"]
+    assert 20 <= saved_step < 1500
+    resumed = run_script("td3_bc_offline.py", *td3_bc_args(ds, "c", 1500, "--resume"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+    full = run_script("td3_bc_offline.py", *td3_bc_args(ds, "d", 1500), cwd=tmp_path)
+    assert full.returncode == 0
+    assert metric_rows(tmp_path / "runs/c") == metric_rows(tmp_path / "runs/d")  # appended, no duplicate or lost rows
+    assert_same_tree(load("c"), load("d"))
+
+
+def test_td3_bc_resume_refuses_changed_arguments_and_missing_state(hopper_datasets, tmp_path):
+    ds = hopper_datasets["medium"]
+    assert_one_line_error(run_script("td3_bc_offline.py", *td3_bc_args(ds, "x", 20, "--resume"), cwd=tmp_path),
+                          "nothing to resume", "without --resume")
+    assert run_script("td3_bc_offline.py", *td3_bc_args(ds, "x", 20), cwd=tmp_path).returncode == 0
+    assert_one_line_error(run_script("td3_bc_offline.py", *td3_bc_args(ds, "x", 40, "--resume", "--batch-size", "64"),
+                                     cwd=tmp_path), "--batch-size", "original value")
+    assert_one_line_error(run_script("td3_bc_offline.py", *td3_bc_args(ds, "x", 40), cwd=tmp_path), "--resume")
+
+
+def ft_args(ckpt, pert, run_name, total, *extra):
+    return ["--checkpoint", ckpt, "--perturbations", pert, "--total-steps", str(total), "--eval-freq", "150",
+            "--eval-episodes", "1", "--batch-size", "32", "--no-cuda", "--run-name", run_name, "--curriculum", "adaptive",
+            "--r-off", "0.25", *extra]
+
+
+def test_finetune_resumes_mid_episode_identically(hopper_checkpoint, hopper_perturbations, tmp_path):
+    """Interrupted at a save in the middle of an episode, resumed with its buffer, RNGs and MuJoCo state: bit-identical."""
+    full = run_script("td3_adv_finetune.py", *ft_args(hopper_checkpoint, hopper_perturbations, "full", 450), cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+    part = run_script("td3_adv_finetune.py", *ft_args(hopper_checkpoint, hopper_perturbations, "part", 300), cwd=tmp_path)
+    assert part.returncode == 0, part.stderr[-2000:]
+    state = torch.load(tmp_path / "runs/part/state.pt", weights_only=True)
+    assert state["episode"][1] > 0 and len(state["online"]["obs"]) == 300  # mid-episode, buffer saved
+    more = run_script("td3_adv_finetune.py", *ft_args(hopper_checkpoint, hopper_perturbations, "part", 450, "--resume"), cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert metric_rows(tmp_path / "runs/part") == metric_rows(tmp_path / "runs/full")
+    load = lambda n, f: torch.load(tmp_path / "runs" / n / f, weights_only=True)  # noqa: E731
+    assert_same_tree(load("part", "checkpoint.pt"), load("full", "checkpoint.pt"))
+    assert_same_tree(load("part", "state.pt"), load("full", "state.pt"))
+
+
+def test_finetune_resume_needs_the_run_name(hopper_checkpoint, hopper_perturbations, tmp_path):
+    proc = run_script("td3_adv_finetune.py", "--checkpoint", hopper_checkpoint, "--perturbations", hopper_perturbations,
+                      "--resume", cwd=tmp_path)
+    assert_one_line_error(proc, "--run-name")
+
+
+class Payload:
+    """Unpickling this runs os.system: a checkpoint carrying code."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {Payload.marker}",))
+
+
+@pytest.mark.parametrize("script", ["td3_adv_finetune.py", "de_perturbations.py", "evaluate_matrix.py"])
+def test_a_checkpoint_carrying_code_is_refused_and_nothing_runs(tmp_path, script):
+    Payload.marker = str(tmp_path / "pwned")
+    with open(tmp_path / "evil.pt", "wb") as f:
+        torch.save({"format": tb.CHECKPOINT_FORMAT, "x": Payload()}, f)
+    args = {"td3_adv_finetune.py": ["--checkpoint", "evil.pt"], "de_perturbations.py": ["--checkpoint", "evil.pt"],
+            "evaluate_matrix.py": ["--checkpoints", "evil.pt"]}[script]
+    proc = run_script(script, *args, cwd=tmp_path)
+    assert_one_line_error(proc, "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_an_npz_carrying_a_pickle_is_refused(hopper_checkpoint, tmp_path):
+    np.savez(tmp_path / "evil.npz", format=np.array("o2o-adv-perturbations"), perturbations=np.array([Payload()], dtype=object))
+    Payload.marker = str(tmp_path / "pwned")
+    proc = run_script("td3_adv_finetune.py", "--checkpoint", hopper_checkpoint, "--perturbations", "evil.npz", cwd=tmp_path)
+    assert_one_line_error(proc, "evil.npz", "de_perturbations.py")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--q", "1.5", "--q"), ("--r-off", "-0.1", "--r-off"), ("--beta", "0", "--beta"), ("--beta", "1.2", "--beta"),
+    ("--eta", "-1", "--eta"), ("--total-steps", "-5", "--total-steps"), ("--q-max", "2", "--q-max")])
+def test_finetune_rejects_out_of_range_values(tmp_path, flag, value, needle):
+    proc = run_script("td3_adv_finetune.py", flag, value, cwd=tmp_path)
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_checkpoints_and_perturbation_files(hopper_checkpoint, hopper_perturbations, tmp_path):
+    data = Path(hopper_checkpoint).read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    proc = run_script("td3_adv_finetune.py", "--checkpoint", "trunc.pt", "--perturbations", hopper_perturbations, cwd=tmp_path)
+    assert_one_line_error(proc, "trunc.pt", "re-create")
+    npz = Path(hopper_perturbations).read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(npz[: len(npz) // 2])
+    proc = run_script("td3_adv_finetune.py", "--checkpoint", hopper_checkpoint, "--perturbations", "trunc.npz", cwd=tmp_path)
+    assert_one_line_error(proc, "trunc.npz", "de_perturbations.py")
+    with np.load(hopper_perturbations, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["perturbations"] = np.zeros((2, 5))  # Hopper has 3 action dimensions
+    np.savez(tmp_path / "wrongdim.npz", **arrays)
+    proc = run_script("td3_adv_finetune.py", "--checkpoint", hopper_checkpoint, "--perturbations", "wrongdim.npz", cwd=tmp_path)
+    assert_one_line_error(proc, "action dimension", "de_perturbations.py")
+    # a checkpoint from another env: the perturbations (made for Hopper) no longer fit it
+    ckpt = torch.load(hopper_checkpoint, weights_only=True)
+    ckpt["env_id"] = "Walker2d-v5"
+    tb.save_checkpoint(str(tmp_path / "walker.pt"), ckpt)
+    proc = run_script("td3_adv_finetune.py", "--checkpoint", "walker.pt", "--perturbations", hopper_perturbations, cwd=tmp_path)
+    assert_one_line_error(proc, "Walker2d-v5", "de_perturbations.py")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_de_rejects_nonpositive_epsilon(hopper_checkpoint, tmp_path):
+    for eps in ("0", "-0.1"):
+        assert_one_line_error(run_script("de_perturbations.py", "--checkpoint", hopper_checkpoint, "--epsilon", eps, "--output",
+                                         str(tmp_path / "p.npz"), cwd=tmp_path), "--epsilon")
+    assert not (tmp_path / "p.npz").exists()
+
+
+def test_a_nan_loss_stops_td3_bc_and_keeps_the_last_good_checkpoint(hopper_datasets, tmp_path, monkeypatch):
+    """A good run to update 40, then resumed on data whose rewards turned NaN: it stops, names update 41, and the
+    checkpoint of update 40 is still there, unchanged."""
+    real = tb.dataset_to_transitions
+
+    def poisoned(dataset):
+        data = real(dataset)
+        data["rewards"][:] = np.nan
+        return data
+    monkeypatch.chdir(tmp_path)
+    args = dict(dataset_id=hopper_datasets["medium"], eval_freq=20, log_freq=10, eval_episodes=1, cuda=False, run_name="nan")
+    tb.main(tb.Args(total_steps=40, **args))
+    before = Path("runs/nan/checkpoint.pt").read_bytes()
+    monkeypatch.setattr(tb, "dataset_to_transitions", poisoned)
+    with pytest.raises(tb.UserError, match=r"non-finite loss at update 41\b.*keeps the last good"):
+        tb.main(tb.Args(total_steps=60, resume=True, **args))
+    assert Path("runs/nan/checkpoint.pt").read_bytes() == before
