@@ -78,6 +78,8 @@ class Args:
     """sets `torch.backends.cudnn.deterministic`"""
     cuda: bool = True
     """use CUDA for the behaviour policy's training when available"""
+    resume: bool = False
+    """continue an interrupted behaviour-policy training from runs/collect_dataset__{namespace}-{env}-v{version}/state.pt"""
     save_policies: Optional[str] = None
     """directory to save the medium/expert behaviour policies (actor state dicts) into"""
     # TD3 behaviour-policy training (Fujimoto et al., 2018)
@@ -194,9 +196,11 @@ def evaluate(actor: Actor, env_id: str, episodes: int, seed: int, device, max_ep
     return np.asarray(returns)
 
 
-def train_behaviour_policy(args: Args, medium_target: float, expert_target: Optional[float], device):
+def train_behaviour_policy(args: Args, medium_target: float, expert_target: Optional[float], device,
+                           state_path: Optional[str] = None, resumed: Optional[dict] = None):
     """Online TD3 (CleanRL's td3_continuous_action, compacted). Returns the medium and expert actors,
-    the number of steps at which medium was reached, the replay contents, and a training log."""
+    the number of steps at which medium was reached, the replay contents, and a training log.
+    After every evaluation the whole training state goes to `state_path`; `resumed` (such a state) continues it."""
     env = make_env(args.env_id, args.max_episode_steps)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
@@ -218,7 +222,46 @@ def train_behaviour_policy(args: Args, medium_target: float, expert_target: Opti
     medium_actor = expert_actor = None
     medium_step, best_return, best_actor, log = None, -np.inf, None, []
     obs, _ = env.reset(seed=args.seed)
-    pbar = tqdm(range(n), desc=f"TD3 behaviour policy on {args.env_id}", mininterval=2)
+    nets = {"actor": actor, "qf1": qf1, "qf2": qf2, "actor_target": actor_target, "qf1_target": qf1_target,
+            "qf2_target": qf2_target, "q_optimizer": q_optimizer, "actor_optimizer": actor_optimizer}
+    buffers = {"obs": b_obs, "actions": b_act, "rewards": b_rew, "next_obs": b_next, "terminations": b_term, "truncations": b_trunc}
+
+    def copy_of_actor(state_dict):
+        if state_dict is None:
+            return None
+        a = copy.deepcopy(actor)
+        a.load_state_dict(state_dict)
+        return a
+
+    def save_state(steps_done: int):
+        state = {k: m.state_dict() for k, m in nets.items()}
+        state.update(steps_done=steps_done, rng=rng_state(), env=env_state(env), obs=torch.from_numpy(np.array(obs)),
+                     buffers={k: torch.from_numpy(b[:steps_done].copy()) for k, b in buffers.items()},
+                     actors={k: None if a is None else a.state_dict() for k, a in
+                             (("medium", medium_actor), ("expert", expert_actor), ("best", best_actor))},
+                     medium_step=medium_step, best_return=best_return, log=log,
+                     args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()})
+        os.makedirs(os.path.dirname(state_path), exist_ok=True)
+        with open(state_path + ".tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(state_path + ".tmp", state_path)
+
+    start = step = 0
+    if resumed is not None:
+        for k, m in nets.items():
+            m.load_state_dict(resumed[k])
+        start = resumed["steps_done"]
+        for k, b in buffers.items():
+            b[:start] = resumed["buffers"][k].numpy()
+        medium_actor, expert_actor, best_actor = (copy_of_actor(resumed["actors"][k]) for k in ("medium", "expert", "best"))
+        medium_step, best_return, log, obs = resumed["medium_step"], resumed["best_return"], resumed["log"], resumed["obs"].numpy()
+        set_env_state(env, resumed["env"])
+        set_rng_state(resumed["rng"])
+        tqdm.write(f"resuming the behaviour policy's training at step {start}")
+        step = start - 1
+    pbar = tqdm(range(start, n), initial=start, total=n, desc=f"TD3 behaviour policy on {args.env_id}", mininterval=2)
     for step in pbar:
         if step < args.learning_starts:
             action = env.action_space.sample()
@@ -267,6 +310,8 @@ def train_behaviour_policy(args: Args, medium_target: float, expert_target: Opti
                 tqdm.write(f"expert reached at step {step + 1}: eval return {ret:.1f} >= {expert_target:.1f}")
             if medium_actor is not None and (not need_expert or expert_actor is not None):
                 break
+            if state_path is not None:
+                save_state(step + 1)
     steps_done = step + 1
     pbar.close()
     if best_actor is None:  # no evaluation ran (budget below learning_starts + eval_freq)
@@ -281,6 +326,75 @@ def train_behaviour_policy(args: Args, medium_target: float, expert_target: Opti
         expert_actor = best_actor
     replay = (b_obs, b_act, b_rew, b_next, b_term, b_trunc)
     return medium_actor, expert_actor, medium_step, replay, log
+
+
+# Resuming
+def rng_state() -> dict:
+    """Python, NumPy and torch generator states as plain types and tensors (they load with weights_only=True)."""
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Env state (copied verbatim into collect_dataset.py; tests/test_contracts.py proves the copies agree)
+def env_state(env: gym.Env) -> dict:
+    """What continuing the current episode exactly needs: MuJoCo's integration state, the time-limit counter, the env's
+    and the action space's RNGs, and a perturbation wrapper's RNG and δ (plain types and tensors)."""
+    import mujoco
+    u, spec = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
+    physics = np.empty(mujoco.mj_stateSize(u.model, spec))
+    mujoco.mj_getState(u.model, u.data, physics, spec)
+    state = {"mujoco": torch.from_numpy(physics), "elapsed_steps": time_limit(env)._elapsed_steps,
+             "env_rng": u.np_random.bit_generator.state, "action_space_rng": env.action_space.np_random.bit_generator.state}
+    if hasattr(env, "delta"):  # ActionPerturbation
+        state.update(wrapper_rng=env.rng.bit_generator.state, delta=torch.from_numpy(env.delta.copy()))
+    return state
+
+
+def set_env_state(env: gym.Env, state: dict):
+    import mujoco
+    u = env.unwrapped
+    mujoco.mj_setState(u.model, u.data, state["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
+    time_limit(env)._elapsed_steps = state["elapsed_steps"]
+    u.np_random.bit_generator.state = state["env_rng"]
+    env.action_space.np_random.bit_generator.state = state["action_space_rng"]
+    if "delta" in state:
+        env.rng.bit_generator.state = state["wrapper_rng"]
+        env.delta = state["delta"].numpy().copy()
+
+
+def time_limit(env: gym.Env) -> gym.wrappers.TimeLimit:
+    while not isinstance(env, gym.wrappers.TimeLimit):
+        env = env.env
+    return env
+
+
+def training_state_path(args: Args) -> str:
+    return os.path.join("runs", f"collect_dataset__{args.namespace}-{args.env_id.split('-')[0].lower()}-v{args.version}", "state.pt")
+
+
+def load_training_state(path: str, args: Args) -> dict:
+    """The interrupted behaviour-policy training to continue (weights_only load), refused if the arguments differ."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); delete it and run without --resume")
+    now = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "cuda", "save_policies")}
+    changed = [k for k in now if state["args"].get(k) != (list(now[k]) if isinstance(now[k], tuple) else now[k])]
+    if changed:
+        raise UserError(f"--resume needs the run's own arguments, but --{changed[0].replace('_', '-')} was "
+                        f"{state['args'].get(changed[0])!r} and is now {now[changed[0]]!r}; pass the original value")
+    return state
 
 
 def random_returns(env: gym.Env, episodes: int, seed: int) -> list:
@@ -409,8 +523,16 @@ def main(args: Args):
         episodes["random"], meta["random"] = eps, {"behaviour": "uniform random", "episode_return_mean": float(np.mean(rets)) if rets else None}
     trained = [lv for lv in args.levels if lv != "random"]
     ref_max = args.ref_max_score if args.ref_max_score is not None else EXPERT_RETURN.get(name)
+    state_path = training_state_path(args)
     if trained:
-        medium_actor, expert_actor, medium_step, replay, log = train_behaviour_policy(args, medium_target, expert_target, device)
+        if args.resume and not os.path.isfile(state_path):
+            raise UserError(f"nothing to resume: {state_path} does not exist; run without --resume")
+        if not args.resume and os.path.isfile(state_path):
+            raise UserError(f"{state_path} holds an interrupted behaviour-policy training; pass --resume to continue it, "
+                            f"or delete it")
+        resumed = load_training_state(state_path, args) if args.resume else None
+        medium_actor, expert_actor, medium_step, replay, log = train_behaviour_policy(args, medium_target, expert_target, device,
+                                                                                      state_path, resumed)
         rng = np.random.default_rng(args.seed + 2)
         for lv, actor in (("medium", medium_actor), ("expert", expert_actor)):
             if lv not in args.levels:
@@ -437,6 +559,10 @@ def main(args: Args):
                                     extra, args.overwrite, args.max_episode_steps)
         steps = sum(len(e.rewards) for e in episodes[lv])
         print(f"wrote {ds_id}: {len(episodes[lv])} episodes, {steps} steps -> {path}")
+    if os.path.isfile(state_path):  # every dataset is written: the training state has served its purpose
+        os.remove(state_path)
+        if not os.listdir(os.path.dirname(state_path)):
+            os.rmdir(os.path.dirname(state_path))
     print(f"ref_min_score={ref_min:.2f} ref_max_score={ref_max:.2f}; total time {time.time() - t0:.1f}s")
 
 

@@ -11,6 +11,7 @@ whose seeds are fixed for the run (common random numbers), evaluated for the who
 Output schema: README.md ("Perturbations file").
 """
 import hashlib
+import json
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import tyro
-from scipy.optimize import differential_evolution
+from scipy.optimize._differentialevolution import DifferentialEvolutionSolver  # differential_evolution's engine
 from tqdm import tqdm
 
 PERTURBATION_FORMAT = "o2o-adv-perturbations"
@@ -76,6 +77,8 @@ class Args:
     """processes stepping the environments (0: one per CPU core)"""
     seed: int = 1
     """seed for the random draws"""
+    resume: bool = False
+    """continue an interrupted run from {output}.state.npz (written after every DE generation)"""
     track: bool = False
     """log to Weights & Biases (honours WANDB_MODE=offline)"""
     wandb_project_name: str = "robust-o2o"
@@ -251,9 +254,26 @@ class PopulationEvaluator:
             self.pool.shutdown()
 
 
-def run_de(evaluate, act_dim: int, epsilon: float, seeds: np.ndarray, de_seed: int, args: Args, pbar=None):
-    """One DE run minimising the mean return over `seeds`. Returns (best δ, best objective, best per generation)."""
-    history = []
+def rng_to_json(rng) -> str:
+    if isinstance(rng, np.random.RandomState):  # scipy turns an integer seed into a legacy RandomState
+        name, keys, pos, has_gauss, cached = rng.get_state()
+        return json.dumps([name, keys.tolist(), pos, has_gauss, cached])
+    return json.dumps(rng.bit_generator.state)
+
+
+def rng_from_json(rng, text: str):
+    state = json.loads(text)
+    if isinstance(rng, np.random.RandomState):
+        rng.set_state((state[0], np.asarray(state[1], dtype=np.uint32), *state[2:]))
+    else:
+        rng.bit_generator.state = state
+
+
+def run_de(evaluate, act_dim: int, epsilon: float, seeds: np.ndarray, de_seed: int, args: Args, pbar=None,
+           saved: Optional[dict] = None, save=None):
+    """One DE run minimising the mean return over `seeds`. Returns (best δ, best objective, best per generation).
+    After every generation save(solver state) is called; `saved` (such a state) continues a run where it stopped."""
+    history = [] if saved is None else list(saved["history"])
 
     def objective(x):  # x: [Na, S] (scipy's vectorized layout) -> mean returns [S]
         return evaluate(np.ascontiguousarray(x.T), seeds)
@@ -263,11 +283,24 @@ def run_de(evaluate, act_dim: int, epsilon: float, seeds: np.ndarray, de_seed: i
         if pbar is not None:
             pbar.update(1)
             pbar.set_postfix(best_return=f"{intermediate_result.fun:.1f}")
+        if save is not None:
+            save({"history": np.asarray(history), "population": solver.population, "energies": solver.population_energies,
+                  "nfev": solver._nfev, "rng": rng_to_json(solver.random_number_generator),
+                  "sample_order": solver._random_population_index})  # scipy shuffles this in place, generation after generation
 
-    result = differential_evolution(objective, [(-epsilon, epsilon)] * act_dim, strategy=args.strategy,
-                                    maxiter=args.maxiter, popsize=args.popsize, tol=args.tol, mutation=args.mutation,
-                                    recombination=args.recombination, rng=de_seed, polish=args.polish,
-                                    vectorized=True, updating="deferred", callback=callback)
+    # scipy's own solver object (what differential_evolution runs), so that its state can be saved and restored
+    with DifferentialEvolutionSolver(objective, [(-epsilon, epsilon)] * act_dim, strategy=args.strategy,
+                                     maxiter=args.maxiter, popsize=args.popsize, tol=args.tol,
+                                     mutation=args.mutation, recombination=args.recombination, rng=de_seed,
+                                     polish=args.polish, vectorized=True, updating="deferred", callback=callback) as solver:
+        if saved is not None:
+            solver.population, solver.population_energies = saved["population"].copy(), saved["energies"].copy()
+            solver._nfev, solver._random_population_index = int(saved["nfev"]), saved["sample_order"].copy()
+            rng_from_json(solver.random_number_generator, str(saved["rng"]))
+            # the generations left (maxfun, set from maxiter at construction, stays the uninterrupted run's); none if it
+            # had converged right after this save: only the ending (and the polish) is left
+            solver.maxiter = 0 if solver.converged() else args.maxiter - len(history)
+        result = solver.solve()
     return np.asarray(result.x), float(result.fun), history
 
 
@@ -328,6 +361,31 @@ def plot_convergence(path: str, history: np.ndarray, nominal: float, random_mean
     os.replace(tmp, path)
 
 
+def padded(histories: list) -> np.ndarray:
+    """Per-run best-return histories of unequal length as one NaN-padded [K, max length] array."""
+    out = np.full((len(histories), max([len(h) for h in histories], default=0)), np.nan)
+    for k, h in enumerate(histories):
+        out[k, :len(h)] = h
+    return out
+
+
+def load_state(path: str, args: Args) -> dict:
+    """An interrupted run's state (allow_pickle=False), refused if it was made with other arguments."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            state = {k: f[k] for k in f.files}
+        saved = json.loads(str(state["args"]))
+    except Exception as e:
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); delete it and run without --resume")
+    now = asdict(args)
+    changed = [k for k in now if k not in ("resume", "track", "num_workers") and saved.get(k) != json.loads(json.dumps(now[k]))]
+    if changed:
+        raise UserError(f"--resume needs the run's own arguments, but --{changed[0].replace('_', '-')} was "
+                        f"{saved.get(changed[0])!r} and is now {now[changed[0]]!r}; pass the original value")
+    state["histories"] = [h[~np.isnan(h)].tolist() for h in state["histories"]]
+    return state
+
+
 def default_checkpoint() -> str:
     """The first of DEFAULT_CHECKPOINTS that exists: the full-scale run's, then run_pipeline.sh's."""
     found = [p for p in DEFAULT_CHECKPOINTS if os.path.isfile(p)]
@@ -357,6 +415,12 @@ def main(args: Args):
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
                    name=f"{env_id}__de_perturbations__{args.seed}")
+    state_path = output + ".state.npz"  # written after every DE generation; removed when the run is complete
+    if args.resume and not os.path.isfile(state_path):
+        raise UserError(f"nothing to resume: {state_path} does not exist; run without --resume")
+    if not args.resume and os.path.isfile(state_path):
+        raise UserError(f"{state_path} holds an interrupted run; pass --resume to continue it, or delete the file")
+    saved = load_state(state_path, args) if args.resume else None
     workers = args.num_workers or os.cpu_count() or 1
     evaluator = PopulationEvaluator(ckpt, args.perturbation_model, max_steps, workers)
     rng = np.random.default_rng(args.seed)
@@ -365,28 +429,38 @@ def main(args: Args):
     t0 = time.time()
     try:
         random_deltas = rng.uniform(-eps, eps, size=(args.random_draws, act_dim))
-        baseline = evaluator.returns(np.vstack([np.zeros((1, act_dim)), random_deltas]), eval_seeds)
+        if saved is None:
+            baseline = evaluator.returns(np.vstack([np.zeros((1, act_dim)), random_deltas]), eval_seeds)
+        else:
+            baseline, evaluator.env_steps, t0 = saved["baseline"], int(saved["env_steps"]), t0 - float(saved["wall_time_sec"])
         nominal, random_returns = float(baseline[0]), baseline[1:]
         print(f"{env_id}: nominal return {nominal:.1f}; random δ (ε={eps}, {args.perturbation_model}): "
               f"{random_returns.mean():.1f} ± {random_returns.std():.1f} over {args.random_draws} draws")
-        deltas, objective, histories = [], [], []
-        pbar = tqdm(total=args.num_perturbations * args.maxiter, desc="DE generations", mininterval=1)
-        for k in range(args.num_perturbations):
+        done = [] if saved is None else [(saved["deltas"][k], float(saved["objective"][k]), list(saved["histories"][k]))
+                                         for k in range(int(saved["k"]))]
+        pbar = tqdm(total=args.num_perturbations * args.maxiter, desc="DE generations", mininterval=1,
+                    initial=sum(args.maxiter for _ in done) + (0 if saved is None else len(saved["history"])))
+        for k in range(len(done), args.num_perturbations):
             seeds = args.de_seed + 1000 * k + np.arange(args.de_episodes)
-            delta, fun, hist = run_de(evaluator.returns, act_dim, eps, seeds, args.de_seed + k, args, pbar)
+
+            def save(solver_state: dict, k=k):
+                save_npz(state_path, {"args": json.dumps(asdict(args)), "k": k, "baseline": baseline,
+                                      "deltas": np.asarray([d[0] for d in done]).reshape(-1, act_dim),
+                                      "objective": np.asarray([d[1] for d in done]), "histories": padded([d[2] for d in done]),
+                                      "env_steps": evaluator.env_steps, "wall_time_sec": time.time() - t0, **solver_state})
+            delta, fun, hist = run_de(evaluator.returns, act_dim, eps, seeds, args.de_seed + k, args, pbar,
+                                      saved if saved is not None and k == int(saved["k"]) else None, save)
             pbar.update(args.maxiter - len(hist))  # a run that converged early
-            deltas.append(delta); objective.append(fun); histories.append(hist)
+            done.append((delta, fun, hist))
             if args.track:
                 wandb.log({f"de/run{k}_best_return": fun})
         pbar.close()
-        deltas = np.stack(deltas)
+        deltas, objective, histories = np.stack([d[0] for d in done]), [d[1] for d in done], [d[2] for d in done]
         adversarial_returns = evaluator.returns(deltas, eval_seeds)
         env_steps, wall = evaluator.env_steps, time.time() - t0
     finally:
         evaluator.close()
-    history = np.full((len(histories), max(len(h) for h in histories)), np.nan)
-    for k, h in enumerate(histories):
-        history[k, :len(h)] = h
+    history = padded(histories)
     save_npz(output, {
         "format": PERTURBATION_FORMAT, "format_version": PERTURBATION_VERSION,
         "perturbations": deltas, "perturbation_returns": adversarial_returns, "de_objective": np.asarray(objective),
@@ -400,6 +474,8 @@ def main(args: Args):
         "strategy": args.strategy, "tol": args.tol, "polish": args.polish, "history": history,
         "env_steps": env_steps, "wall_time_sec": wall, "num_workers": workers,
     })
+    if os.path.exists(state_path):
+        os.remove(state_path)
     png = output[:-4] + ".png"
     plot_convergence(png, history, nominal, float(random_returns.mean()), adversarial_returns,
                      f"DE against {os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}\n"

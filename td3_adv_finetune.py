@@ -536,27 +536,31 @@ def open_metrics(path: str, resumed: Optional[dict]):
     return open(path, "a")
 
 
-def env_state(env: "ActionPerturbation") -> dict:
-    """What continuing the current episode exactly needs: MuJoCo's integration state, the time-limit counter, the env's,
-    the action space's and the perturbation wrapper's RNGs, and the episode's δ (plain types and tensors)."""
+# Env state (copied verbatim into collect_dataset.py; tests/test_contracts.py proves the copies agree)
+def env_state(env: gym.Env) -> dict:
+    """What continuing the current episode exactly needs: MuJoCo's integration state, the time-limit counter, the env's
+    and the action space's RNGs, and a perturbation wrapper's RNG and δ (plain types and tensors)."""
     import mujoco
     u, spec = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
     physics = np.empty(mujoco.mj_stateSize(u.model, spec))
     mujoco.mj_getState(u.model, u.data, physics, spec)
-    return {"mujoco": torch.from_numpy(physics), "elapsed_steps": time_limit(env)._elapsed_steps,
-            "env_rng": u.np_random.bit_generator.state, "action_space_rng": env.action_space.np_random.bit_generator.state,
-            "wrapper_rng": env.rng.bit_generator.state, "delta": torch.from_numpy(env.delta.copy())}
+    state = {"mujoco": torch.from_numpy(physics), "elapsed_steps": time_limit(env)._elapsed_steps,
+             "env_rng": u.np_random.bit_generator.state, "action_space_rng": env.action_space.np_random.bit_generator.state}
+    if hasattr(env, "delta"):  # ActionPerturbation
+        state.update(wrapper_rng=env.rng.bit_generator.state, delta=torch.from_numpy(env.delta.copy()))
+    return state
 
 
-def set_env_state(env: "ActionPerturbation", state: dict):
+def set_env_state(env: gym.Env, state: dict):
     import mujoco
     u = env.unwrapped
     mujoco.mj_setState(u.model, u.data, state["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
     time_limit(env)._elapsed_steps = state["elapsed_steps"]
     u.np_random.bit_generator.state = state["env_rng"]
     env.action_space.np_random.bit_generator.state = state["action_space_rng"]
-    env.rng.bit_generator.state = state["wrapper_rng"]
-    env.delta = state["delta"].numpy().copy()
+    if "delta" in state:
+        env.rng.bit_generator.state = state["wrapper_rng"]
+        env.delta = state["delta"].numpy().copy()
 
 
 def time_limit(env: gym.Env) -> gym.wrappers.TimeLimit:

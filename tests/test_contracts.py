@@ -3,13 +3,15 @@ import re
 import subprocess
 import sys
 
+import torch
+
 import td3_bc_offline as tb
 from conftest import ROOT
 
 
-def documented_checkpoint_keys() -> set:
+def documented_checkpoint_keys(name: str = "checkpoint") -> set:
     text = (ROOT / "README.md").read_text()
-    table = text.split("<!-- checkpoint-schema:start -->")[1].split("<!-- checkpoint-schema:end -->")[0]
+    table = text.split(f"<!-- {name}-schema:start -->")[1].split(f"<!-- {name}-schema:end -->")[0]
     keys = set()
     for line in table.splitlines()[2:]:
         first_cell = line.split("|")[1]
@@ -22,7 +24,7 @@ def test_readme_schema_matches_written_checkpoint(hopper_datasets, tmp_path, mon
     tb.main(tb.Args(dataset_id=hopper_datasets["random"], total_steps=4, eval_freq=4, eval_episodes=1, batch_size=8,
                     cuda=False, run_name="schema"))
     ckpt = tb.load_checkpoint("runs/schema/checkpoint.pt")
-    assert set(ckpt) == documented_checkpoint_keys()
+    assert set(ckpt) == documented_checkpoint_keys() | documented_checkpoint_keys("td3bc-resume")
     assert ckpt["format"] == tb.CHECKPOINT_FORMAT and ckpt["format_version"] == tb.CHECKPOINT_VERSION
     assert ckpt["stage"] == "td3_bc_offline"
 
@@ -91,8 +93,14 @@ def test_network_classes_are_identical_copies():
             if hasattr(module, cls):
                 assert inspect.getsource(getattr(module, cls)) == inspect.getsource(getattr(tb, cls)), (module.__name__, cls)
     for fn in ("td_target", "soft_update", "dataset_to_transitions", "adam", "set_adam_flags", "CudaGraph", "accelerate",
-               "check_fast_path_args"):
+               "check_fast_path_args", "rng_state", "set_rng_state", "resume_point", "open_metrics"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(tb, fn)), fn
+    assert ft.RESUME_MAY_CHANGE == tb.RESUME_MAY_CHANGE
+    import collect_dataset as cd
+    for fn in ("rng_state", "set_rng_state"):
+        assert inspect.getsource(getattr(cd, fn)) == inspect.getsource(getattr(tb, fn)), fn
+    for fn in ("env_state", "set_env_state", "time_limit"):
+        assert inspect.getsource(getattr(cd, fn)) == inspect.getsource(getattr(ft, fn)), fn
     for fn in ("perturb_action", "ActionPerturbation", "rollout_batch", "default_checkpoint"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(de, fn)), fn
     assert ft.DEFAULT_CHECKPOINTS == de.DEFAULT_CHECKPOINTS
@@ -114,3 +122,5 @@ def test_readme_finetune_schema_matches_written_checkpoint(hopper_checkpoint, ho
     for line in table.splitlines()[2:]:
         added |= set(re.findall(r"`([a-z_0-9]+)`", line.split("|")[1]))
     assert set(ckpt) == documented_checkpoint_keys() | added
+    state = torch.load("runs/schema/state.pt", weights_only=True)
+    assert set(state) == set(ckpt) | documented_checkpoint_keys("finetune-state")

@@ -195,3 +195,71 @@ def test_a_nan_loss_stops_td3_bc_and_keeps_the_last_good_checkpoint(hopper_datas
     with pytest.raises(tb.UserError, match=r"non-finite loss at update 41\b.*keeps the last good"):
         tb.main(tb.Args(total_steps=60, resume=True, **args))
     assert Path("runs/nan/checkpoint.pt").read_bytes() == before
+
+
+def test_de_resumes_mid_run_identically(hopper_checkpoint, tmp_path, monkeypatch):
+    """Interrupted (KeyboardInterrupt, as Ctrl-C) right after the 5th generation's save, in the 2nd of 3 DE runs; the
+    resumed run writes the same perturbations, returns and histories as an uninterrupted one."""
+    import de_perturbations as de
+
+    common = dict(checkpoint=hopper_checkpoint, epsilon=0.4, num_perturbations=3, popsize=4, maxiter=3, de_episodes=1,
+                  eval_episodes=2, random_draws=2, num_workers=1, tol=0.0, max_episode_steps=40)
+    de.main(de.Args(output=str(tmp_path / "full.npz"), **common))
+    real_save, calls = de.save_npz, []
+
+    def interrupting_save(path, arrays):
+        real_save(path, arrays)
+        calls.append(path)
+        if path.endswith(".state.npz") and len(calls) == 5:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(de, "save_npz", interrupting_save)
+    with pytest.raises(KeyboardInterrupt):
+        de.main(de.Args(output=str(tmp_path / "part.npz"), **common))
+    monkeypatch.setattr(de, "save_npz", real_save)
+    assert not (tmp_path / "part.npz").exists() and (tmp_path / "part.npz.state.npz").exists()
+    with pytest.raises(de.UserError, match="--resume"):  # a plain re-run would silently throw the work away
+        de.main(de.Args(output=str(tmp_path / "part.npz"), **common))
+    de.main(de.Args(output=str(tmp_path / "part.npz"), resume=True, **common))
+    assert not (tmp_path / "part.npz.state.npz").exists()
+    with np.load(tmp_path / "full.npz") as a, np.load(tmp_path / "part.npz") as b:
+        assert set(a.files) == set(b.files)
+        for k in a.files:
+            if k != "wall_time_sec":
+                np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_dataset_creation_resumes_behaviour_training_identically(tmp_path, monkeypatch):
+    """Behaviour-policy training interrupted after its first saved evaluation (step 1000 of 1500), then resumed: the four
+    datasets equal those of an uninterrupted run."""
+    import collect_dataset as cd
+
+    monkeypatch.chdir(tmp_path)
+    common = dict(env_id="Hopper-v5", num_transitions=600, max_train_steps=1500, learning_starts=500, eval_freq=500,
+                  eval_episodes=1, ref_episodes=2, max_episode_steps=60, medium_target_return=1e9, expert_target_return=1e9,
+                  overwrite=True, cuda=False, seed=5)
+    cd.main(cd.Args(namespace="full", **common))
+    real, calls = cd.env_state, []
+
+    def interrupting(env):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(env)
+    monkeypatch.setattr(cd, "env_state", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        cd.main(cd.Args(namespace="part", **common))
+    monkeypatch.setattr(cd, "env_state", real)
+    state_path = Path(cd.training_state_path(cd.Args(namespace="part", **common)))
+    assert torch.load(state_path, weights_only=True)["steps_done"] == 1000
+    with pytest.raises(cd.UserError, match="--resume"):
+        cd.main(cd.Args(namespace="part", **common))
+    cd.main(cd.Args(namespace="part", resume=True, **common))
+    assert not state_path.exists()
+    import minari
+    for level in cd.LEVELS:
+        a = minari.load_dataset(cd.dataset_id_for("full", "Hopper-v5", level, 0))
+        b = minari.load_dataset(cd.dataset_id_for("part", "Hopper-v5", level, 0))
+        assert a.total_steps == b.total_steps, level
+        for ea, eb in zip(a.iterate_episodes(), b.iterate_episodes()):
+            for field in ("observations", "actions", "rewards", "terminations", "truncations"):
+                np.testing.assert_array_equal(getattr(ea, field), getattr(eb, field), err_msg=f"{level} {field}")
