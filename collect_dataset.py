@@ -35,6 +35,8 @@ import tyro
 from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
+from runtime import UserError, env_state, rng_state, set_env_state, set_rng_state
+
 LEVELS = ("random", "medium", "medium-replay", "expert")
 # D4RL's expert reference returns (d4rl/infos.py REF_MAX_SCORE, measured on mujoco-py v2 envs; an
 # approximation for v5 envs). Medium targets default to a third of these.
@@ -105,10 +107,6 @@ class Args:
     """env steps between evaluations of the behaviour policy"""
     eval_episodes: int = 10
     """episodes per evaluation"""
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line."""
 
 
 # ALGO LOGIC: a compact TD3 behaviour policy (same network shapes as the TD3+BC stage)
@@ -326,57 +324,6 @@ def train_behaviour_policy(args: Args, medium_target: float, expert_target: Opti
         expert_actor = best_actor
     replay = (b_obs, b_act, b_rew, b_next, b_term, b_trunc)
     return medium_actor, expert_actor, medium_step, replay, log
-
-
-# Resuming
-def rng_state() -> dict:
-    """Python, NumPy and torch generator states as plain types and tensors (they load with weights_only=True)."""
-    np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# Env state (copied verbatim into collect_dataset.py; tests/test_contracts.py proves the copies agree)
-def env_state(env: gym.Env) -> dict:
-    """What continuing the current episode exactly needs: MuJoCo's integration state, the time-limit counter, the env's
-    and the action space's RNGs, and a perturbation wrapper's RNG and δ (plain types and tensors)."""
-    import mujoco
-    u, spec = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
-    physics = np.empty(mujoco.mj_stateSize(u.model, spec))
-    mujoco.mj_getState(u.model, u.data, physics, spec)
-    state = {"mujoco": torch.from_numpy(physics), "elapsed_steps": time_limit(env)._elapsed_steps,
-             "env_rng": u.np_random.bit_generator.state, "action_space_rng": env.action_space.np_random.bit_generator.state}
-    if hasattr(env, "delta"):  # ActionPerturbation
-        state.update(wrapper_rng=env.rng.bit_generator.state, delta=torch.from_numpy(env.delta.copy()))
-    return state
-
-
-def set_env_state(env: gym.Env, state: dict):
-    import mujoco
-    u = env.unwrapped
-    mujoco.mj_setState(u.model, u.data, state["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
-    time_limit(env)._elapsed_steps = state["elapsed_steps"]
-    u.np_random.bit_generator.state = state["env_rng"]
-    env.action_space.np_random.bit_generator.state = state["action_space_rng"]
-    if "delta" in state:
-        env.rng.bit_generator.state = state["wrapper_rng"]
-        env.delta = state["delta"].numpy().copy()
-
-
-def time_limit(env: gym.Env) -> gym.wrappers.TimeLimit:
-    while not isinstance(env, gym.wrappers.TimeLimit):
-        env = env.env
-    return env
 
 
 def training_state_path(args: Args) -> str:

@@ -33,6 +33,9 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
+from runtime import (UserError, accelerate, adam, check_fast_path_args, env_state, open_metrics, resume_point,  # noqa: F401
+                     rng_state, save_checkpoint, set_adam_flags, set_env_state, set_rng_state)
+
 CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
 CHECKPOINT_VERSION = 1
 PERTURBATION_FORMAT = "o2o-adv-perturbations"
@@ -130,10 +133,6 @@ class Args:
     """capture the two halves of the update in CUDA graphs (CUDA only; capturable fused Adam)"""
     matmul_precision: str = "highest"
     """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs with AMX)"""
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line."""
 
 
 # ALGO LOGIC: networks (copies of td3_bc_offline.py's; tests/test_contracts.py proves the copies agree)
@@ -346,69 +345,6 @@ def soft_update(targets: list, sources: list, tau: float):
         torch._foreach_lerp_([p for m in targets for p in m.parameters()], [p for m in sources for p in m.parameters()], tau)
 
 
-# Fast path (copied verbatim into td3_adv_finetune.py; tests/test_contracts.py proves the copies agree)
-def adam(params, lr: float, device: torch.device, capturable: bool = False) -> torch.optim.Adam:
-    """Adam with the fused kernel (CPU and CUDA): one kernel for all parameters instead of a loop of small ops."""
-    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"), capturable=capturable)
-
-
-def set_adam_flags(opt: torch.optim.Adam, device: torch.device, capturable: bool):
-    """load_state_dict restores the saved group flags and step placement; set this run's instead."""
-    for g in opt.param_groups:
-        g.update(fused=device.type in ("cpu", "cuda"), foreach=None, capturable=capturable)
-    fused = device.type in ("cpu", "cuda")
-    for st in opt.state.values():
-        if "step" in st:  # fused and capturable Adam keep the step count on the parameters' device
-            st["step"] = st["step"].to(device if fused or capturable else "cpu", torch.float32)
-
-
-class CudaGraph:
-    """Run `fn` eagerly (on a side stream) for its first `warmup` calls, which are real updates, then capture it in a
-    CUDA graph and replay it: inputs are copied into static tensors; outputs are static tensors, overwritten by the
-    next call. `fn` must have static shapes and no host syncs (LeanRL's recipe, without the dependency)."""
-
-    def __init__(self, fn, warmup: int = 2):
-        self.fn, self.warmup, self.calls, self.graph = fn, warmup, 0, None
-
-    def __call__(self, *inputs):
-        if self.graph is None and self.calls < self.warmup:
-            self.calls += 1
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                out = self.fn(*inputs)
-            torch.cuda.current_stream().wait_stream(stream)
-            return out
-        if self.graph is None:  # capture records the kernels without running them; the replay below runs them
-            self.static_inputs = [x.clone() for x in inputs]
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_outputs = self.fn(*self.static_inputs)
-        for static, x in zip(self.static_inputs, inputs):
-            static.copy_(x)
-        self.graph.replay()
-        return self.static_outputs
-
-
-def check_fast_path_args(args):
-    if args.matmul_precision not in ("highest", "high", "medium"):
-        raise UserError(f"--matmul-precision must be highest, high or medium (got {args.matmul_precision})")
-    if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
-        raise UserError("--cudagraphs needs a CUDA device; drop the flag on this machine (use --compile instead)")
-    torch.set_float32_matmul_precision(args.matmul_precision)
-
-
-def accelerate(fn, args):
-    """The fast-path flags applied to one half of the update."""
-    if args.compile:
-        import torch._inductor.config
-        torch._inductor.config.fallback_random = True  # the same random draws as eager for the same seed
-        fn = torch.compile(fn)
-    if args.cudagraphs:
-        fn = CudaGraph(fn)
-    return fn
-
-
 # ALGO LOGIC: one TD3 update, in two halves with static shapes; the actor delay stays outside them
 def make_update(actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer, args):
     """-> update_critic(obs, actions, rewards, next_obs, terminations) -> (critic_loss, q1_mean) and update_actor(obs)
@@ -486,87 +422,6 @@ def load_perturbations(path: str, ckpt: dict) -> dict:
     if str(npz["perturbation_model"]) not in PERTURBATION_MODELS or not float(npz["epsilon"]) > 0:
         raise UserError(f"{path} has an invalid perturbation model or ε; re-create it with de_perturbations.py")
     return npz
-
-
-# Resuming (copied verbatim into td3_adv_finetune.py; tests/test_contracts.py proves the copies agree)
-def rng_state() -> dict:
-    """Python, NumPy and torch generator states as plain types and tensors (they load with weights_only=True)."""
-    np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-RESUME_MAY_CHANGE = ("resume", "overwrite", "total_steps", "track", "wandb_project_name", "wandb_entity")
-
-
-def resume_point(path: str, args, stage: str) -> dict:
-    """The saved state to continue from; refuses a different stage or different arguments (bar RESUME_MAY_CHANGE)."""
-    if not os.path.isfile(path):
-        raise UserError(f"nothing to resume: {path} does not exist; start the run without --resume")
-    state = load_checkpoint(path)
-    if state.get("stage") != stage or "rng" not in state:
-        raise UserError(f"{path} is not a resumable {stage} state; start the run without --resume")
-    saved, now = state["args"], dataclasses.asdict(args)
-    changed = [k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
-    if changed:
-        k = changed[0]
-        raise UserError(f"--resume needs the run's own arguments, but --{k.replace('_', '-')} was {saved.get(k)!r} and is now "
-                        f"{now[k]!r}; pass the original value or start a new run")
-    if state["step"] > args.total_steps:
-        raise UserError(f"{path} is at step {state['step']} > --total-steps {args.total_steps}; pass a larger --total-steps")
-    return state
-
-
-def open_metrics(path: str, resumed: Optional[dict]):
-    """metrics.jsonl for appending: fresh, or cut back to the length it had at the resumed save (no duplicate rows)."""
-    if resumed is None:
-        return open(path, "w")
-    with open(path, "r+") as f:
-        f.truncate(resumed["metrics_bytes"])
-    return open(path, "a")
-
-
-# Env state (copied verbatim into collect_dataset.py; tests/test_contracts.py proves the copies agree)
-def env_state(env: gym.Env) -> dict:
-    """What continuing the current episode exactly needs: MuJoCo's integration state, the time-limit counter, the env's
-    and the action space's RNGs, and a perturbation wrapper's RNG and δ (plain types and tensors)."""
-    import mujoco
-    u, spec = env.unwrapped, mujoco.mjtState.mjSTATE_INTEGRATION
-    physics = np.empty(mujoco.mj_stateSize(u.model, spec))
-    mujoco.mj_getState(u.model, u.data, physics, spec)
-    state = {"mujoco": torch.from_numpy(physics), "elapsed_steps": time_limit(env)._elapsed_steps,
-             "env_rng": u.np_random.bit_generator.state, "action_space_rng": env.action_space.np_random.bit_generator.state}
-    if hasattr(env, "delta"):  # ActionPerturbation
-        state.update(wrapper_rng=env.rng.bit_generator.state, delta=torch.from_numpy(env.delta.copy()))
-    return state
-
-
-def set_env_state(env: gym.Env, state: dict):
-    import mujoco
-    u = env.unwrapped
-    mujoco.mj_setState(u.model, u.data, state["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
-    time_limit(env)._elapsed_steps = state["elapsed_steps"]
-    u.np_random.bit_generator.state = state["env_rng"]
-    env.action_space.np_random.bit_generator.state = state["action_space_rng"]
-    if "delta" in state:
-        env.rng.bit_generator.state = state["wrapper_rng"]
-        env.delta = state["delta"].numpy().copy()
-
-
-def time_limit(env: gym.Env) -> gym.wrappers.TimeLimit:
-    while not isinstance(env, gym.wrappers.TimeLimit):
-        env = env.env
-    return env
 
 
 def check_args(args: Args):
@@ -811,16 +666,6 @@ def main(args: Args):
           f"{row['eval/adversarial_return']:.1f}; q = {q:.3f}; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}")
     if args.track:
         wandb.finish()
-
-
-def save_checkpoint(path: str, ckpt: dict):
-    """Atomic: write a temporary file next to `path`, fsync, then rename over it."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

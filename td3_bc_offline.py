@@ -25,6 +25,9 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
+from runtime import (UserError, accelerate, adam, check_fast_path_args, open_metrics, resume_point, rng_state,  # noqa: F401
+                     save_checkpoint, set_adam_flags, set_rng_state)
+
 CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -99,10 +102,6 @@ class Args:
     """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs with AMX)"""
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one line."""
-
-
 # ALGO LOGIC: networks (copied verbatim into every stage script; tests/test_contracts.py proves the copies agree)
 class Actor(nn.Module):
     """Deterministic policy π(s): 2×hidden ReLU MLP, tanh output rescaled to the action bounds."""
@@ -173,69 +172,6 @@ def soft_update(targets: list, sources: list, tau: float):
     """θ' ← τ θ + (1 − τ) θ' for every parameter of every target network, in one fused foreach call."""
     with torch.no_grad():
         torch._foreach_lerp_([p for m in targets for p in m.parameters()], [p for m in sources for p in m.parameters()], tau)
-
-
-# Fast path (copied verbatim into td3_adv_finetune.py; tests/test_contracts.py proves the copies agree)
-def adam(params, lr: float, device: torch.device, capturable: bool = False) -> torch.optim.Adam:
-    """Adam with the fused kernel (CPU and CUDA): one kernel for all parameters instead of a loop of small ops."""
-    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"), capturable=capturable)
-
-
-def set_adam_flags(opt: torch.optim.Adam, device: torch.device, capturable: bool):
-    """load_state_dict restores the saved group flags and step placement; set this run's instead."""
-    for g in opt.param_groups:
-        g.update(fused=device.type in ("cpu", "cuda"), foreach=None, capturable=capturable)
-    fused = device.type in ("cpu", "cuda")
-    for st in opt.state.values():
-        if "step" in st:  # fused and capturable Adam keep the step count on the parameters' device
-            st["step"] = st["step"].to(device if fused or capturable else "cpu", torch.float32)
-
-
-class CudaGraph:
-    """Run `fn` eagerly (on a side stream) for its first `warmup` calls, which are real updates, then capture it in a
-    CUDA graph and replay it: inputs are copied into static tensors; outputs are static tensors, overwritten by the
-    next call. `fn` must have static shapes and no host syncs (LeanRL's recipe, without the dependency)."""
-
-    def __init__(self, fn, warmup: int = 2):
-        self.fn, self.warmup, self.calls, self.graph = fn, warmup, 0, None
-
-    def __call__(self, *inputs):
-        if self.graph is None and self.calls < self.warmup:
-            self.calls += 1
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                out = self.fn(*inputs)
-            torch.cuda.current_stream().wait_stream(stream)
-            return out
-        if self.graph is None:  # capture records the kernels without running them; the replay below runs them
-            self.static_inputs = [x.clone() for x in inputs]
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_outputs = self.fn(*self.static_inputs)
-        for static, x in zip(self.static_inputs, inputs):
-            static.copy_(x)
-        self.graph.replay()
-        return self.static_outputs
-
-
-def check_fast_path_args(args):
-    if args.matmul_precision not in ("highest", "high", "medium"):
-        raise UserError(f"--matmul-precision must be highest, high or medium (got {args.matmul_precision})")
-    if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
-        raise UserError("--cudagraphs needs a CUDA device; drop the flag on this machine (use --compile instead)")
-    torch.set_float32_matmul_precision(args.matmul_precision)
-
-
-def accelerate(fn, args):
-    """The fast-path flags applied to one half of the update."""
-    if args.compile:
-        import torch._inductor.config
-        torch._inductor.config.fallback_random = True  # the same random draws as eager for the same seed
-        fn = torch.compile(fn)
-    if args.cudagraphs:
-        fn = CudaGraph(fn)
-    return fn
 
 
 # ALGO LOGIC: one TD3+BC update, in two halves with static shapes; the actor delay stays outside them
@@ -343,16 +279,6 @@ def normalized_score(ret: float, ref_min, ref_max) -> Optional[float]:
     return 100.0 * (ret - ref_min) / (ref_max - ref_min)
 
 
-def save_checkpoint(path: str, ckpt: dict):
-    """Atomic: write a temporary file next to `path`, fsync, then rename over it."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint of this project without running any code (torch.load(weights_only=True)) and check its format."""
     if not os.path.isfile(path):
@@ -373,54 +299,6 @@ def actor_from_checkpoint(ckpt: dict, device="cpu") -> Actor:
     actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
     actor.load_state_dict(ckpt["actor"])
     return actor.to(device).eval()
-
-
-# Resuming (copied verbatim into td3_adv_finetune.py; tests/test_contracts.py proves the copies agree)
-def rng_state() -> dict:
-    """Python, NumPy and torch generator states as plain types and tensors (they load with weights_only=True)."""
-    np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-RESUME_MAY_CHANGE = ("resume", "overwrite", "total_steps", "track", "wandb_project_name", "wandb_entity")
-
-
-def resume_point(path: str, args, stage: str) -> dict:
-    """The saved state to continue from; refuses a different stage or different arguments (bar RESUME_MAY_CHANGE)."""
-    if not os.path.isfile(path):
-        raise UserError(f"nothing to resume: {path} does not exist; start the run without --resume")
-    state = load_checkpoint(path)
-    if state.get("stage") != stage or "rng" not in state:
-        raise UserError(f"{path} is not a resumable {stage} state; start the run without --resume")
-    saved, now = state["args"], dataclasses.asdict(args)
-    changed = [k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
-    if changed:
-        k = changed[0]
-        raise UserError(f"--resume needs the run's own arguments, but --{k.replace('_', '-')} was {saved.get(k)!r} and is now "
-                        f"{now[k]!r}; pass the original value or start a new run")
-    if state["step"] > args.total_steps:
-        raise UserError(f"{path} is at step {state['step']} > --total-steps {args.total_steps}; pass a larger --total-steps")
-    return state
-
-
-def open_metrics(path: str, resumed: Optional[dict]):
-    """metrics.jsonl for appending: fresh, or cut back to the length it had at the resumed save (no duplicate rows)."""
-    if resumed is None:
-        return open(path, "w")
-    with open(path, "r+") as f:
-        f.truncate(resumed["metrics_bytes"])
-    return open(path, "a")
 
 
 def main(args: Args):

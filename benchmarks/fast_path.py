@@ -260,6 +260,7 @@ def main():
     p.add_argument("--env-id", default="Hopper-v5")
     p.add_argument("--no-extra", action="store_true", help="skip the optional variants (bf16 matmuls, --compile)")
     a = p.parse_args()
+    threads = torch.get_num_threads()  # before DE's in-process worker sets its own
     rows = measure_offline(a.updates, max(10, a.updates // 10), not a.no_extra)
     tmp = Path(tempfile.mkdtemp(prefix="fast-path-"))
     ckpt, pert = synthetic_run_files(tmp, a.env_id)
@@ -273,7 +274,7 @@ def main():
     de_rows = measure_de(ckpt, a.env_id, a.de_steps)[1:]  # serial policy rollout, lockstep with 1 and all workers
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} torch threads, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n")
     print("| what | figure | vs reference |\n|---|---|---|")
     for group in (rows, online, de_rows):
