@@ -7,6 +7,7 @@ Measures, each for the reference and for the project's code:
 Prints the machine and a Markdown table with the ratios (the README's):
     python benchmarks/fast_path.py                                                  # about 5 minutes on 2 CPU cores
     python benchmarks/fast_path.py --updates 30 --finetune-steps 400 --de-steps 2000  # seconds (the test suite's size)
+    python benchmarks/fast_path.py --profile    # where an update's time goes: the GEMM share and GEMM GFLOP/s
 
 The reference is written the way common implementations write TD3 (CORL's td3_bc.py, CleanRL's td3_continuous_action.py):
 separate critic modules, default Adam, the actor loss backpropagated into every parameter, Polyak averaging in a Python
@@ -251,6 +252,33 @@ def project_online(ckpt: str, pert: str, steps: int, learning_starts: int, workd
     return [r["charts/sps"] for r in rows if "charts/sps" in r][-1]
 
 
+def profile_gemm_share(n: int = 200):
+    """Where the fast path's time goes on this machine: the share of GEMM kernels in one update, and the GFLOP/s of
+    a 256×256×256 fp32 GEMM (the hidden layer's size) — the ceiling of any fp32 speed-up."""
+    from torch.profiler import profile
+    torch.manual_seed(0)
+    data = synthetic_data(100_000, 11, 3)
+    actor, critic = bc.Actor(11, 3, -np.ones(3), np.ones(3)), bc.Critic(11, 3)
+    _, step = project_offline(actor, critic, data, bc.Args())
+    time_updates(step, 100, 50)
+    with profile() as prof:
+        for i in range(1, n + 1):
+            step(i)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"))
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    for _ in range(50):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(1000):
+        a @ b
+    gflops = 2 * 256 ** 3 / ((time.perf_counter() - t) / 1000) / 1e9
+    print(f"fast path, exact fp32, under torch.profiler: {total / n / 1000:.2f} ms per update, of which GEMMs "
+          f"{gemm / n / 1000:.2f} ms ({100 * gemm / total:.0f}%); a 256×256×256 fp32 GEMM runs at {gflops:.0f} GFLOP/s "
+          f"on {torch.get_num_threads()} threads")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--updates", type=int, default=3000, help="TD3+BC updates timed per variant (after warm-up)")
@@ -259,7 +287,10 @@ def main():
     p.add_argument("--de-steps", type=int, default=50_000, help="env steps per DE measurement")
     p.add_argument("--env-id", default="Hopper-v5")
     p.add_argument("--no-extra", action="store_true", help="skip the optional variants (bf16 matmuls, --compile)")
+    p.add_argument("--profile", action="store_true", help="only profile the fast path: its GEMM share and GEMM GFLOP/s")
     a = p.parse_args()
+    if a.profile:
+        return profile_gemm_share()
     threads = torch.get_num_threads()  # before DE's in-process worker sets its own
     rows = measure_offline(a.updates, max(10, a.updates // 10), not a.no_extra)
     tmp = Path(tempfile.mkdtemp(prefix="fast-path-"))

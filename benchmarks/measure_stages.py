@@ -76,7 +76,7 @@ def main():
     print(f"| `random` dataset, {a.transitions:,} transitions of {a.env_id} (+20 reference episodes) | {t_random:.1f} s |")
     print(f"| `medium` dataset: {a.train_steps:,} online TD3 steps + {a.transitions:,}-transition rollout | {t_medium:.1f} s "
           f"({a.train_steps / t_medium:.0f} training steps/s overall) |")
-    print(f"| TD3+BC updates/s, batch 256, eager PyTorch, device {'cuda' if torch.cuda.is_available() else 'cpu'} "
+    print(f"| TD3+BC updates/s in `td3_bc_offline.py` (default flags), batch 256, device {'cuda' if torch.cuda.is_available() else 'cpu'} "
           f"(mean of {len(ups)} windows of {max(a.updates // 10, 1)}) | {ups_mean:.0f} |")
     base = de_rows[0][1]
     for what, sps in de_rows:

@@ -138,3 +138,11 @@ def test_fast_path_benchmark_runs_at_tiny_size():
     assert len(rows) == 7, proc.stdout  # 2 TD3+BC, 2 fine-tuning, 3 DE rows
     for row in rows:
         assert float(row.split("|")[2].replace(",", "")) > 0 and row.rstrip(" |").endswith("×")
+
+
+def test_fast_path_profile_reports_the_gemm_share():
+    proc = run_script("benchmarks/fast_path.py", "--profile", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("fast path, exact fp32")][0]
+    share = float(line.split("GEMMs")[1].split("(")[1].split("%")[0])
+    assert 0 < share < 100 and "GFLOP/s" in line

@@ -263,3 +263,23 @@ def test_dataset_creation_resumes_behaviour_training_identically(tmp_path, monke
         for ea, eb in zip(a.iterate_episodes(), b.iterate_episodes()):
             for field in ("observations", "actions", "rewards", "terminations", "truncations"):
                 np.testing.assert_array_equal(getattr(ea, field), getattr(eb, field), err_msg=f"{level} {field}")
+
+
+def test_a_nan_loss_stops_finetuning_naming_the_step(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):
+    """Offline rows with NaN rewards: the first update (step 33, after 32 warm-up steps) gives a NaN critic loss; the run
+    stops at the next check and names step 33; the checkpoint and state of the evaluation at step 30 stay."""
+    import td3_adv_finetune as ft
+    real = ft.dataset_to_transitions
+
+    def poisoned(dataset):
+        data = real(dataset)
+        data["rewards"][:] = np.inf
+        return data
+    monkeypatch.setattr(ft, "dataset_to_transitions", poisoned)
+    monkeypatch.chdir(tmp_path)
+    args = ft.Args(checkpoint=hopper_checkpoint, perturbations=hopper_perturbations, total_steps=60, eval_freq=30,
+                   eval_episodes=1, batch_size=32, cuda=False, run_name="nan", r_off=1.0)
+    with pytest.raises(ft.UserError, match=r"non-finite loss at step 33\b"):
+        ft.main(args)
+    assert torch.load("runs/nan/checkpoint.pt", weights_only=True)["step"] == 30
+    assert torch.load("runs/nan/state.pt", weights_only=True)["step"] == 30
