@@ -7,6 +7,7 @@
 #   SCALE=tiny bash run_pipeline.sh      # seconds: checks that every stage runs (the test suite uses it)
 # Overrides: ENV_ID (Hopper-v5), SEED (1), EPSILON (0.3), RESULTS (results/$SCALE-<env>),
 # MINARI_DATASETS_PATH (Minari's store, default ~/.minari/datasets). Outputs go under the current directory.
+#   RESUME=1 bash run_pipeline.sh        # after a crash: finished stages are skipped, interrupted ones --resume
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ENV_ID=${ENV_ID:-Hopper-v5}
@@ -14,6 +15,9 @@ SEED=${SEED:-1}
 SCALE=${SCALE:-small}
 ENV_NAME=$(echo "${ENV_ID%%-*}" | tr '[:upper:]' '[:lower:]')
 RESULTS=${RESULTS:-results/$SCALE-$ENV_NAME}
+RESUME=${RESUME:-0}
+# with RESUME=1: "--resume" if the stage left resume state at $1, else "--overwrite" (a fresh start)
+fresh_or_resume() { if [ "$RESUME" = 1 ] && [ -e "$1" ]; then echo --resume; else echo --overwrite; fi; }
 
 case "$SCALE" in
   tiny)
@@ -48,18 +52,32 @@ DATASET="$NS/$ENV_NAME/medium-v0"
 RUN="runs/${DATASET//\//-}__td3_bc_offline__$SEED"
 FT_RUN="runs/${ENV_ID}__td3_adv_finetune"
 
+STORE=${MINARI_DATASETS_PATH:-$HOME/.minari/datasets}
+COLLECT_STATE="runs/collect_dataset__$NS-$ENV_NAME-v0/state.pt"
+
 echo "== stage 0: datasets ($SCALE scale) -> $DATASET"
-python "$HERE/collect_dataset.py" --env-id "$ENV_ID" --namespace "$NS" --seed "$SEED" --overwrite "${COLLECT[@]}"
+if [ "$RESUME" = 1 ] && [ ! -e "$COLLECT_STATE" ] && [ -d "$STORE/$DATASET" ]; then
+  echo "(RESUME=1: $DATASET exists; skipped)"
+else
+  RESUME_FLAG=(); [ "$(fresh_or_resume "$COLLECT_STATE")" = --resume ] && RESUME_FLAG=(--resume)
+  python "$HERE/collect_dataset.py" --env-id "$ENV_ID" --namespace "$NS" --seed "$SEED" --overwrite "${RESUME_FLAG[@]}" "${COLLECT[@]}"
+fi
 echo "== stage 1: TD3+BC pretraining -> $RUN/checkpoint.pt"
-python "$HERE/td3_bc_offline.py" --dataset-id "$DATASET" --seed "$SEED" --overwrite "${PRETRAIN[@]}"
+python "$HERE/td3_bc_offline.py" --dataset-id "$DATASET" --seed "$SEED" "$(fresh_or_resume "$RUN/checkpoint.pt")" "${PRETRAIN[@]}"
 echo "== stage 2: differential-evolution perturbations -> $RUN/perturbations.npz"
-python "$HERE/de_perturbations.py" --checkpoint "$RUN/checkpoint.pt" --epsilon "${EPSILON:-0.3}" "${DE[@]}"
+if [ "$RESUME" = 1 ] && [ ! -e "$RUN/perturbations.npz.state.npz" ] && [ -e "$RUN/perturbations.npz" ]; then
+  echo "(RESUME=1: $RUN/perturbations.npz exists; skipped)"
+else
+  RESUME_FLAG=(); [ "$(fresh_or_resume "$RUN/perturbations.npz.state.npz")" = --resume ] && RESUME_FLAG=(--resume)
+  python "$HERE/de_perturbations.py" --checkpoint "$RUN/checkpoint.pt" --epsilon "${EPSILON:-0.3}" "${RESUME_FLAG[@]}" "${DE[@]}"
+fi
 echo "== stage 3: fine-tuning from $RUN/checkpoint.pt -> ${FT_RUN}__*__$SEED/"
-FT=(python "$HERE/td3_adv_finetune.py" --checkpoint "$RUN/checkpoint.pt" --seed "$SEED" --overwrite "${FINETUNE[@]}")
 for spec in offline-adversarial-adaptive offline-normal-fixed scratch-adversarial-adaptive; do
   IFS=- read -r INIT COND CURR <<< "$spec"
   EXTRA=(); [ "$INIT" = scratch ] && EXTRA=(--learning-starts "$SCRATCH_STARTS")
-  "${FT[@]}" --init "$INIT" --finetune-condition "$COND" --curriculum "$CURR" --run-name "${FT_RUN#runs/}__${spec}__$SEED" "${EXTRA[@]}"
+  NAME="${FT_RUN#runs/}__${spec}__$SEED"
+  python "$HERE/td3_adv_finetune.py" --checkpoint "$RUN/checkpoint.pt" --seed "$SEED" "$(fresh_or_resume "runs/$NAME/state.pt")" \
+    "${FINETUNE[@]}" --init "$INIT" --finetune-condition "$COND" --curriculum "$CURR" --run-name "$NAME" "${EXTRA[@]}"
 done
 echo "== stage 4: evaluation matrix -> $RESULTS/"
 python "$HERE/evaluate_matrix.py" --output-dir "$RESULTS" "${MATRIX[@]}" --checkpoints "$RUN" \

@@ -399,6 +399,9 @@ def main(args: Args):
         q_loss_sum += resumed["q_loss_sum"].to(device)
         set_rng_state(resumed["rng"])
         start_step = resumed["step"]
+        if start_step == args.total_steps:
+            print(f"{run_dir} is already complete ({start_step} updates); nothing to resume")
+            return
         print(f"resuming {run_dir} at update {start_step}")
     start_time, t_last, s_last = time.time(), time.time(), start_step
     pbar = tqdm(range(start_step + 1, args.total_steps + 1), desc="TD3+BC", mininterval=2, initial=start_step, total=args.total_steps)

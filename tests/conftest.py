@@ -31,14 +31,19 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str):
 
 
 @pytest.fixture(scope="session")
-def hopper_datasets():
+def hopper_datasets(tmp_path_factory):
     """All four levels for Hopper-v5 at a tiny scale (100-step episodes), made once per session."""
     import collect_dataset as cd
 
     args = cd.Args(env_id="Hopper-v5", namespace="test", num_transitions=1500, max_train_steps=1500, learning_starts=500,
                    eval_freq=500, eval_episodes=2, ref_episodes=5, max_episode_steps=100, medium_target_return=60.0,
                    expert_target_return=1e9, overwrite=True, cuda=False, seed=3)
-    cd.main(args)
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("collect"))  # its resume state (runs/collect_dataset__*) stays out of the repo
+    try:
+        cd.main(args)
+    finally:
+        os.chdir(cwd)
     return {lv: cd.dataset_id_for("test", "Hopper-v5", lv, 0) for lv in cd.LEVELS}
 
 
