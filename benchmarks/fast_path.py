@@ -47,7 +47,7 @@ class ReferenceTD3:
     Starts from the weights of a project Actor/Critic pair, so the two can be compared step by step."""
 
     def __init__(self, actor: bc.Actor, critic: bc.Critic, lr: float = 3e-4, alpha=None, gamma=0.99, tau=0.005,
-                 policy_noise=0.2, noise_clip=0.5, policy_frequency=2):
+                 policy_noise=0.2, noise_clip=0.5, policy_frequency=2, device=torch.device("cpu")):
         self.alpha, self.gamma, self.tau, self.policy_noise, self.noise_clip = alpha, gamma, tau, policy_noise, noise_clip
         self.policy_frequency = policy_frequency
         act_dim, hidden = actor.net[4].out_features, actor.net[0].out_features
@@ -60,6 +60,8 @@ class ReferenceTD3:
             for j in (0, 2, 4):
                 c[j].weight.data.copy_(critic.net[j].weight[i].T)
                 c[j].bias.data.copy_(critic.net[j].bias[i, 0])
+        self.actor, self.critics = self.actor.to(device), [c.to(device) for c in self.critics]
+        self.scale, self.bias = self.scale.to(device), self.bias.to(device)
         self.actor_target, self.critic_targets = copy.deepcopy(self.actor), copy.deepcopy(self.critics)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=lr)
         self.critic_optimizers = [torch.optim.Adam(c.parameters(), lr=lr) for c in self.critics]
@@ -69,7 +71,7 @@ class ReferenceTD3:
 
     def update(self, step: int, obs, actions, rewards, next_obs, terminations) -> dict:
         with torch.no_grad():
-            noise = (torch.randn(rewards.shape[0], actions.shape[1]) * self.policy_noise).clamp(-self.noise_clip, self.noise_clip)
+            noise = (torch.randn(rewards.shape[0], actions.shape[1], device=rewards.device) * self.policy_noise).clamp(-self.noise_clip, self.noise_clip)
             next_actions = (self.actor_target(next_obs) * self.scale + self.bias + noise * self.scale).clamp(
                 self.bias - self.scale, self.bias + self.scale)
             x = torch.cat([next_obs, next_actions], 1)
@@ -109,14 +111,15 @@ def synthetic_data(n: int, obs_dim: int, act_dim: int, seed: int = 0) -> dict:
             "terminations": (torch.rand(n, generator=g) < 0.01).float()}
 
 
-def reference_offline(actor, critic, data: dict, args: bc.Args):
+def reference_offline(actor, critic, data: dict, args: bc.Args, device=torch.device("cpu")):
     """-> step(i): one reference TD3+BC update on a uniform batch (indices drawn like the project's, same RNG order)."""
     ref = ReferenceTD3(actor, critic, args.learning_rate, args.alpha, args.gamma, args.tau, args.policy_noise,
-                       args.noise_clip, args.policy_frequency)
+                       args.noise_clip, args.policy_frequency, device)
+    data = {k: v.to(device) for k, v in data.items()}
     n = data["obs"].shape[0]
 
     def step(i: int) -> dict:
-        idx = torch.randint(0, n, (args.batch_size,))
+        idx = torch.randint(0, n, (args.batch_size,), device=device)
         return ref.update(i, *(data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "terminations")))
     return ref, step
 
@@ -151,34 +154,44 @@ def project_offline(actor, critic, data: dict, args: bc.Args, device=torch.devic
     return (actor, critic, actor_target, critic_target), step
 
 
-def time_updates(step, n: int, warmup: int) -> float:
+def time_updates(step, n: int, warmup: int, sync=lambda: None) -> float:
     for i in range(1, warmup + 1):
         step(i)
+    sync()
     t = time.perf_counter()
     for i in range(warmup + 1, warmup + n + 1):
         step(i)
+    sync()
     return n / (time.perf_counter() - t)
 
 
 def measure_offline(n: int, warmup: int, extra: bool) -> list:
+    """-> groups of (what, updates/s) rows, each group's first row the eager reference on that device."""
     torch.manual_seed(0)
     obs_dim, act_dim = 11, 3
     data = synthetic_data(100_000, obs_dim, act_dim)
     actor, critic = bc.Actor(obs_dim, act_dim, -np.ones(act_dim), np.ones(act_dim)), bc.Critic(obs_dim, act_dim)
-    rows = [("TD3+BC updates/s: eager reference", time_updates(reference_offline(actor, critic, data, bc.Args())[1], n, warmup))]
-    variants = [("fast path, exact fp32 (the default)", {})]
-    if extra:
-        variants += [("fast path + `--matmul-precision medium` (bf16 matmuls)", {"matmul_precision": "medium"}),
-                     ("fast path + `--compile`", {"compile": True})]
+    devices = [("cpu", [("fast path, exact fp32 (the default)", {})] + ([
+        ("fast path + `--matmul-precision medium` (bf16 matmuls)", {"matmul_precision": "medium"}),
+        ("fast path + `--compile`", {"compile": True})] if extra else []))]
     if torch.cuda.is_available():
-        variants += [("fast path on CUDA", {}), ("fast path on CUDA + `--compile --cudagraphs`", {"compile": True, "cudagraphs": True})]
-    for name, kw in variants:
-        device = torch.device("cuda" if "CUDA" in name else "cpu")
-        args = bc.Args(**kw)
-        _, step = project_offline(actor, critic, data, args, device)
-        rows.append((f"TD3+BC updates/s: {name}", time_updates(step, n, warmup + (20 if args.compile else 0))))
-        torch.set_float32_matmul_precision("highest")
-    return rows
+        devices.append(("cuda", [("fast path, exact fp32", {}), ("fast path + `--compile --cudagraphs`", {"compile": True, "cudagraphs": True}),
+                                 ("fast path + `--compile --cudagraphs --matmul-precision high`",
+                                  {"compile": True, "cudagraphs": True, "matmul_precision": "high"})]))
+    groups = []
+    for device_name, variants in devices:
+        device = torch.device(device_name)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        ref_step = reference_offline(actor, critic, data, bc.Args(), device)[1]
+        rows = [(f"TD3+BC updates/s on {device_name}: eager reference", time_updates(ref_step, n, warmup, sync))]
+        for name, kw in variants:
+            args = bc.Args(**kw)
+            _, step = project_offline(actor, critic, data, args, device)
+            rows.append((f"TD3+BC updates/s on {device_name}: {name}", time_updates(step, n, warmup + (20 if args.compile else 0), sync)))
+            torch.set_float32_matmul_precision("highest")
+            torch._dynamo.reset()
+        groups.append(rows)
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -292,7 +305,7 @@ def main():
     if a.profile:
         return profile_gemm_share()
     threads = torch.get_num_threads()  # before DE's in-process worker sets its own
-    rows = measure_offline(a.updates, max(10, a.updates // 10), not a.no_extra)
+    offline_groups = measure_offline(a.updates, max(10, a.updates // 10), not a.no_extra)
     tmp = Path(tempfile.mkdtemp(prefix="fast-path-"))
     ckpt, pert = synthetic_run_files(tmp, a.env_id)
     online = [("fine-tuning env steps/s: eager reference (CleanRL-style loop)", reference_online(a.env_id, a.finetune_steps, a.learning_starts)),
@@ -308,7 +321,7 @@ def main():
     print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} torch threads, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n")
     print("| what | figure | vs reference |\n|---|---|---|")
-    for group in (rows, online, de_rows):
+    for group in (*offline_groups, online, de_rows):
         for what, v in group:
             print(f"| {what} | {v:,.0f} | {v / group[0][1]:.2f}× |")
 
