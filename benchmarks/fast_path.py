@@ -202,7 +202,8 @@ def reference_online(env_id: str, steps: int, learning_starts: int, seed: int = 
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     torch.manual_seed(seed)
     low, high = env.action_space.low, env.action_space.high
-    ref = ReferenceTD3(bc.Actor(obs_dim, act_dim, low, high), bc.Critic(obs_dim, act_dim))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as CleanRL (and td3_adv_finetune.py) pick it
+    ref = ReferenceTD3(bc.Actor(obs_dim, act_dim, low, high), bc.Critic(obs_dim, act_dim), device=device)
     buf = {"obs": np.zeros((steps, obs_dim), np.float32), "actions": np.zeros((steps, act_dim), np.float32),
            "rewards": np.zeros(steps, np.float32), "next_obs": np.zeros((steps, obs_dim), np.float32),
            "terminations": np.zeros(steps, np.float32)}
@@ -214,7 +215,7 @@ def reference_online(env_id: str, steps: int, learning_starts: int, seed: int = 
             action = env.action_space.sample()
         else:
             with torch.no_grad():
-                a = ref.act(torch.Tensor(obs))
+                a = ref.act(torch.Tensor(obs).to(device))
                 a += torch.normal(0, ref.scale * 0.1)
                 action = a.cpu().numpy().clip(low, high)
         next_obs, reward, terminated, truncated, _ = env.step(action)
@@ -223,7 +224,7 @@ def reference_online(env_id: str, steps: int, learning_starts: int, seed: int = 
         obs = env.reset()[0] if terminated or truncated else next_obs
         if step >= learning_starts:
             idx = np.random.randint(0, step + 1, 256)
-            log = ref.update(step, *(torch.tensor(buf[k][idx]) for k in buf))
+            log = ref.update(step, *(torch.tensor(buf[k][idx], device=device) for k in buf))
             if step % 100 == 0:
                 _ = dict(log)
     return steps / (time.perf_counter() - t)
