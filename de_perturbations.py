@@ -28,9 +28,10 @@ import tyro
 from scipy.optimize._differentialevolution import DifferentialEvolutionSolver  # differential_evolution's engine
 from tqdm import tqdm
 
+from runtime import UserError, load_checkpoint
+
 PERTURBATION_FORMAT = "o2o-adv-perturbations"
 PERTURBATION_VERSION = 1
-CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
 DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
                        "runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt")
 
@@ -87,10 +88,6 @@ class Args:
     """the wandb entity (team)"""
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one line."""
-
-
 # ALGO LOGIC: the policy network (a copy of td3_bc_offline.Actor; tests/test_contracts.py proves the copies agree)
 class Actor(nn.Module):
     """Deterministic policy π(s): 2×hidden ReLU MLP, tanh output rescaled to the action bounds."""
@@ -105,20 +102,6 @@ class Actor(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs) * self.action_scale + self.action_bias
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint without running code (weights_only) and check its format."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} not found; train one with `python td3_bc_offline.py` or pass --checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable or not a plain-tensor checkpoint ({type(e).__name__}); "
-                        f"re-create it with `python td3_bc_offline.py`")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a checkpoint of this project (format '{CHECKPOINT_FORMAT}' expected)")
-    return ckpt
 
 
 def actor_from_checkpoint(ckpt: dict) -> Actor:

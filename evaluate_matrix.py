@@ -29,7 +29,8 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
+from runtime import UserError, load_checkpoint
+
 PERTURBATION_FORMAT = "o2o-adv-perturbations"
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
 
@@ -60,10 +61,6 @@ class Args:
     """the wandb project name"""
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line."""
 
 
 # ALGO LOGIC: the policy and the perturbation model (verbatim copies; tests/test_contracts.py proves they agree)
@@ -109,18 +106,6 @@ def rollout_batch(envs, actor: Actor, obs_mean, obs_std, deltas: np.ndarray, see
             alive[i] = not (terminated or truncated)
         steps += len(idx)
     return returns, steps
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint without running code (weights_only) and check its format."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable or not a plain-tensor checkpoint ({type(e).__name__}); remove it "
-                        f"or re-create it")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a checkpoint of this project (format '{CHECKPOINT_FORMAT}' expected)")
-    return ckpt
 
 
 def load_npz(path: str) -> dict:

@@ -1,4 +1,4 @@
-"""Run plumbing shared by the stage scripts: user errors, atomic saves, resume state, RNG and env capture, and the
+"""Run plumbing shared by the stage scripts: user errors, the safe checkpoint loader, atomic saves, resume state, RNG
 fast-path helpers (fused Adam, torch.compile, CUDA graphs). None of the algorithm lives here: each stage script
 holds its own networks, losses and loop, readable top to bottom."""
 import dataclasses
@@ -11,8 +11,29 @@ import numpy as np
 import torch
 
 
+CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
 class UserError(Exception):
     """A problem the user can fix; the scripts print it as one line and exit non-zero."""
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint of this project without running any code (torch.load(weights_only=True)) and check its format."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found; train one with `python td3_bc_offline.py` (or run "
+                        f"`bash run_pipeline.sh`), or pass the right path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable or not a plain-tensor checkpoint ({type(e).__name__}); "
+                        f"re-create it with `python td3_bc_offline.py`")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this project (format '{CHECKPOINT_FORMAT}' expected)")
+    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise UserError(f"{path} has checkpoint format version {ckpt['format_version']} > {CHECKPOINT_VERSION}; update this code")
+    return ckpt
 
 
 def save_checkpoint(path: str, ckpt: dict):
@@ -33,9 +54,9 @@ def adam(params, lr: float, device: torch.device, capturable: bool = False) -> t
 
 def set_adam_flags(opt: torch.optim.Adam, device: torch.device, capturable: bool):
     """load_state_dict restores the saved group flags and step placement; set this run's instead."""
-    for g in opt.param_groups:
-        g.update(fused=device.type in ("cpu", "cuda"), foreach=None, capturable=capturable)
     fused = device.type in ("cpu", "cuda")
+    for g in opt.param_groups:
+        g.update(fused=fused, foreach=None, capturable=capturable)
     for st in opt.state.values():
         if "step" in st:  # fused and capturable Adam keep the step count on the parameters' device
             st["step"] = st["step"].to(device if fused or capturable else "cpu", torch.float32)

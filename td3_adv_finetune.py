@@ -33,11 +33,10 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-from runtime import (UserError, accelerate, adam, check_fast_path_args, env_state, open_metrics, resume_point,  # noqa: F401
-                     rng_state, save_checkpoint, set_adam_flags, set_env_state, set_rng_state)
+from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam, check_fast_path_args,  # noqa: F401
+                     env_state, load_checkpoint, open_metrics, resume_point, rng_state, save_checkpoint, set_adam_flags,
+                     set_env_state, set_rng_state)
 
-CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
-CHECKPOINT_VERSION = 1
 PERTURBATION_FORMAT = "o2o-adv-perturbations"
 DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
                        "runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt")
@@ -177,21 +176,6 @@ class Critic(nn.Module):
         x = torch.cat([obs, act], -1)
         x = x.unsqueeze(0).expand(heads or self.n, *x.shape) if x.dim() == 2 else x
         return self.net(x).squeeze(-1)
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint without running code (weights_only) and check its format."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} not found; train one with `python td3_bc_offline.py` "
-                        f"(or run `bash run_pipeline.sh`), or pass --checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable or not a plain-tensor checkpoint ({type(e).__name__}); "
-                        f"re-create it with `python td3_bc_offline.py`")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a checkpoint of this project (format '{CHECKPOINT_FORMAT}' expected)")
-    return ckpt
 
 
 def actor_from_checkpoint(ckpt: dict) -> Actor:
@@ -604,6 +588,9 @@ def main(args: Args):
         env.q = q
         set_env_state(env, resumed["env"])
         set_rng_state(resumed["rng"])
+        if start_step == args.total_steps:
+            print(f"{run_dir} is already complete ({start_step} steps); nothing to resume")
+            return
         print(f"resuming {run_dir} at step {start_step}")
     obs_n = normalize(obs) if resumed is None else resumed["obs_n"].to(device)
     start_time = time.time()
@@ -661,7 +648,7 @@ def main(args: Args):
         env.q = q  # takes effect at the next episode's start
     pbar.close()
     metrics.close()
-    print(f"done: {args.total_steps} steps in {time.time() - start_time:.1f}s; final returns normal "
+    print(f"done: {args.total_steps - start_step} steps in {time.time() - start_time:.1f}s; final returns normal "
           f"{row['eval/normal_return']:.1f}, random {row['eval/random_return']:.1f}, adversarial "
           f"{row['eval/adversarial_return']:.1f}; q = {q:.3f}; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}")
     if args.track:

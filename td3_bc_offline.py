@@ -25,12 +25,8 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from runtime import (UserError, accelerate, adam, check_fast_path_args, open_metrics, resume_point, rng_state,  # noqa: F401
-                     save_checkpoint, set_adam_flags, set_rng_state)
-
-CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
-CHECKPOINT_VERSION = 1
-
+from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam, check_fast_path_args,  # noqa: F401
+                     load_checkpoint, open_metrics, resume_point, rng_state, save_checkpoint, set_adam_flags, set_rng_state)
 
 @dataclass
 class Args:
@@ -277,22 +273,6 @@ def normalized_score(ret: float, ref_min, ref_max) -> Optional[float]:
     if ref_min is None or ref_max is None:
         return None
     return 100.0 * (ret - ref_min) / (ref_max - ref_min)
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint of this project without running any code (torch.load(weights_only=True)) and check its format."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} not found; train one with `python td3_bc_offline.py`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable or not a plain-tensor checkpoint ({type(e).__name__}); "
-                        f"re-create it with `python td3_bc_offline.py`")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a checkpoint of this project (format '{CHECKPOINT_FORMAT}' expected)")
-    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise UserError(f"{path} has checkpoint format version {ckpt['format_version']} > {CHECKPOINT_VERSION}; update this code")
-    return ckpt
 
 
 def actor_from_checkpoint(ckpt: dict, device="cpu") -> Actor:

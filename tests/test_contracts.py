@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import td3_bc_offline as tb
@@ -40,10 +41,8 @@ def test_benchmark_script_runs_at_tiny_size():
 
 
 def test_checkpoint_acts_identically_in_every_stage_script(hopper_checkpoint):
-    """The Actor and checkpoint loader are copied into each stage script: a checkpoint written by td3_bc_offline.py
-    must load and give bit-identical actions in all of them."""
-    import torch
-
+    """The Actor is copied into each stage script: a checkpoint written by td3_bc_offline.py must load and give
+    bit-identical actions in all of them."""
     import de_perturbations as de
     import td3_adv_finetune as ft
     ckpt = tb.load_checkpoint(hopper_checkpoint)
@@ -52,19 +51,17 @@ def test_checkpoint_acts_identically_in_every_stage_script(hopper_checkpoint):
     for module in (de, ft):
         other = module.actor_from_checkpoint(module.load_checkpoint(hopper_checkpoint))
         assert torch.equal(other(obs), reference), module.__name__
-        assert module.CHECKPOINT_FORMAT == tb.CHECKPOINT_FORMAT
 
 
-def test_error_messages_for_a_missing_checkpoint_agree(tmp_path):
+def test_every_script_loads_checkpoints_with_the_one_safe_loader(tmp_path):
     import de_perturbations as de
+    import evaluate_matrix as em
+    import runtime
     import td3_adv_finetune as ft
-    for module in (tb, de, ft):
-        try:
-            module.load_checkpoint(str(tmp_path / "none.pt"))
-        except module.UserError as e:
-            assert "not found" in str(e) and "td3_bc_offline.py" in str(e)
-        else:
-            raise AssertionError(module.__name__)
+    for module in (tb, de, ft, em):
+        assert module.load_checkpoint is runtime.load_checkpoint and module.UserError is runtime.UserError
+    with pytest.raises(runtime.UserError, match="not found.*td3_bc_offline.py"):
+        runtime.load_checkpoint(str(tmp_path / "none.pt"))
 
 
 def test_readme_perturbation_schema_matches_written_npz(hopper_checkpoint, tmp_path):

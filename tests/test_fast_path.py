@@ -65,13 +65,14 @@ def test_compiled_td3_bc_update_matches_the_eager_reference():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cudagraph_td3_bc_update_matches_eager_on_cuda():
+    """One transition and no target noise: every batch is the same whatever the RNG draws (graph replays advance the
+    CUDA generator differently from eager calls), so the two paths must agree to float rounding."""
     actor, critic = nets()
-    data = fp.synthetic_data(2000, 11, 3)
+    data = fp.synthetic_data(1, 11, 3)
     results = []
     for kw in ({}, {"cudagraphs": True}):
-        (a, c, _, _), step = fp.project_offline(actor, critic, data, tb.Args(log_freq=4, **kw), torch.device("cuda"))
-        torch.manual_seed(7)
-        torch.cuda.manual_seed(7)
+        args = tb.Args(log_freq=4, policy_noise=0.0, **kw)
+        (a, c, _, _), step = fp.project_offline(actor, critic, data, args, torch.device("cuda"))
         losses = [step(i)["critic_loss"].item() for i in range(1, 9)]  # 2 eager warm-up calls, capture, 6 replays
         results.append((losses, [p.detach().cpu() for p in [*a.parameters(), *c.parameters()]]))
     np.testing.assert_allclose(results[0][0], results[1][0], atol=1e-4)
@@ -135,7 +136,8 @@ def test_fast_path_benchmark_runs_at_tiny_size():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and "×" in ln]
     assert "machine:" in proc.stdout
-    assert len(rows) == 7, proc.stdout  # 2 TD3+BC, 2 fine-tuning, 3 DE rows
+    # 2 TD3+BC rows on CPU (+4 on CUDA: reference and 3 variants), 2 fine-tuning, 3 DE rows
+    assert len(rows) == 7 + 4 * torch.cuda.is_available(), proc.stdout
     for row in rows:
         assert float(row.split("|")[2].replace(",", "")) > 0 and row.rstrip(" |").endswith("×")
 

@@ -1,7 +1,6 @@
 """Resume after interruption (kill -9 included), determinism, safe loading and bad input, stage by stage."""
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
