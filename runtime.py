@@ -1,6 +1,6 @@
-"""Run plumbing shared by the stage scripts: user errors, the safe checkpoint loader, atomic saves, resume state, RNG
-fast-path helpers (fused Adam, torch.compile, CUDA graphs). None of the algorithm lives here: each stage script
-holds its own networks, losses and loop, readable top to bottom."""
+"""Run plumbing shared by the stage scripts: user errors, the safe checkpoint loader, atomic saves, resume state,
+RNG and env capture, and the fast-path helpers (fused Adam, torch.compile, CUDA graphs). None of the algorithm lives
+here: each stage script holds its own networks, losses and loop, readable top to bottom."""
 import dataclasses
 import os
 import random
