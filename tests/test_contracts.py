@@ -95,7 +95,7 @@ def test_network_classes_are_identical_copies():
     import runtime  # the plumbing is shared, not copied: every script uses the one module's objects
     for module in (tb, ft, cd):
         assert module.UserError is runtime.UserError and module.rng_state is runtime.rng_state
-    for fn in ("perturb_action", "ActionPerturbation", "rollout_batch", "default_checkpoint"):
+    for fn in ("perturb_action", "ActionPerturbation", "rollout_batch", "default_checkpoint", "actor_from_checkpoint"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(de, fn)), fn
     assert ft.DEFAULT_CHECKPOINTS == de.DEFAULT_CHECKPOINTS
     import evaluate_matrix as em
