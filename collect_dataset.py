@@ -62,6 +62,8 @@ class Args:
     """eval return at which training stops and the policy counts as expert (default: the expert reference)"""
     max_train_steps: int = 1_000_000
     """budget of online TD3 env steps for the behaviour policy; if a target is not reached, the best policy is used (warned, recorded)"""
+    strict_targets: bool = False
+    """refuse to write a medium/expert dataset whose behaviour policy missed its target, instead of using the best policy seen"""
     rollout_noise: float = 0.1
     """std of Gaussian noise (in units of the action half-range) added to medium/expert rollouts"""
     ref_episodes: int = 100
@@ -314,6 +316,10 @@ def train_behaviour_policy(args: Args, medium_target: float, expert_target: Opti
     pbar.close()
     if best_actor is None:  # no evaluation ran (budget below learning_starts + eval_freq)
         best_actor = copy.deepcopy(actor)
+    missed = [lv for lv, a in (("medium", medium_actor), ("expert", expert_actor if need_expert else 0)) if a is None]
+    if args.strict_targets and missed:
+        raise UserError(f"the behaviour policy missed the {missed[0]} target in {steps_done} steps (best eval return "
+                        f"{best_return:.1f}); delete {state_path}, then raise --max-train-steps or pass another --seed")
     if medium_actor is None:
         tqdm.write(f"WARNING: medium target {medium_target:.1f} not reached in {steps_done} steps; "
                    f"using the best policy seen (eval return {best_return:.1f}) as medium")
@@ -487,7 +493,10 @@ def main(args: Args):
             ev = evaluate(actor, args.env_id, args.eval_episodes, args.seed + 10_000, device, args.max_episode_steps)
             eps, rets = rollout(env, noisy_policy(actor, args.rollout_noise, rng, low, high, device), args.num_transitions, args.seed + 3)
             episodes[lv] = eps
+            target = medium_target if lv == "medium" else expert_target
             meta[lv] = {"behaviour": f"TD3 policy, rollout noise {args.rollout_noise}", "policy_eval_return": float(ev.mean()),
+                        "target_return": target, "target_reached": target is not None and float(ev.mean()) >= target,
+                        "behaviour_seed": args.seed,
                         "episode_return_mean": float(np.mean(rets)) if rets else None, "training_log": log}
             if lv == "expert" and ref_max is None:
                 ref_max = float(evaluate(actor, args.env_id, args.ref_episodes, args.seed + 30_000, device, args.max_episode_steps).mean())

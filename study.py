@@ -1,0 +1,348 @@
+# The condition grid of the paper as one command: every stage of every (env, seed, condition) run on Ray.
+"""A study expands a grid (envs × seeds × fine-tuning conditions × curricula, plus the offline-only and from-scratch
+baselines) into the stage commands of the four stage scripts and runs them as a DAG on Ray:
+
+    dataset (per env) -> TD3+BC (per env, seed) -> DE perturbations (per policy) -> fine-tunes -> evaluation (per policy)
+
+then aggregates every finished run with rliable (`study_report.py`). It adds no algorithm: each stage is its own
+script in its own process, exactly the command a user would type. Re-running the same command skips finished stages
+(their files are untouched) and continues interrupted ones with the stage's own `--resume`.
+
+    python study.py --scale tiny --seeds 1 2                         # seconds: every stage, two seeds
+    python study.py --env-ids Hopper-v5 --seeds 1 2 3 4 5            # the paper's grid at the medium scale
+    python study.py --ray-address auto ...                           # the same study on a running Ray cluster
+"""
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import tyro
+from tqdm import tqdm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Stage budgets per scale. medium: a behaviour policy at D4RL's medium level (a third of the expert reference) and
+# budgets under which the fine-tuned and offline-only policies differ, sized for a 5-seed Hopper study in about four
+# hours on 2 CPU cores (README, "A multi-seed study").
+SCALES = {
+    "tiny": dict(
+        namespace="local-tiny",
+        collect=["--levels", "medium", "--num-transitions", "1000", "--max-train-steps", "1500", "--learning-starts", "500",
+                 "--eval-freq", "500", "--eval-episodes", "2", "--ref-episodes", "3", "--medium-target-return", "50",
+                 "--max-episode-steps", "100"],
+        pretrain=["--total-steps", "200", "--eval-freq", "100", "--eval-episodes", "2", "--batch-size", "64"],
+        de=["--num-perturbations", "1", "--popsize", "4", "--maxiter", "2", "--de-episodes", "2", "--eval-episodes", "2",
+            "--random-draws", "2"],
+        finetune=["--total-steps", "300", "--eval-freq", "150", "--eval-episodes", "2", "--batch-size", "64"],
+        scratch_starts=100,
+        evaluate=["--eval-episodes", "2"]),
+    "small": dict(  # a weak "medium" (return ~200 where D4RL's Hopper medium is ~1400): exercises every stage
+        namespace="local-quick",
+        collect=["--levels", "random", "medium", "--num-transitions", "50000", "--max-train-steps", "40000",
+                 "--learning-starts", "5000", "--eval-freq", "5000", "--eval-episodes", "5", "--ref-episodes", "20",
+                 "--medium-target-return", "200"],
+        pretrain=["--total-steps", "10000", "--eval-freq", "2500", "--eval-episodes", "5"],
+        de=["--num-perturbations", "3", "--maxiter", "10"],
+        finetune=["--total-steps", "20000", "--eval-freq", "5000", "--eval-episodes", "5"],
+        scratch_starts=5000,
+        evaluate=["--eval-episodes", "10"]),
+    "medium": dict(
+        namespace="local-medium",
+        collect=["--levels", "medium", "--num-transitions", "200000", "--max-train-steps", "400000", "--strict-targets"],
+        pretrain=["--total-steps", "20000", "--eval-freq", "5000", "--eval-episodes", "10"],
+        de=[],
+        finetune=["--total-steps", "50000", "--eval-freq", "5000", "--eval-episodes", "10"],
+        scratch_starts=10000,
+        evaluate=["--eval-episodes", "10", "--attack-num-perturbations", "2", "--attack-maxiter", "10"]),
+    "paper": dict(
+        namespace="local",
+        collect=[],
+        pretrain=["--total-steps", "5000000"],
+        de=[],
+        finetune=["--total-steps", "1000000"],
+        scratch_starts=25000,
+        evaluate=[]),
+}
+
+
+@dataclass
+class Args:
+    env_ids: tuple[str, ...] = ("Hopper-v5",)
+    """Gymnasium MuJoCo envs; each gets its own dataset and its own rows in the report"""
+    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    """seeds of the TD3+BC, DE and fine-tuning runs (one chain per env and seed)"""
+    finetune_conditions: tuple[Literal["normal", "random", "adversarial"], ...] = ("normal", "random", "adversarial")
+    """conditions fine-tuned from the offline policy, with the adaptive curriculum (under normal, q has nothing to inject)"""
+    curricula: tuple[Literal["fixed", "linear", "adaptive"], ...] = ("fixed", "linear", "adaptive")
+    """curricula of q run under adversarial fine-tuning"""
+    scratch: bool = True
+    """also train from scratch (adversarial, adaptive) as the fully online baseline"""
+    epsilon: float = 0.3
+    """ε: perturbation bound of the DE attacks and of every fine-tune"""
+    scale: Literal["tiny", "small", "medium", "paper"] = "medium"
+    """stage budgets (SCALES in this file): tiny (seconds), small (minutes), medium (hours), paper (days)"""
+    behaviour_seed: int = 1
+    """seed of the behaviour policy that collects each env's dataset (shared by every study seed)"""
+    results_dir: Optional[str] = None
+    """where the report goes (default: results/study-{scale})"""
+    study_name: Optional[str] = None
+    """names the study in its manifest and W&B group (default: the results folder's name)"""
+    ray_address: Optional[str] = None
+    """address of an existing Ray cluster (`auto` finds a local one); default: start Ray on this machine"""
+    num_cpus: Optional[int] = None
+    """CPUs Ray may use on this machine when it starts one (default: all)"""
+    cpus_per_task: int = 1
+    """CPUs each stage declares; its torch threads and DE/evaluation workers follow it"""
+    cuda: bool = False
+    """run TD3+BC and fine-tuning on a GPU (each such task then declares --gpus-per-task)"""
+    gpus_per_task: float = 1.0
+    """GPUs a training stage declares with --cuda (a fraction packs several on one GPU)"""
+    max_retries: int = 2
+    """times a stage is retried after its worker (or its process, by a signal) dies; it continues with --resume"""
+    overwrite: bool = False
+    """forget finished stages and run every stage afresh (--overwrite), replacing their outputs"""
+    dry_run: bool = False
+    """print the stages in order with their commands, and run nothing"""
+    report: bool = True
+    """aggregate the finished runs with rliable at the end (study_report.py)"""
+    reps: int = 10_000
+    """bootstrap replications of the report's confidence intervals"""
+    track: bool = False
+    """log every stage to Weights & Biases, grouped under the study name (honours WANDB_MODE=offline)"""
+
+
+@dataclass
+class Stage:
+    id: str
+    kind: str  # dataset, pretrain, attack, finetune, evaluate
+    script: str
+    argv: list
+    deps: list
+    env_id: str
+    seed: Optional[int] = None
+    resume_file: Optional[str] = None  # exists -> the stage continues with --resume
+    fresh: list = field(default_factory=list)  # flags for a fresh start
+    done_file: Optional[str] = None  # for a dataset: exists (and resume_file does not) -> finished outside the study
+    gpu: bool = False
+    policy: Optional[dict] = None  # evaluate stages: what the report needs to know of the policy
+
+
+def env_short(env_id: str) -> str:
+    return env_id.split("-")[0].lower()
+
+
+def build_stages(args: Args, store: str) -> list:
+    """The DAG in an order that finishes one (env, seed) chain before the next where the CPUs allow."""
+    sc, ns = SCALES[args.scale], SCALES[args.scale]["namespace"]
+    gpu = ["--cuda"] if args.cuda else ["--no-cuda"]
+    track = ["--track"] if args.track else []
+    workers = ["--num-workers", str(args.cpus_per_task)]
+    stages = []
+    for env_id in args.env_ids:
+        dataset = f"{ns}/{env_short(env_id)}/medium-v0"
+        ds = Stage(f"dataset:{env_id}", "dataset", "collect_dataset.py",
+                   ["--env-id", env_id, "--namespace", ns, "--seed", str(args.behaviour_seed), *sc["collect"], *gpu],
+                   [], env_id, resume_file=f"runs/collect_dataset__{ns}-{env_short(env_id)}-v0/state.pt",
+                   fresh=["--overwrite"], done_file=os.path.join(store, dataset))
+        stages.append(ds)
+        for seed in args.seeds:
+            run = f"runs/{dataset.replace('/', '-')}__td3_bc_offline__{seed}"
+            ckpt, npz = f"{run}/checkpoint.pt", f"{run}/perturbations.npz"
+            pre = Stage(f"pretrain:{env_id}:{seed}", "pretrain", "td3_bc_offline.py",
+                        ["--dataset-id", dataset, "--seed", str(seed), "--run-name", run[5:], *sc["pretrain"], *gpu, *track],
+                        [ds.id], env_id, seed, resume_file=ckpt, fresh=["--overwrite"], gpu=args.cuda)
+            att = Stage(f"attack:{env_id}:{seed}", "attack", "de_perturbations.py",
+                        ["--checkpoint", ckpt, "--output", npz, "--epsilon", str(args.epsilon), "--seed", str(seed),
+                         *sc["de"], *workers, *track], [pre.id], env_id, seed, resume_file=npz + ".state.npz")
+            stages += [pre, att]
+            policies = [(pre, run, {"init": "offline", "finetune_condition": "", "curriculum": ""})]
+            specs = [("offline", c, "adaptive") for c in args.finetune_conditions if c != "adversarial"]
+            if "adversarial" in args.finetune_conditions:
+                specs += [("offline", "adversarial", c) for c in args.curricula]
+            if args.scratch:
+                specs.append(("scratch", "adversarial", "adaptive"))
+            for init, cond, curr in specs:
+                name = f"{ns}-{env_id}__td3_adv_finetune__{init}-{cond}-{curr}__{seed}"
+                extra = ["--learning-starts", str(sc["scratch_starts"])] if init == "scratch" else []
+                ft = Stage(f"finetune:{env_id}:{seed}:{init}-{cond}-{curr}", "finetune", "td3_adv_finetune.py",
+                           ["--checkpoint", ckpt, "--perturbations", npz, "--seed", str(seed), "--run-name", name,
+                            "--init", init, "--finetune-condition", cond, "--curriculum", curr, *sc["finetune"], *extra,
+                            *gpu, *track], [att.id], env_id, seed, resume_file=f"runs/{name}/state.pt",
+                           fresh=["--overwrite"], gpu=args.cuda)
+                stages.append(ft)
+                policies.append((ft, f"runs/{name}", {"init": init, "finetune_condition": cond, "curriculum": curr}))
+            for st, run_dir, info in policies:
+                out = f"runs/{ns}-study-eval/{os.path.basename(run_dir)}"
+                stages.append(Stage(f"evaluate:{st.id}", "evaluate", "evaluate_matrix.py",
+                                    ["--checkpoints", f"{run_dir}/checkpoint.pt", "--output-dir", out, *sc["evaluate"],
+                                     *workers], [st.id, att.id], env_id, seed,
+                                    policy={"env_id": env_id, "seed": seed, "run_dir": run_dir, "stage": st.kind,
+                                            "matrix": f"{out}/matrix.csv", **info}))
+    return stages
+
+
+# Running one stage (inside a Ray worker)
+def _die_with_parent():
+    """Linux: the stage process gets SIGKILL when the worker that started it dies, so no orphan outlives a killed study."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class StageKilled(Exception):
+    """The stage's process died by a signal (out of memory, a killed node): Ray retries the task, which resumes."""
+
+
+def run_stage(cmd: list, resume_file: Optional[str], fresh: list, cwd: str, env: dict, log_path: str) -> dict:
+    """Run one stage command to completion: --resume where it left resume state, else its fresh-start flags."""
+    flags = ["--resume"] if resume_file and os.path.exists(os.path.join(cwd, resume_file)) else fresh
+    if cmd[1].endswith("collect_dataset.py") and flags == ["--resume"]:
+        flags = ["--resume", "--overwrite"]
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd + flags)}\n")
+        log.flush()
+        proc = subprocess.run(cmd + flags, cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    if proc.returncode < 0:
+        raise StageKilled(f"{' '.join(cmd)} was killed by signal {-proc.returncode}")
+    with open(log_path, errors="replace") as f:
+        lines = [ln.strip() for ln in f.read().splitlines()[-200:] if ln.strip()]
+    error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "no output")
+    return {"returncode": proc.returncode, "wall_s": time.time() - t0, "flags": flags,
+            "error": None if proc.returncode == 0 else error}
+
+
+# The driver
+def marker_path(stage: Stage) -> str:
+    return os.path.join("runs", "_study", stage.id.replace(":", "__") + ".json")
+
+
+def is_done(stage: Stage, cmd: list) -> bool:
+    """Finished before: the study's marker with the same command, or a dataset in the store with no resume state."""
+    path = marker_path(stage)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)["argv"]
+        if saved != cmd[1:]:
+            raise SystemExit(f"error: stage {stage.id} finished earlier with other arguments ({marker_path(stage)}); "
+                             f"pass --overwrite to redo it, or give this study another --scale or --results-dir")
+        return True
+    return bool(stage.done_file and os.path.isdir(stage.done_file) and not os.path.exists(stage.resume_file))
+
+
+def write_json_atomic(path: str, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(args: Args) -> int:
+    if args.scale not in SCALES:
+        raise SystemExit(f"error: --scale must be one of {', '.join(SCALES)}")
+    if not args.seeds or not args.env_ids:
+        raise SystemExit("error: --seeds and --env-ids need at least one value each")
+    if not 0 < args.epsilon <= 1 or args.cpus_per_task < 1 or args.max_retries < 0:
+        raise SystemExit("error: --epsilon must be in (0, 1], --cpus-per-task >= 1 and --max-retries >= 0")
+    results_dir = args.results_dir or f"results/study-{args.scale}"
+    name = args.study_name or os.path.basename(os.path.normpath(results_dir))
+    cwd = os.getcwd()
+    store = os.environ.get("MINARI_DATASETS_PATH") or os.path.expanduser("~/.minari/datasets")
+    stages = build_stages(args, store)
+    by_id = {s.id: s for s in stages}
+    cmds = {s.id: [sys.executable, os.path.join(HERE, s.script), *s.argv] for s in stages}
+    if args.dry_run:
+        for s in stages:
+            print(f"{s.id}  <-  {', '.join(s.deps) or '-'}\n    {' '.join(cmds[s.id][1:])}")
+        return 0
+    manifest = {"study": name, "scale": args.scale, "env_ids": list(args.env_ids), "seeds": list(args.seeds),
+                "epsilon": args.epsilon, "behaviour_seed": args.behaviour_seed, "namespace": SCALES[args.scale]["namespace"],
+                "policies": [s.policy for s in stages if s.policy], "runs_root": cwd,
+                "commands": {s.id: cmds[s.id][1:] for s in stages}}
+
+    done = set() if args.overwrite else {s.id for s in stages if is_done(s, cmds[s.id])}
+    if args.overwrite:
+        for s in stages:
+            if os.path.exists(marker_path(s)):
+                os.remove(marker_path(s))
+    import ray
+    env = {"OMP_NUM_THREADS": str(args.cpus_per_task), "MKL_NUM_THREADS": str(args.cpus_per_task),
+           "PYTHONUNBUFFERED": "1", "WANDB_RUN_GROUP": name}
+    if "MINARI_DATASETS_PATH" in os.environ:
+        env["MINARI_DATASETS_PATH"] = os.environ["MINARI_DATASETS_PATH"]
+    ray.init(address=args.ray_address, num_cpus=None if args.ray_address else args.num_cpus, include_dashboard=False,
+             log_to_driver=False, logging_level="ERROR", configure_logging=False,
+             **({} if args.ray_address else {"object_store_memory": 100 * 1024 ** 2}))
+    remote = ray.remote(run_stage)
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // args.cpus_per_task))
+    failed, skipped, running = {}, set(), {}
+    pending = [s for s in stages if s.id not in done]
+    bar = tqdm(total=len(stages), initial=len(done), desc=f"study {name}", unit="stage", mininterval=1, dynamic_ncols=True)
+    if done:
+        tqdm.write(f"{len(done)} of {len(stages)} stages finished earlier: skipped")
+
+    def status():
+        bar.set_postfix(done=len(done), running=len(running), queued=len(pending), failed=len(failed), refresh=False)
+
+    while pending or running:
+        for s in list(pending):  # skip everything downstream of a failure
+            if any(d in failed or d in skipped for d in s.deps):
+                pending.remove(s)
+                skipped.add(s.id)
+                bar.update(1)
+        ready = [s for s in pending if all(d in done for d in s.deps)]
+        for s in ready[:max(0, slots - len(running))]:
+            pending.remove(s)
+            opts = {"num_cpus": args.cpus_per_task, "max_retries": args.max_retries, "retry_exceptions": [StageKilled]}
+            if s.gpu:
+                opts["num_gpus"] = args.gpus_per_task
+            log = os.path.join(cwd, "runs", "_study", "logs", s.id.replace(":", "__") + ".log")
+            ref = remote.options(**opts).remote(cmds[s.id], s.resume_file, s.fresh, cwd, env, log)
+            running[ref] = (s, time.time())
+        status()
+        if not running:
+            continue
+        finished, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
+        for ref in finished:
+            s, t0 = running.pop(ref)
+            try:
+                res = ray.get(ref)
+            except Exception as e:  # the worker died more than --max-retries times
+                res = {"returncode": -1, "wall_s": time.time() - t0, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+            bar.update(1)
+            if res["returncode"] == 0:
+                done.add(s.id)
+                write_json_atomic(marker_path(s), {"argv": cmds[s.id][1:], "flags": res["flags"], "wall_s": res["wall_s"],
+                                                   "started": t0, "finished": time.time()})
+                tqdm.write(f"done    {s.id}  ({res['wall_s']:.1f} s{', resumed' if '--resume' in res['flags'] else ''})")
+            else:
+                failed[s.id] = res["error"]
+                tqdm.write(f"FAILED  {s.id}  ({res['wall_s']:.1f} s): {res['error']}")
+        status()
+    bar.close()
+    ray.shutdown()
+
+    write_json_atomic(os.path.join(results_dir, "study.json"), manifest)
+    print(f"study {name}: {len(done)} of {len(stages)} stages done, {len(failed)} failed, {len(skipped)} skipped")
+    for sid, err in failed.items():
+        print(f"  failed: {sid}: {err}  (log: runs/_study/logs/{sid.replace(':', '__')}.log)")
+    if skipped:
+        print(f"  skipped (an input failed): {', '.join(sorted(skipped))}")
+    if args.report and any(s.kind == "evaluate" and s.id in done for s in stages):
+        import study_report
+        study_report.main(study_report.Args(results_dir=results_dir, reps=args.reps))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(tyro.cli(Args)))

@@ -1,0 +1,173 @@
+"""study.py (the grid on Ray: DAG order, resume after a killed driver, failure isolation) and study_report.py
+(rliable aggregation checked against values computed by hand)."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+import study
+import study_report as sr
+
+CONDS = ("normal", "random", "adversarial", "transfer")
+
+
+def fake_study(root: Path, scores: dict, seeds=(1, 2, 3, 4, 5, 6), steps=(0, 5000, 10000)):
+    """A study folder with the files the report reads: one matrix.csv per policy and metrics.jsonl per fine-tune.
+    scores: policy label -> (init, condition, curriculum, fn(seed, eval condition) -> normalized score)."""
+    policies = []
+    for label, (init, cond, curr, fn) in scores.items():
+        for seed in seeds:
+            run = f"runs/{label.replace(' ', '_')}_{seed}"
+            (root / run).mkdir(parents=True)
+            matrix = root / run / "matrix.csv"
+            with open(matrix, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["policy", "seed", "env_id", "eval_condition", "mean_return",
+                                                  "normalized_mean", "checkpoint"])
+                w.writeheader()
+                for c in CONDS:
+                    w.writerow({"policy": label, "seed": seed, "env_id": "Hopper-v5", "eval_condition": c,
+                                "mean_return": 10 * fn(seed, c), "normalized_mean": fn(seed, c), "checkpoint": f"{run}/checkpoint.pt"})
+            stage = "pretrain" if label == sr.OFFLINE else "finetune"
+            if stage == "finetune":
+                with open(root / run / "metrics.jsonl", "w") as f:
+                    for i, s in enumerate(steps):
+                        frac = i / (len(steps) - 1)
+                        row = {"step": s, "curriculum/q": 0.1 + 0.4 * frac}
+                        for c in ("normal", "random", "adversarial"):
+                            row[f"eval/{c}_normalized"] = fn(seed, c) * frac / 100
+                            row[f"eval/{c}_return"] = 10 * fn(seed, c) * frac
+                        f.write(json.dumps(row) + "\n")
+            policies.append({"env_id": "Hopper-v5", "seed": seed, "run_dir": run, "stage": stage, "matrix": str(matrix.relative_to(root)),
+                             "init": init, "finetune_condition": cond, "curriculum": curr})
+    res = root / "results"
+    res.mkdir()
+    (res / "study.json").write_text(json.dumps({"study": "fake", "scale": "tiny", "env_ids": ["Hopper-v5"], "seeds": list(seeds),
+                                                "epsilon": 0.3, "policies": policies, "runs_root": str(root)}))
+    return res
+
+
+def test_report_iqm_and_cis_match_hand_computed_values_and_the_claims_follow(tmp_path):
+    x = np.array([3.0, 9.0, 1.0, 4.0, 7.0, 20.0])  # IQM of 6 runs: trim 1 at each end -> mean of 3, 4, 7, 9
+    scores = {
+        sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0 if c == "normal" else 30.0),
+        sr.ADV: ("offline", "adversarial", "adaptive", lambda s, c: 60.0 + x[s - 1]),
+        sr.NORMAL_FT: ("offline", "normal", "adaptive", lambda s, c: 80.0 if c == "normal" else 20.0),
+        sr.SCRATCH: ("scratch", "adversarial", "adaptive", lambda s, c: 5.0),
+    }
+    res = fake_study(tmp_path, scores)
+    sr.main(sr.Args(results_dir=str(res), reps=2000))
+    rows = {(r["policy"], r["eval_condition"]): r for r in csv.DictReader(open(res / "scores.csv"))}
+    adv = rows[(sr.ADV, "adversarial")]
+    assert float(adv["iqm"]) == pytest.approx(60 + np.mean([3, 4, 7, 9]), abs=1e-4)
+    assert float(adv["mean"]) == pytest.approx(60 + x.mean(), abs=1e-4)
+    # the CI of the mean against a percentile bootstrap written out by hand (the same resampling of 6 runs)
+    rng = np.random.default_rng(0)
+    boot = (60 + x)[rng.integers(0, 6, size=(20000, 6))].mean(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    assert float(adv["mean_lo"]) == pytest.approx(lo, abs=0.4) and float(adv["mean_hi"]) == pytest.approx(hi, abs=0.4)
+    assert float(adv["iqm_lo"]) < float(adv["iqm"]) < float(adv["iqm_hi"])
+    off = rows[(sr.OFFLINE, "normal")]  # identical seeds: a zero-width interval
+    assert float(off["iqm_lo"]) == float(off["iqm"]) == float(off["iqm_hi"]) == 50.0
+    report = (res / "report.md").read_text()
+    assert "Status: complete" in report
+    assert "1. Adversarial fine-tuning is more robust than offline-only" in report and "P = 1.00 [1.00, 1.00]" in report
+    assert report.count("**supported**") >= 2  # claim 1 (every seed above offline) and claim 2 (scratch stays at 5)
+    assert "3. Matching the fine-tuning and evaluation conditions gives the strongest robustness: not measured" in report
+    for name in ("curves.png", "q_trajectory.png", "heatmap.png", "poi.csv"):
+        assert (res / name).stat().st_size > 0
+    first = {p.name: p.read_bytes() for p in res.iterdir() if p.suffix in (".md", ".csv")}
+    sr.main(sr.Args(results_dir=str(res), reps=2000))  # the same files, the same tables
+    assert first == {p.name: p.read_bytes() for p in res.iterdir() if p.suffix in (".md", ".csv")}
+
+
+def test_report_labels_a_partial_study_and_refuses_an_empty_one(tmp_path):
+    scores = {sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0), sr.ADV: ("offline", "adversarial", "adaptive", lambda s, c: 55.0)}
+    res = fake_study(tmp_path, scores, seeds=(1, 2))
+    os.remove(tmp_path / "runs" / f"{sr.ADV.replace(' ', '_')}_2" / "matrix.csv")
+    sr.main(sr.Args(results_dir=str(res), reps=200))
+    assert "PARTIAL: 3 of 4 policies evaluated" in (res / "report.md").read_text()
+    proc = subprocess.run([sys.executable, str(ROOT / "study_report.py"), "--results-dir", str(tmp_path / "nothing")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("error:") and "study.py" in proc.stderr
+
+
+def test_the_grid_expands_to_the_paper_conditions_in_dag_order(tmp_path):
+    stages = study.build_stages(study.Args(), str(tmp_path))
+    ids = [s.id for s in stages]
+    assert len(ids) == len(set(ids))
+    for i, s in enumerate(stages):  # every dependency comes earlier in the list
+        assert all(ids.index(d) < i for d in s.deps), s.id
+    ft = sorted(s.id.split(":")[-1] for s in stages if s.kind == "finetune" and s.seed == 1)
+    assert ft == ["offline-adversarial-adaptive", "offline-adversarial-fixed", "offline-adversarial-linear",
+                  "offline-normal-adaptive", "offline-random-adaptive", "scratch-adversarial-adaptive"]
+    assert sum(s.kind == "dataset" for s in stages) == 1 and sum(s.kind == "pretrain" for s in stages) == 5
+    assert sum(s.kind == "evaluate" for s in stages) == 5 * 7  # offline-only + six fine-tunes, per seed
+    proc = subprocess.run([sys.executable, str(ROOT / "study.py"), "--scale", "tiny", "--seeds", "1", "--dry-run"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0 and "td3_adv_finetune.py" in proc.stdout and not (tmp_path / "runs").exists()
+
+
+def _outputs(stage, root: Path) -> list:
+    """The files a finished stage wrote."""
+    if stage.kind == "dataset":
+        return [p for p in Path(stage.done_file).rglob("*") if p.is_file()]
+    flag = {"pretrain": "--run-name", "finetune": "--run-name", "attack": "--output", "evaluate": "--output-dir"}[stage.kind]
+    path = stage.argv[stage.argv.index(flag) + 1]
+    path = root / "runs" / path if flag == "--run-name" else root / path
+    return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+
+
+def _markers(root: Path) -> dict:
+    return {p.name: json.loads(p.read_text()) for p in (root / "runs" / "_study").glob("*.json")}
+
+
+def test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage(tmp_path):
+    """One env, two seeds, two fine-tune conditions at the tiny scale, through local Ray. Seed 2's TD3+BC run folder
+    holds a corrupt checkpoint, so that stage fails: its dependents are skipped while seed 1 finishes. The driver is
+    killed (SIGKILL) mid-study; the second run redoes no finished stage and leaves their files untouched."""
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari"), "OMP_NUM_THREADS": "1"}
+    bad = tmp_path / "runs" / "local-tiny-hopper-medium-v0__td3_bc_offline__2"
+    bad.mkdir(parents=True)
+    (bad / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    cmd = [sys.executable, str(ROOT / "study.py"), "--scale", "tiny", "--seeds", "1", "2", "--finetune-conditions", "normal",
+           "adversarial", "--curricula", "adaptive", "--no-scratch", "--results-dir", "results/t", "--reps", "200"]
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    deadline = time.time() + 240
+    while len(_markers(tmp_path)) < 3 and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    driver.wait()
+    first = _markers(tmp_path)
+    assert len(first) >= 3, driver.stdout.read()
+    stages = {os.path.basename(study.marker_path(s)): s for s in study.build_stages(
+        study.Args(scale="tiny", seeds=(1, 2), finetune_conditions=("normal", "adversarial"), curricula=("adaptive",),
+                   scratch=False), str(tmp_path / "minari"))}
+    outputs = {p: p.stat().st_mtime_ns for name in first for p in _outputs(stages[name], tmp_path)}
+    assert outputs
+
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert f"{len(first)} of 15 stages finished earlier: skipped" in out
+    assert "failed: pretrain:Hopper-v5:2: error:" in out and "unreadable" in out
+    assert "skipped (an input failed): attack:Hopper-v5:2" in out
+    markers = _markers(tmp_path)
+    assert all(markers[k] == v for k, v in first.items())  # finished stages were not redone ...
+    assert all(p.stat().st_mtime_ns == t for p, t in outputs.items())  # ... and their files are untouched
+    assert sorted(markers) == sorted(n for n, s in stages.items() if s.seed in (None, 1))
+    for name, m in markers.items():  # nothing started before its inputs were finished
+        for d in stages[name].deps:
+            assert m["started"] >= markers[os.path.basename(study.marker_path(
+                next(s for s in stages.values() if s.id == d)))]["finished"], (name, d)
+    report = (tmp_path / "results" / "t" / "report.md").read_text()
+    assert "PARTIAL: 3 of 6 policies evaluated" in report
