@@ -160,6 +160,8 @@ def fresh_attack(path: str, ref: dict, args: Args, out_dir: str) -> dict:
     if not os.path.exists(out):
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "de_perturbations.py"),
                "--checkpoint", path, "--output", out, *settings, "--num-workers", str(args.num_workers)]
+        if os.path.exists(out + ".state.npz"):  # an attack interrupted with this evaluation continues where it stopped
+            cmd.append("--resume")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"

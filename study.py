@@ -88,7 +88,8 @@ class Args:
     scale: Literal["tiny", "small", "medium", "paper"] = "medium"
     """stage budgets (SCALES in this file): tiny (seconds), small (minutes), medium (hours), paper (days)"""
     behaviour_seed: int = 1
-    """seed of the behaviour policy that collects each env's dataset (shared by every study seed)"""
+    """seed of the behaviour policy that collects each env's dataset, shared by every study seed (another seed when
+    one stalls below the medium target; its datasets get the namespace suffix -b{seed})"""
     results_dir: Optional[str] = None
     """where the report goes (default: results/study-{scale})"""
     study_name: Optional[str] = None
@@ -131,15 +132,22 @@ class Stage:
     done_file: Optional[str] = None  # for a dataset: exists (and resume_file does not) -> finished outside the study
     gpu: bool = False
     policy: Optional[dict] = None  # evaluate stages: what the report needs to know of the policy
+    ns: str = ""  # the scale's Minari namespace: markers and logs live in runs/_study/{ns}/
 
 
 def env_short(env_id: str) -> str:
     return env_id.split("-")[0].lower()
 
 
+def namespace(args: Args) -> str:
+    """The scale's Minari namespace; a behaviour seed other than 1 gets its own datasets (suffix -b{seed})."""
+    ns = SCALES[args.scale]["namespace"]
+    return ns if args.behaviour_seed == 1 else f"{ns}-b{args.behaviour_seed}"
+
+
 def build_stages(args: Args, store: str) -> list:
     """The DAG in an order that finishes one (env, seed) chain before the next where the CPUs allow."""
-    sc, ns = SCALES[args.scale], SCALES[args.scale]["namespace"]
+    sc, ns = SCALES[args.scale], namespace(args)
     gpu = ["--cuda"] if args.cuda else ["--no-cuda"]
     track = ["--track"] if args.track else []
     workers = ["--num-workers", str(args.cpus_per_task)]
@@ -184,6 +192,8 @@ def build_stages(args: Args, store: str) -> list:
                                      *workers], [st.id, att.id], env_id, seed,
                                     policy={"env_id": env_id, "seed": seed, "run_dir": run_dir, "stage": st.kind,
                                             "matrix": f"{out}/matrix.csv", **info}))
+    for s in stages:
+        s.ns = ns
     return stages
 
 
@@ -223,7 +233,19 @@ def run_stage(cmd: list, resume_file: Optional[str], fresh: list, cwd: str, env:
 
 # The driver
 def marker_path(stage: Stage) -> str:
-    return os.path.join("runs", "_study", stage.id.replace(":", "__") + ".json")
+    return os.path.join("runs", "_study", stage.ns, stage.id.replace(":", "__") + ".json")
+
+
+def log_path(stage: Stage) -> str:
+    return os.path.join("runs", "_study", stage.ns, "logs", stage.id.replace(":", "__") + ".log")
+
+
+def _json_or_raw(v):
+    """Minari keeps its own metadata as plain values and ours JSON-encoded (collect_dataset.py)."""
+    try:
+        return json.loads(v) if isinstance(v, str) else v
+    except json.JSONDecodeError:
+        return v
 
 
 def is_done(stage: Stage, cmd: list) -> bool:
@@ -236,7 +258,19 @@ def is_done(stage: Stage, cmd: list) -> bool:
             raise SystemExit(f"error: stage {stage.id} finished earlier with other arguments ({marker_path(stage)}); "
                              f"pass --overwrite to redo it, or give this study another --scale or --results-dir")
         return True
-    return bool(stage.done_file and os.path.isdir(stage.done_file) and not os.path.exists(stage.resume_file))
+    if not (stage.done_file and os.path.isdir(stage.done_file) and not os.path.exists(stage.resume_file)):
+        return False
+    if "--strict-targets" in stage.argv:  # never take a weak policy's data for medium, whoever made it
+        with open(os.path.join(stage.done_file, "data", "metadata.json")) as f:
+            meta = {k: _json_or_raw(v) for k, v in json.load(f).items()}
+        target = meta.get("target_return") or meta["collect_args"].get("medium_target_return")
+        if target is None:
+            from collect_dataset import EXPERT_RETURN
+            target = EXPERT_RETURN[stage.env_id.split("-")[0]] / 3
+        if meta["policy_eval_return"] < target:
+            raise SystemExit(f"error: {stage.done_file} was collected by a policy with return {meta['policy_eval_return']:.1f}, "
+                             f"below the medium target {target:.1f}; delete it, or pass another --behaviour-seed")
+    return True
 
 
 def write_json_atomic(path: str, obj):
@@ -266,7 +300,7 @@ def main(args: Args) -> int:
             print(f"{s.id}  <-  {', '.join(s.deps) or '-'}\n    {' '.join(cmds[s.id][1:])}")
         return 0
     manifest = {"study": name, "scale": args.scale, "env_ids": list(args.env_ids), "seeds": list(args.seeds),
-                "epsilon": args.epsilon, "behaviour_seed": args.behaviour_seed, "namespace": SCALES[args.scale]["namespace"],
+                "epsilon": args.epsilon, "behaviour_seed": args.behaviour_seed, "namespace": namespace(args),
                 "policies": [s.policy for s in stages if s.policy], "runs_root": cwd,
                 "commands": {s.id: cmds[s.id][1:] for s in stages}}
 
@@ -306,7 +340,7 @@ def main(args: Args) -> int:
             opts = {"num_cpus": args.cpus_per_task, "max_retries": args.max_retries, "retry_exceptions": [StageKilled]}
             if s.gpu:
                 opts["num_gpus"] = args.gpus_per_task
-            log = os.path.join(cwd, "runs", "_study", "logs", s.id.replace(":", "__") + ".log")
+            log = os.path.join(cwd, log_path(s))
             ref = remote.options(**opts).remote(cmds[s.id], s.resume_file, s.fresh, cwd, env, log)
             running[ref] = (s, time.time())
         status()
@@ -335,7 +369,7 @@ def main(args: Args) -> int:
     write_json_atomic(os.path.join(results_dir, "study.json"), manifest)
     print(f"study {name}: {len(done)} of {len(stages)} stages done, {len(failed)} failed, {len(skipped)} skipped")
     for sid, err in failed.items():
-        print(f"  failed: {sid}: {err}  (log: runs/_study/logs/{sid.replace(':', '__')}.log)")
+        print(f"  failed: {sid}: {err}  (log: {log_path(by_id[sid])})")
     if skipped:
         print(f"  skipped (an input failed): {', '.join(sorted(skipped))}")
     if args.report and any(s.kind == "evaluate" and s.id in done for s in stages):

@@ -127,7 +127,7 @@ def _outputs(stage, root: Path) -> list:
 
 
 def _markers(root: Path) -> dict:
-    return {p.name: json.loads(p.read_text()) for p in (root / "runs" / "_study").glob("*.json")}
+    return {p.name: json.loads(p.read_text()) for p in (root / "runs" / "_study" / "local-tiny").glob("*.json")}
 
 
 def test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage(tmp_path):
@@ -171,3 +171,34 @@ def test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage
                 next(s for s in stages.values() if s.id == d)))]["finished"], (name, d)
     report = (tmp_path / "results" / "t" / "report.md").read_text()
     assert "PARTIAL: 3 of 6 policies evaluated" in report
+
+
+def test_run_stage_resumes_where_state_is_left_reports_the_error_line_and_flags_a_killed_process(tmp_path):
+    log = str(tmp_path / "logs" / "s.log")
+    echo = [sys.executable, "-c", "import sys; print(sys.argv[1:])"]
+    assert study.run_stage(echo, "state.pt", ["--overwrite"], str(tmp_path), {}, log)["flags"] == ["--overwrite"]
+    (tmp_path / "state.pt").write_bytes(b"")
+    res = study.run_stage(echo, "state.pt", ["--overwrite"], str(tmp_path), {}, log)
+    assert res["returncode"] == 0 and res["flags"] == ["--resume"] and res["error"] is None
+    assert "['--resume']" in open(log).read()
+    fail = [sys.executable, "-c", "import sys; print('working'); sys.exit('error: the dataset is gone; make it again')"]
+    res = study.run_stage(fail, None, [], str(tmp_path), {}, log)
+    assert res["returncode"] == 1 and res["error"] == "error: the dataset is gone; make it again"
+    killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    with pytest.raises(study.StageKilled):  # Ray retries the task on this exception; the retry resumes
+        study.run_stage(killed, None, [], str(tmp_path), {}, log)
+
+
+def test_a_medium_dataset_below_its_target_is_refused_and_one_above_it_is_taken(tmp_path):
+    stage = next(s for s in study.build_stages(study.Args(scale="medium", seeds=(1,)), str(tmp_path)) if s.kind == "dataset")
+    meta = Path(stage.done_file) / "data" / "metadata.json"
+    meta.parent.mkdir(parents=True)
+    cmd = [sys.executable, stage.script, *stage.argv]
+    for ret, ok in ((700.0, False), (1549.3, True)):  # Minari's own fields are plain strings, ours JSON-encoded
+        meta.write_text(json.dumps({"dataset_id": "local-medium/hopper/medium-v0", "policy_eval_return": json.dumps(ret),
+                                    "collect_args": json.dumps({"medium_target_return": None})}))
+        if ok:
+            assert study.is_done(stage, cmd)
+        else:
+            with pytest.raises(SystemExit, match="below the medium target 1078.1"):
+                study.is_done(stage, cmd)
