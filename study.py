@@ -309,6 +309,7 @@ def main(args: Args) -> int:
         for s in stages:
             if os.path.exists(marker_path(s)):
                 os.remove(marker_path(s))
+    write_json_atomic(os.path.join(results_dir, "study.json"), manifest)  # first: a partial study can be reported
     import ray
     env = {"OMP_NUM_THREADS": str(args.cpus_per_task), "MKL_NUM_THREADS": str(args.cpus_per_task),
            "PYTHONUNBUFFERED": "1", "WANDB_RUN_GROUP": name}
@@ -366,7 +367,6 @@ def main(args: Args) -> int:
     bar.close()
     ray.shutdown()
 
-    write_json_atomic(os.path.join(results_dir, "study.json"), manifest)
     print(f"study {name}: {len(done)} of {len(stages)} stages done, {len(failed)} failed, {len(skipped)} skipped")
     for sid, err in failed.items():
         print(f"  failed: {sid}: {err}  (log: {log_path(by_id[sid])})")
