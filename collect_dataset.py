@@ -316,9 +316,9 @@ def train_behaviour_policy(args: Args, medium_target: float, expert_target: Opti
     pbar.close()
     if best_actor is None:  # no evaluation ran (budget below learning_starts + eval_freq)
         best_actor = copy.deepcopy(actor)
-    missed = [lv for lv, a in (("medium", medium_actor), ("expert", expert_actor if need_expert else 0)) if a is None]
+    missed = "medium" if medium_actor is None else "expert" if need_expert and expert_actor is None else None
     if args.strict_targets and missed:
-        raise UserError(f"the behaviour policy missed the {missed[0]} target in {steps_done} steps (best eval return "
+        raise UserError(f"the behaviour policy missed the {missed} target in {steps_done} steps (best eval return "
                         f"{best_return:.1f}); delete {state_path}, then raise --max-train-steps or pass another --seed")
     if medium_actor is None:
         tqdm.write(f"WARNING: medium target {medium_target:.1f} not reached in {steps_done} steps; "

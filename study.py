@@ -282,8 +282,6 @@ def write_json_atomic(path: str, obj):
 
 
 def main(args: Args) -> int:
-    if args.scale not in SCALES:
-        raise SystemExit(f"error: --scale must be one of {', '.join(SCALES)}")
     if not args.seeds or not args.env_ids:
         raise SystemExit("error: --seeds and --env-ids need at least one value each")
     if not 0 < args.epsilon <= 1 or args.cpus_per_task < 1 or args.max_retries < 0:

@@ -1,5 +1,8 @@
 """collect_dataset.py: Minari-format datasets made locally (shapes, episode boundaries, reference scores, atomicity)."""
+import json
 import os
+import subprocess
+import sys
 
 import gymnasium as gym
 import minari
@@ -7,7 +10,7 @@ import numpy as np
 import pytest
 
 import collect_dataset as cd
-from conftest import assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_script
 
 
 def test_levels_load_back_with_shapes_and_episode_boundaries(hopper_datasets):
@@ -105,3 +108,25 @@ def test_cli_smoke_random_level(tmp_path):
 ])
 def test_cli_bad_input_is_one_clear_line(tmp_path, argv, needle):
     assert_one_line_error(run_script("collect_dataset.py", *argv, cwd=tmp_path, timeout=60), needle)
+
+
+
+def test_strict_targets_refuses_a_behaviour_policy_below_its_target_and_writes_nothing(tmp_path):
+    """--strict-targets: a policy that never reaches the medium target is not written as medium (one error line);
+    one that reaches it is, and its metadata records the target, that it was reached, and the behaviour seed."""
+    store = tmp_path / "store"
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(store)}
+    common = ["--env-id", "Hopper-v5", "--namespace", "strict", "--levels", "medium", "--num-transitions", "200",
+              "--max-train-steps", "600", "--learning-starts", "300", "--eval-freq", "300", "--eval-episodes", "1",
+              "--ref-episodes", "2", "--max-episode-steps", "50", "--no-cuda", "--strict-targets"]
+    for name, target in (("miss", "1e9"), ("reach", "-1e9")):
+        (tmp_path / name).mkdir()
+        proc = subprocess.run([sys.executable, str(ROOT / "collect_dataset.py"), *common, "--medium-target-return", target],
+                              cwd=tmp_path / name, env=env, capture_output=True, text=True, timeout=300)
+        if name == "miss":
+            assert_one_line_error(proc, "missed the medium target", "--max-train-steps")
+            assert not (store / "strict" / "hopper" / "medium-v0").exists()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((store / "strict" / "hopper" / "medium-v0" / "data" / "metadata.json").read_text())
+    assert json.loads(meta["target_reached"]) is True and json.loads(meta["behaviour_seed"]) == 1
+    assert json.loads(meta["target_return"]) == -1e9
