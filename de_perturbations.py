@@ -227,7 +227,7 @@ class PopulationEvaluator:
         if self.pool is None:
             chunks = [_worker_rollout(pair_deltas, pair_seeds)]
         else:
-            parts = np.array_split(np.arange(S * M), self.num_workers)
+            parts = [p for p in np.array_split(np.arange(S * M), self.num_workers) if len(p)]  # fewer pairs than workers
             chunks = list(self.pool.map(_worker_rollout, [pair_deltas[p] for p in parts], [pair_seeds[p] for p in parts]))
         self.env_steps += sum(c[1] for c in chunks)
         return np.concatenate([c[0] for c in chunks]).reshape(S, M).mean(1)

@@ -93,6 +93,9 @@ class CudaGraph:
 def check_fast_path_args(args):
     if args.matmul_precision not in ("highest", "high", "medium"):
         raise UserError(f"--matmul-precision must be highest, high or medium (got {args.matmul_precision})")
+    if args.compile and args.cudagraphs:
+        raise UserError("--compile with --cudagraphs is not supported: inductor compiles again inside the CUDA-graph "
+                        "capture and fails there (seen on an H200); use --cudagraphs alone on CUDA")
     if args.cudagraphs and not (args.cuda and torch.cuda.is_available()):
         raise UserError("--cudagraphs needs a CUDA device; drop the flag on this machine (use --compile instead)")
     torch.set_float32_matmul_precision(args.matmul_precision)

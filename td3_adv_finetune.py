@@ -129,7 +129,7 @@ class Args:
     compile: bool = False
     """torch.compile the two halves of the update"""
     cudagraphs: bool = False
-    """capture the two halves of the update in CUDA graphs (CUDA only; capturable fused Adam)"""
+    """capture the two halves of the update in CUDA graphs (CUDA only; capturable fused Adam; not with --compile)"""
     matmul_precision: str = "highest"
     """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs with AMX)"""
 

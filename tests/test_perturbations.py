@@ -125,6 +125,18 @@ def test_batched_population_evaluation_equals_serial(hopper_checkpoint, workers)
     assert ev.env_steps > 0
 
 
+def test_fewer_pairs_than_workers_leaves_the_spare_workers_idle(hopper_checkpoint):
+    """A many-core machine evaluating a small set (one δ × one episode on 3 workers) must not hand a worker nothing."""
+    ckpt = de.load_checkpoint(hopper_checkpoint)
+    delta, seeds = np.full((1, 3), 0.2), np.array([7])
+    ev = de.PopulationEvaluator(ckpt, "multiplicative", 60, 3)
+    try:
+        batched = ev.returns(delta, seeds)
+    finally:
+        ev.close()
+    np.testing.assert_allclose(batched, serial_returns(ckpt, delta, seeds, "multiplicative", 60), rtol=1e-4)
+
+
 def test_de_beats_random_draws_and_equal_budget_random_search(hopper_checkpoint):
     ckpt = de.load_checkpoint(hopper_checkpoint)
     ev = de.PopulationEvaluator(ckpt, "multiplicative", 60, 1)
