@@ -29,7 +29,7 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-from runtime import UserError, load_checkpoint
+from runtime import UserError, captioned, check_rendering, load_checkpoint, record_episode, side_by_side, write_video
 
 PERTURBATION_FORMAT = "o2o-adv-perturbations"
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
@@ -55,6 +55,13 @@ class Args:
     """DE popsize of each fresh attack (default: the reference file's)"""
     num_workers: int = 0
     """processes for the fresh attacks (0: one per core)"""
+    capture_video: bool = False
+    """record one episode per policy and condition (normal; random: the first stored draw; adversarial: the fresh-attack
+    δ that hurts that policy most) into {output-dir}/videos/, and every policy side by side under one δ (MP4 and GIF)"""
+    video_size: int = 160
+    """frame size of the videos in pixels (off-screen rendering on a CPU costs about 0.1-0.3 s a frame)"""
+    video_frame_skip: int = 4
+    """env steps between video frames"""
     track: bool = False
     """log the table and images to Weights & Biases (honours WANDB_MODE=offline)"""
     wandb_project_name: str = "robust-o2o"
@@ -298,6 +305,37 @@ def plot_q(path, curves, env_id):
     plt.close(fig)
 
 
+def capture_videos(args: Args, ckpts: dict, sets: dict) -> list:
+    """One episode per policy and condition, all from the first evaluation seed, then every policy side by side under
+    one δ: the precomputed δ that hurts the first offline-only policy most (else the first policy's). -> file paths."""
+    out, paths = os.path.join(args.output_dir, "videos"), []
+
+    def episode(ckpt, delta, model):
+        actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
+        actor.load_state_dict(ckpt["actor"])
+        return record_episode(ckpt["env_id"], ckpt.get("max_episode_steps"), actor.eval(), ckpt["obs_mean"], ckpt["obs_std"],
+                              delta, perturb_action, model, args.eval_seed, args.video_size, args.video_frame_skip)
+
+    for path, ckpt in tqdm(ckpts.items(), desc="videos"):
+        ref, attack = sets[path]
+        model, name = str(ref["perturbation_model"]), f"{policy_label(ckpt)} s{ckpt['args']['seed']}"
+        worst = attack["perturbations"][int(np.argmin(attack["perturbation_returns"]))]
+        for cond, delta in (("normal", np.zeros(ckpt["act_dim"])), ("random", ref["random_deltas"][0]), ("adversarial", worst)):
+            ep = episode(ckpt, delta, model)
+            paths.append(os.path.join(out, f"{name.replace(' ', '_').replace('(', '').replace(')', '')}__{cond}.mp4"))
+            write_video(paths[-1], captioned(ep, f"{name}, {cond}", delta), ep.fps)
+    first = next((p for p, c in ckpts.items() if c.get("stage") == "td3_bc_offline"), next(iter(ckpts)))
+    ref = sets[first][0]
+    delta = ref["perturbations"][int(np.argmin(ref["perturbation_returns"]))]
+    eps = {p: episode(c, delta, str(ref["perturbation_model"])) for p, c in ckpts.items()}
+    frames = side_by_side([captioned(ep, f"{policy_label(ckpts[p])} s{ckpts[p]['args']['seed']}", delta) for p, ep in eps.items()])
+    fps = next(iter(eps.values())).fps
+    paths += [os.path.join(out, "side_by_side.mp4"), os.path.join(out, "side_by_side.gif")]
+    write_video(paths[-2], frames, fps)
+    write_video(paths[-1], frames[::2], fps / 2)  # the GIF at half the frame rate keeps it small
+    return paths
+
+
 def main(args: Args):
     if args.eval_episodes < 1:
         raise UserError("--eval-episodes must be >= 1")
@@ -314,16 +352,21 @@ def main(args: Args):
     if len(envs) > 1:
         raise UserError(f"the checkpoints mix envs ({', '.join(envs)}); pass --env-id to evaluate one env at a time")
     env_id = envs[0]
+    if args.capture_video:
+        if args.video_size < 16 or args.video_frame_skip < 1:
+            raise UserError("--video-size must be >= 16 and --video-frame-skip >= 1")
+        check_rendering(env_id)
     os.makedirs(os.path.join(args.output_dir, "attacks"), exist_ok=True)
     import matplotlib
     matplotlib.use("Agg")
 
-    rows = []
+    rows, sets = [], {}
     for path, ckpt in tqdm(ckpts.items(), desc="policies (fresh attack + evaluation)"):
         ref = load_npz(reference_npz_path(path, ckpt))
         if str(ref["env_id"]) != env_id:
             raise UserError(f"{reference_npz_path(path, ckpt)} is for {ref['env_id']}, but {path} is for {env_id}")
         attack = fresh_attack(path, ref, args, args.output_dir)
+        sets[path] = ref, attack
         conditions = {"normal": np.zeros((1, ckpt["act_dim"])), "random": ref["random_deltas"],
                       "adversarial": attack["perturbations"], "transfer": ref["perturbations"]}
         returns = evaluate_policy(ckpt, conditions, args.eval_episodes, args.eval_seed, str(ref["perturbation_model"]))
@@ -356,12 +399,15 @@ def main(args: Args):
         curves = load_curves(finetuned)
         plot_curves(os.path.join(args.output_dir, "curves.png"), curves, summary, env_id)
         plot_q(os.path.join(args.output_dir, "q_trajectory.png"), curves, env_id)
+    videos = capture_videos(args, ckpts, sets) if args.capture_video else []
     print(table)
-    print(f"wrote {args.output_dir}/matrix.csv, matrix.md, heatmap.png" + (", curves.png, q_trajectory.png" if finetuned else ""))
+    print(f"wrote {args.output_dir}/matrix.csv, matrix.md, heatmap.png" + (", curves.png, q_trajectory.png" if finetuned else "")
+          + (f" and {len(videos)} videos in {args.output_dir}/videos/" if videos else ""))
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=f"{env_id}__evaluate_matrix")
         wandb.log({"matrix": wandb.Table(columns=fields, data=[[r[k] for k in fields] for r in rows]),
+                   **{f"videos/{os.path.basename(v)[:-4]}": wandb.Video(v, format="mp4") for v in videos if v.endswith(".mp4")},
                    **{name: wandb.Image(os.path.join(args.output_dir, f"{name}.png"))
                       for name in ("heatmap", "curves", "q_trajectory") if os.path.exists(os.path.join(args.output_dir, f"{name}.png"))}})
         wandb.finish()

@@ -33,9 +33,9 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam, check_fast_path_args,  # noqa: F401
-                     env_state, load_checkpoint, open_metrics, resume_point, rng_state, save_checkpoint, set_adam_flags,
-                     set_env_state, set_rng_state)
+from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam, captioned,  # noqa: F401
+                     check_fast_path_args, check_rendering, env_state, load_checkpoint, open_metrics, record_episode,
+                     resume_point, rng_state, save_checkpoint, set_adam_flags, set_env_state, set_rng_state, write_video)
 
 PERTURBATION_FORMAT = "o2o-adv-perturbations"
 DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
@@ -88,6 +88,9 @@ class Args:
     """the wandb project name"""
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
+    capture_video: bool = False
+    """record evaluation episode 0 under the adversarial condition (δ_0) at each evaluation into runs/{run_name}/videos/
+    (and to W&B with --track); needs off-screen rendering (MUJOCO_GL=egl)"""
 
     # TD3
     total_steps: int = 1_000_000
@@ -454,6 +457,8 @@ def main(args: Args):
     resumed = resume_point(state_path, args, "td3_adv_finetune") if args.resume else None
     if resumed is None and os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not args.overwrite:
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite, or another --run-name")
+    if args.capture_video:
+        check_rendering(env_id, max_steps)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -523,12 +528,23 @@ def main(args: Args):
             row[f"eval/{cond}_normalized"] = norm(float(r.mean()))
         return row
 
+    def video(step: int):
+        """--capture-video: the adversarial evaluation's first episode (δ_0, the first evaluation seed), recorded."""
+        ep = record_episode(env_id, max_steps, copy.deepcopy(actor).cpu(), obs_mean.cpu(), obs_std.cpu(), deltas[0],
+                            perturb_action, model, args.eval_seed)
+        path = os.path.join(run_dir, "videos", f"eval_step{step:08d}.mp4")
+        write_video(path, captioned(ep, f"step {step}, adversarial", deltas[0]), ep.fps)
+        if args.track:
+            wandb.log({"videos/eval_adversarial": wandb.Video(path, format="mp4")}, step=step)
+
     pert_sha256 = hashlib.sha256(open(pert_path, "rb").read()).hexdigest()
     q = env.q
     if resumed is None:
         row = evaluate()  # evaluation 0: the starting policy; it seeds the EMA R̄_0 = R_0
         ema = row["eval/normal_normalized"]
         log({"step": 0, **row, "curriculum/q": q, "curriculum/ema": ema})
+        if args.capture_video:
+            video(0)
 
     def checkpoint(step: int, row: dict) -> dict:
         return {
@@ -643,6 +659,8 @@ def main(args: Args):
             log({"step": step, **row, **losses, "curriculum/q": q, "curriculum/ema": ema,
                  "charts/perturbed_fraction": n_perturbed / n_episodes, "charts/sps": (step - start_step) / (time.time() - start_time)})
             pbar.set_postfix(normal=f"{row['eval/normal_return']:.0f}", adv=f"{row['eval/adversarial_return']:.0f}", q=f"{q:.2f}")
+            if args.capture_video:
+                video(step)
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint(step, row))
             save_checkpoint(state_path, state(step, row))
         env.q = q  # takes effect at the next episode's start
