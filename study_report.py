@@ -354,11 +354,21 @@ def main(args: Args):
         return buf.getvalue()
 
     write("scores.csv", to_csv(csv_rows))
+    # the report's inputs, per seed, so a reader can check every aggregate without the runs
+    write("evaluations.csv", to_csv(sorted(({k: r[k] for k in ("env_id", "policy", "seed", "eval_condition",
+                                                                 "mean_return", "normalized_mean")} for r in rows),
+                                           key=lambda r: (r["env_id"], policies.index(r["policy"]), r["seed"],
+                                                          EVAL_CONDITIONS.index(r["eval_condition"])))))
+    keys = ("eval/normal_return", "eval/random_return", "eval/adversarial_return", "curriculum/q")
+    write("curves.csv", to_csv([{"env_id": g, "policy": pol, "seed": seed, "step": r["step"],
+                                 **{k.split("/")[1]: float(r[k]) for k in keys}}
+                                for (g, pol), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], policies.index(kv[0][1])))
+                                for seed, run in sorted(runs.items()) for r in run]))
     if poi_rows:
         write("poi.csv", to_csv(poi_rows))
     write("report.md", "\n".join(out) + "\n")
     print("\n".join(out[:6 + len(claims)]))
-    print(f"wrote {args.results_dir}/report.md, scores.csv, poi.csv and plots ({status})")
+    print(f"wrote {args.results_dir}/report.md, scores.csv, poi.csv, evaluations.csv, curves.csv and plots ({status})")
 
 
 if __name__ == "__main__":

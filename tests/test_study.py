@@ -84,6 +84,10 @@ def test_report_iqm_and_cis_match_hand_computed_values_and_the_claims_follow(tmp
     assert "3. Matching the fine-tuning and evaluation conditions gives the strongest robustness: not measured" in report
     for name in ("curves.png", "q_trajectory.png", "heatmap.png", "poi.csv"):
         assert (res / name).stat().st_size > 0
+    per_seed = list(csv.DictReader(open(res / "evaluations.csv")))  # the inputs, one row per (policy, seed, condition)
+    assert len(per_seed) == len(scores) * 6 * len(sr.EVAL_CONDITIONS)
+    assert {float(r["normalized_mean"]) for r in per_seed if r["policy"] == sr.ADV and r["eval_condition"] == "adversarial"} == set(60 + x)
+    assert {r["policy"] for r in csv.DictReader(open(res / "curves.csv"))} == {sr.ADV, sr.NORMAL_FT, sr.SCRATCH}
     first = {p.name: p.read_bytes() for p in res.iterdir() if p.suffix in (".md", ".csv")}
     sr.main(sr.Args(results_dir=str(res), reps=2000))  # the same files, the same tables
     assert first == {p.name: p.read_bytes() for p in res.iterdir() if p.suffix in (".md", ".csv")}
