@@ -8,7 +8,7 @@
 Conditions, with the same meaning in every stage: normal (δ = 0), random (δ ~ U([−ε, ε]^Na) per episode),
 adversarial (δ from the set found here). The objective of DE run k is the policy's mean return over M episodes
 whose seeds are fixed for the run (common random numbers), evaluated for the whole population at once.
-Output schema: README.md ("Perturbations file").
+Output schema: docs/file_contracts.md ("Perturbations file schema").
 """
 import hashlib
 import json

@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Stage budgets per scale. medium: a behaviour policy at D4RL's medium level (a third of the expert reference) and
 # budgets under which the fine-tuned and offline-only policies differ, sized for a 5-seed Hopper study in one sitting
-# on 2 CPU cores (README, "What the medium scale costs").
+# on 2 CPU cores (docs/study.md, "What the medium scale costs").
 SCALES = {
     "tiny": dict(
         namespace="local-tiny",

@@ -4,7 +4,7 @@
 
 Observations are normalized by the dataset's mean/std (stored in the checkpoint and used when acting).
 Targets bootstrap through truncations (time limits), not through terminations.
-Outputs in runs/{run_name}/: checkpoint.pt (schema in README.md), metrics.jsonl, args.json.
+Outputs in runs/{run_name}/: checkpoint.pt (schema in docs/file_contracts.md), metrics.jsonl, args.json.
 """
 import copy
 import dataclasses

@@ -4,7 +4,7 @@ Measures, each for the reference and for the project's code:
   1. offline TD3+BC updates/s (batch 256, Hopper-v5 shapes, synthetic data: the cost does not depend on the values);
   2. online fine-tuning env steps/s on Hopper-v5, one update per step (td3_adv_finetune.main itself, --init scratch);
   3. DE env steps/s (de_perturbations' lockstep population evaluation against serial rollouts).
-Prints the machine and a Markdown table with the ratios (the README's):
+Prints the machine and a Markdown table with the ratios (docs/fast_path.md):
     python benchmarks/fast_path.py                                                  # about 5 minutes on 2 CPU cores
     python benchmarks/fast_path.py --updates 30 --finetune-steps 400 --de-steps 2000  # seconds (the test suite's size)
     python benchmarks/fast_path.py --profile    # where an update's time goes: the GEMM share and GEMM GFLOP/s

@@ -1,4 +1,4 @@
-"""Measure the stages on this machine; prints a Markdown table (the README's).
+"""Measure the stages on this machine; prints a Markdown table (docs/measurements.md).
 
 Dataset creation time, TD3+BC updates/s, and DE's population evaluation against raw single-env stepping,
 all in one run:

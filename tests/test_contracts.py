@@ -1,4 +1,4 @@
-"""File contracts between stages: the README's checkpoint schema is exactly what the scripts write."""
+"""File contracts between stages: the schema tables in docs/file_contracts.md are exactly what the scripts write."""
 import re
 import subprocess
 import sys
@@ -11,7 +11,7 @@ from conftest import ROOT
 
 
 def documented_checkpoint_keys(name: str = "checkpoint") -> set:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "file_contracts.md").read_text()
     table = text.split(f"<!-- {name}-schema:start -->")[1].split(f"<!-- {name}-schema:end -->")[0]
     keys = set()
     for line in table.splitlines()[2:]:
@@ -71,7 +71,7 @@ def test_readme_perturbation_schema_matches_written_npz(hopper_checkpoint, tmp_p
     out = tmp_path / "p.npz"
     de.main(de.Args(checkpoint=hopper_checkpoint, output=str(out), num_perturbations=1, popsize=4, maxiter=1,
                     de_episodes=1, eval_episodes=1, random_draws=2, max_episode_steps=10, num_workers=1))
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "file_contracts.md").read_text()
     table = text.split("<!-- perturbations-schema:start -->")[1].split("<!-- perturbations-schema:end -->")[0]
     documented = set()
     for line in table.splitlines()[2:]:
@@ -110,7 +110,7 @@ def test_readme_finetune_schema_matches_written_checkpoint(hopper_checkpoint, ho
     ft.main(ft.Args(checkpoint=hopper_checkpoint, total_steps=4, eval_freq=4, eval_episodes=1, batch_size=8, cuda=False,
                     run_name="schema"))
     ckpt = tb.load_checkpoint("runs/schema/checkpoint.pt")
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "file_contracts.md").read_text()
     table = text.split("<!-- finetune-schema:start -->")[1].split("<!-- finetune-schema:end -->")[0]
     added = set()
     for line in table.splitlines()[2:]:
