@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import version as pkg_version
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import minari
@@ -46,9 +46,10 @@ EXPERT_RETURN = {"Hopper": 3234.3, "HalfCheetah": 12135.0, "Walker2d": 4592.3, "
 
 @dataclass
 class Args:
+    # what to collect
     env_id: str = "Hopper-v5"
     """Gymnasium environment id (MuJoCo v5 envs: Hopper-v5, HalfCheetah-v5, Ant-v5, Walker2d-v5, ...)"""
-    levels: tuple[str, ...] = LEVELS
+    levels: tuple[Literal["random", "medium", "medium-replay", "expert"], ...] = LEVELS
     """which datasets to create: any of random, medium, medium-replay, expert"""
     namespace: str = "local"
     """Minari namespace; datasets are named {namespace}/{env}/{level}-v{version}, e.g. local/hopper/medium-v0"""
@@ -57,36 +58,27 @@ class Args:
     num_transitions: int = 1_000_000
     """transitions per random/medium/expert dataset (D4RL: 1M); medium-replay holds what training produced"""
     medium_target_return: Optional[float] = None
-    """deterministic eval return at which the behaviour policy counts as medium (default: expert reference / 3)"""
+    """deterministic eval return at which the behaviour policy counts as medium (if unset: expert reference / 3)"""
     expert_target_return: Optional[float] = None
-    """eval return at which training stops and the policy counts as expert (default: the expert reference)"""
+    """eval return at which training stops and the policy counts as expert (if unset: the expert reference)"""
     max_train_steps: int = 1_000_000
     """budget of online TD3 env steps for the behaviour policy; if a target is not reached, the best policy is used (warned, recorded)"""
     strict_targets: bool = False
     """refuse to write a medium/expert dataset whose behaviour policy missed its target, instead of using the best policy seen"""
     rollout_noise: float = 0.1
     """std of Gaussian noise (in units of the action half-range) added to medium/expert rollouts"""
+    max_episode_steps: Optional[int] = None
+    """override the env's time limit (short episodes for tests); stored in the dataset's env spec"""
+
+    # reference scores
     ref_episodes: int = 100
     """episodes of a uniform random policy averaged for ref_min_score"""
     ref_min_score: Optional[float] = None
     """override the measured random-policy reference return"""
     ref_max_score: Optional[float] = None
-    """override the expert reference return (default: D4RL's constant for the env, else the expert policy's measured return)"""
-    max_episode_steps: Optional[int] = None
-    """override the env's time limit (short episodes for tests); stored in the dataset's env spec"""
-    overwrite: bool = False
-    """replace datasets with the same id"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic`"""
-    cuda: bool = True
-    """use CUDA for the behaviour policy's training when available"""
-    resume: bool = False
-    """continue an interrupted behaviour-policy training from runs/collect_dataset__{namespace}-{env}-v{version}/state.pt"""
-    save_policies: Optional[str] = None
-    """directory to save the medium/expert behaviour policies (actor state dicts) into"""
-    # TD3 behaviour-policy training (Fujimoto et al., 2018)
+    """override the expert reference return (if unset: D4RL's constant for the env, else the expert policy's measured return)"""
+
+    # the TD3 behaviour policy
     learning_rate: float = 3e-4
     """Adam learning rate"""
     batch_size: int = 256
@@ -109,6 +101,20 @@ class Args:
     """env steps between evaluations of the behaviour policy"""
     eval_episodes: int = 10
     """episodes per evaluation"""
+
+    # run management
+    overwrite: bool = False
+    """replace datasets with the same id"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA for the behaviour policy's training when available"""
+    resume: bool = False
+    """continue an interrupted behaviour-policy training from runs/collect_dataset__{namespace}-{env}-v{version}/state.pt"""
+    save_policies: Optional[str] = None
+    """directory to save the medium/expert behaviour policies (actor state dicts) into"""
 
 
 # ALGO LOGIC: a compact TD3 behaviour policy (same network shapes as the TD3+BC stage)
@@ -425,9 +431,8 @@ def write_minari_dataset(dataset_id: str, episodes, env_id: str, ref_min_score: 
 
 
 def check_args(args: Args):
-    bad = [lv for lv in args.levels if lv not in LEVELS]
-    if bad or not args.levels:
-        raise UserError(f"unknown level(s) {bad or '(none)'}: choose from {' '.join(LEVELS)}")
+    if not args.levels:
+        raise UserError(f"--levels needs at least one of {' '.join(LEVELS)}")
     try:
         spec = gym.spec(args.env_id)
     except gym.error.Error as e:

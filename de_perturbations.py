@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -38,14 +38,13 @@ DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoin
 
 @dataclass
 class Args:
-    checkpoint: Optional[str] = None
-    """policy checkpoint (default: the first of DEFAULT_CHECKPOINTS that exists: full-scale, then run_pipeline.sh's)"""
-    output: Optional[str] = None
-    """output .npz (default: perturbations.npz next to the checkpoint); a PNG of DE convergence goes beside it"""
+    # the paper's knobs: the box [−ε, ε]^Na of δ and how δ acts on the executed action
     epsilon: float = 0.3
     """ε: perturbation bound, δ ∈ [−ε, ε]^Na (the paper uses 0.3 or 0.5 depending on the env)"""
-    perturbation_model: str = "multiplicative"
+    perturbation_model: Literal["multiplicative", "additive"] = "multiplicative"
     """multiplicative: ã = a ⊙ (1 + δ); additive: ã = a + δ ⊙ half-range (both clipped to the action bounds)"""
+
+    # the adversary: differential evolution (scipy)
     num_perturbations: int = 5
     """K: independent DE runs (own seed and own episode seeds each); their best δ form the set {δ_a}"""
     de_episodes: int = 5
@@ -64,16 +63,26 @@ class Args:
     """DE relative convergence tolerance"""
     polish: bool = False
     """polish the best δ with L-BFGS-B (off: the objective is piecewise and noisy)"""
+    de_seed: int = 20_000
+    """DE run k uses episode seeds de_seed + 1000 k + i and optimizer seed de_seed + k"""
+
+    # inputs and outputs
+    checkpoint: Optional[str] = None
+    """policy checkpoint (if unset: the first of DEFAULT_CHECKPOINTS that exists: full-scale, then run_pipeline.sh's)"""
+    output: Optional[str] = None
+    """output .npz (if unset: perturbations.npz next to the checkpoint); a PNG of DE convergence goes beside it"""
+
+    # evaluation
     eval_episodes: int = 10
     """episodes (seeds eval_seed + i) for the reported returns: nominal, random draws and each δ_a"""
     eval_seed: int = 10_000
     """first seed of the reporting episodes (the same as the other stages' evaluations)"""
-    de_seed: int = 20_000
-    """DE run k uses episode seeds de_seed + 1000 k + i and optimizer seed de_seed + k"""
     random_draws: int = 20
     """R: random δ ~ U([−ε, ε]^Na) evaluated for the random-condition baseline"""
     max_episode_steps: Optional[int] = None
     """override the checkpoint's episode time limit (shorter, cheaper episodes)"""
+
+    # run management
     num_workers: int = 0
     """processes stepping the environments (0: one per CPU core)"""
     seed: int = 1
@@ -288,8 +297,6 @@ def run_de(evaluate, act_dim: int, epsilon: float, seeds: np.ndarray, de_seed: i
 
 
 def check_args(args: Args):
-    if args.perturbation_model not in PERTURBATION_MODELS:
-        raise UserError(f"--perturbation-model must be one of {', '.join(PERTURBATION_MODELS)}")
     if args.epsilon <= 0 or (args.perturbation_model == "multiplicative" and args.epsilon >= 1):
         raise UserError(f"--epsilon must be in (0, 1) for the multiplicative model (got {args.epsilon}): δ = −1 would "
                         f"switch an actuator off and δ < −1 reverse it; use 0.3 or 0.5 as the paper does")

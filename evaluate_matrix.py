@@ -37,24 +37,27 @@ EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
 
 @dataclass
 class Args:
+    # what to evaluate
     checkpoints: tuple[str, ...] = ("runs",)
     """checkpoint files, globs, or folders searched recursively for checkpoint.pt"""
-    output_dir: str = "results"
-    """where the table, CSV, plots and fresh attacks go"""
     env_id: Optional[str] = None
     """keep only checkpoints of this env (required when the set mixes envs)"""
     eval_episodes: int = 10
     """episodes per policy and condition (seeds eval_seed + i)"""
     eval_seed: int = 10_000
     """first evaluation seed (the same episodes as the other stages)"""
+
+    # the fresh attack on each policy
     attack_num_perturbations: Optional[int] = None
-    """K of each fresh attack (default: the reference perturbations file's)"""
+    """K of each fresh attack (if unset: the reference perturbations file's)"""
     attack_maxiter: Optional[int] = None
-    """DE generations of each fresh attack (default: the reference file's)"""
+    """DE generations of each fresh attack (if unset: the reference file's)"""
     attack_popsize: Optional[int] = None
-    """DE popsize of each fresh attack (default: the reference file's)"""
+    """DE popsize of each fresh attack (if unset: the reference file's)"""
     num_workers: int = 0
     """processes for the fresh attacks (0: one per core)"""
+
+    # videos
     capture_video: bool = False
     """record one episode per policy and condition (normal; random: the first stored draw; adversarial: the fresh-attack
     δ that hurts that policy most) into {output-dir}/videos/, and every policy side by side under one δ (MP4 and GIF)"""
@@ -62,6 +65,10 @@ class Args:
     """frame size of the videos in pixels (off-screen rendering on a CPU costs about 0.1-0.3 s a frame)"""
     video_frame_skip: int = 4
     """env steps between video frames"""
+
+    # outputs and logging
+    output_dir: str = "results"
+    """where the table, CSV, plots and fresh attacks go"""
     track: bool = False
     """log the table and images to Weights & Biases (honours WANDB_MODE=offline)"""
     wandb_project_name: str = "robust-o2o"

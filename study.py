@@ -91,13 +91,13 @@ class Args:
     """seed of the behaviour policy that collects each env's dataset, shared by every study seed (another seed when
     one stalls below the medium target; its datasets get the namespace suffix -b{seed})"""
     results_dir: Optional[str] = None
-    """where the report goes (default: results/study-{scale})"""
+    """where the report goes (if unset: results/study-{scale})"""
     study_name: Optional[str] = None
-    """names the study in its manifest and W&B group (default: the results folder's name)"""
+    """names the study in its manifest and W&B group (if unset: the results folder's name)"""
     ray_address: Optional[str] = None
     """address of an existing Ray cluster (`auto` finds a local one); default: start Ray on this machine"""
     num_cpus: Optional[int] = None
-    """CPUs Ray may use on this machine when it starts one (default: all)"""
+    """CPUs Ray may use on this machine when it starts one (if unset: all)"""
     cpus_per_task: int = 1
     """CPUs each stage declares; its torch threads and DE/evaluation workers follow it"""
     cuda: bool = False

@@ -35,7 +35,7 @@ class Args:
     results_dir: str = "results/study-medium"
     """the study's results folder: holds study.json (written by study.py); the report goes beside it"""
     runs_root: Optional[str] = None
-    """folder the runs' paths in study.json are relative to (default: the one study.py ran in)"""
+    """folder the runs' paths in study.json are relative to (if unset: the one study.py ran in)"""
     reps: int = 10_000
     """bootstrap replications for the tables (curves use a fifth of them)"""
     confidence: float = 0.95

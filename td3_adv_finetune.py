@@ -23,7 +23,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import minari
@@ -44,17 +44,12 @@ DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoin
 
 @dataclass
 class Args:
-    exp_name: str = "td3_adv_finetune"
-    """the name of this experiment"""
-    checkpoint: Optional[str] = None
-    """TD3+BC checkpoint (default: the first of DEFAULT_CHECKPOINTS that exists: full-scale, then run_pipeline.sh's)"""
-    perturbations: Optional[str] = None
-    """.npz from de_perturbations.py (default: perturbations.npz next to the checkpoint); gives {δ_a}, ε and the model"""
-    init: str = "offline"
+    # the paper's knobs: condition, curriculum of q (β, η), r_off; ε and {δ_a} come from --perturbations
+    init: Literal["offline", "scratch"] = "offline"
     """offline: start from the checkpoint; scratch: random networks, no offline data (the from-scratch baseline)"""
-    finetune_condition: str = "adversarial"
+    finetune_condition: Literal["normal", "random", "adversarial"] = "adversarial"
     """perturbations injected while fine-tuning: normal, random or adversarial"""
-    curriculum: str = "adaptive"
+    curriculum: Literal["fixed", "linear", "adaptive"] = "adaptive"
     """schedule of q: fixed, linear or adaptive"""
     q: float = 0.5
     """q for the fixed curriculum"""
@@ -70,8 +65,64 @@ class Args:
     """η: adaptive step size, per unit of normalized return (1 = random-to-expert); the paper tunes it per env"""
     r_off: float = 0.1
     """r_off: fraction of every batch drawn from the offline dataset (ignored for --init scratch)"""
+
+    # inputs
+    checkpoint: Optional[str] = None
+    """TD3+BC checkpoint (if unset: the first of DEFAULT_CHECKPOINTS that exists: full-scale, then run_pipeline.sh's)"""
+    perturbations: Optional[str] = None
+    """.npz from de_perturbations.py (if unset: perturbations.npz next to the checkpoint); gives {δ_a}, ε and the model"""
+
+    # TD3
+    total_steps: int = 1_000_000
+    """online env steps (the paper fine-tunes for 1M-3M)"""
+    learning_starts: Optional[int] = None
+    """steps before updates begin (if unset: 25k uniform-random steps for scratch; batch size for offline init)"""
+    buffer_size: Optional[int] = None
+    """online replay capacity (if unset: total steps)"""
+    batch_size: int = 256
+    """minibatch size"""
+    learning_rate: float = 3e-4
+    """Adam learning rate"""
+    reset_optimizers: bool = False
+    """start fine-tuning with fresh Adam states instead of the checkpoint's"""
+    gamma: float = 0.99
+    """discount factor γ"""
+    tau: float = 0.005
+    """target smoothing coefficient τ"""
+    exploration_noise: float = 0.1
+    """Gaussian exploration noise (fraction of the action half-range)"""
+    policy_noise: float = 0.2
+    """target policy smoothing noise"""
+    noise_clip: float = 0.5
+    """target policy smoothing noise clip"""
+    policy_frequency: int = 2
+    """delayed actor (and target) update frequency"""
+
+    # evaluation
+    eval_freq: int = 10_000
+    """env steps between evaluations (each under normal, random and adversarial conditions) and checkpoints"""
+    eval_episodes: int = 10
+    """episodes per condition and evaluation (seeds eval_seed + i)"""
+    eval_seed: int = 10_000
+    """first evaluation seed (the same episodes as the other stages)"""
+    ref_min_score: Optional[float] = None
+    """override the checkpoint's reference return for normalized score 0"""
+    ref_max_score: Optional[float] = None
+    """override the checkpoint's reference return for normalized score 1"""
+
+    # fast path (benchmarks/fast_path.py measures it); the defaults are exact fp32 and run anywhere
+    compile: bool = False
+    """torch.compile the two halves of the update"""
+    cudagraphs: bool = False
+    """capture the two halves of the update in CUDA graphs (CUDA only; capturable fused Adam; not with --compile)"""
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs with AMX)"""
+
+    # run management
+    exp_name: str = "td3_adv_finetune"
+    """the name of this experiment"""
     run_name: Optional[str] = None
-    """output folder under runs/ (default: {env}__{exp_name}__{init}-{condition}-{curriculum}__{seed}__{unix time})"""
+    """output folder under runs/ (if unset: {env}__{exp_name}__{init}-{condition}-{curriculum}__{seed}__{unix time})"""
     overwrite: bool = False
     """replace an existing run folder of the same name"""
     resume: bool = False
@@ -91,50 +142,6 @@ class Args:
     capture_video: bool = False
     """record evaluation episode 0 under the adversarial condition (δ_0) at each evaluation into runs/{run_name}/videos/
     (and to W&B with --track); needs off-screen rendering (MUJOCO_GL=egl)"""
-
-    # TD3
-    total_steps: int = 1_000_000
-    """online env steps (the paper fine-tunes for 1M-3M)"""
-    learning_starts: Optional[int] = None
-    """steps before updates begin (default: 25k uniform-random steps for scratch; batch size for offline init)"""
-    buffer_size: Optional[int] = None
-    """online replay capacity (default: total steps)"""
-    batch_size: int = 256
-    """minibatch size"""
-    learning_rate: float = 3e-4
-    """Adam learning rate"""
-    reset_optimizers: bool = False
-    """start fine-tuning with fresh Adam states instead of the checkpoint's"""
-    gamma: float = 0.99
-    """discount factor γ"""
-    tau: float = 0.005
-    """target smoothing coefficient τ"""
-    exploration_noise: float = 0.1
-    """Gaussian exploration noise (fraction of the action half-range)"""
-    policy_noise: float = 0.2
-    """target policy smoothing noise"""
-    noise_clip: float = 0.5
-    """target policy smoothing noise clip"""
-    policy_frequency: int = 2
-    """delayed actor (and target) update frequency"""
-    eval_freq: int = 10_000
-    """env steps between evaluations (each under normal, random and adversarial conditions) and checkpoints"""
-    eval_episodes: int = 10
-    """episodes per condition and evaluation (seeds eval_seed + i)"""
-    eval_seed: int = 10_000
-    """first evaluation seed (the same episodes as the other stages)"""
-    ref_min_score: Optional[float] = None
-    """override the checkpoint's reference return for normalized score 0"""
-    ref_max_score: Optional[float] = None
-    """override the checkpoint's reference return for normalized score 1"""
-
-    # Fast path (benchmarks/fast_path.py measures it); the defaults are exact fp32 and run anywhere
-    compile: bool = False
-    """torch.compile the two halves of the update"""
-    cudagraphs: bool = False
-    """capture the two halves of the update in CUDA graphs (CUDA only; capturable fused Adam; not with --compile)"""
-    matmul_precision: str = "highest"
-    """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs with AMX)"""
 
 
 # ALGO LOGIC: networks (copies of td3_bc_offline.py's; tests/test_contracts.py proves the copies agree)
@@ -412,12 +419,6 @@ def load_perturbations(path: str, ckpt: dict) -> dict:
 
 
 def check_args(args: Args):
-    if args.init not in ("offline", "scratch"):
-        raise UserError("--init must be offline or scratch")
-    if args.finetune_condition not in CONDITIONS:
-        raise UserError(f"--finetune-condition must be one of {', '.join(CONDITIONS)}")
-    if args.curriculum not in ("fixed", "linear", "adaptive"):
-        raise UserError("--curriculum must be fixed, linear or adaptive")
     for name in ("q", "q_init", "q_min", "q_max", "r_off"):
         if not 0 <= getattr(args, name) <= 1:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")

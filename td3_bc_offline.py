@@ -14,7 +14,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import minari
@@ -30,34 +30,21 @@ from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerat
 
 @dataclass
 class Args:
-    exp_name: str = "td3_bc_offline"
-    """the name of this experiment"""
+    # the paper's knob: α weighs the Q term against the BC term
+    alpha: float = 2.5
+    """α of TD3+BC: λ = α / mean|Q(s, π(s))| weighs the Q term against the BC term"""
+
+    # data
     dataset_id: str = "local/hopper/medium-v0"
     """Minari dataset id: one made by collect_dataset.py (local/...), or an official one such as mujoco/hopper/medium-v0"""
     env_id: Optional[str] = None
-    """evaluation env id (default: the dataset's own eval env)"""
+    """evaluation env id (if unset: the dataset's own eval env)"""
     download: bool = True
     """download the dataset from Minari's remote if it is not in the local store (never for the local/ namespace)"""
-    run_name: Optional[str] = None
-    """output folder under runs/ (default: {dataset}__{exp_name}__{seed})"""
-    overwrite: bool = False
-    """replace an existing run folder of the same name"""
-    resume: bool = False
-    """continue the run in runs/{run_name}/ from its last checkpoint (same arguments; --total-steps may grow)"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic`"""
-    cuda: bool = True
-    """use CUDA when available"""
-    track: bool = False
-    """log to Weights & Biases (honours WANDB_MODE=offline)"""
-    wandb_project_name: str = "robust-o2o"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
+    normalize_obs: bool = True
+    """normalize observations by the dataset's mean/std"""
 
-    # Algorithm specific arguments
+    # TD3
     total_steps: int = 1_000_000
     """gradient updates (the paper pretrains for 5M)"""
     batch_size: int = 256
@@ -74,12 +61,10 @@ class Args:
     """target policy smoothing noise clip (fraction of the action half-range)"""
     policy_frequency: int = 2
     """delayed actor (and target) update frequency"""
-    alpha: float = 2.5
-    """α of TD3+BC: λ = α / mean|Q(s, π(s))| weighs the Q term against the BC term"""
-    normalize_obs: bool = True
-    """normalize observations by the dataset's mean/std"""
     hidden_dim: int = 256
     """width of the 2-hidden-layer actor and critics"""
+
+    # evaluation and logging
     eval_freq: int = 5_000
     """updates between deterministic evaluations (and checkpoints)"""
     eval_episodes: int = 10
@@ -89,13 +74,35 @@ class Args:
     log_freq: int = 1_000
     """updates between training-loss rows in metrics.jsonl (the only host syncs between evaluations)"""
 
-    # Fast path (benchmarks/fast_path.py measures it); the defaults are exact fp32 and run anywhere
+    # fast path (benchmarks/fast_path.py measures it); the defaults are exact fp32 and run anywhere
     compile: bool = False
     """torch.compile the two halves of the update"""
     cudagraphs: bool = False
     """capture the two halves of the update in CUDA graphs (CUDA only; capturable fused Adam; not with --compile)"""
-    matmul_precision: str = "highest"
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"
     """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs with AMX)"""
+
+    # run management
+    exp_name: str = "td3_bc_offline"
+    """the name of this experiment"""
+    run_name: Optional[str] = None
+    """output folder under runs/ (if unset: {dataset}__{exp_name}__{seed})"""
+    overwrite: bool = False
+    """replace an existing run folder of the same name"""
+    resume: bool = False
+    """continue the run in runs/{run_name}/ from its last checkpoint (same arguments; --total-steps may grow)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when available"""
+    track: bool = False
+    """log to Weights & Biases (honours WANDB_MODE=offline)"""
+    wandb_project_name: str = "robust-o2o"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
 
 
 # ALGO LOGIC: networks (copied verbatim into every stage script; tests/test_contracts.py proves the copies agree)

@@ -30,6 +30,12 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str):
         assert needle in lines[-1], lines[-1]
 
 
+def assert_usage_error(proc: subprocess.CompletedProcess, flag: str):
+    """A value tyro rejects (a choice not offered, a non-number): its own message, naming the flag, and exit 2."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and flag in proc.stderr and "invalid choice" in proc.stderr.lower(), proc.stderr
+
+
 @pytest.fixture(scope="session")
 def hopper_datasets(tmp_path_factory):
     """All four levels for Hopper-v5 at a tiny scale (100-step episodes), made once per session."""

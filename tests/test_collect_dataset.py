@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import collect_dataset as cd
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, assert_usage_error, run_script
 
 
 def test_levels_load_back_with_shapes_and_episode_boundaries(hopper_datasets):
@@ -102,12 +102,17 @@ def test_cli_smoke_random_level(tmp_path):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--env-id", "NoSuchEnv-v5"], "unknown env id"),
-    (["--levels", "mediocre"], "unknown level"),
     (["--num-transitions", "0"], ">= 1"),
     (["--env-id", "Swimmer-v5", "--levels", "medium"], "--medium-target-return"),
 ])
 def test_cli_bad_input_is_one_clear_line(tmp_path, argv, needle):
     assert_one_line_error(run_script("collect_dataset.py", *argv, cwd=tmp_path, timeout=60), needle)
+
+
+def test_an_unknown_level_is_refused_by_tyro_naming_the_choices(tmp_path):
+    proc = run_script("collect_dataset.py", "--levels", "mediocre", cwd=tmp_path, timeout=60)
+    assert_usage_error(proc, "--levels")
+    assert "medium-replay" in proc.stderr and not list(tmp_path.iterdir())
 
 
 

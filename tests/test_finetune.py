@@ -10,7 +10,7 @@ import torch
 import de_perturbations as de
 import td3_adv_finetune as ft
 import td3_bc_offline as tb
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, assert_usage_error, run_script
 
 
 def test_linear_curriculum_shape():
@@ -155,8 +155,10 @@ def test_cli_smoke(hopper_checkpoint, hopper_perturbations, tmp_path, extra):
 def test_cli_bad_input_is_one_clear_line(hopper_checkpoint, hopper_perturbations, tmp_path):
     base = ["--checkpoint", hopper_checkpoint]
     for argv, needle in [(["--q", "1.5"], "--q"), (["--r-off", "-0.1"], "--r-off"), (["--beta", "0"], "--beta"),
-                         (["--beta", "1.2"], "--beta"), (["--eta", "-1"], "--eta"), (["--init", "warm"], "--init")]:
+                         (["--beta", "1.2"], "--beta"), (["--eta", "-1"], "--eta")]:
         assert_one_line_error(run_script("td3_adv_finetune.py", *base, *argv, cwd=tmp_path, timeout=60), needle)
+    for flag, value in (("--init", "warm"), ("--curriculum", "cosine"), ("--finetune-condition", "hostile")):
+        assert_usage_error(run_script("td3_adv_finetune.py", *base, flag, value, cwd=tmp_path, timeout=60), flag)
     assert_one_line_error(run_script("td3_adv_finetune.py", "--checkpoint", str(tmp_path / "x.pt"), cwd=tmp_path),
                           "td3_bc_offline.py")
     shutil.copy(hopper_checkpoint, tmp_path / "c.pt")

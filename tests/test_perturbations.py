@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import de_perturbations as de
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, assert_usage_error, run_script
 
 LOW, HIGH = np.array([-1.0, -2.0, 0.0]), np.array([1.0, 2.0, 4.0])
 
@@ -184,13 +184,18 @@ def test_cli_writes_npz_with_schema_and_plot(hopper_checkpoint, tmp_path):
     (["--epsilon", "1.0"], "--epsilon"),
     (["--num-perturbations", "0"], "--num-perturbations"),
     (["--popsize", "3"], "--popsize"),
-    (["--perturbation-model", "sideways"], "--perturbation-model"),
 ])
 def test_cli_bad_input_is_one_clear_line(hopper_checkpoint, tmp_path, argv, needle):
     base = [] if argv[0] == "--checkpoint" else ["--checkpoint", hopper_checkpoint]
     proc = run_script("de_perturbations.py", *base, *argv, "--output", str(tmp_path / "p.npz"), cwd=tmp_path)
     assert_one_line_error(proc, needle)
     assert not list(tmp_path.glob("*.npz*"))
+
+
+def test_an_unknown_perturbation_model_is_refused_by_tyro_naming_the_choices(hopper_checkpoint, tmp_path):
+    proc = run_script("de_perturbations.py", "--checkpoint", hopper_checkpoint, "--perturbation-model", "sideways", cwd=tmp_path)
+    assert_usage_error(proc, "--perturbation-model")
+    assert "multiplicative" in proc.stderr and not list(tmp_path.iterdir())
 
 
 def test_additive_model_allows_epsilon_at_or_above_one(hopper_checkpoint, tmp_path):
