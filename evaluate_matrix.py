@@ -144,13 +144,19 @@ def find_checkpoints(patterns) -> list:
     return sorted(set(os.path.normpath(p) for p in paths))
 
 
+def is_finetuned(ckpt: dict) -> bool:
+    """Decided by what the checkpoint holds, not by which script wrote it, so a fork under another name counts too."""
+    return "finetune_condition" in ckpt
+
+
 def policy_label(ckpt: dict) -> str:
-    """Offline-only, or how it was fine-tuned: from the checkpoint's own record."""
-    if ckpt.get("stage") == "td3_bc_offline":
-        return "offline-only"
+    """Offline-only, or how it was fine-tuned: from the checkpoint's own record. A fork's stage tag leads its label."""
+    fork = "" if ckpt.get("stage") in ("td3_bc_offline", "td3_adv_finetune") else f"{ckpt.get('stage')}: "
+    if not is_finetuned(ckpt):
+        return f"{fork}offline-only"
     head = "scratch" if ckpt["init"] == "scratch" else "fine-tuned"
     cond = ckpt["finetune_condition"]
-    return f"{head} {cond}" + ("" if cond == "normal" else f" ({ckpt['curriculum']})")
+    return f"{fork}{head} {cond}" + ("" if cond == "normal" else f" ({ckpt['curriculum']})")
 
 
 def reference_npz_path(path: str, ckpt: dict) -> str:
@@ -331,7 +337,7 @@ def capture_videos(args: Args, ckpts: dict, sets: dict) -> list:
             ep = episode(ckpt, delta, model)
             paths.append(os.path.join(out, f"{name.replace(' ', '_').replace('(', '').replace(')', '')}__{cond}.mp4"))
             write_video(paths[-1], captioned(ep, f"{name}, {cond}", delta), ep.fps)
-    first = next((p for p, c in ckpts.items() if c.get("stage") == "td3_bc_offline"), next(iter(ckpts)))
+    first = next((p for p, c in ckpts.items() if not is_finetuned(c)), next(iter(ckpts)))
     ref = sets[first][0]
     delta = ref["perturbations"][int(np.argmin(ref["perturbation_returns"]))]
     eps = {p: episode(c, delta, str(ref["perturbation_model"])) for p, c in ckpts.items()}
@@ -400,7 +406,7 @@ def main(args: Args):
     plot_heatmap(os.path.join(args.output_dir, "heatmap.png"), summary, labels, env_id)
     finetuned = defaultdict(list)
     for p, c in ckpts.items():
-        if c.get("stage") == "td3_adv_finetune":
+        if is_finetuned(c):
             finetuned[policy_label(c)].append(p)
     if finetuned:
         curves = load_curves(finetuned)

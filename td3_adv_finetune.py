@@ -33,11 +33,12 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam, captioned,  # noqa: F401
+from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam, captioned,
                      check_fast_path_args, check_rendering, env_state, load_checkpoint, open_metrics, record_episode,
                      resume_point, rng_state, save_checkpoint, set_adam_flags, set_env_state, set_rng_state, write_video)
 
 PERTURBATION_FORMAT = "o2o-adv-perturbations"
+STAGE = os.path.splitext(os.path.basename(__file__))[0]  # the checkpoints' stage tag: a fork under a new name has its own
 DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
                        "runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt")
 
@@ -119,8 +120,8 @@ class Args:
     """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs with AMX)"""
 
     # run management
-    exp_name: str = "td3_adv_finetune"
-    """the name of this experiment"""
+    exp_name: str = STAGE
+    """the name of this experiment (the script's file name, so a fork's runs are named after the fork)"""
     run_name: Optional[str] = None
     """output folder under runs/ (if unset: {env}__{exp_name}__{init}-{condition}-{curriculum}__{seed}__{unix time})"""
     overwrite: bool = False
@@ -186,12 +187,6 @@ class Critic(nn.Module):
         x = torch.cat([obs, act], -1)
         x = x.unsqueeze(0).expand(heads or self.n, *x.shape) if x.dim() == 2 else x
         return self.net(x).squeeze(-1)
-
-
-def actor_from_checkpoint(ckpt: dict) -> Actor:
-    actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
-    actor.load_state_dict(ckpt["actor"])
-    return actor.eval()
 
 
 # ALGO LOGIC: the perturbation model (a verbatim copy of de_perturbations.py's; tests prove the copies agree)
@@ -375,7 +370,8 @@ def dataset_to_transitions(dataset) -> dict:
         act.append(ep.actions); rew.append(ep.rewards); term.append(ep.terminations)
     if not obs or sum(len(r) for r in rew) == 0:
         raise UserError(f"dataset '{dataset.spec.dataset_id}' is empty; re-create it with collect_dataset.py")
-    cat = lambda xs: np.concatenate(xs).astype(np.float32)  # noqa: E731
+    def cat(xs):
+        return np.concatenate(xs).astype(np.float32)
     return {"obs": cat(obs), "actions": cat(act), "rewards": cat(rew), "next_obs": cat(nxt), "terminations": cat(term)}
 
 
@@ -455,7 +451,7 @@ def main(args: Args):
     if args.resume and args.run_name is None:
         raise UserError("--resume needs --run-name: the folder under runs/ of the run to continue")
     state_path = os.path.join(run_dir, "state.pt")
-    resumed = resume_point(state_path, args, "td3_adv_finetune") if args.resume else None
+    resumed = resume_point(state_path, args, STAGE) if args.resume else None
     if resumed is None and os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not args.overwrite:
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite, or another --run-name")
     if args.capture_video:
@@ -549,7 +545,7 @@ def main(args: Args):
 
     def checkpoint(step: int, row: dict) -> dict:
         return {
-            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "stage": "td3_adv_finetune", "step": step,
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "stage": STAGE, "step": step,
             "env_id": env_id, "max_episode_steps": max_steps, "dataset_id": ckpt["dataset_id"],
             "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": ckpt["hidden_dim"],
             "action_low": ckpt["action_low"], "action_high": ckpt["action_high"],

@@ -25,8 +25,11 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam, check_fast_path_args,  # noqa: F401
+from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam, check_fast_path_args,  # noqa: F401 (load_checkpoint: re-exported)
                      load_checkpoint, open_metrics, resume_point, rng_state, save_checkpoint, set_adam_flags, set_rng_state)
+
+STAGE = os.path.splitext(os.path.basename(__file__))[0]  # the checkpoints' stage tag: a fork under a new name has its own
+
 
 @dataclass
 class Args:
@@ -83,8 +86,8 @@ class Args:
     """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs with AMX)"""
 
     # run management
-    exp_name: str = "td3_bc_offline"
-    """the name of this experiment"""
+    exp_name: str = STAGE
+    """the name of this experiment (the script's file name, so a fork's runs are named after the fork)"""
     run_name: Optional[str] = None
     """output folder under runs/ (if unset: {dataset}__{exp_name}__{seed})"""
     overwrite: bool = False
@@ -228,7 +231,8 @@ def dataset_to_transitions(dataset) -> dict:
         act.append(ep.actions); rew.append(ep.rewards); term.append(ep.terminations)
     if not obs or sum(len(r) for r in rew) == 0:
         raise UserError(f"dataset '{dataset.spec.dataset_id}' is empty; re-create it with collect_dataset.py")
-    cat = lambda xs: np.concatenate(xs).astype(np.float32)  # noqa: E731
+    def cat(xs):
+        return np.concatenate(xs).astype(np.float32)
     return {"obs": cat(obs), "actions": cat(act), "rewards": cat(rew), "next_obs": cat(nxt), "terminations": cat(term)}
 
 
@@ -307,7 +311,7 @@ def main(args: Args):
     run_name = args.run_name or f"{args.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}"
     run_dir = os.path.join("runs", run_name)
     ckpt_path, metrics_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "metrics.jsonl")
-    resumed = resume_point(ckpt_path, args, "td3_bc_offline") if args.resume else None
+    resumed = resume_point(ckpt_path, args, STAGE) if args.resume else None
     if resumed is None and os.path.exists(ckpt_path) and not args.overwrite:
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite, or another --run-name")
     os.makedirs(run_dir, exist_ok=True)
@@ -353,7 +357,7 @@ def main(args: Args):
 
     def checkpoint(step: int, eval_return: float, eval_score) -> dict:
         return {
-            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "stage": "td3_bc_offline", "step": step,
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "stage": STAGE, "step": step,
             "env_id": env_id, "max_episode_steps": env.spec.max_episode_steps, "dataset_id": args.dataset_id,
             "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim,
             "action_low": torch.as_tensor(low), "action_high": torch.as_tensor(high),

@@ -48,8 +48,10 @@ def test_checkpoint_acts_identically_in_every_stage_script(hopper_checkpoint):
     ckpt = tb.load_checkpoint(hopper_checkpoint)
     obs = (torch.randn(64, ckpt["obs_dim"]) * 3 - ckpt["obs_mean"]) / ckpt["obs_std"]
     reference = tb.actor_from_checkpoint(ckpt)(obs)
-    for module in (de, ft):
-        other = module.actor_from_checkpoint(module.load_checkpoint(hopper_checkpoint))
+    import evaluate_matrix as em
+    for module in (de, ft, em):
+        other = module.Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
+        other.load_state_dict(module.load_checkpoint(hopper_checkpoint)["actor"])
         assert torch.equal(other(obs), reference), module.__name__
 
 
@@ -95,7 +97,7 @@ def test_network_classes_are_identical_copies():
     import runtime  # the plumbing is shared, not copied: every script uses the one module's objects
     for module in (tb, ft, cd):
         assert module.UserError is runtime.UserError and module.rng_state is runtime.rng_state
-    for fn in ("perturb_action", "ActionPerturbation", "rollout_batch", "default_checkpoint", "actor_from_checkpoint"):
+    for fn in ("perturb_action", "ActionPerturbation", "rollout_batch", "default_checkpoint"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(de, fn)), fn
     assert ft.DEFAULT_CHECKPOINTS == de.DEFAULT_CHECKPOINTS
     import evaluate_matrix as em

@@ -3,6 +3,7 @@ import csv
 import os
 import shutil
 import subprocess
+import sys
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -151,3 +152,25 @@ def test_whole_pipeline_runs_at_tiny_scale(tmp_path):
     bad = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], cwd=tmp_path, env={**env, "SCALE": "huge"},
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "SCALE must be" in bad.stderr
+
+
+def test_a_fork_under_a_new_file_name_is_its_own_stage_in_the_matrix_and_the_curves(hopper_checkpoint, hopper_perturbations,
+                                                                                     tmp_path):
+    """Forking: copy td3_adv_finetune.py to my_idea.py, run it; its runs, stage tag and label carry the new name, and
+    evaluate_matrix.py finds it as a fine-tune (learning curves included) by what its checkpoint holds."""
+    fork = tmp_path / "my_idea.py"
+    shutil.copy(ROOT / "td3_adv_finetune.py", fork)
+    off = tmp_path / "runs" / "off"
+    off.mkdir(parents=True)
+    shutil.copy(hopper_checkpoint, off / "checkpoint.pt")
+    shutil.copy(hopper_perturbations, off / "perturbations.npz")
+    proc = subprocess.run([sys.executable, str(fork), "--checkpoint", str(off / "checkpoint.pt"), "--total-steps", "40",
+                           "--eval-freq", "20", "--eval-episodes", "1", "--batch-size", "16", "--no-cuda"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = next((tmp_path / "runs").glob("Hopper-v5__my_idea__offline-adversarial-adaptive__1__*"))
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["stage"] == "my_idea"
+    out = tmp_path / "out"
+    em.main(em.Args(checkpoints=(str(tmp_path / "runs"),), output_dir=str(out), eval_episodes=1, num_workers=1))
+    assert {r["policy"] for r in csv.DictReader(open(out / "matrix.csv"))} == {"offline-only", "my_idea: fine-tuned adversarial (adaptive)"}
+    assert (out / "curves.png").stat().st_size > 0 and (out / "q_trajectory.png").stat().st_size > 0
