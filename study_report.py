@@ -129,6 +129,17 @@ def steps_to_reach(run: list, threshold: float) -> Optional[int]:
     return next((r["step"] for r in run if r["eval/normal_return"] >= threshold), None)
 
 
+def stage_costs(manifest: dict, root: str) -> list:
+    """Wall time of each finished stage kind, from the study's markers (runs/_study/{namespace}/*.json), if present."""
+    import glob
+    by = defaultdict(list)
+    for path in glob.glob(os.path.join(root, "runs", "_study", manifest.get("namespace", ""), "*.json")):
+        with open(path) as f:
+            by[os.path.basename(path).split("__")[0]].append(json.load(f)["wall_s"])
+    return [(k, len(by[k]), float(np.mean(by[k])), float(np.min(by[k])), float(np.max(by[k])), float(np.sum(by[k])))
+            for k in ("dataset", "pretrain", "attack", "finetune", "evaluate") if by[k]]
+
+
 def main(args: Args):
     import matplotlib
     matplotlib.use("Agg")
@@ -276,6 +287,15 @@ def main(args: Args):
         claims.append(f"4. The adaptive curriculum keeps nominal return better than the linear one at similar robustness "
                       f"({g0}): P(adaptive > linear) = {fmt(*vn, digits=2)} under normal evaluation and "
                       f"{fmt(*va, digits=2)} under adversarial: **{v4}**.")
+    costs = stage_costs(manifest, args.runs_root or manifest["runs_root"])
+    if costs:
+        out += ["## What the stages cost", "",
+                "Wall time of each finished stage, from the study's markers (`runs/_study/`); each stage ran on one core "
+                "with one torch thread, beside one other stage on the same machine.", "",
+                "| stage | runs | mean | min | max | total |", "|---|---|---|---|---|---|"]
+        out += [f"| {k} | {n} | {m / 60:.1f} min | {lo / 60:.1f} min | {hi / 60:.1f} min | {tot / 3600:.2f} h |"
+                for k, n, m, lo, hi, tot in costs]
+        out += ["", f"All stages together: {sum(c[5] for c in costs) / 3600:.2f} core-hours.", ""]
     out = out[:6] + claims + [""] + out[6:]
 
     # Plots: learning curves and q with CI bands, heatmap with CIs

@@ -64,6 +64,9 @@ def test_report_iqm_and_cis_match_hand_computed_values_and_the_claims_follow(tmp
         sr.SCRATCH: ("scratch", "adversarial", "adaptive", lambda s, c: 5.0),
     }
     res = fake_study(tmp_path, scores)
+    (tmp_path / "runs" / "_study").mkdir()  # two finished fine-tunes' markers: the report states what the stages cost
+    for i, wall in enumerate((120.0, 240.0)):
+        (tmp_path / "runs" / "_study" / f"finetune__Hopper-v5__{i}.json").write_text(json.dumps({"argv": [], "wall_s": wall}))
     sr.main(sr.Args(results_dir=str(res), reps=2000))
     rows = {(r["policy"], r["eval_condition"]): r for r in csv.DictReader(open(res / "scores.csv"))}
     adv = rows[(sr.ADV, "adversarial")]
@@ -79,6 +82,7 @@ def test_report_iqm_and_cis_match_hand_computed_values_and_the_claims_follow(tmp
     assert float(off["iqm_lo"]) == float(off["iqm"]) == float(off["iqm_hi"]) == 50.0
     report = (res / "report.md").read_text()
     assert "Status: complete" in report
+    assert "| finetune | 2 | 3.0 min | 2.0 min | 4.0 min | 0.10 h |" in report and "0.10 core-hours" in report
     assert "1. Adversarial fine-tuning is more robust than offline-only" in report and "P = 1.00 [1.00, 1.00]" in report
     assert report.count("**supported**") >= 2  # claim 1 (every seed above offline) and claim 2 (scratch stays at 5)
     assert "3. Matching the fine-tuning and evaluation conditions gives the strongest robustness: not measured" in report
