@@ -35,7 +35,7 @@ import tyro
 from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
-from runtime import UserError, env_state, rng_state, set_env_state, set_rng_state
+from runtime import UserError, check_resume_args, env_state, rng_state, save_checkpoint, set_env_state, set_rng_state
 
 LEVELS = ("random", "medium", "medium-replay", "expert")
 # D4RL's expert reference returns (d4rl/infos.py REF_MAX_SCORE, measured on mujoco-py v2 envs; an
@@ -248,11 +248,7 @@ def train_behaviour_policy(args: Args, medium_target: float, expert_target: Opti
                      medium_step=medium_step, best_return=best_return, log=log,
                      args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()})
         os.makedirs(os.path.dirname(state_path), exist_ok=True)
-        with open(state_path + ".tmp", "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(state_path + ".tmp", state_path)
+        save_checkpoint(state_path, state)
 
     start = step = 0
     if resumed is not None:
@@ -348,11 +344,7 @@ def load_training_state(path: str, args: Args) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is unreadable ({type(e).__name__}); delete it and run without --resume")
-    now = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "cuda", "save_policies")}
-    changed = [k for k in now if state["args"].get(k) != (list(now[k]) if isinstance(now[k], tuple) else now[k])]
-    if changed:
-        raise UserError(f"--resume needs the run's own arguments, but --{changed[0].replace('_', '-')} was "
-                        f"{state['args'].get(changed[0])!r} and is now {now[changed[0]]!r}; pass the original value")
+    check_resume_args(state["args"], vars(args), ("resume", "overwrite", "cuda", "save_policies"))
     return state
 
 

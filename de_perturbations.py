@@ -10,7 +10,6 @@ adversarial (δ from the set found here). The objective of DE run k is the polic
 whose seeds are fixed for the run (common random numbers), evaluated for the whole population at once.
 Output schema: docs/file_contracts.md ("Perturbations file schema").
 """
-import hashlib
 import json
 import os
 import sys
@@ -28,9 +27,8 @@ import tyro
 from scipy.optimize._differentialevolution import DifferentialEvolutionSolver  # differential_evolution's engine
 from tqdm import tqdm
 
-from runtime import UserError, load_checkpoint
+from runtime import PERTURBATION_FORMAT, UserError, check_resume_args, load_checkpoint, save_npz, sha256_file
 
-PERTURBATION_FORMAT = "o2o-adv-perturbations"
 PERTURBATION_VERSION = 1
 DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
                        "runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt")
@@ -310,24 +308,6 @@ def check_args(args: Args):
         raise UserError("--recombination must be in [0, 1]")
 
 
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def save_npz(path: str, arrays: dict):
-    """Atomic write: a temporary file beside `path`, then rename. Strings are stored as unicode arrays (no pickle)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def plot_convergence(path: str, history: np.ndarray, nominal: float, random_mean: float, adversarial: np.ndarray, title: str):
     import matplotlib
     matplotlib.use("Agg")
@@ -367,11 +347,7 @@ def load_state(path: str, args: Args) -> dict:
         saved = json.loads(str(state["args"]))
     except Exception as e:
         raise UserError(f"{path} is unreadable ({type(e).__name__}); delete it and run without --resume")
-    now = asdict(args)
-    changed = [k for k in now if k not in ("resume", "track", "num_workers") and saved.get(k) != json.loads(json.dumps(now[k]))]
-    if changed:
-        raise UserError(f"--resume needs the run's own arguments, but --{changed[0].replace('_', '-')} was "
-                        f"{saved.get(changed[0])!r} and is now {now[changed[0]]!r}; pass the original value")
+    check_resume_args(saved, json.loads(json.dumps(asdict(args))), ("resume", "track", "num_workers"))
     state["histories"] = [h[~np.isnan(h)].tolist() for h in state["histories"]]
     return state
 
@@ -458,7 +434,7 @@ def main(args: Args):
         "random_return_mean": random_returns.mean(), "random_return_std": random_returns.std(),
         "epsilon": eps, "perturbation_model": args.perturbation_model, "env_id": env_id,
         "max_episode_steps": -1 if max_steps is None else int(max_steps), "act_dim": act_dim,
-        "checkpoint_path": args.checkpoint, "checkpoint_sha256": sha256(args.checkpoint),
+        "checkpoint_path": args.checkpoint, "checkpoint_sha256": sha256_file(args.checkpoint),
         "eval_seeds": eval_seeds, "de_seed": args.de_seed, "de_episodes": args.de_episodes, "popsize": args.popsize,
         "maxiter": args.maxiter, "mutation": np.asarray(args.mutation), "recombination": args.recombination,
         "strategy": args.strategy, "tol": args.tol, "polish": args.polish, "history": history,

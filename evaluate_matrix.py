@@ -14,6 +14,7 @@ Outputs in --output-dir: matrix.csv, matrix.md, heatmap.png, curves.png, q_traje
 import csv
 import glob
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -29,10 +30,11 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-from runtime import UserError, captioned, check_rendering, load_checkpoint, record_episode, side_by_side, write_video
+from runtime import (UserError, captioned, check_rendering, load_checkpoint, load_perturbations, record_episode, sha256_file,
+                     side_by_side, write_text, write_video)
 
-PERTURBATION_FORMAT = "o2o-adv-perturbations"
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
+REFERENCE_KEYS = ("perturbation_returns", "maxiter", "popsize", "de_episodes", "mutation", "recombination", "strategy", "tol")
 
 
 @dataclass
@@ -122,18 +124,6 @@ def rollout_batch(envs, actor: Actor, obs_mean, obs_std, deltas: np.ndarray, see
     return returns, steps
 
 
-def load_npz(path: str) -> dict:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            npz = {k: f[k] for k in f.files}
-    except Exception as e:
-        raise UserError(f"perturbations {path} are missing or unreadable ({type(e).__name__}); make them with "
-                        f"`python de_perturbations.py --checkpoint <offline checkpoint>`")
-    if str(npz.get("format", "")) != PERTURBATION_FORMAT:
-        raise UserError(f"{path} is not a perturbations file of this project")
-    return npz
-
-
 def find_checkpoints(patterns) -> list:
     paths = []
     for p in patterns:
@@ -174,8 +164,7 @@ def fresh_attack(path: str, ref: dict, args: Args, out_dir: str) -> dict:
                 "--de-episodes", str(int(ref["de_episodes"])), "--mutation", *[str(float(m)) for m in ref["mutation"]],
                 "--recombination", str(float(ref["recombination"])), "--strategy", str(ref["strategy"]),
                 "--tol", str(float(ref["tol"])), "--eval-episodes", "1", "--random-draws", "1"]
-    sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    key = hashlib.sha256(" ".join([sha, *settings]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(" ".join([sha256_file(path), *settings]).encode()).hexdigest()[:16]
     out = os.path.join(out_dir, "attacks", f"{key}.npz")
     if not os.path.exists(out):
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "de_perturbations.py"),
@@ -186,7 +175,7 @@ def fresh_attack(path: str, ref: dict, args: Args, out_dir: str) -> dict:
         if proc.returncode != 0:
             last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
             raise UserError(f"the fresh DE attack on {path} failed: {last}")
-    return load_npz(out)
+    return load_perturbations(out)
 
 
 def evaluate_policy(ckpt: dict, conditions: dict, episodes: int, eval_seed: int, model: str) -> dict:
@@ -205,12 +194,6 @@ def evaluate_policy(ckpt: dict, conditions: dict, episodes: int, eval_seed: int,
 def normalized(ret, ckpt):
     lo, hi = ckpt.get("ref_min_score"), ckpt.get("ref_max_score")
     return None if lo is None or hi is None else 100.0 * (ret - lo) / (hi - lo)
-
-
-def write_atomic(path: str, text: str):
-    with open(f"{path}.tmp", "w") as f:
-        f.write(text)
-    os.replace(f"{path}.tmp", path)
 
 
 def summarize(rows: list) -> dict:
@@ -375,9 +358,7 @@ def main(args: Args):
 
     rows, sets = [], {}
     for path, ckpt in tqdm(ckpts.items(), desc="policies (fresh attack + evaluation)"):
-        ref = load_npz(reference_npz_path(path, ckpt))
-        if str(ref["env_id"]) != env_id:
-            raise UserError(f"{reference_npz_path(path, ckpt)} is for {ref['env_id']}, but {path} is for {env_id}")
+        ref = load_perturbations(reference_npz_path(path, ckpt), env_id, ckpt["act_dim"], require=REFERENCE_KEYS)
         attack = fresh_attack(path, ref, args, args.output_dir)
         sets[path] = ref, attack
         conditions = {"normal": np.zeros((1, ckpt["act_dim"])), "random": ref["random_deltas"],
@@ -391,18 +372,16 @@ def main(args: Args):
                          "mean_return": float(r.mean()), "std_return": float(r.std()),
                          "normalized_mean": normalized(float(r.mean()), ckpt),
                          "episode_returns": ";".join(f"{x:.3f}" for x in r), "checkpoint": path})
-    fields = list(rows[0])
-    tmp = os.path.join(args.output_dir, "matrix.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, os.path.join(args.output_dir, "matrix.csv"))
+    fields, buf = list(rows[0]), io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    write_text(os.path.join(args.output_dir, "matrix.csv"), buf.getvalue())
     summary = summarize(rows)
     order = ["offline-only"] + sorted({r["policy"] for r in rows} - {"offline-only"}, key=lambda s: (s.startswith("scratch"), s))
     labels = [lb for lb in order if (lb, "normal") in summary]
     table = markdown_table(summary, labels, env_id, args.eval_episodes)
-    write_atomic(os.path.join(args.output_dir, "matrix.md"), table)
+    write_text(os.path.join(args.output_dir, "matrix.md"), table)
     plot_heatmap(os.path.join(args.output_dir, "heatmap.png"), summary, labels, env_id)
     finetuned = defaultdict(list)
     for p, c in ckpts.items():

@@ -14,6 +14,8 @@ import torch
 
 CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
 CHECKPOINT_VERSION = 1
+PERTURBATION_FORMAT = "o2o-adv-perturbations"
+PERTURBATION_MODELS = ("multiplicative", "additive")
 
 
 class UserError(Exception):
@@ -34,20 +36,151 @@ def load_checkpoint(path: str) -> dict:
         raise UserError(f"{path} is not a checkpoint of this project (format '{CHECKPOINT_FORMAT}' expected)")
     if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
         raise UserError(f"{path} has checkpoint format version {ckpt['format_version']} > {CHECKPOINT_VERSION}; update this code")
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise UserError(f"checkpoint {path} is malformed: {problem}; re-create it with the stage that wrote it")
     return ckpt
 
 
+def checkpoint_problem(ckpt: dict) -> Optional[str]:
+    """The first way `ckpt` breaks the schema every stage relies on (docs/file_contracts.md), or None: the keys and types
+    that acting needs, and every tensor's shape against the checkpoint's own obs, action and hidden sizes."""
+    for key, kind in (("env_id", str), ("obs_dim", int), ("act_dim", int), ("hidden_dim", int), ("action_low", torch.Tensor),
+                      ("action_high", torch.Tensor), ("obs_mean", torch.Tensor), ("obs_std", torch.Tensor), ("actor", dict)):
+        if not isinstance(ckpt.get(key), kind):
+            return f"'{key}' is missing or not a {kind.__name__}"
+    no, na, h = ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"]
+    if min(no, na, h) < 1:
+        return f"obs_dim, act_dim and hidden_dim must be >= 1 (got {no}, {na}, {h})"
+    shapes = {"action_low": (na,), "action_high": (na,), "obs_mean": (no,), "obs_std": (no,),
+              "actor/net.0.weight": (h, no), "actor/net.0.bias": (h,), "actor/net.2.weight": (h, h), "actor/net.2.bias": (h,),
+              "actor/net.4.weight": (na, h), "actor/net.4.bias": (na,)}
+    for net in ("critic", "critic_target"):
+        if net in ckpt:
+            shapes.update({f"{net}/net.0.weight": (2, no + na, h), f"{net}/net.2.weight": (2, h, h), f"{net}/net.4.weight": (2, h, 1)})
+    for name, shape in shapes.items():
+        parent, _, key = name.rpartition("/")
+        holder = ckpt.get(parent) if parent else ckpt
+        t = holder.get(key) if isinstance(holder, dict) else None
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            return f"'{name}' has shape {tuple(t.shape) if isinstance(t, torch.Tensor) else None}, expected {shape}"
+    if not (torch.isfinite(ckpt["obs_mean"]).all() and torch.isfinite(ckpt["obs_std"]).all() and (ckpt["obs_std"] > 0).all()):
+        return "obs_mean/obs_std hold NaN, inf or a non-positive std"
+    if not (ckpt["action_low"] < ckpt["action_high"]).all():
+        return "action_low must be below action_high"
+    return None
+
+
 def save_checkpoint(path: str, ckpt: dict):
-    """Atomic: write a temporary file next to `path`, fsync, then rename over it."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Atomic: write a temporary file next to `path` (unique to this process), fsync, then rename over it."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-# Fast path
+def write_text(path: str, text: str):
+    """Atomic text write (tables, CSV): a temporary file unique to this process, then rename."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_resume_args(saved: dict, now: dict, may_change=()):
+    """--resume continues a run only with its own arguments (bar `may_change`); tuples compare as the lists JSON made."""
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+    changed = [k for k in now if k not in may_change and plain(saved.get(k)) != plain(now[k])]
+    if changed:
+        k = changed[0]
+        raise UserError(f"--resume needs the run's own arguments, but --{k.replace('_', '-')} was {saved.get(k)!r} and is "
+                        f"now {now[k]!r}; pass the original value or start a new run")
+
+
+def sha256_file(path: str) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_npz(path: str, arrays: dict):
+    """Atomic write: a temporary file beside `path` (unique to this process), fsync, then rename. Strings are stored as
+    unicode arrays, so the file loads with allow_pickle=False."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_perturbations(path: str, env_id: Optional[str] = None, act_dim: Optional[int] = None, require=()) -> dict:
+    """A perturbations file of this project (allow_pickle=False), checked before any use: its keys (and `require`), a
+    non-empty δ set and random draws of finite values inside [−ε, ε], an ε its model can take, and the env and action
+    size it must fit."""
+    if not os.path.isfile(path):
+        raise UserError(f"perturbations {path} not found; make them with "
+                        f"`python de_perturbations.py --checkpoint <checkpoint>` (or run `bash run_pipeline.sh`)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            npz = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise UserError(f"perturbations {path} are unreadable ({type(e).__name__}); re-create them with de_perturbations.py")
+    if str(npz.get("format", "")) != PERTURBATION_FORMAT:
+        raise UserError(f"{path} is not a perturbations file of this project; re-create it with de_perturbations.py")
+    problem = perturbations_problem(npz, require)
+    if problem:
+        raise UserError(f"perturbations {path} are malformed: {problem}; re-create them with de_perturbations.py")
+    if (env_id is not None and str(npz["env_id"]) != env_id) or (act_dim is not None and npz["perturbations"].shape[1:] != (act_dim,)):
+        raise UserError(f"{path} was made for {npz['env_id']} with action dimension {npz['perturbations'].shape[1:]}, "
+                        f"but the checkpoint is {env_id} with {act_dim}; run de_perturbations.py on this checkpoint")
+    if str(npz["perturbation_model"]) not in PERTURBATION_MODELS or not float(npz["epsilon"]) > 0:
+        raise UserError(f"{path} has an invalid perturbation model or ε; re-create it with de_perturbations.py")
+    return npz
+
+
+def perturbations_problem(npz: dict, require=()) -> Optional[str]:
+    """The first way a perturbations file breaks its schema (docs/file_contracts.md), or None."""
+    missing = [k for k in ("env_id", "epsilon", "perturbation_model", "perturbations", "random_deltas", *require) if k not in npz]
+    if missing:
+        return f"'{missing[0]}' is missing"
+    model, eps = str(npz["perturbation_model"]), np.asarray(npz["epsilon"], dtype=float)
+    if model not in PERTURBATION_MODELS:
+        return f"perturbation model '{model}' is not one of {', '.join(PERTURBATION_MODELS)}"
+    if eps.shape != () or not (np.isfinite(eps) and eps > 0 and (model == "additive" or eps < 1)):
+        return f"ε = {eps} does not fit the {model} model (0 < ε{' < 1' if model == 'multiplicative' else ''})"
+    for key in ("perturbations", "random_deltas"):
+        d = np.asarray(npz[key])
+        if d.ndim != 2 or len(d) == 0 or d.shape[1] == 0:
+            return f"'{key}' must be a non-empty [K, Na] set (shape {d.shape})"
+        if not np.isfinite(d).all():
+            return f"'{key}' holds NaN or inf"
+        if np.abs(d).max() > float(eps) * (1 + 1e-6):
+            return f"'{key}' reaches |δ| = {np.abs(d).max():.3g}, outside [−ε, ε] with ε = {float(eps)}"
+    if npz["perturbations"].shape[1] != npz["random_deltas"].shape[1]:
+        return "'perturbations' and 'random_deltas' disagree on the action dimension"
+    return None
+
+
 def adam(params, lr: float, device: torch.device, capturable: bool = False) -> torch.optim.Adam:
     """Adam with the fused kernel (CPU and CUDA): one kernel for all parameters instead of a loop of small ops."""
     return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"), capturable=capturable)
@@ -142,12 +275,7 @@ def resume_point(path: str, args, stage: str) -> dict:
         raise UserError(f"{path} is unreadable or not a plain-tensor state ({type(e).__name__}); start the run without --resume")
     if not isinstance(state, dict) or state.get("stage") != stage or "rng" not in state:
         raise UserError(f"{path} is not a resumable {stage} state; start the run without --resume")
-    saved, now = state["args"], dataclasses.asdict(args)
-    changed = [k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
-    if changed:
-        k = changed[0]
-        raise UserError(f"--resume needs the run's own arguments, but --{k.replace('_', '-')} was {saved.get(k)!r} and is now "
-                        f"{now[k]!r}; pass the original value or start a new run")
+    check_resume_args(state["args"], dataclasses.asdict(args), RESUME_MAY_CHANGE)
     if state["step"] > args.total_steps:
         raise UserError(f"{path} is at step {state['step']} > --total-steps {args.total_steps}; pass a larger --total-steps")
     return state

@@ -16,7 +16,6 @@
 """
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -34,10 +33,10 @@ import tyro
 from tqdm import tqdm
 
 from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam, captioned,
-                     check_fast_path_args, check_rendering, env_state, load_checkpoint, open_metrics, record_episode,
-                     resume_point, rng_state, save_checkpoint, set_adam_flags, set_env_state, set_rng_state, write_video)
+                     check_fast_path_args, check_rendering, env_state, load_checkpoint, load_perturbations, open_metrics,
+                     record_episode, resume_point, rng_state, save_checkpoint, set_adam_flags, set_env_state, set_rng_state,
+                     sha256_file, write_video)
 
-PERTURBATION_FORMAT = "o2o-adv-perturbations"
 STAGE = os.path.splitext(os.path.basename(__file__))[0]  # the checkpoints' stage tag: a fork under a new name has its own
 DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
                        "runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt")
@@ -395,25 +394,6 @@ def default_checkpoint() -> str:
     return found[0]
 
 
-def load_perturbations(path: str, ckpt: dict) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"perturbations {path} not found; make them with "
-                        f"`python de_perturbations.py --checkpoint <checkpoint>` (or run `bash run_pipeline.sh`)")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            npz = {k: f[k] for k in f.files}
-    except Exception as e:
-        raise UserError(f"perturbations {path} are unreadable ({type(e).__name__}); re-create them with de_perturbations.py")
-    if str(npz.get("format", "")) != PERTURBATION_FORMAT:
-        raise UserError(f"{path} is not a perturbations file of this project; re-create it with de_perturbations.py")
-    if str(npz["env_id"]) != ckpt["env_id"] or npz["perturbations"].shape[1:] != (ckpt["act_dim"],):
-        raise UserError(f"{path} was made for {npz['env_id']} with action dimension {npz['perturbations'].shape[1:]}, "
-                        f"but the checkpoint is {ckpt['env_id']} with {ckpt['act_dim']}; run de_perturbations.py on this checkpoint")
-    if str(npz["perturbation_model"]) not in PERTURBATION_MODELS or not float(npz["epsilon"]) > 0:
-        raise UserError(f"{path} has an invalid perturbation model or ε; re-create it with de_perturbations.py")
-    return npz
-
-
 def check_args(args: Args):
     for name in ("q", "q_init", "q_min", "q_max", "r_off"):
         if not 0 <= getattr(args, name) <= 1:
@@ -435,7 +415,7 @@ def main(args: Args):
         args.checkpoint = default_checkpoint()
     ckpt = load_checkpoint(args.checkpoint)
     pert_path = args.perturbations or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
-    pert = load_perturbations(pert_path, ckpt)
+    pert = load_perturbations(pert_path, ckpt["env_id"], ckpt["act_dim"])
     eps, model, deltas = float(pert["epsilon"]), str(pert["perturbation_model"]), pert["perturbations"]
     env_id, obs_dim, act_dim, max_steps = ckpt["env_id"], ckpt["obs_dim"], ckpt["act_dim"], ckpt.get("max_episode_steps")
     ref_min = args.ref_min_score if args.ref_min_score is not None else ckpt.get("ref_min_score")
@@ -534,7 +514,7 @@ def main(args: Args):
         if args.track:
             wandb.log({"videos/eval_adversarial": wandb.Video(path, format="mp4")}, step=step)
 
-    pert_sha256 = hashlib.sha256(open(pert_path, "rb").read()).hexdigest()
+    pert_sha256 = sha256_file(pert_path)
     q = env.q
     if resumed is None:
         row = evaluate()  # evaluation 0: the starting policy; it seeds the EMA R̄_0 = R_0

@@ -100,7 +100,11 @@ def test_network_classes_are_identical_copies():
     for fn in ("perturb_action", "ActionPerturbation", "rollout_batch", "default_checkpoint"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(de, fn)), fn
     assert ft.DEFAULT_CHECKPOINTS == de.DEFAULT_CHECKPOINTS
+    assert ft.PERTURBATION_MODELS == de.PERTURBATION_MODELS == runtime.PERTURBATION_MODELS  # runtime validates files with it
     import evaluate_matrix as em
+    assert de.PERTURBATION_FORMAT is runtime.PERTURBATION_FORMAT  # one file format, one loader, one hash
+    assert ft.load_perturbations is em.load_perturbations is runtime.load_perturbations
+    assert de.sha256_file is ft.sha256_file is em.sha256_file is runtime.sha256_file and de.save_npz is runtime.save_npz
     assert inspect.getsource(em.Actor) == inspect.getsource(tb.Actor)
     for fn in ("perturb_action", "rollout_batch"):
         assert inspect.getsource(getattr(em, fn)) == inspect.getsource(getattr(de, fn)), fn

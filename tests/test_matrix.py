@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import de_perturbations as de
+import runtime
 import evaluate_matrix as em
 import td3_adv_finetune as ft
 import td3_bc_offline as tb
@@ -91,7 +92,7 @@ def test_fresh_attack_lowers_return_and_uses_de_semantics(matrix, policy_set):
     path = str(policy_set / "runs" / "off1" / "checkpoint.pt")
     ckpt = de.load_checkpoint(path)
     attacks = [np.load(f) for f in (matrix / "attacks").glob("*.npz")]
-    mine = [a for a in attacks if str(a["checkpoint_sha256"]) == de.sha256(path)]
+    mine = [a for a in attacks if str(a["checkpoint_sha256"]) == runtime.sha256_file(path)]
     assert len(attacks) == 3 and len(mine) == 1  # one fresh attack per policy
     attack = mine[0]
     ev = de.PopulationEvaluator(ckpt, "multiplicative", None, 1)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import de_perturbations as de
+import runtime
 from conftest import assert_one_line_error, assert_usage_error, run_script
 
 LOW, HIGH = np.array([-1.0, -2.0, 0.0]), np.array([1.0, 2.0, 4.0])
@@ -167,7 +168,7 @@ def test_cli_writes_npz_with_schema_and_plot(hopper_checkpoint, tmp_path):
     assert d["random_returns"].shape == (3,) and d["history"].shape[0] == 2
     assert float(d["epsilon"]) == 0.4 and str(d["perturbation_model"]) == "multiplicative"
     assert str(d["env_id"]) == "Hopper-v5" and int(d["act_dim"]) == 3 and int(d["max_episode_steps"]) == 40
-    assert str(d["checkpoint_sha256"]) == de.sha256(hopper_checkpoint)
+    assert str(d["checkpoint_sha256"]) == runtime.sha256_file(hopper_checkpoint)
     assert float(d["random_return_mean"]) == pytest.approx(d["random_returns"].mean())
     for key in ("nominal_return", "random_return_std", "eval_seeds", "de_seed", "de_episodes", "popsize", "maxiter",
                 "mutation", "recombination", "strategy", "tol", "polish", "env_steps", "wall_time_sec", "de_objective",

@@ -1,0 +1,108 @@
+"""Every input checked at the boundary, by class (issue 13): each bad input of a class is fed to every script that reads
+that input, and each run must end in one `error:` line, exit non-zero, and leave the tree exactly as it was."""
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import runtime
+from conftest import assert_one_line_error, run_script
+
+
+def tree(root) -> dict:
+    """Every file under root with its content hash: a run that fails must neither add nor change a file."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def run_refused(tmp_path, script, args, *needles):
+    before = tree(tmp_path)
+    proc = run_script(script, *args, cwd=tmp_path, timeout=300)
+    assert_one_line_error(proc, *needles)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert tree(tmp_path) == before, f"{script} wrote or changed files before failing"
+
+
+# Class 1: checkpoints are validated against their schema (keys, types, shapes against their own dims) before any use
+def drop(key):
+    return lambda c: c.pop(key)
+
+
+def reshape(key, sub=None):
+    """One row more in ckpt[key] (or in the state dict ckpt[key][sub])."""
+    def f(c):
+        holder, name = (c, key) if sub is None else (c[key], sub)
+        holder[name] = torch.zeros(holder[name].shape[0] + 1, *holder[name].shape[1:])
+    return f
+
+
+BAD_CHECKPOINTS = {
+    "no actor": (drop("actor"), "'actor' is missing"),
+    "no obs_std": (drop("obs_std"), "'obs_std' is missing"),
+    "obs_mean of the wrong size": (reshape("obs_mean"), "'obs_mean' has shape"),
+    "actor wider than its hidden_dim": (reshape("actor", "net.0.weight"), "'actor/net.0.weight' has shape"),
+    "critic of the wrong input size": (reshape("critic", "net.0.weight"), "'critic/net.0.weight' has shape"),
+    "zero std": (lambda c: c["obs_std"].zero_(), "non-positive std"),
+    "act_dim a string": (lambda c: c.__setitem__("act_dim", "3"), "'act_dim' is missing or not a int"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+@pytest.mark.parametrize("script", ["de_perturbations.py", "td3_adv_finetune.py", "evaluate_matrix.py"])
+def test_a_malformed_checkpoint_is_refused_by_every_reader(case, script, hopper_checkpoint, hopper_perturbations, tmp_path):
+    ckpt = torch.load(hopper_checkpoint, weights_only=True)
+    BAD_CHECKPOINTS[case][0](ckpt)
+    (tmp_path / "run").mkdir()
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
+    shutil.copy(hopper_perturbations, tmp_path / "run" / "perturbations.npz")
+    path = str(tmp_path / "run" / "checkpoint.pt")
+    args = {"de_perturbations.py": ["--checkpoint", path, "--num-perturbations", "1", "--maxiter", "1", "--popsize", "4"],
+            "td3_adv_finetune.py": ["--checkpoint", path, "--total-steps", "10", "--eval-freq", "10", "--run-name", "x"],
+            "evaluate_matrix.py": ["--checkpoints", path, "--output-dir", str(tmp_path / "out")]}[script]
+    run_refused(tmp_path, script, args, "malformed", BAD_CHECKPOINTS[case][1])
+
+
+def test_the_project_s_own_checkpoints_pass_the_schema_check(hopper_checkpoint):
+    assert runtime.checkpoint_problem(torch.load(hopper_checkpoint, weights_only=True)) is None
+
+
+# Class 2: perturbation files: keys, a non-empty finite δ set inside [−ε, ε], random draws, an ε the model can take
+def setter(key, value):
+    return lambda d: d.__setitem__(key, value(d) if callable(value) else value)
+
+
+BAD_PERTURBATIONS = {
+    "no random draws": (lambda d: d.pop("random_deltas"), "'random_deltas' is missing"),
+    "empty δ set": (setter("perturbations", lambda d: d["perturbations"][:0]), "non-empty"),
+    "NaN in δ": (setter("perturbations", lambda d: np.where(np.arange(d["perturbations"].size).reshape(d["perturbations"].shape) == 0,
+                                                            np.nan, d["perturbations"])), "NaN or inf"),
+    "δ outside [−ε, ε]": (setter("random_deltas", lambda d: d["random_deltas"] * 0 + 2 * float(d["epsilon"])), "outside [−ε, ε]"),
+    "ε the model cannot take": (setter("epsilon", 1.5), "does not fit the multiplicative model"),
+    "non-finite ε": (setter("epsilon", np.inf), "does not fit"),
+    "unknown model": (setter("perturbation_model", "sideways"), "not one of multiplicative, additive"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PERTURBATIONS))
+@pytest.mark.parametrize("script", ["td3_adv_finetune.py", "evaluate_matrix.py"])
+def test_a_malformed_perturbations_file_is_refused_by_every_reader(case, script, hopper_checkpoint, hopper_perturbations, tmp_path):
+    d = dict(np.load(hopper_perturbations, allow_pickle=False))
+    BAD_PERTURBATIONS[case][0](d)
+    (tmp_path / "run").mkdir()
+    shutil.copy(hopper_checkpoint, tmp_path / "run" / "checkpoint.pt")
+    runtime.save_npz(str(tmp_path / "run" / "perturbations.npz"), d)
+    path = str(tmp_path / "run" / "checkpoint.pt")
+    args = {"td3_adv_finetune.py": ["--checkpoint", path, "--total-steps", "10", "--eval-freq", "10", "--run-name", "x"],
+            "evaluate_matrix.py": ["--checkpoints", path, "--output-dir", str(tmp_path / "out")]}[script]
+    run_refused(tmp_path, script, args, "malformed", BAD_PERTURBATIONS[case][1])
+
+
+def test_the_project_s_own_perturbations_pass_the_check(hopper_perturbations):
+    assert runtime.perturbations_problem(dict(np.load(hopper_perturbations, allow_pickle=False))) is None
