@@ -85,6 +85,34 @@ def save_checkpoint(path: str, ckpt: dict):
             os.remove(tmp)
 
 
+_LOCKED = {}  # run folder -> its open, locked .lock file (held for the life of this process)
+
+
+def lock_run_dir(run_dir: str):
+    """Create `run_dir` and own it while this process lives: an OS lock (flock) on run_dir/.lock, which the kernel
+    releases when the process dies, kill -9 included, so no stale lock survives. Another process asking for the same
+    folder is refused in one line. Re-entrant within one process."""
+    import fcntl
+    key = os.path.realpath(run_dir)
+    if key in _LOCKED:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    f = open(os.path.join(run_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"{run_dir} is in use by another running process (pid {owner}); wait for it to end, or pass "
+                        f"another --run-name")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKED[key] = f
+
+
 def write_text(path: str, text: str):
     """Atomic text write (tables, CSV): a temporary file unique to this process, then rename."""
     tmp = f"{path}.{os.getpid()}.tmp"

@@ -32,8 +32,8 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam, captioned,
-                     check_fast_path_args, check_rendering, env_state, load_checkpoint, load_perturbations, open_metrics,
+from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam, captioned, check_fast_path_args,
+                     check_rendering, env_state, load_checkpoint, load_perturbations, lock_run_dir, open_metrics,
                      record_episode, resume_point, rng_state, save_checkpoint, set_adam_flags, set_env_state, set_rng_state,
                      sha256_file, write_video)
 
@@ -475,7 +475,7 @@ def main(args: Args):
                              deltas[np.arange(E) % len(deltas)]])
     eval_seeds = np.tile(args.eval_seed + np.arange(E), 3)
 
-    os.makedirs(run_dir, exist_ok=True)
+    lock_run_dir(run_dir)  # refuses a second process on the same folder
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump({**dataclasses.asdict(args), "env_id": env_id, "run_name": run_name, "perturbations": pert_path,
                    "learning_starts": learning_starts, "epsilon": eps, "perturbation_model": model}, f, indent=2)

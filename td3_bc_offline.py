@@ -25,8 +25,9 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam, check_fast_path_args,  # noqa: F401 (load_checkpoint: re-exported)
-                     load_checkpoint, open_metrics, resume_point, rng_state, save_checkpoint, set_adam_flags, set_rng_state)
+from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam,  # noqa: F401 (load_checkpoint: re-exported)
+                     check_fast_path_args, load_checkpoint, lock_run_dir, open_metrics, resume_point, rng_state,
+                     save_checkpoint, set_adam_flags, set_rng_state)
 
 STAGE = os.path.splitext(os.path.basename(__file__))[0]  # the checkpoints' stage tag: a fork under a new name has its own
 
@@ -314,7 +315,7 @@ def main(args: Args):
     resumed = resume_point(ckpt_path, args, STAGE) if args.resume else None
     if resumed is None and os.path.exists(ckpt_path) and not args.overwrite:
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite, or another --run-name")
-    os.makedirs(run_dir, exist_ok=True)
+    lock_run_dir(run_dir)  # refuses a second process on the same folder
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump({**dataclasses.asdict(args), "env_id": env_id, "run_name": run_name}, f, indent=2)
     metrics = open_metrics(metrics_path, resumed)

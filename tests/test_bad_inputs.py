@@ -106,3 +106,36 @@ def test_a_malformed_perturbations_file_is_refused_by_every_reader(case, script,
 
 def test_the_project_s_own_perturbations_pass_the_check(hopper_perturbations):
     assert runtime.perturbations_problem(dict(np.load(hopper_perturbations, allow_pickle=False))) is None
+
+
+# Class 8: a run folder belongs to one process at a time (an OS lock that dies with its process)
+def test_a_second_run_of_the_same_name_is_refused_while_the_first_lives_and_kill_9_leaves_no_stale_lock(
+        hopper_checkpoint, hopper_perturbations, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    (tmp_path / "off").mkdir()
+    shutil.copy(hopper_checkpoint, tmp_path / "off" / "checkpoint.pt")
+    shutil.copy(hopper_perturbations, tmp_path / "off" / "perturbations.npz")
+    cmd = [sys.executable, str(ROOT / "td3_adv_finetune.py"), "--checkpoint", str(tmp_path / "off" / "checkpoint.pt"),
+           "--total-steps", "100000", "--eval-freq", "50000", "--eval-episodes", "1", "--batch-size", "16", "--no-cuda",
+           "--run-name", "same"]
+    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        metrics = tmp_path / "runs" / "same" / "metrics.jsonl"
+        for _ in range(600):  # until the first run owns the folder and has logged its step-0 evaluation
+            if metrics.exists() and metrics.stat().st_size > 0:
+                break
+            time.sleep(0.1)
+        second = run_script("td3_adv_finetune.py", *cmd[2:], "--overwrite", cwd=tmp_path, timeout=300)
+        assert_one_line_error(second, "runs/same is in use by another running process", f"pid {first.pid}")
+        assert first.poll() is None  # the first run goes on undisturbed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    again = run_script("td3_adv_finetune.py", *cmd[2:cmd.index("--total-steps")], "--total-steps", "20", "--eval-freq", "10",
+                       "--eval-episodes", "1", "--batch-size", "16", "--no-cuda", "--run-name", "same", "--overwrite",
+                       cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]  # kill -9 released the lock: no stale lock
