@@ -35,7 +35,7 @@ import tyro
 from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
-from runtime import UserError, check_resume_args, env_state, rng_state, save_checkpoint, set_env_state, set_rng_state
+from runtime import UserError, check_name, check_resume_args, env_state, rng_state, save_checkpoint, set_env_state, set_rng_state
 
 LEVELS = ("random", "medium", "medium-replay", "expert")
 # D4RL's expert reference returns (d4rl/infos.py REF_MAX_SCORE, measured on mujoco-py v2 envs; an
@@ -423,6 +423,7 @@ def write_minari_dataset(dataset_id: str, episodes, env_id: str, ref_min_score: 
 
 
 def check_args(args: Args):
+    check_name(args.namespace, "--namespace", "the Minari store")
     if not args.levels:
         raise UserError(f"--levels needs at least one of {' '.join(LEVELS)}")
     try:

@@ -17,8 +17,10 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
@@ -252,7 +254,14 @@ def load_curves(paths_by_label: dict) -> dict:
             if not os.path.exists(mpath):
                 raise UserError(f"no metrics file {mpath} for the learning curve of {p}; restore it or leave that "
                                 f"checkpoint out of --checkpoints")
-            curves[label].append([r for r in map(json.loads, open(mpath)) if "eval/normal_return" in r])
+            try:
+                with open(mpath) as f:
+                    evals = [r for r in map(json.loads, f) if "eval/normal_return" in r]
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"metrics file {mpath} is corrupt ({type(e).__name__}); restore it or leave {p} out of --checkpoints")
+            if not evals:
+                raise UserError(f"metrics file {mpath} holds no evaluation; restore it or leave {p} out of --checkpoints")
+            curves[label].append(evals)
     return curves
 
 
@@ -352,18 +361,27 @@ def main(args: Args):
         if args.video_size < 16 or args.video_frame_skip < 1:
             raise UserError("--video-size must be >= 16 and --video-frame-skip >= 1")
         check_rendering(env_id)
+    # every input is checked before anything is written: the perturbation sets, and each fine-tune's learning curve
+    refs = {p: load_perturbations(reference_npz_path(p, c), env_id, c["act_dim"], require=REFERENCE_KEYS) for p, c in ckpts.items()}
+    finetuned = defaultdict(list)
+    for p, c in ckpts.items():
+        if is_finetuned(c):
+            finetuned[policy_label(c)].append(p)
+    curves = load_curves(finetuned)
     os.makedirs(os.path.join(args.output_dir, "attacks"), exist_ok=True)
     import matplotlib
     matplotlib.use("Agg")
 
     rows, sets = [], {}
     for path, ckpt in tqdm(ckpts.items(), desc="policies (fresh attack + evaluation)"):
-        ref = load_perturbations(reference_npz_path(path, ckpt), env_id, ckpt["act_dim"], require=REFERENCE_KEYS)
+        ref = refs[path]
         attack = fresh_attack(path, ref, args, args.output_dir)
         sets[path] = ref, attack
         conditions = {"normal": np.zeros((1, ckpt["act_dim"])), "random": ref["random_deltas"],
                       "adversarial": attack["perturbations"], "transfer": ref["perturbations"]}
         returns = evaluate_policy(ckpt, conditions, args.eval_episodes, args.eval_seed, str(ref["perturbation_model"]))
+        if not all(np.isfinite(r).all() for r in returns.values()):
+            raise UserError(f"{path} produced a non-finite return; nothing was written (a NaN is an error, not a table cell)")
         for cond in EVAL_CONDITIONS:
             r = returns[cond]
             rows.append({"policy": policy_label(ckpt), "seed": ckpt["args"]["seed"], "env_id": env_id,
@@ -376,21 +394,22 @@ def main(args: Args):
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     w.writerows(rows)
-    write_text(os.path.join(args.output_dir, "matrix.csv"), buf.getvalue())
     summary = summarize(rows)
     order = ["offline-only"] + sorted({r["policy"] for r in rows} - {"offline-only"}, key=lambda s: (s.startswith("scratch"), s))
     labels = [lb for lb in order if (lb, "normal") in summary]
     table = markdown_table(summary, labels, env_id, args.eval_episodes)
-    write_text(os.path.join(args.output_dir, "matrix.md"), table)
-    plot_heatmap(os.path.join(args.output_dir, "heatmap.png"), summary, labels, env_id)
-    finetuned = defaultdict(list)
-    for p, c in ckpts.items():
-        if is_finetuned(c):
-            finetuned[policy_label(c)].append(p)
-    if finetuned:
-        curves = load_curves(finetuned)
-        plot_curves(os.path.join(args.output_dir, "curves.png"), curves, summary, env_id)
-        plot_q(os.path.join(args.output_dir, "q_trajectory.png"), curves, env_id)
+    tmp = tempfile.mkdtemp(prefix=".partial-", dir=args.output_dir)  # the output set: all made, then moved in together
+    try:
+        write_text(os.path.join(tmp, "matrix.csv"), buf.getvalue())
+        write_text(os.path.join(tmp, "matrix.md"), table)
+        plot_heatmap(os.path.join(tmp, "heatmap.png"), summary, labels, env_id)
+        if finetuned:
+            plot_curves(os.path.join(tmp, "curves.png"), curves, summary, env_id)
+            plot_q(os.path.join(tmp, "q_trajectory.png"), curves, env_id)
+        for name in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     videos = capture_videos(args, ckpts, sets) if args.capture_video else []
     print(table)
     print(f"wrote {args.output_dir}/matrix.csv, matrix.md, heatmap.png" + (", curves.png, q_trajectory.png" if finetuned else "")

@@ -85,6 +85,16 @@ def save_checkpoint(path: str, ckpt: dict):
             os.remove(tmp)
 
 
+def check_name(value: Optional[str], flag: str, store: str):
+    """A name that becomes a path inside `store` (a run name under runs/, a Minari namespace) must stay inside it."""
+    if value is None:
+        return
+    parts = value.replace("\\", "/").split("/")
+    if not value or os.path.isabs(value) or any(p in ("", ".", "..") for p in parts):
+        raise UserError(f"{flag} '{value}' would leave {store}: use plain names (letters, digits, '-', '_'), "
+                        f"without '..', empty parts or a leading '/'")
+
+
 _LOCKED = {}  # run folder -> its open, locked .lock file (held for the life of this process)
 
 

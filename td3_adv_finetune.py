@@ -33,7 +33,7 @@ import tyro
 from tqdm import tqdm
 
 from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam, captioned, check_fast_path_args,
-                     check_rendering, env_state, load_checkpoint, load_perturbations, lock_run_dir, open_metrics,
+                     check_name, check_rendering, env_state, load_checkpoint, load_perturbations, lock_run_dir, open_metrics,
                      record_episode, resume_point, rng_state, save_checkpoint, set_adam_flags, set_env_state, set_rng_state,
                      sha256_file, write_video)
 
@@ -395,6 +395,7 @@ def default_checkpoint() -> str:
 
 
 def check_args(args: Args):
+    check_name(args.run_name, "--run-name", "runs/")
     for name in ("q", "q_init", "q_min", "q_max", "r_off"):
         if not 0 <= getattr(args, name) <= 1:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")

@@ -26,7 +26,7 @@ import tyro
 from tqdm import tqdm
 
 from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam,  # noqa: F401 (load_checkpoint: re-exported)
-                     check_fast_path_args, load_checkpoint, lock_run_dir, open_metrics, resume_point, rng_state,
+                     check_fast_path_args, check_name, load_checkpoint, lock_run_dir, open_metrics, resume_point, rng_state,
                      save_checkpoint, set_adam_flags, set_rng_state)
 
 STAGE = os.path.splitext(os.path.basename(__file__))[0]  # the checkpoints' stage tag: a fork under a new name has its own
@@ -294,6 +294,7 @@ def actor_from_checkpoint(ckpt: dict, device="cpu") -> Actor:
 
 
 def main(args: Args):
+    check_name(args.run_name, "--run-name", "runs/")
     if args.total_steps < 1 or args.batch_size < 1 or args.eval_freq < 1 or args.eval_episodes < 1:
         raise UserError("--total-steps, --batch-size, --eval-freq and --eval-episodes must be >= 1")
     if args.alpha < 0 or not 0 < args.tau <= 1 or not 0 <= args.gamma <= 1:

@@ -139,3 +139,45 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_lives_and_kill
                        "--eval-episodes", "1", "--batch-size", "16", "--no-cuda", "--run-name", "same", "--overwrite",
                        cwd=tmp_path, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]  # kill -9 released the lock: no stale lock
+
+
+# Class 6: names that become paths stay inside their stores
+@pytest.mark.parametrize("script,flag", [("td3_bc_offline.py", "--run-name"), ("td3_adv_finetune.py", "--run-name"),
+                                         ("collect_dataset.py", "--namespace")])
+@pytest.mark.parametrize("name", ["../escape", "/tmp/escape", "a/../../escape"])
+def test_a_name_that_would_escape_its_store_is_refused(script, flag, name, hopper_checkpoint, hopper_datasets, tmp_path):
+    args = {"td3_bc_offline.py": ["--dataset-id", hopper_datasets["medium"], "--total-steps", "10"],
+            "td3_adv_finetune.py": ["--checkpoint", hopper_checkpoint, "--total-steps", "10"],
+            "collect_dataset.py": ["--levels", "random", "--num-transitions", "10", "--ref-episodes", "1"]}[script]
+    store = os.environ["MINARI_DATASETS_PATH"]
+    before = tree(store)
+    run_refused(tmp_path, script, [*args, flag, name], flag, "would leave")
+    assert tree(store) == before and not os.path.exists("/tmp/escape")
+
+
+# Class 7: the matrix checks everything before it writes, and writes its output set only once all of it is made
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "no evaluation"])
+def test_the_matrix_keeps_a_good_table_when_a_later_input_is_bad(damage, hopper_checkpoint, hopper_perturbations, tmp_path):
+    import evaluate_matrix as em
+    import td3_adv_finetune as ft
+    off = tmp_path / "runs" / "off"
+    off.mkdir(parents=True)
+    shutil.copy(hopper_checkpoint, off / "checkpoint.pt")
+    shutil.copy(hopper_perturbations, off / "perturbations.npz")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        em.main(em.Args(checkpoints=(str(off),), output_dir="out", eval_episodes=1, num_workers=1))
+        ft.main(ft.Args(checkpoint=str(off / "checkpoint.pt"), total_steps=20, eval_freq=10, eval_episodes=1, batch_size=16,
+                        cuda=False, run_name="ft"))
+    finally:
+        os.chdir(cwd)
+    metrics = tmp_path / "runs" / "ft" / "metrics.jsonl"
+    if damage == "missing":
+        metrics.unlink()
+    elif damage == "corrupt":
+        metrics.write_text('{"step": 0, "eval/normal_return": 1.0}\n{"step": 1, "eval/no')
+    else:
+        metrics.write_text('{"step": 3, "charts/episodic_return": 1.0}\n')
+    run_refused(tmp_path, "evaluate_matrix.py", ["--checkpoints", "runs", "--output-dir", "out", "--eval-episodes", "1",
+                                                 "--num-workers", "1"], "metrics file")
