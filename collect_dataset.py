@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import version as pkg_version
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import gymnasium as gym
 import minari
@@ -35,7 +35,8 @@ import tyro
 from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
-from runtime import UserError, check_name, check_resume_args, env_state, rng_state, save_checkpoint, set_env_state, set_rng_state
+from runtime import (Range, UserError, check_name, check_ranges, check_resume_args, env_state, io_failure, rng_state,
+                     save_checkpoint, set_env_state, set_rng_state)
 
 LEVELS = ("random", "medium", "medium-replay", "expert")
 # D4RL's expert reference returns (d4rl/infos.py REF_MAX_SCORE, measured on mujoco-py v2 envs; an
@@ -53,59 +54,59 @@ class Args:
     """which datasets to create: any of random, medium, medium-replay, expert"""
     namespace: str = "local"
     """Minari namespace; datasets are named {namespace}/{env}/{level}-v{version}, e.g. local/hopper/medium-v0"""
-    version: int = 0
+    version: Annotated[int, Range(0)] = 0
     """dataset version suffix"""
-    num_transitions: int = 1_000_000
+    num_transitions: Annotated[int, Range(1)] = 1_000_000
     """transitions per random/medium/expert dataset (D4RL: 1M); medium-replay holds what training produced"""
-    medium_target_return: Optional[float] = None
+    medium_target_return: Annotated[Optional[float], Range()] = None
     """deterministic eval return at which the behaviour policy counts as medium (if unset: expert reference / 3)"""
-    expert_target_return: Optional[float] = None
+    expert_target_return: Annotated[Optional[float], Range()] = None
     """eval return at which training stops and the policy counts as expert (if unset: the expert reference)"""
-    max_train_steps: int = 1_000_000
+    max_train_steps: Annotated[int, Range(1)] = 1_000_000
     """budget of online TD3 env steps for the behaviour policy; if a target is not reached, the best policy is used (warned, recorded)"""
     strict_targets: bool = False
     """refuse to write a medium/expert dataset whose behaviour policy missed its target, instead of using the best policy seen"""
-    rollout_noise: float = 0.1
+    rollout_noise: Annotated[float, Range(0)] = 0.1
     """std of Gaussian noise (in units of the action half-range) added to medium/expert rollouts"""
-    max_episode_steps: Optional[int] = None
+    max_episode_steps: Annotated[Optional[int], Range(1)] = None
     """override the env's time limit (short episodes for tests); stored in the dataset's env spec"""
 
     # reference scores
-    ref_episodes: int = 100
+    ref_episodes: Annotated[int, Range(1)] = 100
     """episodes of a uniform random policy averaged for ref_min_score"""
-    ref_min_score: Optional[float] = None
+    ref_min_score: Annotated[Optional[float], Range()] = None
     """override the measured random-policy reference return"""
-    ref_max_score: Optional[float] = None
+    ref_max_score: Annotated[Optional[float], Range()] = None
     """override the expert reference return (if unset: D4RL's constant for the env, else the expert policy's measured return)"""
 
     # the TD3 behaviour policy
-    learning_rate: float = 3e-4
+    learning_rate: Annotated[float, Range(0, open="lo")] = 3e-4
     """Adam learning rate"""
-    batch_size: int = 256
+    batch_size: Annotated[int, Range(1)] = 256
     """minibatch size"""
-    gamma: float = 0.99
+    gamma: Annotated[float, Range(0, 1)] = 0.99
     """discount factor"""
-    tau: float = 0.005
+    tau: Annotated[float, Range(0, 1, open="lo")] = 0.005
     """target smoothing coefficient"""
-    policy_noise: float = 0.2
+    policy_noise: Annotated[float, Range(0)] = 0.2
     """target policy smoothing noise"""
-    noise_clip: float = 0.5
+    noise_clip: Annotated[float, Range(0)] = 0.5
     """target policy smoothing noise clip"""
-    exploration_noise: float = 0.1
+    exploration_noise: Annotated[float, Range(0)] = 0.1
     """exploration noise during training"""
-    learning_starts: int = 25_000
+    learning_starts: Annotated[int, Range(0)] = 25_000
     """uniform-random warm-up steps before learning"""
-    policy_frequency: int = 2
+    policy_frequency: Annotated[int, Range(1)] = 2
     """delayed actor update frequency"""
-    eval_freq: int = 5_000
+    eval_freq: Annotated[int, Range(1)] = 5_000
     """env steps between evaluations of the behaviour policy"""
-    eval_episodes: int = 10
+    eval_episodes: Annotated[int, Range(1)] = 10
     """episodes per evaluation"""
 
     # run management
     overwrite: bool = False
     """replace datasets with the same id"""
-    seed: int = 1
+    seed: Annotated[int, Range(0)] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
     """sets `torch.backends.cudnn.deterministic`"""
@@ -423,17 +424,16 @@ def write_minari_dataset(dataset_id: str, episodes, env_id: str, ref_min_score: 
 
 
 def check_args(args: Args):
+    check_ranges(args)  # each field's range is declared next to it in Args
     check_name(args.namespace, "--namespace", "the Minari store")
+    if args.ref_min_score is not None and args.ref_max_score is not None and not args.ref_min_score < args.ref_max_score:
+        raise UserError(f"need --ref-min-score < --ref-max-score (got {args.ref_min_score} and {args.ref_max_score})")
     if not args.levels:
         raise UserError(f"--levels needs at least one of {' '.join(LEVELS)}")
     try:
         spec = gym.spec(args.env_id)
     except gym.error.Error as e:
         raise UserError(f"unknown env id '{args.env_id}' ({e}); use a Gymnasium id such as Hopper-v5")
-    if args.num_transitions < 1 or args.max_train_steps < 1 or args.ref_episodes < 1 or args.eval_episodes < 1:
-        raise UserError("--num-transitions, --max-train-steps, --ref-episodes and --eval-episodes must be >= 1")
-    if args.rollout_noise < 0:
-        raise UserError("--rollout-noise must be >= 0")
     name = args.env_id.split("-")[0]
     trained = set(args.levels) - {"random"}
     if name not in EXPERT_RETURN and (
@@ -525,3 +525,5 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except UserError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk or a read-only folder outside the atomic saves: still one line
+        sys.exit(f"error: {io_failure(e)}")

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -27,7 +27,8 @@ import tyro
 from scipy.optimize._differentialevolution import DifferentialEvolutionSolver  # differential_evolution's engine
 from tqdm import tqdm
 
-from runtime import PERTURBATION_FORMAT, UserError, check_resume_args, load_checkpoint, save_npz, sha256_file
+from runtime import (PERTURBATION_FORMAT, Range, UserError, check_ranges, check_resume_args, io_failure, load_checkpoint,
+                     save_npz, sha256_file)
 
 PERTURBATION_VERSION = 1
 DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
@@ -37,31 +38,32 @@ DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoin
 @dataclass
 class Args:
     # the paper's knobs: the box [−ε, ε]^Na of δ and how δ acts on the executed action
-    epsilon: float = 0.3
+    epsilon: Annotated[float, Range(0, open="lo")] = 0.3
     """ε: perturbation bound, δ ∈ [−ε, ε]^Na (the paper uses 0.3 or 0.5 depending on the env)"""
     perturbation_model: Literal["multiplicative", "additive"] = "multiplicative"
     """multiplicative: ã = a ⊙ (1 + δ); additive: ã = a + δ ⊙ half-range (both clipped to the action bounds)"""
 
     # the adversary: differential evolution (scipy)
-    num_perturbations: int = 5
+    num_perturbations: Annotated[int, Range(1)] = 5
     """K: independent DE runs (own seed and own episode seeds each); their best δ form the set {δ_a}"""
-    de_episodes: int = 5
+    de_episodes: Annotated[int, Range(1)] = 5
     """M: episodes averaged in the DE objective (the same seeds for every candidate of a run)"""
-    popsize: int = 10
+    popsize: Annotated[int, Range(4)] = 10
     """scipy popsize: the population has popsize × Na candidates"""
-    maxiter: int = 20
+    maxiter: Annotated[int, Range(1)] = 20
     """maximum DE generations"""
-    mutation: tuple[float, float] = (0.5, 1.0)
+    mutation: Annotated[tuple[float, float], Range(0, 2, open="hi")] = (0.5, 1.0)
     """DE mutation (dithering range)"""
-    recombination: float = 0.7
+    recombination: Annotated[float, Range(0, 1)] = 0.7
     """DE crossover probability"""
-    strategy: str = "best1bin"
+    strategy: Literal["best1bin", "best1exp", "rand1bin", "rand1exp", "rand2bin", "rand2exp", "randtobest1bin",
+                      "randtobest1exp", "currenttobest1bin", "currenttobest1exp", "best2exp", "best2bin"] = "best1bin"
     """DE strategy (scipy name)"""
-    tol: float = 0.01
+    tol: Annotated[float, Range(0)] = 0.01
     """DE relative convergence tolerance"""
     polish: bool = False
     """polish the best δ with L-BFGS-B (off: the objective is piecewise and noisy)"""
-    de_seed: int = 20_000
+    de_seed: Annotated[int, Range(0)] = 20_000
     """DE run k uses episode seeds de_seed + 1000 k + i and optimizer seed de_seed + k"""
 
     # inputs and outputs
@@ -71,19 +73,19 @@ class Args:
     """output .npz (if unset: perturbations.npz next to the checkpoint); a PNG of DE convergence goes beside it"""
 
     # evaluation
-    eval_episodes: int = 10
+    eval_episodes: Annotated[int, Range(1)] = 10
     """episodes (seeds eval_seed + i) for the reported returns: nominal, random draws and each δ_a"""
-    eval_seed: int = 10_000
+    eval_seed: Annotated[int, Range(0)] = 10_000
     """first seed of the reporting episodes (the same as the other stages' evaluations)"""
-    random_draws: int = 20
+    random_draws: Annotated[int, Range(1)] = 20
     """R: random δ ~ U([−ε, ε]^Na) evaluated for the random-condition baseline"""
-    max_episode_steps: Optional[int] = None
+    max_episode_steps: Annotated[Optional[int], Range(1)] = None
     """override the checkpoint's episode time limit (shorter, cheaper episodes)"""
 
     # run management
-    num_workers: int = 0
+    num_workers: Annotated[int, Range(0)] = 0
     """processes stepping the environments (0: one per CPU core)"""
-    seed: int = 1
+    seed: Annotated[int, Range(0)] = 1
     """seed for the random draws"""
     resume: bool = False
     """continue an interrupted run from {output}.state.npz (written after every DE generation)"""
@@ -295,17 +297,12 @@ def run_de(evaluate, act_dim: int, epsilon: float, seeds: np.ndarray, de_seed: i
 
 
 def check_args(args: Args):
-    if args.epsilon <= 0 or (args.perturbation_model == "multiplicative" and args.epsilon >= 1):
+    check_ranges(args)  # each field's range is declared next to it in Args
+    if args.perturbation_model == "multiplicative" and args.epsilon >= 1:
         raise UserError(f"--epsilon must be in (0, 1) for the multiplicative model (got {args.epsilon}): δ = −1 would "
                         f"switch an actuator off and δ < −1 reverse it; use 0.3 or 0.5 as the paper does")
-    if args.num_perturbations < 1:
-        raise UserError("--num-perturbations (K) must be >= 1")
-    if args.popsize < 4:
-        raise UserError("--popsize must be >= 4")
-    if args.maxiter < 1 or args.de_episodes < 1 or args.eval_episodes < 1 or args.random_draws < 1:
-        raise UserError("--maxiter, --de-episodes, --eval-episodes and --random-draws must be >= 1")
-    if not 0 <= args.recombination <= 1:
-        raise UserError("--recombination must be in [0, 1]")
+    if args.mutation[0] > args.mutation[1]:
+        raise UserError(f"--mutation is a (min, max) dithering range; got min > max ({args.mutation})")
 
 
 def plot_convergence(path: str, history: np.ndarray, nominal: float, random_mean: float, adversarial: np.ndarray, title: str):
@@ -461,3 +458,5 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except UserError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk or a read-only folder outside the atomic saves: still one line
+        sys.exit(f"error: {io_failure(e)}")

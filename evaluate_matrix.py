@@ -23,7 +23,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -32,8 +32,8 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-from runtime import (UserError, captioned, check_rendering, load_checkpoint, load_perturbations, record_episode, sha256_file,
-                     side_by_side, write_text, write_video)
+from runtime import (Range, UserError, captioned, check_ranges, check_rendering, io_failure, load_checkpoint,
+                     load_perturbations, record_episode, sha256_file, side_by_side, write_text, write_video)
 
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
 REFERENCE_KEYS = ("perturbation_returns", "maxiter", "popsize", "de_episodes", "mutation", "recombination", "strategy", "tol")
@@ -46,28 +46,28 @@ class Args:
     """checkpoint files, globs, or folders searched recursively for checkpoint.pt"""
     env_id: Optional[str] = None
     """keep only checkpoints of this env (required when the set mixes envs)"""
-    eval_episodes: int = 10
+    eval_episodes: Annotated[int, Range(1)] = 10
     """episodes per policy and condition (seeds eval_seed + i)"""
-    eval_seed: int = 10_000
+    eval_seed: Annotated[int, Range(0)] = 10_000
     """first evaluation seed (the same episodes as the other stages)"""
 
     # the fresh attack on each policy
-    attack_num_perturbations: Optional[int] = None
+    attack_num_perturbations: Annotated[Optional[int], Range(1)] = None
     """K of each fresh attack (if unset: the reference perturbations file's)"""
-    attack_maxiter: Optional[int] = None
+    attack_maxiter: Annotated[Optional[int], Range(1)] = None
     """DE generations of each fresh attack (if unset: the reference file's)"""
-    attack_popsize: Optional[int] = None
+    attack_popsize: Annotated[Optional[int], Range(4)] = None
     """DE popsize of each fresh attack (if unset: the reference file's)"""
-    num_workers: int = 0
+    num_workers: Annotated[int, Range(0)] = 0
     """processes for the fresh attacks (0: one per core)"""
 
     # videos
     capture_video: bool = False
     """record one episode per policy and condition (normal; random: the first stored draw; adversarial: the fresh-attack
     δ that hurts that policy most) into {output-dir}/videos/, and every policy side by side under one δ (MP4 and GIF)"""
-    video_size: int = 160
+    video_size: Annotated[int, Range(16)] = 160
     """frame size of the videos in pixels (off-screen rendering on a CPU costs about 0.1-0.3 s a frame)"""
-    video_frame_skip: int = 4
+    video_frame_skip: Annotated[int, Range(1)] = 4
     """env steps between video frames"""
 
     # outputs and logging
@@ -342,8 +342,7 @@ def capture_videos(args: Args, ckpts: dict, sets: dict) -> list:
 
 
 def main(args: Args):
-    if args.eval_episodes < 1:
-        raise UserError("--eval-episodes must be >= 1")
+    check_ranges(args)  # each field's range is declared next to it in Args
     paths = find_checkpoints(args.checkpoints)
     if not paths:
         raise UserError(f"no checkpoints found in {' '.join(args.checkpoints)}; train some first (`bash run_pipeline.sh`) "
@@ -358,8 +357,6 @@ def main(args: Args):
         raise UserError(f"the checkpoints mix envs ({', '.join(envs)}); pass --env-id to evaluate one env at a time")
     env_id = envs[0]
     if args.capture_video:
-        if args.video_size < 16 or args.video_frame_skip < 1:
-            raise UserError("--video-size must be >= 16 and --video-frame-skip >= 1")
         check_rendering(env_id)
     # every input is checked before anything is written: the perturbation sets, and each fine-tune's learning curve
     refs = {p: load_perturbations(reference_npz_path(p, c), env_id, c["act_dim"], require=REFERENCE_KEYS) for p, c in ckpts.items()}
@@ -429,3 +426,5 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except UserError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk or a read-only folder outside the atomic saves: still one line
+        sys.exit(f"error: {io_failure(e)}")

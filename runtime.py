@@ -2,6 +2,7 @@
 RNG and env capture, the fast-path helpers (fused Adam, torch.compile, CUDA graphs) and the video helpers of
 --capture-video. None of the algorithm lives here: each stage script holds its own networks, losses and loop, readable
 top to bottom."""
+import contextlib
 import dataclasses
 import os
 import random
@@ -68,21 +69,94 @@ def checkpoint_problem(ckpt: dict) -> Optional[str]:
         return "obs_mean/obs_std hold NaN, inf or a non-positive std"
     if not (ckpt["action_low"] < ckpt["action_high"]).all():
         return "action_low must be below action_high"
+    lo, hi = ckpt.get("ref_min_score"), ckpt.get("ref_max_score")
+    if lo is not None and hi is not None and not lo < hi:
+        return f"its reference scores cannot normalize a return (ref_min_score {lo} is not below ref_max_score {hi})"
     return None
 
 
-def save_checkpoint(path: str, ckpt: dict):
-    """Atomic: write a temporary file next to `path` (unique to this process), fsync, then rename over it."""
+def io_failure(e: OSError) -> str:
+    """One line for a failed read or write: what failed, that what was saved before is intact, and how to go on."""
+    return (f"{e.strerror or type(e).__name__} on {e.filename or 'a file'}: stopped; whatever was saved before is intact "
+            f"(checkpoints and state are written atomically), so free disk space or fix the folder's permissions, then "
+            f"rerun with --resume")
+
+
+def _atomic(path: str, write):
+    """write(file) into a temporary file beside `path` (unique to this process), fsync, then rename over `path`. A failure
+    (a full disk, a read-only folder) leaves `path` as it was and ends in one line (UserError)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        e.filename = e.filename or tmp
+        raise UserError(f"could not write {path}: {io_failure(e)}") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        try:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        except OSError:
+            pass
+
+
+def save_checkpoint(path: str, ckpt: dict):
+    """Atomic: a temporary file next to `path`, fsync, then rename over it."""
+    _atomic(path, lambda f: torch.save(ckpt, f))
+
+
+class Range:
+    """A field's valid values, declared next to it: `x: Annotated[float, Range(0, 1)] = 0.5`. Bounds are inclusive unless
+    `open` names them ("lo", "hi"); every number must also be finite; a tuple is checked element by element."""
+
+    def __init__(self, lo=None, hi=None, open: str = ""):
+        self.lo, self.hi, self.open = lo, hi, open
+
+    def ok(self, x) -> bool:
+        import math
+        if isinstance(x, (tuple, list)):
+            return all(self.ok(v) for v in x)
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            return False
+        lo_ok = self.lo is None or (x > self.lo if "lo" in self.open else x >= self.lo)
+        hi_ok = self.hi is None or (x < self.hi if "hi" in self.open else x <= self.hi)
+        return lo_ok and hi_ok
+
+    def __str__(self):
+        if self.lo is None and self.hi is None:
+            return "a finite number"
+        if self.hi is None:
+            return f"{'>' if 'lo' in self.open else '>='} {self.lo}"
+        return f"in {'(' if 'lo' in self.open else '['}{self.lo}, {self.hi}{')' if 'hi' in self.open else ']'}"
+
+
+def check_ranges(args):
+    """Every field with a declared Range holds a value inside it (None, where allowed, means unset), before anything runs."""
+    import typing
+    hints = typing.get_type_hints(type(args), include_extras=True)
+    for f in dataclasses.fields(args):
+        for meta in getattr(hints[f.name], "__metadata__", ()):
+            value = getattr(args, f.name)
+            if isinstance(meta, Range) and value is not None and not meta.ok(value):
+                flag = f"--{f.name.replace('_', '-')}"
+                if not Range().ok(value):
+                    raise UserError(f"{flag} must be a finite number (got {value})")
+                raise UserError(f"{flag} must be {meta} (got {value})")
+
+
+@contextlib.contextmanager
+def reading_dataset(dataset_id: str):
+    """Every read of a Minari dataset (its files are read lazily, episode by episode) ends, if the files are damaged, in
+    one line that names the dataset and the fix, instead of an h5py traceback."""
+    try:
+        yield
+    except (OSError, KeyError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise UserError(f"dataset '{dataset_id}' is damaged or unreadable ({type(e).__name__}: {msg}); re-create it with "
+                        f"`python collect_dataset.py ... --overwrite` (or, for an official id, `minari download {dataset_id}`)") from None
 
 
 def check_name(value: Optional[str], flag: str, store: str):
@@ -124,15 +198,8 @@ def lock_run_dir(run_dir: str):
 
 
 def write_text(path: str, text: str):
-    """Atomic text write (tables, CSV): a temporary file unique to this process, then rename."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Atomic text write (tables, CSV)."""
+    _atomic(path, lambda f: f.write(text.encode()))
 
 
 def check_resume_args(saved: dict, now: dict, may_change=()):
@@ -159,16 +226,7 @@ def sha256_file(path: str) -> str:
 def save_npz(path: str, arrays: dict):
     """Atomic write: a temporary file beside `path` (unique to this process), fsync, then rename. Strings are stored as
     unicode arrays, so the file loads with allow_pickle=False."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _atomic(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
 
 
 def load_perturbations(path: str, env_id: Optional[str] = None, act_dim: Optional[int] = None, require=()) -> dict:

@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import gymnasium as gym
 import minari
@@ -32,10 +32,10 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam, captioned, check_fast_path_args,
-                     check_name, check_rendering, env_state, load_checkpoint, load_perturbations, lock_run_dir, open_metrics,
-                     record_episode, resume_point, rng_state, save_checkpoint, set_adam_flags, set_env_state, set_rng_state,
-                     sha256_file, write_video)
+from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Range, UserError, accelerate, adam, captioned,
+                     check_fast_path_args, check_name, check_ranges, check_rendering, env_state, io_failure, load_checkpoint,
+                     load_perturbations, lock_run_dir, open_metrics, reading_dataset, record_episode, resume_point, rng_state,
+                     save_checkpoint, set_adam_flags, set_env_state, set_rng_state, sha256_file, write_video)
 
 STAGE = os.path.splitext(os.path.basename(__file__))[0]  # the checkpoints' stage tag: a fork under a new name has its own
 DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
@@ -51,19 +51,19 @@ class Args:
     """perturbations injected while fine-tuning: normal, random or adversarial"""
     curriculum: Literal["fixed", "linear", "adaptive"] = "adaptive"
     """schedule of q: fixed, linear or adaptive"""
-    q: float = 0.5
+    q: Annotated[float, Range(0, 1)] = 0.5
     """q for the fixed curriculum"""
-    q_init: float = 0.1
+    q_init: Annotated[float, Range(0, 1)] = 0.1
     """initial q of the linear and adaptive curricula"""
-    q_min: float = 0.0
+    q_min: Annotated[float, Range(0, 1)] = 0.0
     """lower bound of q (adaptive)"""
-    q_max: float = 1.0
+    q_max: Annotated[float, Range(0, 1)] = 1.0
     """final q of the linear curriculum and upper bound of the adaptive one"""
-    beta: float = 0.9
+    beta: Annotated[float, Range(0, 1, open="lo")] = 0.9
     """β: EMA weight of the newest evaluation in the adaptive curriculum"""
-    eta: float = 0.7
+    eta: Annotated[float, Range(0)] = 0.7
     """η: adaptive step size, per unit of normalized return (1 = random-to-expert); the paper tunes it per env"""
-    r_off: float = 0.1
+    r_off: Annotated[float, Range(0, 1)] = 0.1
     """r_off: fraction of every batch drawn from the offline dataset (ignored for --init scratch)"""
 
     # inputs
@@ -73,41 +73,41 @@ class Args:
     """.npz from de_perturbations.py (if unset: perturbations.npz next to the checkpoint); gives {δ_a}, ε and the model"""
 
     # TD3
-    total_steps: int = 1_000_000
+    total_steps: Annotated[int, Range(1)] = 1_000_000
     """online env steps (the paper fine-tunes for 1M-3M)"""
-    learning_starts: Optional[int] = None
+    learning_starts: Annotated[Optional[int], Range(0)] = None
     """steps before updates begin (if unset: 25k uniform-random steps for scratch; batch size for offline init)"""
-    buffer_size: Optional[int] = None
+    buffer_size: Annotated[Optional[int], Range(1)] = None
     """online replay capacity (if unset: total steps)"""
-    batch_size: int = 256
+    batch_size: Annotated[int, Range(1)] = 256
     """minibatch size"""
-    learning_rate: float = 3e-4
+    learning_rate: Annotated[float, Range(0, open="lo")] = 3e-4
     """Adam learning rate"""
     reset_optimizers: bool = False
     """start fine-tuning with fresh Adam states instead of the checkpoint's"""
-    gamma: float = 0.99
+    gamma: Annotated[float, Range(0, 1)] = 0.99
     """discount factor γ"""
-    tau: float = 0.005
+    tau: Annotated[float, Range(0, 1, open="lo")] = 0.005
     """target smoothing coefficient τ"""
-    exploration_noise: float = 0.1
+    exploration_noise: Annotated[float, Range(0)] = 0.1
     """Gaussian exploration noise (fraction of the action half-range)"""
-    policy_noise: float = 0.2
+    policy_noise: Annotated[float, Range(0)] = 0.2
     """target policy smoothing noise"""
-    noise_clip: float = 0.5
+    noise_clip: Annotated[float, Range(0)] = 0.5
     """target policy smoothing noise clip"""
-    policy_frequency: int = 2
+    policy_frequency: Annotated[int, Range(1)] = 2
     """delayed actor (and target) update frequency"""
 
     # evaluation
-    eval_freq: int = 10_000
+    eval_freq: Annotated[int, Range(1)] = 10_000
     """env steps between evaluations (each under normal, random and adversarial conditions) and checkpoints"""
-    eval_episodes: int = 10
+    eval_episodes: Annotated[int, Range(1)] = 10
     """episodes per condition and evaluation (seeds eval_seed + i)"""
-    eval_seed: int = 10_000
+    eval_seed: Annotated[int, Range(0)] = 10_000
     """first evaluation seed (the same episodes as the other stages)"""
-    ref_min_score: Optional[float] = None
+    ref_min_score: Annotated[Optional[float], Range()] = None
     """override the checkpoint's reference return for normalized score 0"""
-    ref_max_score: Optional[float] = None
+    ref_max_score: Annotated[Optional[float], Range()] = None
     """override the checkpoint's reference return for normalized score 1"""
 
     # fast path (benchmarks/fast_path.py measures it); the defaults are exact fp32 and run anywhere
@@ -127,7 +127,7 @@ class Args:
     """replace an existing run folder of the same name"""
     resume: bool = False
     """continue the run runs/{run_name}/ (give --run-name) from its last state.pt (same arguments; --total-steps may grow)"""
-    seed: int = 1
+    seed: Annotated[int, Range(0)] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
     """sets `torch.backends.cudnn.deterministic`"""
@@ -379,7 +379,8 @@ def load_offline_data(dataset_id: str, obs_mean, obs_std, device) -> dict:
     if not os.path.exists(minari.storage.get_dataset_path(dataset_id)):
         raise UserError(f"the checkpoint's dataset '{dataset_id}' is not in the local Minari store; re-create it with "
                         f"collect_dataset.py (or `minari download {dataset_id}`), or pass --init scratch")
-    data = {k: torch.as_tensor(v, device=device) for k, v in dataset_to_transitions(minari.load_dataset(dataset_id)).items()}
+    with reading_dataset(dataset_id):
+        data = {k: torch.as_tensor(v, device=device) for k, v in dataset_to_transitions(minari.load_dataset(dataset_id)).items()}
     data["obs"], data["next_obs"] = (data["obs"] - obs_mean) / obs_std, (data["next_obs"] - obs_mean) / obs_std
     return data
 
@@ -395,19 +396,11 @@ def default_checkpoint() -> str:
 
 
 def check_args(args: Args):
+    check_ranges(args)  # each field's range is declared next to it in Args
     check_name(args.run_name, "--run-name", "runs/")
-    for name in ("q", "q_init", "q_min", "q_max", "r_off"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")
-    if args.q_min > args.q_max or not args.q_min <= args.q_init <= args.q_max:
+    if not args.q_min <= args.q_init <= args.q_max:
         raise UserError("need --q-min <= --q-init <= --q-max")
-    if not 0 < args.beta <= 1:
-        raise UserError(f"--beta must be in (0, 1] (got {args.beta})")
-    if args.eta < 0:
-        raise UserError(f"--eta must be >= 0 (got {args.eta})")
     check_fast_path_args(args)
-    if min(args.total_steps, args.batch_size, args.eval_freq, args.eval_episodes) < 1 or (args.learning_starts or 0) < 0:
-        raise UserError("--total-steps, --batch-size, --eval-freq and --eval-episodes must be >= 1, --learning-starts >= 0")
 
 
 def main(args: Args):
@@ -424,6 +417,9 @@ def main(args: Args):
     if args.curriculum == "adaptive" and (ref_min is None or ref_max is None):
         raise UserError("the adaptive curriculum needs normalized returns but the checkpoint has no reference scores; "
                         "pass --ref-min-score and --ref-max-score")
+    if ref_min is not None and ref_max is not None and not ref_min < ref_max:
+        raise UserError(f"the reference scores must satisfy min < max to normalize returns (got {ref_min} and {ref_max}); "
+                        f"pass --ref-min-score and --ref-max-score")
     scratch = args.init == "scratch"
     learning_starts = args.learning_starts if args.learning_starts is not None else (25_000 if scratch else args.batch_size)
     run_name = args.run_name or (f"{env_id}__{args.exp_name}__{args.init}-{args.finetune_condition}-{args.curriculum}"
@@ -656,3 +652,5 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except UserError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk or a read-only folder outside the atomic saves: still one line
+        sys.exit(f"error: {io_failure(e)}")

@@ -14,7 +14,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import gymnasium as gym
 import minari
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, UserError, accelerate, adam,  # noqa: F401 (load_checkpoint: re-exported)
-                     check_fast_path_args, check_name, load_checkpoint, lock_run_dir, open_metrics, resume_point, rng_state,
-                     save_checkpoint, set_adam_flags, set_rng_state)
+from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Range, UserError, accelerate, adam,  # noqa: F401 (load_checkpoint: re-exported)
+                     check_fast_path_args, check_name, check_ranges, io_failure, load_checkpoint, lock_run_dir,
+                     open_metrics, reading_dataset, resume_point, rng_state, save_checkpoint, set_adam_flags, set_rng_state)
 
 STAGE = os.path.splitext(os.path.basename(__file__))[0]  # the checkpoints' stage tag: a fork under a new name has its own
 
@@ -35,7 +35,7 @@ STAGE = os.path.splitext(os.path.basename(__file__))[0]  # the checkpoints' stag
 @dataclass
 class Args:
     # the paper's knob: α weighs the Q term against the BC term
-    alpha: float = 2.5
+    alpha: Annotated[float, Range(0)] = 2.5
     """α of TD3+BC: λ = α / mean|Q(s, π(s))| weighs the Q term against the BC term"""
 
     # data
@@ -49,33 +49,33 @@ class Args:
     """normalize observations by the dataset's mean/std"""
 
     # TD3
-    total_steps: int = 1_000_000
+    total_steps: Annotated[int, Range(1)] = 1_000_000
     """gradient updates (the paper pretrains for 5M)"""
-    batch_size: int = 256
+    batch_size: Annotated[int, Range(1)] = 256
     """minibatch size"""
-    learning_rate: float = 3e-4
+    learning_rate: Annotated[float, Range(0, open="lo")] = 3e-4
     """Adam learning rate of actor and critics"""
-    gamma: float = 0.99
+    gamma: Annotated[float, Range(0, 1)] = 0.99
     """discount factor γ"""
-    tau: float = 0.005
+    tau: Annotated[float, Range(0, 1, open="lo")] = 0.005
     """target smoothing coefficient τ"""
-    policy_noise: float = 0.2
+    policy_noise: Annotated[float, Range(0)] = 0.2
     """target policy smoothing noise (fraction of the action half-range)"""
-    noise_clip: float = 0.5
+    noise_clip: Annotated[float, Range(0)] = 0.5
     """target policy smoothing noise clip (fraction of the action half-range)"""
-    policy_frequency: int = 2
+    policy_frequency: Annotated[int, Range(1)] = 2
     """delayed actor (and target) update frequency"""
-    hidden_dim: int = 256
+    hidden_dim: Annotated[int, Range(1)] = 256
     """width of the 2-hidden-layer actor and critics"""
 
     # evaluation and logging
-    eval_freq: int = 5_000
+    eval_freq: Annotated[int, Range(1)] = 5_000
     """updates between deterministic evaluations (and checkpoints)"""
-    eval_episodes: int = 10
+    eval_episodes: Annotated[int, Range(1)] = 10
     """episodes per evaluation"""
-    eval_seed: int = 10_000
+    eval_seed: Annotated[int, Range(0)] = 10_000
     """evaluation episode i is reset with seed eval_seed + i (the same episodes at every evaluation)"""
-    log_freq: int = 1_000
+    log_freq: Annotated[int, Range(1)] = 1_000
     """updates between training-loss rows in metrics.jsonl (the only host syncs between evaluations)"""
 
     # fast path (benchmarks/fast_path.py measures it); the defaults are exact fp32 and run anywhere
@@ -95,7 +95,7 @@ class Args:
     """replace an existing run folder of the same name"""
     resume: bool = False
     """continue the run in runs/{run_name}/ from its last checkpoint (same arguments; --total-steps may grow)"""
-    seed: int = 1
+    seed: Annotated[int, Range(0)] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
     """sets `torch.backends.cudnn.deterministic`"""
@@ -294,21 +294,22 @@ def actor_from_checkpoint(ckpt: dict, device="cpu") -> Actor:
 
 
 def main(args: Args):
+    check_ranges(args)
     check_name(args.run_name, "--run-name", "runs/")
-    if args.total_steps < 1 or args.batch_size < 1 or args.eval_freq < 1 or args.eval_episodes < 1:
-        raise UserError("--total-steps, --batch-size, --eval-freq and --eval-episodes must be >= 1")
-    if args.alpha < 0 or not 0 < args.tau <= 1 or not 0 <= args.gamma <= 1:
-        raise UserError("need --alpha >= 0, 0 < --tau <= 1 and 0 <= --gamma <= 1")
     check_fast_path_args(args)
-    dataset = load_minari_dataset(args.dataset_id, args.download)
-    env_id = dataset_env_id(dataset, args.env_id)
-    env = make_eval_env(dataset, env_id)
-    data = dataset_to_transitions(dataset)
+    with reading_dataset(args.dataset_id):
+        dataset = load_minari_dataset(args.dataset_id, args.download)
+        env_id = dataset_env_id(dataset, args.env_id)
+        env = make_eval_env(dataset, env_id)
+        data = dataset_to_transitions(dataset)
+        ref_min, ref_max = dataset.storage.metadata.get("ref_min_score"), dataset.storage.metadata.get("ref_max_score")
+    if ref_min is not None and ref_max is not None and not ref_min < ref_max:
+        raise UserError(f"dataset '{args.dataset_id}' has reference scores that cannot normalize a return (ref_min_score "
+                        f"{ref_min}, ref_max_score {ref_max}); re-create it with collect_dataset.py")
     obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
     if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
         raise UserError(f"env {env_id} (obs {env.observation_space.shape}, act {env.action_space.shape}) does not match "
                         f"dataset '{args.dataset_id}' (obs ({obs_dim},), act ({act_dim},)); pass the right --env-id")
-    ref_min, ref_max = dataset.storage.metadata.get("ref_min_score"), dataset.storage.metadata.get("ref_max_score")
 
     run_name = args.run_name or f"{args.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}"
     run_dir = os.path.join("runs", run_name)
@@ -441,3 +442,5 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except UserError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk or a read-only folder outside the atomic saves: still one line
+        sys.exit(f"error: {io_failure(e)}")

@@ -181,3 +181,117 @@ def test_the_matrix_keeps_a_good_table_when_a_later_input_is_bad(damage, hopper_
         metrics.write_text('{"step": 3, "charts/episodic_return": 1.0}\n')
     run_refused(tmp_path, "evaluate_matrix.py", ["--checkpoints", "runs", "--output-dir", "out", "--eval-episodes", "1",
                                                  "--num-workers", "1"], "metrics file")
+
+
+# Class 3: numeric flags: each field's range is declared next to it and checked before anything runs
+BAD_NUMBERS = [
+    ("td3_bc_offline.py", "--batch-size", "0"), ("td3_bc_offline.py", "--learning-rate", "-1"),
+    ("td3_bc_offline.py", "--tau", "nan"), ("td3_bc_offline.py", "--log-freq", "0"), ("td3_bc_offline.py", "--hidden-dim", "0"),
+    ("td3_adv_finetune.py", "--eval-freq", "0"), ("td3_adv_finetune.py", "--buffer-size", "0"),
+    ("td3_adv_finetune.py", "--gamma", "1.5"), ("td3_adv_finetune.py", "--ref-max-score", "inf"),
+    ("de_perturbations.py", "--epsilon", "inf"), ("de_perturbations.py", "--num-workers", "-1"),
+    ("de_perturbations.py", "--mutation", "0.5", "2.5"), ("de_perturbations.py", "--tol", "-1"),
+    ("collect_dataset.py", "--num-transitions", "0"), ("collect_dataset.py", "--rollout-noise", "-0.1"),
+    ("collect_dataset.py", "--eval-freq", "0"), ("collect_dataset.py", "--gamma", "-0.5"),
+    ("evaluate_matrix.py", "--eval-episodes", "0"), ("evaluate_matrix.py", "--video-size", "8"),
+    ("evaluate_matrix.py", "--attack-popsize", "2"), ("evaluate_matrix.py", "--num-workers", "-3"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_NUMBERS, ids=[" ".join(c) for c in BAD_NUMBERS])
+def test_an_out_of_range_number_is_refused_before_anything_runs(case, tmp_path):
+    script, flag, *values = case
+    run_refused(tmp_path, script, [flag, *values], flag)
+
+
+@pytest.mark.parametrize("script,args", [
+    ("collect_dataset.py", ["--ref-min-score", "5", "--ref-max-score", "5"]),
+    ("td3_adv_finetune.py", ["--ref-min-score", "1", "--ref-max-score", "1", "--total-steps", "10"]),
+])
+def test_equal_reference_scores_are_refused_not_divided_by(script, args, hopper_checkpoint, hopper_perturbations, tmp_path):
+    extra = ["--checkpoint", hopper_checkpoint] if script == "td3_adv_finetune.py" else []
+    run_refused(tmp_path, script, [*extra, *args], "ref")
+
+
+@pytest.mark.parametrize("script", ["td3_bc_offline", "td3_adv_finetune", "de_perturbations", "collect_dataset", "evaluate_matrix"])
+def test_every_numeric_field_declares_its_range(script):
+    import dataclasses
+    import importlib
+    import typing
+    module = importlib.import_module(script)
+    hints = typing.get_type_hints(module.Args, include_extras=True)
+    for f in dataclasses.fields(module.Args):
+        base = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is typing.Annotated else hints[f.name]
+        leaves = {a for a in typing.get_args(base) if a is not type(None)} or {base}
+        numeric = any(leaf in (int, float) or typing.get_origin(leaf) is tuple and set(typing.get_args(leaf)) <= {int, float}
+                      for leaf in leaves)
+        if numeric:
+            assert any(isinstance(m, runtime.Range) for m in getattr(hints[f.name], "__metadata__", ())), f"{script}.{f.name}"
+
+
+# Class 4: I/O failures (a full disk, a read-only folder) end in one line; the last good checkpoint and state remain
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_good_checkpoint(hopper_datasets, tmp_path, monkeypatch):
+    """The save's temporary file is pointed at /dev/full (no mount needed): writing it fails with ENOSPC."""
+    import td3_bc_offline as tb
+    monkeypatch.chdir(tmp_path)
+    base = dict(dataset_id=hopper_datasets["medium"], eval_freq=50, eval_episodes=1, cuda=False, run_name="full", seed=1)
+    tb.main(tb.Args(total_steps=50, **base))
+    ckpt = tmp_path / "runs" / "full" / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    os.symlink("/dev/full", f"{ckpt}.{os.getpid()}.tmp")
+    with pytest.raises(runtime.UserError) as err:
+        tb.main(tb.Args(total_steps=100, resume=True, **base))
+    msg = str(err.value)
+    assert "No space left on device" in msg and "--resume" in msg and "\n" not in msg
+    assert ckpt.read_bytes() == good and not os.path.lexists(f"{ckpt}.{os.getpid()}.tmp")
+    tb.main(tb.Args(total_steps=100, resume=True, **base))  # the disk has room again: --resume continues
+    assert torch.load(ckpt, weights_only=True)["step"] == 100
+
+
+def test_a_read_only_run_folder_is_one_line_from_the_command_line(hopper_datasets, tmp_path):
+    import subprocess
+    base = ["--dataset-id", hopper_datasets["medium"], "--eval-freq", "50", "--eval-episodes", "1", "--no-cuda", "--run-name", "ro"]
+    assert run_script("td3_bc_offline.py", *base, "--total-steps", "50", cwd=tmp_path).returncode == 0
+    folder = tmp_path / "runs" / "ro"
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here, so no folder can be made read-only for root")
+    try:
+        before = tree(folder)
+        proc = run_script("td3_bc_offline.py", *base, "--total-steps", "100", "--resume", cwd=tmp_path)
+        assert_one_line_error(proc, "Operation not permitted", "--resume")
+        assert "Traceback" not in proc.stdout + proc.stderr
+        assert tree(folder)["checkpoint.pt"] == before["checkpoint.pt"]  # the last good checkpoint (and resume state)
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)])
+
+
+# Class 5: a damaged Minari dataset (a truncated hdf5 file) is one line wherever it is read
+@pytest.fixture(scope="module")
+def broken_dataset():
+    import collect_dataset as cd
+    import minari
+    args = cd.Args(env_id="Hopper-v5", namespace="broken", levels=("random",), num_transitions=300, ref_episodes=2,
+                   max_episode_steps=50, overwrite=True, cuda=False)
+    cd.main(args)
+    ds_id = cd.dataset_id_for("broken", "Hopper-v5", "random", 0)
+    for d, _, files in os.walk(minari.storage.get_dataset_path(ds_id)):
+        for f in files:
+            if f.endswith(".hdf5"):
+                p = os.path.join(d, f)
+                data = open(p, "rb").read()
+                open(p, "wb").write(data[: len(data) // 2])
+    return ds_id
+
+
+@pytest.mark.parametrize("script", ["td3_bc_offline.py", "td3_adv_finetune.py"])
+def test_a_truncated_dataset_is_one_line_wherever_it_is_read(script, broken_dataset, hopper_checkpoint, hopper_perturbations, tmp_path):
+    if script == "td3_bc_offline.py":
+        args = ["--dataset-id", broken_dataset, "--total-steps", "10"]
+    else:
+        ckpt = torch.load(hopper_checkpoint, weights_only=True)
+        ckpt["dataset_id"] = broken_dataset
+        (tmp_path / "run").mkdir()
+        torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
+        shutil.copy(hopper_perturbations, tmp_path / "run" / "perturbations.npz")
+        args = ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--total-steps", "10"]
+    run_refused(tmp_path, script, args, broken_dataset, "collect_dataset.py")
