@@ -27,12 +27,10 @@ import tyro
 from scipy.optimize._differentialevolution import DifferentialEvolutionSolver  # differential_evolution's engine
 from tqdm import tqdm
 
-from runtime import (PERTURBATION_FORMAT, Range, UserError, check_ranges, check_resume_args, io_failure, load_checkpoint,
-                     save_npz, sha256_file)
+from runtime import (PERTURBATION_FORMAT, Range, UserError, check_ranges, check_resume_args, default_checkpoint,
+                     io_failure, load_checkpoint, rollout_batch, save_npz, sha256_file)
 
 PERTURBATION_VERSION = 1
-DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
-                       "runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt")
 
 
 @dataclass
@@ -181,24 +179,6 @@ def make_env(env_id: str, max_episode_steps: Optional[int]) -> gym.Env:
     return gym.make(env_id, max_episode_steps=max_episode_steps)
 
 
-def rollout_batch(envs, actor: Actor, obs_mean, obs_std, deltas: np.ndarray, seeds, model: str):
-    """Run one episode per (δ_j, seed_j) in lockstep. Returns (returns [B], env steps taken)."""
-    low, high = envs[0].action_space.low, envs[0].action_space.high
-    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
-    returns, alive, steps = np.zeros(len(seeds)), np.ones(len(seeds), bool), 0
-    while alive.any():
-        idx = np.flatnonzero(alive)
-        with torch.no_grad():
-            actions = actor((torch.as_tensor(obs[idx], dtype=torch.float32) - obs_mean) / obs_std).numpy()
-        executed = perturb_action(actions, deltas[idx], low, high, model)
-        for j, i in enumerate(idx):
-            obs[i], reward, terminated, truncated, _ = envs[i].step(executed[j])
-            returns[i] += reward
-            alive[i] = not (terminated or truncated)
-        steps += len(idx)
-    return returns, steps
-
-
 _WORKER = {}
 
 
@@ -212,7 +192,7 @@ def _worker_rollout(deltas: np.ndarray, seeds: np.ndarray):
     w = _WORKER
     while len(w["envs"]) < len(seeds):
         w["envs"].append(make_env(w["env_id"], w["max_episode_steps"]))
-    return rollout_batch(w["envs"][:len(seeds)], w["actor"], w["obs_mean"], w["obs_std"], deltas, seeds, w["model"])
+    return rollout_batch(w["envs"][:len(seeds)], w["actor"], w["obs_mean"], w["obs_std"], deltas, seeds, w["model"], perturb_action)
 
 
 class PopulationEvaluator:
@@ -347,16 +327,6 @@ def load_state(path: str, args: Args) -> dict:
     check_resume_args(saved, json.loads(json.dumps(asdict(args))), ("resume", "track", "num_workers"))
     state["histories"] = [h[~np.isnan(h)].tolist() for h in state["histories"]]
     return state
-
-
-def default_checkpoint() -> str:
-    """The first of DEFAULT_CHECKPOINTS that exists: the full-scale run's, then run_pipeline.sh's."""
-    found = [p for p in DEFAULT_CHECKPOINTS if os.path.isfile(p)]
-    if not found:
-        raise UserError(f"no --checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; make one with "
-                        f"`bash run_pipeline.sh`, or with `python collect_dataset.py` and `python td3_bc_offline.py`")
-    print(f"using checkpoint {found[0]}")
-    return found[0]
 
 
 def main(args: Args):

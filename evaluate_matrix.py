@@ -33,7 +33,8 @@ import tyro
 from tqdm import tqdm
 
 from runtime import (Range, UserError, captioned, check_ranges, check_rendering, io_failure, load_checkpoint,
-                     load_perturbations, record_episode, sha256_file, side_by_side, write_text, write_video)
+                     load_perturbations, record_episode, rollout_batch, sha256_file, side_by_side, write_text,
+                     write_video)
 
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
 REFERENCE_KEYS = ("perturbation_returns", "maxiter", "popsize", "de_episodes", "mutation", "recombination", "strategy", "tol")
@@ -108,24 +109,6 @@ def perturb_action(action: np.ndarray, delta: np.ndarray, low: np.ndarray, high:
     return np.clip(executed, low, high).astype(action.dtype, copy=False)
 
 
-def rollout_batch(envs, actor: Actor, obs_mean, obs_std, deltas: np.ndarray, seeds, model: str):
-    """Run one episode per (δ_j, seed_j) in lockstep. Returns (returns [B], env steps taken)."""
-    low, high = envs[0].action_space.low, envs[0].action_space.high
-    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
-    returns, alive, steps = np.zeros(len(seeds)), np.ones(len(seeds), bool), 0
-    while alive.any():
-        idx = np.flatnonzero(alive)
-        with torch.no_grad():
-            actions = actor((torch.as_tensor(obs[idx], dtype=torch.float32) - obs_mean) / obs_std).numpy()
-        executed = perturb_action(actions, deltas[idx], low, high, model)
-        for j, i in enumerate(idx):
-            obs[i], reward, terminated, truncated, _ = envs[i].step(executed[j])
-            returns[i] += reward
-            alive[i] = not (terminated or truncated)
-        steps += len(idx)
-    return returns, steps
-
-
 def find_checkpoints(patterns) -> list:
     paths = []
     for p in patterns:
@@ -189,7 +172,7 @@ def evaluate_policy(ckpt: dict, conditions: dict, episodes: int, eval_seed: int,
     seeds = np.tile(eval_seed + np.arange(episodes), len(names))
     actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
     actor.load_state_dict(ckpt["actor"])
-    returns, _ = rollout_batch(envs, actor.eval(), ckpt["obs_mean"], ckpt["obs_std"], deltas, seeds, model)
+    returns, _ = rollout_batch(envs, actor.eval(), ckpt["obs_mean"], ckpt["obs_std"], deltas, seeds, model, perturb_action)
     return {n: returns[i * episodes:(i + 1) * episodes] for i, n in enumerate(names)}
 
 

@@ -17,6 +17,9 @@ CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
 CHECKPOINT_VERSION = 1
 PERTURBATION_FORMAT = "o2o-adv-perturbations"
 PERTURBATION_MODELS = ("multiplicative", "additive")
+# what DE and fine-tuning attack and fine-tune with no --checkpoint: the full-scale run's, then run_pipeline.sh's
+DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
+                       "runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt")
 
 
 class UserError(Exception):
@@ -148,6 +151,8 @@ def check_ranges(args):
 
 
 @contextlib.contextmanager
+
+
 def reading_dataset(dataset_id: str):
     """Every read of a Minari dataset (its files are read lazily, episode by episode) ends, if the files are damaged, in
     one line that names the dataset and the fix, instead of an h5py traceback."""
@@ -377,6 +382,69 @@ def resume_point(path: str, args, stage: str) -> dict:
     return state
 
 
+def open_run(args, run_name: str, stage: str, state_file: str):
+    """The run folder runs/{run_name}/ and, with --resume, the state to continue from: refuses a run name that would
+    leave runs/, --resume without --run-name or without state, and a folder that already holds a run (without
+    --resume or --overwrite). Nothing is written. -> (run_dir, resumed state or None)."""
+    check_name(run_name, "--run-name", "runs/")
+    run_dir = os.path.join("runs", run_name)
+    if args.resume and args.run_name is None:
+        raise UserError("--resume needs --run-name: the folder under runs/ of the run to continue")
+    resumed = resume_point(os.path.join(run_dir, state_file), args, stage) if args.resume else None
+    if resumed is None and os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not args.overwrite:
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite, or another --run-name")
+    return run_dir, resumed
+
+
+class Run:
+    """A run's outputs besides its checkpoints: the folder (locked to this process), args.json, metrics.jsonl (cut back
+    to the resumed save's length, so no row is repeated) and, with --track, W&B. `log(row)` writes one metrics row."""
+
+    def __init__(self, run_dir: str, run_name: str, args, resumed: Optional[dict], **extra):
+        import json
+        lock_run_dir(run_dir)  # refuses a second process on the same folder
+        self.dir, self.json = run_dir, json
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump({**dataclasses.asdict(args), **extra, "run_name": run_name}, f, indent=2)
+        self.metrics = open_metrics(os.path.join(run_dir, "metrics.jsonl"), resumed)
+        self.wandb = None
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, dir=run_dir,
+                       config={**vars(args), **extra}, save_code=True)
+            self.wandb = wandb
+
+    def log(self, row: dict):
+        self.metrics.write(self.json.dumps(row) + "\n")
+        self.metrics.flush()
+        if self.wandb:
+            self.wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+
+    def video(self, path: str, key: str, step: int):
+        if self.wandb:
+            self.wandb.log({key: self.wandb.Video(path, format="mp4")}, step=step)
+
+    def close(self):
+        self.metrics.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def first_nonfinite(first_bad: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:
+    """The first step whose loss is NaN or inf (0: none yet), kept on the device: checking it costs no sync per step."""
+    return torch.where(torch.isfinite(loss) | (first_bad > 0), first_bad, step)
+
+
+def module_states(modules: dict) -> dict:
+    """{name: state_dict} of the run's networks and optimizers, for a checkpoint."""
+    return {k: m.state_dict() for k, m in modules.items()}
+
+
+def load_module_states(modules: dict, saved: dict):
+    for k, m in modules.items():
+        m.load_state_dict(saved[k])
+
+
 def open_metrics(path: str, resumed: Optional[dict]):
     """metrics.jsonl for appending: fresh, or cut back to the length it had at the resumed save (no duplicate rows)."""
     if resumed is None:
@@ -442,6 +510,8 @@ def check_rendering(env_id: str, max_episode_steps: Optional[int] = None):
 
 
 @dataclasses.dataclass
+
+
 class Episode:
     frames: np.ndarray  # [F, H, W, 3] uint8: the start state, then every frame_skip-th step and the last step
     running_return: np.ndarray  # [F]: the return so far at each frame
@@ -516,3 +586,49 @@ def write_video(path: str, frames: np.ndarray, fps: float):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# Shared by the stage scripts: the default checkpoint, Minari episodes as flat transitions, the lockstep evaluator
+def default_checkpoint() -> str:
+    """The first of DEFAULT_CHECKPOINTS that exists: the full-scale run's, then run_pipeline.sh's."""
+    found = [p for p in DEFAULT_CHECKPOINTS if os.path.isfile(p)]
+    if not found:
+        raise UserError(f"no --checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; make one with "
+                        f"`bash run_pipeline.sh`, or with `python collect_dataset.py` and `python td3_bc_offline.py`")
+    print(f"using checkpoint {found[0]}")
+    return found[0]
+
+
+def dataset_to_transitions(dataset) -> dict:
+    """Flatten episodes into (s, a, r, s', terminated) arrays. Observations hold T+1 entries per episode, so
+    s' is always the real next observation, also for the last step of a truncated episode."""
+    obs, act, rew, nxt, term = [], [], [], [], []
+    for ep in dataset.iterate_episodes():
+        if not isinstance(ep.observations, np.ndarray):
+            raise UserError(f"dataset '{dataset.spec.dataset_id}' has dict/tuple observations; only Box observations are supported")
+        obs.append(ep.observations[:-1]); nxt.append(ep.observations[1:])
+        act.append(ep.actions); rew.append(ep.rewards); term.append(ep.terminations)
+    if not obs or sum(len(r) for r in rew) == 0:
+        raise UserError(f"dataset '{dataset.spec.dataset_id}' is empty; re-create it with collect_dataset.py")
+    def cat(xs):
+        return np.concatenate(xs).astype(np.float32)
+    return {"obs": cat(obs), "actions": cat(act), "rewards": cat(rew), "next_obs": cat(nxt), "terminations": cat(term)}
+
+
+def rollout_batch(envs, actor, obs_mean, obs_std, deltas: np.ndarray, seeds, model: str, perturb):
+    """Run one episode per (δ_j, seed_j) in lockstep, one batched policy call per step; `perturb` is the calling
+    script's perturbation model (its perturb_action). Returns (returns [B], env steps taken)."""
+    low, high = envs[0].action_space.low, envs[0].action_space.high
+    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
+    returns, alive, steps = np.zeros(len(seeds)), np.ones(len(seeds), bool), 0
+    while alive.any():
+        idx = np.flatnonzero(alive)
+        with torch.no_grad():
+            actions = actor((torch.as_tensor(obs[idx], dtype=torch.float32) - obs_mean) / obs_std).numpy()
+        executed = perturb(actions, deltas[idx], low, high, model)
+        for j, i in enumerate(idx):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(executed[j])
+            returns[i] += reward
+            alive[i] = not (terminated or truncated)
+        steps += len(idx)
+    return returns, steps

@@ -16,7 +16,6 @@
 """
 import copy
 import dataclasses
-import json
 import os
 import random
 import sys
@@ -32,14 +31,13 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Range, UserError, accelerate, adam, captioned,
-                     check_fast_path_args, check_name, check_ranges, check_rendering, env_state, io_failure, load_checkpoint,
-                     load_perturbations, lock_run_dir, open_metrics, reading_dataset, record_episode, resume_point, rng_state,
-                     save_checkpoint, set_adam_flags, set_env_state, set_rng_state, sha256_file, write_video)
+from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Range, Run, UserError, accelerate, adam, captioned,
+                     check_fast_path_args, check_ranges, check_rendering, dataset_to_transitions, default_checkpoint,
+                     env_state, first_nonfinite, io_failure, load_checkpoint, load_module_states, load_perturbations,
+                     module_states, open_run, reading_dataset, record_episode, rng_state, rollout_batch, save_checkpoint,
+                     set_adam_flags, set_env_state, set_rng_state, sha256_file, write_video)
 
 STAGE = os.path.splitext(os.path.basename(__file__))[0]  # the checkpoints' stage tag: a fork under a new name has its own
-DEFAULT_CHECKPOINTS = ("runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
-                       "runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt")
 
 
 @dataclass
@@ -245,24 +243,6 @@ class ActionPerturbation(gym.ActionWrapper):
         return perturb_action(np.asarray(action), self.delta, self.low, self.high, self.model)
 
 
-def rollout_batch(envs, actor: Actor, obs_mean, obs_std, deltas: np.ndarray, seeds, model: str):
-    """Run one episode per (δ_j, seed_j) in lockstep. Returns (returns [B], env steps taken)."""
-    low, high = envs[0].action_space.low, envs[0].action_space.high
-    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
-    returns, alive, steps = np.zeros(len(seeds)), np.ones(len(seeds), bool), 0
-    while alive.any():
-        idx = np.flatnonzero(alive)
-        with torch.no_grad():
-            actions = actor((torch.as_tensor(obs[idx], dtype=torch.float32) - obs_mean) / obs_std).numpy()
-        executed = perturb_action(actions, deltas[idx], low, high, model)
-        for j, i in enumerate(idx):
-            obs[i], reward, terminated, truncated, _ = envs[i].step(executed[j])
-            returns[i] += reward
-            alive[i] = not (terminated or truncated)
-        steps += len(idx)
-    return returns, steps
-
-
 # ALGO LOGIC: the curricula for q
 def linear_q(step: int, total_steps: int, q_init: float, q_max: float) -> float:
     """q rises linearly from q_init at step 0 to q_max at the last step."""
@@ -308,6 +288,20 @@ class OnlineBuffer:
         d["actions"][i] = torch.as_tensor(chosen_action, device=d["actions"].device)
         d["rewards"][i], d["terminations"][i] = float(reward), float(terminated)
         self.ptr, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
+
+    def state_dict(self) -> dict:
+        return {"online": {k: v[:self.size].cpu() for k, v in self.data.items()}, "online_ptr": self.ptr,
+                "online_capacity": self.capacity}
+
+    def load_state_dict(self, saved: dict):
+        """Restore the rows; a new capacity (a longer --total-steps on resume) keeps the newest rows, oldest first."""
+        rows, self.ptr = saved["online"], saved["online_ptr"]
+        if saved["online_capacity"] != self.capacity:
+            rows = {k: v.roll(-self.ptr, 0)[-self.capacity:] for k, v in rows.items()}
+            self.ptr = len(rows["obs"]) % self.capacity
+        self.size = len(rows["obs"])
+        for k, v in rows.items():
+            self.data[k][:self.size] = v.to(self.data[k].device)
 
 
 def td_target(critic_target: Critic, actor_target: Actor, next_obs, reward, termination, gamma: float,
@@ -358,22 +352,6 @@ def make_update(actor, critic, actor_target, critic_target, actor_optimizer, cri
     return accelerate(update_critic, args), accelerate(update_actor, args)
 
 
-def dataset_to_transitions(dataset) -> dict:
-    """Flatten episodes into (s, a, r, s', terminated) arrays. Observations hold T+1 entries per episode, so
-    s' is always the real next observation, also for the last step of a truncated episode."""
-    obs, act, rew, nxt, term = [], [], [], [], []
-    for ep in dataset.iterate_episodes():
-        if not isinstance(ep.observations, np.ndarray):
-            raise UserError(f"dataset '{dataset.spec.dataset_id}' has dict/tuple observations; only Box observations are supported")
-        obs.append(ep.observations[:-1]); nxt.append(ep.observations[1:])
-        act.append(ep.actions); rew.append(ep.rewards); term.append(ep.terminations)
-    if not obs or sum(len(r) for r in rew) == 0:
-        raise UserError(f"dataset '{dataset.spec.dataset_id}' is empty; re-create it with collect_dataset.py")
-    def cat(xs):
-        return np.concatenate(xs).astype(np.float32)
-    return {"obs": cat(obs), "actions": cat(act), "rewards": cat(rew), "next_obs": cat(nxt), "terminations": cat(term)}
-
-
 def load_offline_data(dataset_id: str, obs_mean, obs_std, device) -> dict:
     """The checkpoint's dataset as flat tensors, normalized with the checkpoint's statistics."""
     if not os.path.exists(minari.storage.get_dataset_path(dataset_id)):
@@ -385,33 +363,15 @@ def load_offline_data(dataset_id: str, obs_mean, obs_std, device) -> dict:
     return data
 
 
-def default_checkpoint() -> str:
-    """The first of DEFAULT_CHECKPOINTS that exists: the full-scale run's, then run_pipeline.sh's."""
-    found = [p for p in DEFAULT_CHECKPOINTS if os.path.isfile(p)]
-    if not found:
-        raise UserError(f"no --checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; make one with "
-                        f"`bash run_pipeline.sh`, or with `python collect_dataset.py` and `python td3_bc_offline.py`")
-    print(f"using checkpoint {found[0]}")
-    return found[0]
-
-
 def check_args(args: Args):
     check_ranges(args)  # each field's range is declared next to it in Args
-    check_name(args.run_name, "--run-name", "runs/")
     if not args.q_min <= args.q_init <= args.q_max:
         raise UserError("need --q-min <= --q-init <= --q-max")
     check_fast_path_args(args)
 
 
-def main(args: Args):
-    check_args(args)
-    if args.checkpoint is None:
-        args.checkpoint = default_checkpoint()
-    ckpt = load_checkpoint(args.checkpoint)
-    pert_path = args.perturbations or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
-    pert = load_perturbations(pert_path, ckpt["env_id"], ckpt["act_dim"])
-    eps, model, deltas = float(pert["epsilon"]), str(pert["perturbation_model"]), pert["perturbations"]
-    env_id, obs_dim, act_dim, max_steps = ckpt["env_id"], ckpt["obs_dim"], ckpt["act_dim"], ckpt.get("max_episode_steps")
+def reference_scores(args: Args, ckpt: dict):
+    """The returns that normalize scores (0 = random, 1 = expert): the flags', else the checkpoint's."""
     ref_min = args.ref_min_score if args.ref_min_score is not None else ckpt.get("ref_min_score")
     ref_max = args.ref_max_score if args.ref_max_score is not None else ckpt.get("ref_max_score")
     if args.curriculum == "adaptive" and (ref_min is None or ref_max is None):
@@ -420,17 +380,23 @@ def main(args: Args):
     if ref_min is not None and ref_max is not None and not ref_min < ref_max:
         raise UserError(f"the reference scores must satisfy min < max to normalize returns (got {ref_min} and {ref_max}); "
                         f"pass --ref-min-score and --ref-max-score")
+    return ref_min, ref_max
+
+
+def main(args: Args):
+    check_args(args)
+    args.checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
+    ckpt = load_checkpoint(args.checkpoint)
+    pert_path = args.perturbations or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
+    pert = load_perturbations(pert_path, ckpt["env_id"], ckpt["act_dim"])
+    eps, model, deltas = float(pert["epsilon"]), str(pert["perturbation_model"]), pert["perturbations"]
+    env_id, obs_dim, act_dim, max_steps = ckpt["env_id"], ckpt["obs_dim"], ckpt["act_dim"], ckpt.get("max_episode_steps")
+    ref_min, ref_max = reference_scores(args, ckpt)
     scratch = args.init == "scratch"
     learning_starts = args.learning_starts if args.learning_starts is not None else (25_000 if scratch else args.batch_size)
     run_name = args.run_name or (f"{env_id}__{args.exp_name}__{args.init}-{args.finetune_condition}-{args.curriculum}"
                                  f"__{args.seed}__{int(time.time())}")
-    run_dir = os.path.join("runs", run_name)
-    if args.resume and args.run_name is None:
-        raise UserError("--resume needs --run-name: the folder under runs/ of the run to continue")
-    state_path = os.path.join(run_dir, "state.pt")
-    resumed = resume_point(state_path, args, STAGE) if args.resume else None
-    if resumed is None and os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not args.overwrite:
-        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite, or another --run-name")
+    run_dir, resumed = open_run(args, run_name, STAGE, "state.pt")
     if args.capture_video:
         check_rendering(env_id, max_steps)
 
@@ -441,65 +407,47 @@ def main(args: Args):
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
+    # the networks: from the offline checkpoint (the BC term is gone from here on), or fresh for the scratch baseline
     low, high = ckpt["action_low"].numpy(), ckpt["action_high"].numpy()
     actor = Actor(obs_dim, act_dim, low, high, ckpt["hidden_dim"]).to(device)
     critic = Critic(obs_dim, act_dim, ckpt["hidden_dim"]).to(device)
     actor_optimizer = adam(actor.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
     critic_optimizer = adam(critic.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
+    actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
+    modules = {"actor": actor, "critic": critic, "actor_target": actor_target, "critic_target": critic_target,
+               "actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
     if scratch:  # TD3 from random init, no offline data, raw observations
         obs_mean, obs_std, offline = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device), None
-        actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
     else:
-        actor.load_state_dict(ckpt["actor"]); critic.load_state_dict(ckpt["critic"])
-        actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
-        actor_target.load_state_dict(ckpt["actor_target"]); critic_target.load_state_dict(ckpt["critic_target"])
-        if not args.reset_optimizers:
-            actor_optimizer.load_state_dict(ckpt["actor_optimizer"]); critic_optimizer.load_state_dict(ckpt["critic_optimizer"])
-            set_adam_flags(actor_optimizer, device, args.cudagraphs); set_adam_flags(critic_optimizer, device, args.cudagraphs)
+        load_module_states({k: m for k, m in modules.items() if "optimizer" not in k or not args.reset_optimizers}, ckpt)
         obs_mean, obs_std = ckpt["obs_mean"].to(device), ckpt["obs_std"].to(device)
         offline = load_offline_data(ckpt["dataset_id"], obs_mean, obs_std, device)
+    set_adam_flags(actor_optimizer, device, args.cudagraphs); set_adam_flags(critic_optimizer, device, args.cudagraphs)
     n_offline = 0 if offline is None else offline["obs"].shape[0]
     update_critic, update_actor = make_update(actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer, args)
-
     online = OnlineBuffer(args.buffer_size or args.total_steps, obs_dim, act_dim, device)
 
+    # the training env injects δ per episode with probability q; evaluation plays fixed episodes under every condition
     env = ActionPerturbation(gym.make(env_id, max_episode_steps=max_steps), eps, model, args.finetune_condition, deltas,
                              q=args.q if args.curriculum == "fixed" else args.q_init)
     env.action_space.seed(args.seed)
-    eval_envs = [gym.make(env_id, max_episode_steps=max_steps) for _ in range(3 * args.eval_episodes)]
     E = args.eval_episodes
+    eval_envs = [gym.make(env_id, max_episode_steps=max_steps) for _ in range(3 * E)]
     eval_deltas = np.vstack([np.zeros((E, act_dim)), pert["random_deltas"][np.arange(E) % len(pert["random_deltas"])],
                              deltas[np.arange(E) % len(deltas)]])
     eval_seeds = np.tile(args.eval_seed + np.arange(E), 3)
-
-    lock_run_dir(run_dir)  # refuses a second process on the same folder
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({**dataclasses.asdict(args), "env_id": env_id, "run_name": run_name, "perturbations": pert_path,
-                   "learning_starts": learning_starts, "epsilon": eps, "perturbation_model": model}, f, indent=2)
-    metrics = open_metrics(os.path.join(run_dir, "metrics.jsonl"), resumed)
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, dir=run_dir,
-                   config={**vars(args), "env_id": env_id}, save_code=True)
-
-    def log(row: dict):
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        if args.track:
-            wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
-
-    def norm(ret: float) -> Optional[float]:
-        return None if ref_min is None or ref_max is None else (ret - ref_min) / (ref_max - ref_min)
+    run = Run(run_dir, run_name, args, resumed, env_id=env_id, perturbations=pert_path, learning_starts=learning_starts,
+              epsilon=eps, perturbation_model=model)
 
     def evaluate() -> dict:
         """Deterministic policy on the same E episodes under normal, random (the .npz's draws) and adversarial δ."""
-        cpu_actor = copy.deepcopy(actor).cpu()
-        returns, _ = rollout_batch(eval_envs, cpu_actor, obs_mean.cpu(), obs_std.cpu(), eval_deltas, eval_seeds, model)
+        returns, _ = rollout_batch(eval_envs, copy.deepcopy(actor).cpu(), obs_mean.cpu(), obs_std.cpu(), eval_deltas, eval_seeds,
+                                   model, perturb_action)
         row = {}
         for c, cond in enumerate(CONDITIONS):
             r = returns[c * E:(c + 1) * E]
             row[f"eval/{cond}_return"], row[f"eval/{cond}_return_std"] = float(r.mean()), float(r.std())
-            row[f"eval/{cond}_normalized"] = norm(float(r.mean()))
+            row[f"eval/{cond}_normalized"] = None if None in (ref_min, ref_max) else (float(r.mean()) - ref_min) / (ref_max - ref_min)
         return row
 
     def video(step: int):
@@ -508,37 +456,26 @@ def main(args: Args):
                             perturb_action, model, args.eval_seed)
         path = os.path.join(run_dir, "videos", f"eval_step{step:08d}.mp4")
         write_video(path, captioned(ep, f"step {step}, adversarial", deltas[0]), ep.fps)
-        if args.track:
-            wandb.log({"videos/eval_adversarial": wandb.Video(path, format="mp4")}, step=step)
-
-    pert_sha256 = sha256_file(pert_path)
-    q = env.q
-    if resumed is None:
-        row = evaluate()  # evaluation 0: the starting policy; it seeds the EMA R̄_0 = R_0
-        ema = row["eval/normal_normalized"]
-        log({"step": 0, **row, "curriculum/q": q, "curriculum/ema": ema})
-        if args.capture_video:
-            video(0)
+        run.video(path, "videos/eval_adversarial", step)
 
     def checkpoint(step: int, row: dict) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "stage": STAGE, "step": step,
-            "env_id": env_id, "max_episode_steps": max_steps, "dataset_id": ckpt["dataset_id"],
-            "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": ckpt["hidden_dim"],
-            "action_low": ckpt["action_low"], "action_high": ckpt["action_high"],
-            "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(), "ref_min_score": ref_min, "ref_max_score": ref_max,
-            "eval_return": row["eval/normal_return"],
-            "eval_normalized_score": None if row["eval/normal_normalized"] is None else 100 * row["eval/normal_normalized"],
-            "actor": actor.state_dict(), "critic": critic.state_dict(),
-            "actor_target": actor_target.state_dict(), "critic_target": critic_target.state_dict(),
-            "actor_optimizer": actor_optimizer.state_dict(), "critic_optimizer": critic_optimizer.state_dict(),
-            "args": dataclasses.asdict(args),
-            "init": args.init, "finetune_condition": args.finetune_condition, "curriculum": args.curriculum,
-            "q": q, "q_ema": ema, "epsilon": eps, "perturbation_model": model, "perturbations_path": pert_path,
-            "perturbations_sha256": pert_sha256,
-            "initial_checkpoint": args.checkpoint,
-            "eval": dict(row),
-        }
+        """The schema of docs/file_contracts.md: the offline checkpoint's keys plus how this policy was fine-tuned."""
+        return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "stage": STAGE, "step": step,
+                **{k: ckpt[k] for k in ("env_id", "dataset_id", "obs_dim", "act_dim", "hidden_dim", "action_low", "action_high")},
+                "max_episode_steps": max_steps, "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(),
+                "ref_min_score": ref_min, "ref_max_score": ref_max, "eval_return": row["eval/normal_return"],
+                "eval_normalized_score": None if row["eval/normal_normalized"] is None else 100 * row["eval/normal_normalized"],
+                **module_states(modules), "args": dataclasses.asdict(args), "init": args.init,
+                "finetune_condition": args.finetune_condition, "curriculum": args.curriculum, "q": q, "q_ema": ema,
+                "epsilon": eps, "perturbation_model": model, "perturbations_path": pert_path,
+                "perturbations_sha256": pert_sha256, "initial_checkpoint": args.checkpoint, "eval": dict(row)}
+
+    def state(step: int, row: dict) -> dict:
+        """The checkpoint plus what continuing needs: RNGs, the env mid-episode, the online buffer, counters."""
+        return {**checkpoint(step, row), "rng": rng_state(), "env": env_state(env), "obs_n": obs_n.cpu(),
+                "episode": [episode_return, episode_len, n_episodes, n_perturbed, episode_perturbed], **online.state_dict(),
+                "learning_starts": learning_starts, "metrics_bytes": run.metrics.tell(),
+                "losses": torch.stack([critic_loss, q1_mean, actor_loss]).cpu()}
 
     scale = torch.as_tensor((high - low) / 2, device=device)
     low_t, high_t = torch.as_tensor(low, device=device), torch.as_tensor(high, device=device)
@@ -546,43 +483,36 @@ def main(args: Args):
     def normalize(o) -> torch.Tensor:
         return (torch.as_tensor(o, dtype=torch.float32, device=device) - obs_mean) / obs_std
 
-    def state(step: int, row: dict) -> dict:
-        """The checkpoint plus what continuing needs: RNGs, the env mid-episode, the online buffer, counters."""
-        return {**checkpoint(step, row), "rng": rng_state(), "env": env_state(env), "obs_n": obs_n.cpu(),
-                "episode": [episode_return, episode_len, n_episodes, n_perturbed, episode_perturbed],
-                "online": {k: v[:online.size].cpu() for k, v in online.data.items()}, "online_ptr": online.ptr, "online_capacity": online.capacity,
-                "learning_starts": learning_starts, "metrics_bytes": metrics.tell(),
-                "losses": torch.stack([critic_loss, q1_mean, actor_loss]).cpu()}
-
+    # the loop's state: fresh (with evaluation 0 of the starting policy, which seeds the EMA R̄_0 = R_0), or resumed
+    pert_sha256, start_step, q = sha256_file(pert_path), 0, env.q
     critic_loss = q1_mean = actor_loss = torch.zeros((), device=device)
-    first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with a non-finite loss (0: none yet)
+    first_bad = torch.zeros((), dtype=torch.long, device=device)
     obs, info = env.reset(seed=args.seed)
     episode_perturbed = bool(info["delta"].any())
     episode_return, episode_len, n_episodes, n_perturbed = 0.0, 0, 1, int(episode_perturbed)
-    start_step = 0
-    if resumed is not None:
-        for net, key in ((actor, "actor"), (critic, "critic"), (actor_target, "actor_target"), (critic_target, "critic_target"),
-                         (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer")):
-            net.load_state_dict(resumed[key])
+    if resumed is None:
+        row = evaluate()
+        ema = row["eval/normal_normalized"]
+        run.log({"step": 0, **row, "curriculum/q": q, "curriculum/ema": ema})
+        if args.capture_video:
+            video(0)
+        obs_n = normalize(obs)
+    else:
+        load_module_states(modules, resumed)
         set_adam_flags(actor_optimizer, device, args.cudagraphs); set_adam_flags(critic_optimizer, device, args.cudagraphs)
-        rows, online.ptr = resumed["online"], resumed["online_ptr"]
-        if resumed["online_capacity"] != online.capacity:  # a new --total-steps resized the buffer: oldest rows first
-            rows = {k: v.roll(-online.ptr, 0)[-online.capacity:] for k, v in rows.items()}
-            online.ptr = len(rows["obs"]) % online.capacity
-        online.size = len(rows["obs"])
-        for k, v in rows.items():
-            online.data[k][:online.size] = v.to(device)
+        online.load_state_dict(resumed)
         critic_loss, q1_mean, actor_loss = resumed["losses"].to(device)
         q, ema, row, start_step = resumed["q"], resumed["q_ema"], resumed["eval"], resumed["step"]
         episode_return, episode_len, n_episodes, n_perturbed, episode_perturbed = resumed["episode"]
         env.q = q
         set_env_state(env, resumed["env"])
         set_rng_state(resumed["rng"])
+        obs_n = resumed["obs_n"].to(device)
         if start_step == args.total_steps:
+            run.close()
             print(f"{run_dir} is already complete ({start_step} steps); nothing to resume")
             return
         print(f"resuming {run_dir} at step {start_step}")
-    obs_n = normalize(obs) if resumed is None else resumed["obs_n"].to(device)
     start_time = time.time()
     pbar = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, mininterval=2,
                 desc=f"fine-tune ({args.init}, {args.finetune_condition}, {args.curriculum})")
@@ -601,8 +531,8 @@ def main(args: Args):
         episode_return, episode_len = episode_return + float(reward), episode_len + 1
         obs_n = next_obs_n
         if terminated or truncated:
-            log({"step": step, "charts/episodic_return": episode_return, "charts/episodic_length": episode_len,
-                 "charts/perturbed": episode_perturbed, "curriculum/q": q})
+            run.log({"step": step, "charts/episodic_return": episode_return, "charts/episodic_length": episode_len,
+                     "charts/perturbed": episode_perturbed, "curriculum/q": q})
             obs, info = env.reset()
             obs_n, episode_perturbed = normalize(obs), bool(info["delta"].any())
             episode_return, episode_len = 0.0, 0
@@ -618,8 +548,9 @@ def main(args: Args):
             critic_loss, q1_mean = update_critic(b_obs, b_act, b_rew, b_next, b_term)
             if step % args.policy_frequency == 0:
                 actor_loss = update_actor(b_obs)
-            first_bad = torch.where(torch.isfinite(critic_loss + actor_loss) | (first_bad > 0), first_bad, step)
+            first_bad = first_nonfinite(first_bad, critic_loss + actor_loss, step)
 
+        # ALGO LOGIC: the curriculum of q, and evaluation (which the adaptive curriculum reads)
         if args.curriculum == "linear":
             q = linear_q(step, args.total_steps, args.q_init, args.q_max)
         if step % args.eval_freq == 0 or step == args.total_steps:
@@ -630,21 +561,19 @@ def main(args: Args):
             if args.curriculum == "adaptive":
                 q, ema = adaptive_q(q, ema, row["eval/normal_normalized"], args.beta, args.eta, args.q_min, args.q_max)
             losses = {"losses/critic_loss": critic_loss.item(), "losses/q1_mean": q1_mean.item(), "losses/actor_loss": actor_loss.item()}
-            log({"step": step, **row, **losses, "curriculum/q": q, "curriculum/ema": ema,
-                 "charts/perturbed_fraction": n_perturbed / n_episodes, "charts/sps": (step - start_step) / (time.time() - start_time)})
+            run.log({"step": step, **row, **losses, "curriculum/q": q, "curriculum/ema": ema,
+                     "charts/perturbed_fraction": n_perturbed / n_episodes, "charts/sps": (step - start_step) / (time.time() - start_time)})
             pbar.set_postfix(normal=f"{row['eval/normal_return']:.0f}", adv=f"{row['eval/adversarial_return']:.0f}", q=f"{q:.2f}")
             if args.capture_video:
                 video(step)
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint(step, row))
-            save_checkpoint(state_path, state(step, row))
+            save_checkpoint(os.path.join(run_dir, "state.pt"), state(step, row))
         env.q = q  # takes effect at the next episode's start
     pbar.close()
-    metrics.close()
+    run.close()
     print(f"done: {args.total_steps - start_step} steps in {time.time() - start_time:.1f}s; final returns normal "
           f"{row['eval/normal_return']:.1f}, random {row['eval/random_return']:.1f}, adversarial "
           f"{row['eval/adversarial_return']:.1f}; q = {q:.3f}; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}")
-    if args.track:
-        wandb.finish()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Outputs in runs/{run_name}/: checkpoint.pt (schema in docs/file_contracts.md), m
 """
 import copy
 import dataclasses
-import json
 import os
 import random
 import sys
@@ -25,9 +24,10 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Range, UserError, accelerate, adam,  # noqa: F401 (load_checkpoint: re-exported)
-                     check_fast_path_args, check_name, check_ranges, io_failure, load_checkpoint, lock_run_dir,
-                     open_metrics, reading_dataset, resume_point, rng_state, save_checkpoint, set_adam_flags, set_rng_state)
+from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Range, Run, UserError, accelerate, adam,  # noqa: F401 (re-exports)
+                     check_fast_path_args, check_ranges, dataset_to_transitions, first_nonfinite, io_failure,
+                     load_checkpoint, load_module_states, module_states, open_run, reading_dataset, rng_state,
+                     save_checkpoint, set_adam_flags, set_rng_state)
 
 STAGE = os.path.splitext(os.path.basename(__file__))[0]  # the checkpoints' stage tag: a fork under a new name has its own
 
@@ -221,22 +221,6 @@ def load_minari_dataset(dataset_id: str, download: bool):
         raise UserError(f"could not load dataset '{dataset_id}' ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); {hint}")
 
 
-def dataset_to_transitions(dataset) -> dict:
-    """Flatten episodes into (s, a, r, s', terminated) arrays. Observations hold T+1 entries per episode, so
-    s' is always the real next observation, also for the last step of a truncated episode."""
-    obs, act, rew, nxt, term = [], [], [], [], []
-    for ep in dataset.iterate_episodes():
-        if not isinstance(ep.observations, np.ndarray):
-            raise UserError(f"dataset '{dataset.spec.dataset_id}' has dict/tuple observations; only Box observations are supported")
-        obs.append(ep.observations[:-1]); nxt.append(ep.observations[1:])
-        act.append(ep.actions); rew.append(ep.rewards); term.append(ep.terminations)
-    if not obs or sum(len(r) for r in rew) == 0:
-        raise UserError(f"dataset '{dataset.spec.dataset_id}' is empty; re-create it with collect_dataset.py")
-    def cat(xs):
-        return np.concatenate(xs).astype(np.float32)
-    return {"obs": cat(obs), "actions": cat(act), "rewards": cat(rew), "next_obs": cat(nxt), "terminations": cat(term)}
-
-
 def dataset_eval_spec(dataset):
     """The env spec the dataset asks to be evaluated in (its eval env if it stores one, else its own)."""
     return getattr(dataset, "_eval_env_spec", None) or dataset.env_spec
@@ -294,8 +278,7 @@ def actor_from_checkpoint(ckpt: dict, device="cpu") -> Actor:
 
 
 def main(args: Args):
-    check_ranges(args)
-    check_name(args.run_name, "--run-name", "runs/")
+    check_ranges(args)  # each field's range is declared next to it in Args
     check_fast_path_args(args)
     with reading_dataset(args.dataset_id):
         dataset = load_minari_dataset(args.dataset_id, args.download)
@@ -312,19 +295,9 @@ def main(args: Args):
                         f"dataset '{args.dataset_id}' (obs ({obs_dim},), act ({act_dim},)); pass the right --env-id")
 
     run_name = args.run_name or f"{args.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}"
-    run_dir = os.path.join("runs", run_name)
-    ckpt_path, metrics_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "metrics.jsonl")
-    resumed = resume_point(ckpt_path, args, STAGE) if args.resume else None
-    if resumed is None and os.path.exists(ckpt_path) and not args.overwrite:
-        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite, or another --run-name")
-    lock_run_dir(run_dir)  # refuses a second process on the same folder
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({**dataclasses.asdict(args), "env_id": env_id, "run_name": run_name}, f, indent=2)
-    metrics = open_metrics(metrics_path, resumed)
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, dir=run_dir,
-                   config={**vars(args), "env_id": env_id}, save_code=True)
+    run_dir, resumed = open_run(args, run_name, STAGE, "checkpoint.pt")  # the checkpoint is also the resume state
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    run = Run(run_dir, run_name, args, resumed, env_id=env_id)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -355,6 +328,8 @@ def main(args: Args):
     actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
     actor_optimizer = adam(actor.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
     critic_optimizer = adam(critic.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
+    modules = {"actor": actor, "critic": critic, "actor_target": actor_target, "critic_target": critic_target,
+               "actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
     update_critic, update_actor = make_update(actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer,
                                               sample_batch, args)
 
@@ -366,19 +341,10 @@ def main(args: Args):
             "action_low": torch.as_tensor(low), "action_high": torch.as_tensor(high),
             "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(),
             "ref_min_score": ref_min, "ref_max_score": ref_max, "eval_return": eval_return, "eval_normalized_score": eval_score,
-            "actor": actor.state_dict(), "critic": critic.state_dict(),
-            "actor_target": actor_target.state_dict(), "critic_target": critic_target.state_dict(),
-            "actor_optimizer": actor_optimizer.state_dict(), "critic_optimizer": critic_optimizer.state_dict(),
-            "args": dataclasses.asdict(args),
+            **module_states(modules), "args": dataclasses.asdict(args),
             # to resume: random generators, the open loss window, the metrics log's length
-            "rng": rng_state(), "q_loss_sum": q_loss_sum.cpu(), "metrics_bytes": metrics.tell(),
+            "rng": rng_state(), "q_loss_sum": q_loss_sum.cpu(), "metrics_bytes": run.metrics.tell(),
         }
-
-    def log(row: dict):
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        if args.track:
-            wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
 
     print(f"{args.dataset_id}: {N} transitions, env {env_id}, obs {obs_dim}, act {act_dim}, device {device}; run dir {run_dir}")
     q_loss_sum = torch.zeros((), device=device)
@@ -386,14 +352,13 @@ def main(args: Args):
     first_bad = torch.zeros((), dtype=torch.long, device=device)  # first update with a non-finite loss (0: none yet)
     start_step = 0
     if resumed is not None:
-        for net, key in ((actor, "actor"), (critic, "critic"), (actor_target, "actor_target"), (critic_target, "critic_target"),
-                         (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer")):
-            net.load_state_dict(resumed[key])
+        load_module_states(modules, resumed)
         set_adam_flags(actor_optimizer, device, args.cudagraphs); set_adam_flags(critic_optimizer, device, args.cudagraphs)
         q_loss_sum += resumed["q_loss_sum"].to(device)
         set_rng_state(resumed["rng"])
         start_step = resumed["step"]
         if start_step == args.total_steps:
+            run.close()
             print(f"{run_dir} is already complete ({start_step} updates); nothing to resume")
             return
         print(f"resuming {run_dir} at update {start_step}")
@@ -405,7 +370,7 @@ def main(args: Args):
         q_loss_sum += critic_loss
         if step % args.policy_frequency == 0:
             actor_loss, lmbda, bc = update_actor(obs, actions)
-        first_bad = torch.where(torch.isfinite(critic_loss + actor_loss) | (first_bad > 0), first_bad, step)
+        first_bad = first_nonfinite(first_bad, critic_loss + actor_loss, step)
 
         if step % args.log_freq == 0 or step % args.eval_freq == 0 or step == args.total_steps:
             if first_bad.item():  # the only host syncs outside evaluation
@@ -414,27 +379,25 @@ def main(args: Args):
         if step % args.log_freq == 0:
             sps = (step - s_last) / (time.time() - t_last)
             t_last, s_last = time.time(), step
-            log({"step": step, "losses/critic_loss": q_loss_sum.item() / args.log_freq, "losses/actor_loss": actor_loss.item(),
+            run.log({"step": step, "losses/critic_loss": q_loss_sum.item() / args.log_freq, "losses/actor_loss": actor_loss.item(),
                  "losses/bc_loss": bc.item(), "losses/lambda": lmbda.item(), "losses/q1_mean": q1_mean.item(),
                  "charts/updates_per_sec": sps})
             q_loss_sum.zero_()
         if step % args.eval_freq == 0 or step == args.total_steps:
             returns = evaluate(actor, env, obs_mean, obs_std, args.eval_episodes, args.eval_seed)
             score = normalized_score(float(returns.mean()), ref_min, ref_max)
-            log({"step": step, "eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
+            run.log({"step": step, "eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
                  "eval/normalized_score": score, "charts/elapsed_sec": time.time() - start_time})
             pbar.set_postfix(ret=f"{returns.mean():.1f}", score="n/a" if score is None else f"{score:.1f}")
             save_checkpoint(ckpt_path, checkpoint(step, float(returns.mean()), score))
     pbar.close()
-    metrics.close()
+    run.close()
     env.close()
     elapsed = time.time() - start_time
     print(f"done: {args.total_steps - start_step} updates in {elapsed:.1f}s ({(args.total_steps - start_step) / elapsed:.0f} "
           f"updates/s incl. evaluation); "
           f"final return {returns.mean():.1f}" + ("" if score is None else f", normalized score {score:.1f}")
           + f"; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}")
-    if args.track:
-        wandb.finish()
 
 
 if __name__ == "__main__":

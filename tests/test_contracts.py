@@ -91,23 +91,26 @@ def test_network_classes_are_identical_copies():
         for module in (de, ft):
             if hasattr(module, cls):
                 assert inspect.getsource(getattr(module, cls)) == inspect.getsource(getattr(tb, cls)), (module.__name__, cls)
-    for fn in ("td_target", "soft_update", "dataset_to_transitions"):
+    for fn in ("td_target", "soft_update"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(tb, fn)), fn
     import collect_dataset as cd
     import runtime  # the plumbing is shared, not copied: every script uses the one module's objects
     for module in (tb, ft, cd):
         assert module.UserError is runtime.UserError and module.rng_state is runtime.rng_state
-    for fn in ("perturb_action", "ActionPerturbation", "rollout_batch", "default_checkpoint"):
+    for fn in ("perturb_action", "ActionPerturbation"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(de, fn)), fn
-    assert ft.DEFAULT_CHECKPOINTS == de.DEFAULT_CHECKPOINTS
+    # plumbing shared, not copied: the default checkpoint, the dataset reader, the lockstep evaluator, the run folder
+    assert ft.default_checkpoint is de.default_checkpoint is runtime.default_checkpoint
+    assert ft.dataset_to_transitions is tb.dataset_to_transitions is runtime.dataset_to_transitions
+    assert ft.open_run is tb.open_run and ft.Run is tb.Run and ft.first_nonfinite is tb.first_nonfinite
     assert ft.PERTURBATION_MODELS == de.PERTURBATION_MODELS == runtime.PERTURBATION_MODELS  # runtime validates files with it
     import evaluate_matrix as em
     assert de.PERTURBATION_FORMAT is runtime.PERTURBATION_FORMAT  # one file format, one loader, one hash
     assert ft.load_perturbations is em.load_perturbations is runtime.load_perturbations
     assert de.sha256_file is ft.sha256_file is em.sha256_file is runtime.sha256_file and de.save_npz is runtime.save_npz
     assert inspect.getsource(em.Actor) == inspect.getsource(tb.Actor)
-    for fn in ("perturb_action", "rollout_batch"):
-        assert inspect.getsource(getattr(em, fn)) == inspect.getsource(getattr(de, fn)), fn
+    assert inspect.getsource(em.perturb_action) == inspect.getsource(de.perturb_action)
+    assert em.rollout_batch is de.rollout_batch is ft.rollout_batch is runtime.rollout_batch
 
 
 def test_readme_finetune_schema_matches_written_checkpoint(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):

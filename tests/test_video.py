@@ -31,7 +31,8 @@ def test_recorded_episode_returns_exactly_the_unrecorded_evaluation(hopper_check
     ep = record_episode(ckpt["env_id"], ckpt["max_episode_steps"], actor, ckpt["obs_mean"], ckpt["obs_std"], delta,
                         de.perturb_action, "multiplicative", 10_000, size=48, frame_skip=3)
     env = gym.make(ckpt["env_id"], max_episode_steps=ckpt["max_episode_steps"])
-    returns, steps = de.rollout_batch([env], actor, ckpt["obs_mean"], ckpt["obs_std"], delta[None], [10_000], "multiplicative")
+    returns, steps = de.rollout_batch([env], actor, ckpt["obs_mean"], ckpt["obs_std"], delta[None], [10_000], "multiplicative",
+                                      de.perturb_action)
     assert ep.ret == returns[0] and ep.steps == steps  # bit for bit: rendering only reads the simulation
     assert ep.frames.shape == (expected_frames(steps, 3), 48, 48, 3) and ep.frames.dtype == np.uint8
     assert ep.running_return[-1] == ep.ret and ep.frames.std() > 0
