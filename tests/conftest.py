@@ -30,6 +30,16 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str):
         assert needle in lines[-1], lines[-1]
 
 
+def offline_run(folder: Path, checkpoint: str, perturbations=None) -> Path:
+    """A run folder holding a copy of an offline checkpoint (and its perturbations.npz), as TD3+BC and DE leave one."""
+    import shutil
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(checkpoint, folder / "checkpoint.pt")
+    if perturbations:
+        shutil.copy(perturbations, folder / "perturbations.npz")
+    return folder / "checkpoint.pt"
+
+
 def assert_usage_error(proc: subprocess.CompletedProcess, flag: str):
     """A value tyro rejects (a choice not offered, a non-number): its own message, naming the flag, and exit 2."""
     assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import runtime
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, offline_run, run_script
 
 
 def tree(root) -> dict:
@@ -116,9 +116,7 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_lives_and_kill
     import sys
     import time
     from conftest import ROOT
-    (tmp_path / "off").mkdir()
-    shutil.copy(hopper_checkpoint, tmp_path / "off" / "checkpoint.pt")
-    shutil.copy(hopper_perturbations, tmp_path / "off" / "perturbations.npz")
+    offline_run(tmp_path / "off", hopper_checkpoint, hopper_perturbations)
     cmd = [sys.executable, str(ROOT / "td3_adv_finetune.py"), "--checkpoint", str(tmp_path / "off" / "checkpoint.pt"),
            "--total-steps", "100000", "--eval-freq", "50000", "--eval-episodes", "1", "--batch-size", "16", "--no-cuda",
            "--run-name", "same"]
@@ -160,10 +158,7 @@ def test_a_name_that_would_escape_its_store_is_refused(script, flag, name, hoppe
 def test_the_matrix_keeps_a_good_table_when_a_later_input_is_bad(damage, hopper_checkpoint, hopper_perturbations, tmp_path):
     import evaluate_matrix as em
     import td3_adv_finetune as ft
-    off = tmp_path / "runs" / "off"
-    off.mkdir(parents=True)
-    shutil.copy(hopper_checkpoint, off / "checkpoint.pt")
-    shutil.copy(hopper_perturbations, off / "perturbations.npz")
+    off = offline_run(tmp_path / "runs" / "off", hopper_checkpoint, hopper_perturbations).parent
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:

@@ -15,7 +15,7 @@ import runtime
 import evaluate_matrix as em
 import td3_adv_finetune as ft
 import td3_bc_offline as tb
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, offline_run, run_script
 
 
 @pytest.fixture(scope="module")
@@ -161,10 +161,7 @@ def test_a_fork_under_a_new_file_name_is_its_own_stage_in_the_matrix_and_the_cur
     evaluate_matrix.py finds it as a fine-tune (learning curves included) by what its checkpoint holds."""
     fork = tmp_path / "my_idea.py"
     shutil.copy(ROOT / "td3_adv_finetune.py", fork)
-    off = tmp_path / "runs" / "off"
-    off.mkdir(parents=True)
-    shutil.copy(hopper_checkpoint, off / "checkpoint.pt")
-    shutil.copy(hopper_perturbations, off / "perturbations.npz")
+    off = offline_run(tmp_path / "runs" / "off", hopper_checkpoint, hopper_perturbations).parent
     proc = subprocess.run([sys.executable, str(fork), "--checkpoint", str(off / "checkpoint.pt"), "--total-steps", "40",
                            "--eval-freq", "20", "--eval-episodes", "1", "--batch-size", "16", "--no-cuda"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})

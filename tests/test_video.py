@@ -1,7 +1,6 @@
 """--capture-video: recorded episodes return exactly what unrecorded ones do, the files decode with the right frame
 counts, the side-by-side GIF has one panel per policy, and a missing GL backend ends in one line with nothing written."""
 import os
-import shutil
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 import de_perturbations as de
 import evaluate_matrix as em
 import td3_adv_finetune as ft
-from conftest import ROOT, assert_one_line_error
+from conftest import ROOT, assert_one_line_error, offline_run
 from runtime import record_episode
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -42,10 +41,7 @@ def test_recorded_episode_returns_exactly_the_unrecorded_evaluation(hopper_check
 def video_runs(hopper_checkpoint, hopper_perturbations, tmp_path_factory):
     """An offline-only policy and a fine-tune of it recorded with --capture-video (evaluations at steps 0, 30, 60)."""
     root = tmp_path_factory.mktemp("video")
-    off = root / "runs" / "off1"
-    off.mkdir(parents=True)
-    shutil.copy(hopper_checkpoint, off / "checkpoint.pt")
-    shutil.copy(hopper_perturbations, off / "perturbations.npz")
+    off = offline_run(root / "runs" / "off1", hopper_checkpoint, hopper_perturbations).parent
     cwd = os.getcwd()
     os.chdir(root)
     try:
