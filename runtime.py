@@ -4,6 +4,7 @@ RNG and env capture, the fast-path helpers (fused Adam, torch.compile, CUDA grap
 top to bottom."""
 import contextlib
 import dataclasses
+import json
 import os
 import random
 from typing import Optional
@@ -401,9 +402,8 @@ class Run:
     to the resumed save's length, so no row is repeated) and, with --track, W&B. `log(row)` writes one metrics row."""
 
     def __init__(self, run_dir: str, run_name: str, args, resumed: Optional[dict], **extra):
-        import json
         lock_run_dir(run_dir)  # refuses a second process on the same folder
-        self.dir, self.json = run_dir, json
+        self.dir = run_dir
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump({**dataclasses.asdict(args), **extra, "run_name": run_name}, f, indent=2)
         self.metrics = open_metrics(os.path.join(run_dir, "metrics.jsonl"), resumed)
@@ -415,7 +415,7 @@ class Run:
             self.wandb = wandb
 
     def log(self, row: dict):
-        self.metrics.write(self.json.dumps(row) + "\n")
+        self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
         if self.wandb:
             self.wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
