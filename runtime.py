@@ -152,8 +152,6 @@ def check_ranges(args):
 
 
 @contextlib.contextmanager
-
-
 def reading_dataset(dataset_id: str):
     """Every read of a Minari dataset (its files are read lazily, episode by episode) ends, if the files are damaged, in
     one line that names the dataset and the fix, instead of an h5py traceback."""
@@ -255,8 +253,6 @@ def load_perturbations(path: str, env_id: Optional[str] = None, act_dim: Optiona
     if (env_id is not None and str(npz["env_id"]) != env_id) or (act_dim is not None and npz["perturbations"].shape[1:] != (act_dim,)):
         raise UserError(f"{path} was made for {npz['env_id']} with action dimension {npz['perturbations'].shape[1:]}, "
                         f"but the checkpoint is {env_id} with {act_dim}; run de_perturbations.py on this checkpoint")
-    if str(npz["perturbation_model"]) not in PERTURBATION_MODELS or not float(npz["epsilon"]) > 0:
-        raise UserError(f"{path} has an invalid perturbation model or ε; re-create it with de_perturbations.py")
     return npz
 
 
@@ -510,8 +506,6 @@ def check_rendering(env_id: str, max_episode_steps: Optional[int] = None):
 
 
 @dataclasses.dataclass
-
-
 class Episode:
     frames: np.ndarray  # [F, H, W, 3] uint8: the start state, then every frame_skip-th step and the last step
     running_return: np.ndarray  # [F]: the return so far at each frame
