@@ -13,16 +13,9 @@ Each dataset stores `ref_min_score` (a uniform random policy's mean return, meas
 Terminations and truncations are recorded distinctly; observations hold T+1 entries per episode.
 """
 import copy
-import json
 import os
-import random
-import shutil
-import sys
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass
-from importlib.metadata import version as pkg_version
 from typing import Annotated, Literal, Optional
 
 import gymnasium as gym
@@ -31,12 +24,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
-from runtime import (Range, UserError, check_name, check_ranges, check_resume_args, env_state, io_failure, rng_state,
-                     save_checkpoint, set_env_state, set_rng_state)
+from runtime import (Range, UserError, check_name, check_ranges, check_resume_args, cli, env_state, rng_state, save_checkpoint,
+                     seed_everything, set_env_state, set_rng_state, write_minari_dataset)
 
 LEVELS = ("random", "medium", "medium-replay", "expert")
 # D4RL's expert reference returns (d4rl/infos.py REF_MAX_SCORE, measured on mujoco-py v2 envs; an
@@ -118,16 +110,20 @@ class Args:
     """directory to save the medium/expert behaviour policies (actor state dicts) into"""
 
 
-# ALGO LOGIC: a compact TD3 behaviour policy (same network shapes as the TD3+BC stage)
+# ALGO LOGIC: a compact TD3 behaviour policy: the stages' Actor (a verbatim copy of td3_bc_offline.py's) and two
+# Q-networks that compute what the stages' twin Critic computes (tests/test_contracts.py proves both)
 class Actor(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, low: np.ndarray, high: np.ndarray, hidden: int = 256):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, act_dim), nn.Tanh())
-        self.register_buffer("action_scale", torch.as_tensor((high - low) / 2.0, dtype=torch.float32))
-        self.register_buffer("action_bias", torch.as_tensor((high + low) / 2.0, dtype=torch.float32))
+    """Deterministic policy π(s): 2×hidden ReLU MLP, tanh output rescaled to the action bounds."""
 
-    def forward(self, obs):
+    def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+                                 nn.Linear(hidden_dim, act_dim), nn.Tanh())
+        low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
+        self.register_buffer("action_scale", (high - low) / 2)
+        self.register_buffer("action_bias", (high + low) / 2)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs) * self.action_scale + self.action_bias
 
 
@@ -377,52 +373,6 @@ def dataset_id_for(namespace: str, env_id: str, level: str, version: int) -> str
     return f"{namespace}/{env_id.split('-')[0].lower()}/{level}-v{version}"
 
 
-def write_minari_dataset(dataset_id: str, episodes, env_id: str, ref_min_score: float, ref_max_score: float,
-                         description: str, extra_metadata: dict, overwrite: bool = False,
-                         max_episode_steps: Optional[int] = None) -> str:
-    """Write episode buffers as a Minari dataset into the local store (honours MINARI_DATASETS_PATH).
-    The dataset is built in a temporary folder and moved into place, so a failure leaves nothing behind."""
-    final = minari.storage.get_dataset_path(dataset_id)
-    if os.path.exists(final):
-        if not overwrite:
-            raise UserError(f"dataset {dataset_id} already exists at {final}; pass --overwrite to replace it")
-        shutil.rmtree(final)
-    root = minari.storage.get_dataset_path()
-    tmp_root = tempfile.mkdtemp(prefix=".partial-", dir=root)
-    old = os.environ.get("MINARI_DATASETS_PATH")
-    env = make_env(env_id, max_episode_steps)
-    try:
-        os.environ["MINARI_DATASETS_PATH"] = tmp_root
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(author|code_permalink).*")
-            ds = minari.create_dataset_from_buffers(
-                dataset_id, episodes, env=env, eval_env=env.spec, algorithm_name="TD3 (collect_dataset.py)",
-                author="collect_dataset.py", ref_min_score=ref_min_score, ref_max_score=ref_max_score,
-                description=description, data_format="hdf5",
-                requirements=[f"gymnasium=={pkg_version('gymnasium')}", f"mujoco=={pkg_version('mujoco')}"])
-        ds.storage.update_metadata({k: json.dumps(v) for k, v in extra_metadata.items()})
-        del ds
-        # move into place: namespace metadata files first (only where missing), then the dataset folder
-        for dirpath, _, files in os.walk(tmp_root):
-            rel = os.path.relpath(dirpath, tmp_root)
-            if rel.startswith(dataset_id):
-                continue
-            for f in files:
-                if not os.path.exists(os.path.join(root, rel, f)):
-                    os.makedirs(os.path.join(root, rel), exist_ok=True)
-                    shutil.copy2(os.path.join(dirpath, f), os.path.join(root, rel, f))
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        os.rename(os.path.join(tmp_root, dataset_id), final)
-    finally:
-        if old is None:
-            os.environ.pop("MINARI_DATASETS_PATH", None)
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = old
-        env.close()
-        shutil.rmtree(tmp_root, ignore_errors=True)
-    return str(final)
-
-
 def check_args(args: Args):
     check_ranges(args)  # each field's range is declared next to it in Args
     check_name(args.namespace, "--namespace", "the Minari store")
@@ -450,8 +400,7 @@ def check_args(args: Args):
 
 def main(args: Args):
     check_args(args)
-    random.seed(args.seed); np.random.seed(args.seed); torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
+    seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     env = make_env(args.env_id, args.max_episode_steps)
     if not isinstance(env.action_space, gym.spaces.Box) or not isinstance(env.observation_space, gym.spaces.Box):
@@ -521,9 +470,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # a full disk or a read-only folder outside the atomic saves: still one line
-        sys.exit(f"error: {io_failure(e)}")
+    cli(main, Args)

@@ -12,7 +12,6 @@ Output schema: docs/file_contracts.md ("Perturbations file schema").
 """
 import json
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -23,12 +22,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import tyro
 from scipy.optimize._differentialevolution import DifferentialEvolutionSolver  # differential_evolution's engine
 from tqdm import tqdm
 
-from runtime import (PERTURBATION_FORMAT, Range, UserError, check_ranges, check_resume_args, default_checkpoint,
-                     io_failure, load_checkpoint, rollout_batch, save_npz, sha256_file)
+from runtime import (PERTURBATION_FORMAT, Range, UserError, check_ranges, check_resume_args, cli, default_checkpoint,
+                     load_checkpoint, rollout_batch, save_npz, sha256_file)
 
 PERTURBATION_VERSION = 1
 
@@ -424,9 +422,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # a full disk or a read-only folder outside the atomic saves: still one line
-        sys.exit(f"error: {io_failure(e)}")
+    cli(main, Args)

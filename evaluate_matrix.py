@@ -25,16 +25,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Annotated, Optional
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import tyro
 from tqdm import tqdm
 
-from runtime import (Range, UserError, captioned, check_ranges, check_rendering, io_failure, load_checkpoint,
-                     load_perturbations, record_episode, rollout_batch, sha256_file, side_by_side, write_text,
-                     write_video)
+from runtime import (ConditionEvaluator, Range, UserError, captioned, check_ranges, check_rendering, cli,
+                     load_checkpoint, load_perturbations, normalized_score, record_episode, save_curve_panels, save_q_plot, sha256_file,
+                     side_by_side, write_text, write_video)
 
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
 REFERENCE_KEYS = ("perturbation_returns", "maxiter", "popsize", "de_episodes", "mutation", "recombination", "strategy", "tol")
@@ -165,20 +163,11 @@ def fresh_attack(path: str, ref: dict, args: Args, out_dir: str) -> dict:
 
 def evaluate_policy(ckpt: dict, conditions: dict, episodes: int, eval_seed: int, model: str) -> dict:
     """Per-episode returns under each condition (name -> δ set); episode i of a condition uses δ_{i mod len}."""
-    env_kw = {"max_episode_steps": ckpt.get("max_episode_steps")}
-    names = list(conditions)
-    envs = [gym.make(ckpt["env_id"], **env_kw) for _ in range(len(names) * episodes)]
-    deltas = np.vstack([conditions[n][np.arange(episodes) % len(conditions[n])] for n in names])
-    seeds = np.tile(eval_seed + np.arange(episodes), len(names))
     actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
     actor.load_state_dict(ckpt["actor"])
-    returns, _ = rollout_batch(envs, actor.eval(), ckpt["obs_mean"], ckpt["obs_std"], deltas, seeds, model, perturb_action)
-    return {n: returns[i * episodes:(i + 1) * episodes] for i, n in enumerate(names)}
-
-
-def normalized(ret, ckpt):
-    lo, hi = ckpt.get("ref_min_score"), ckpt.get("ref_max_score")
-    return None if lo is None or hi is None else 100.0 * (ret - lo) / (hi - lo)
+    evaluator = ConditionEvaluator(ckpt["env_id"], ckpt.get("max_episode_steps"), conditions, episodes, eval_seed, model,
+                                   perturb_action)
+    return evaluator(actor.eval(), ckpt["obs_mean"], ckpt["obs_std"])
 
 
 def summarize(rows: list) -> dict:
@@ -257,22 +246,16 @@ def mean_curve(runs: list, key: str):
 def plot_curves(path, curves, summary, env_id):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=100, sharey=True)
-    for ax, cond in zip(axes, ("normal", "random", "adversarial")):
+    conds = ("normal", "random", "adversarial")
+    for ax, cond in zip(axes, conds):
         for label, runs in sorted(curves.items()):
             x, m, s = mean_curve(runs, f"eval/{cond}_return")
             ax.plot(x, m, marker=".", ls="--" if label.startswith("scratch") else "-", label=f"{label} (n={len(runs)})")
             ax.fill_between(x, m - s, m + s, alpha=0.15)
         if ("offline-only", cond) in summary:
             ax.axhline(summary[("offline-only", cond)][0], color="k", ls=":", label="offline-only")
-        ax.set_title(f"evaluated under {cond} (precomputed δ set)" if cond == "adversarial" else f"evaluated under {cond}")
-        ax.set_xlabel("online env steps")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mean episodic return")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{env_id}: learning curves during fine-tuning (mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_curve_panels(fig, axes, conds, "mean episodic return", f"{env_id}: learning curves during fine-tuning "
+                      f"(mean ± std over seeds)", path)
 
 
 def plot_q(path, curves, env_id):
@@ -282,15 +265,7 @@ def plot_q(path, curves, env_id):
         x, m, s = mean_curve(runs, "curriculum/q")
         ax.plot(x, m, marker=".", label=label)
         ax.fill_between(x, m - s, m + s, alpha=0.15)
-    ax.set_xlabel("online env steps")
-    ax.set_ylabel("perturbation probability q")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{env_id}: q at each evaluation (mean ± std over seeds)", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_q_plot(fig, ax, f"{env_id}: q at each evaluation (mean ± std over seeds)", path)
 
 
 def capture_videos(args: Args, ckpts: dict, sets: dict) -> list:
@@ -368,7 +343,7 @@ def main(args: Args):
                          "init": ckpt.get("init", "offline"), "finetune_condition": ckpt.get("finetune_condition", ""),
                          "curriculum": ckpt.get("curriculum", ""), "eval_condition": cond, "episodes": len(r),
                          "mean_return": float(r.mean()), "std_return": float(r.std()),
-                         "normalized_mean": normalized(float(r.mean()), ckpt),
+                         "normalized_mean": normalized_score(float(r.mean()), ckpt.get("ref_min_score"), ckpt.get("ref_max_score")),
                          "episode_returns": ";".join(f"{x:.3f}" for x in r), "checkpoint": path})
     fields, buf = list(rows[0]), io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields)
@@ -405,9 +380,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # a full disk or a read-only folder outside the atomic saves: still one line
-        sys.exit(f"error: {io_failure(e)}")
+    cli(main, Args)

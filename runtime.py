@@ -1,7 +1,9 @@
-"""Run plumbing shared by the stage scripts: user errors, the safe checkpoint loader, atomic saves, resume state,
-RNG and env capture, the fast-path helpers (fused Adam, torch.compile, CUDA graphs) and the video helpers of
---capture-video. None of the algorithm lives here: each stage script holds its own networks, losses and loop, readable
-top to bottom."""
+"""Run plumbing shared by the stage scripts: the entry point (user errors as one line), the safe checkpoint loader,
+atomic saves, argument ranges, the run folder (args.json, metrics, W&B, the lock), resume state (RNGs, env, a replay
+ring that saves itself), the non-finite-loss sentinel, the fast-path helpers (fused Adam, torch.compile, CUDA graphs),
+Minari datasets (written, and read as flat transitions), the one score scale, the lockstep evaluator under the
+perturbation conditions, and the video and plot helpers. None of the algorithm lives here: each stage script holds
+its own networks, perturbation model, losses and loop, readable top to bottom."""
 import contextlib
 import dataclasses
 import json
@@ -342,6 +344,41 @@ def accelerate(fn, args):
     return fn
 
 
+# Seeding, and a replay ring that saves and restores itself
+def seed_everything(seed: int, torch_deterministic: bool = True):
+    """Seed Python's, NumPy's and torch's global generators; cuDNN deterministic or not (CleanRL's seeding block)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+
+
+class RingBuffer:
+    """Fixed-capacity tensor storage on a device, filled in a ring (`fields`: name -> shape of one row), that saves and
+    restores itself: `state_dict()` holds the filled rows; `load_state_dict` restores them, and into a new capacity
+    (a longer --total-steps on resume) keeps the newest rows, oldest first. Subclasses write the rows (`add`)."""
+
+    def __init__(self, capacity: int, fields: dict, device):
+        self.capacity, self.ptr, self.size = capacity, 0, 0
+        self.data = {k: torch.zeros(capacity, *shape, device=device) for k, shape in fields.items()}
+
+    def advance(self):
+        self.ptr, self.size = (self.ptr + 1) % self.capacity, min(self.size + 1, self.capacity)
+
+    def state_dict(self) -> dict:
+        return {"online": {k: v[:self.size].cpu() for k, v in self.data.items()}, "online_ptr": self.ptr,
+                "online_capacity": self.capacity}
+
+    def load_state_dict(self, saved: dict):
+        rows, self.ptr = saved["online"], saved["online_ptr"]
+        if saved["online_capacity"] != self.capacity:
+            rows = {k: v.roll(-self.ptr, 0)[-self.capacity:] for k, v in rows.items()}
+            self.ptr = len(rows["obs"]) % self.capacity
+        self.size = len(rows["obs"])
+        for k, v in rows.items():
+            self.data[k][:self.size] = v.to(self.data[k].device)
+
+
 # Resuming
 def rng_state() -> dict:
     """Python, NumPy and torch generator states as plain types and tensors (they load with weights_only=True)."""
@@ -393,6 +430,14 @@ def open_run(args, run_name: str, stage: str, state_file: str):
     return run_dir, resumed
 
 
+def finished(resumed: Optional[dict], total_steps: int, run_dir: str) -> bool:
+    """Whether the resumed run has already done all its steps (then there is nothing to do; it says so)."""
+    if resumed is not None and resumed["step"] == total_steps:
+        print(f"{run_dir} is already complete ({total_steps} steps); nothing to resume")
+        return True
+    return False
+
+
 class Run:
     """A run's outputs besides its checkpoints: the folder (locked to this process), args.json, metrics.jsonl (cut back
     to the resumed save's length, so no row is repeated) and, with --track, W&B. `log(row)` writes one metrics row."""
@@ -426,9 +471,20 @@ class Run:
             self.wandb.finish()
 
 
-def first_nonfinite(first_bad: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:
-    """The first step whose loss is NaN or inf (0: none yet), kept on the device: checking it costs no sync per step."""
-    return torch.where(torch.isfinite(loss) | (first_bad > 0), first_bad, step)
+class NonFiniteSentinel:
+    """The first step whose loss was NaN or inf, kept on the device: `watch` costs no host sync per step; `check` (one
+    sync, at logging or evaluation) stops the run with a UserError naming that step."""
+
+    def __init__(self, device, unit: str, run_dir: str):
+        self.first_bad, self.unit, self.run_dir = torch.zeros((), dtype=torch.long, device=device), unit, run_dir
+
+    def watch(self, loss: torch.Tensor, step: int):
+        self.first_bad = torch.where(torch.isfinite(loss) | (self.first_bad > 0), self.first_bad, step)
+
+    def check(self):
+        if self.first_bad.item():
+            raise UserError(f"non-finite loss at {self.unit} {self.first_bad.item()}: stopped; {self.run_dir} keeps the last good "
+                            f"checkpoint; check the data for NaN/inf or lower --learning-rate, then --resume or start over")
 
 
 def module_states(modules: dict) -> dict:
@@ -436,9 +492,12 @@ def module_states(modules: dict) -> dict:
     return {k: m.state_dict() for k, m in modules.items()}
 
 
-def load_module_states(modules: dict, saved: dict):
+def load_module_states(modules: dict, saved: dict, device: Optional[torch.device] = None, capturable: bool = False):
+    """Load each network's and optimizer's saved state; with `device`, an Adam's flags are set for this run again."""
     for k, m in modules.items():
         m.load_state_dict(saved[k])
+        if device is not None and isinstance(m, torch.optim.Adam):
+            set_adam_flags(m, device, capturable)
 
 
 def open_metrics(path: str, resumed: Optional[dict]):
@@ -582,7 +641,7 @@ def write_video(path: str, frames: np.ndarray, fps: float):
             os.remove(tmp)
 
 
-# Shared by the stage scripts: the default checkpoint, Minari episodes as flat transitions, the lockstep evaluator
+# Shared by the stage scripts: the default checkpoint, and Minari datasets (written, and read as flat transitions)
 def default_checkpoint() -> str:
     """The first of DEFAULT_CHECKPOINTS that exists: the full-scale run's, then run_pipeline.sh's."""
     found = [p for p in DEFAULT_CHECKPOINTS if os.path.isfile(p)]
@@ -591,6 +650,58 @@ def default_checkpoint() -> str:
                         f"`bash run_pipeline.sh`, or with `python collect_dataset.py` and `python td3_bc_offline.py`")
     print(f"using checkpoint {found[0]}")
     return found[0]
+
+
+def write_minari_dataset(dataset_id: str, episodes, env_id: str, ref_min_score: float, ref_max_score: float,
+                         description: str, extra_metadata: dict, overwrite: bool = False,
+                         max_episode_steps: Optional[int] = None) -> str:
+    """Write episode buffers as a Minari dataset into the local store (honours MINARI_DATASETS_PATH).
+    The dataset is built in a temporary folder and moved into place, so a failure leaves nothing behind."""
+    import shutil
+    import tempfile
+    import warnings
+    from importlib.metadata import version as pkg_version
+
+    import minari
+    final = minari.storage.get_dataset_path(dataset_id)
+    if os.path.exists(final):
+        if not overwrite:
+            raise UserError(f"dataset {dataset_id} already exists at {final}; pass --overwrite to replace it")
+        shutil.rmtree(final)
+    root = minari.storage.get_dataset_path()
+    tmp_root = tempfile.mkdtemp(prefix=".partial-", dir=root)
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    env = gym.make(env_id, **({} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}))
+    try:
+        os.environ["MINARI_DATASETS_PATH"] = tmp_root
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(author|code_permalink).*")
+            ds = minari.create_dataset_from_buffers(
+                dataset_id, episodes, env=env, eval_env=env.spec, algorithm_name="TD3 (collect_dataset.py)",
+                author="collect_dataset.py", ref_min_score=ref_min_score, ref_max_score=ref_max_score,
+                description=description, data_format="hdf5",
+                requirements=[f"gymnasium=={pkg_version('gymnasium')}", f"mujoco=={pkg_version('mujoco')}"])
+        ds.storage.update_metadata({k: json.dumps(v) for k, v in extra_metadata.items()})
+        del ds
+        # move into place: namespace metadata files first (only where missing), then the dataset folder
+        for dirpath, _, files in os.walk(tmp_root):
+            rel = os.path.relpath(dirpath, tmp_root)
+            if rel.startswith(dataset_id):
+                continue
+            for f in files:
+                if not os.path.exists(os.path.join(root, rel, f)):
+                    os.makedirs(os.path.join(root, rel), exist_ok=True)
+                    shutil.copy2(os.path.join(dirpath, f), os.path.join(root, rel, f))
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.rename(os.path.join(tmp_root, dataset_id), final)
+    finally:
+        if old is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+        env.close()
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return str(final)
 
 
 def dataset_to_transitions(dataset) -> dict:
@@ -607,6 +718,72 @@ def dataset_to_transitions(dataset) -> dict:
     def cat(xs):
         return np.concatenate(xs).astype(np.float32)
     return {"obs": cat(obs), "actions": cat(act), "rewards": cat(rew), "next_obs": cat(nxt), "terminations": cat(term)}
+
+
+def offline_transitions(dataset_id: str, obs_mean: torch.Tensor, obs_std: torch.Tensor, device) -> dict:
+    """A checkpoint's dataset from the local Minari store as flat tensors on `device`, normalized with its statistics."""
+    import minari
+    if not os.path.exists(minari.storage.get_dataset_path(dataset_id)):
+        raise UserError(f"the checkpoint's dataset '{dataset_id}' is not in the local Minari store; re-create it with "
+                        f"collect_dataset.py (or `minari download {dataset_id}`), or pass --init scratch")
+    with reading_dataset(dataset_id):
+        data = {k: torch.as_tensor(v, device=device) for k, v in dataset_to_transitions(minari.load_dataset(dataset_id)).items()}
+    data["obs"], data["next_obs"] = (data["obs"] - obs_mean) / obs_std, (data["next_obs"] - obs_mean) / obs_std
+    return data
+
+
+# Scores (one scale: 0 = random, 100 = expert) and evaluation under the perturbation conditions
+def normalized_score(ret: float, ref_min, ref_max) -> Optional[float]:
+    """D4RL-style score, the one scale of every log and file: 0 = random, 100 = expert (None without reference scores)."""
+    return None if ref_min is None or ref_max is None else 100.0 * (ret - ref_min) / (ref_max - ref_min)
+
+
+def reference_scores(ckpt: dict, ref_min=None, ref_max=None, required: bool = False) -> tuple:
+    """The returns that normalize scores: the flags' (when given), else the checkpoint's; refuses a pair that cannot
+    normalize, and a missing pair when `required` (the adaptive curriculum reads normalized returns)."""
+    ref_min = ref_min if ref_min is not None else ckpt.get("ref_min_score")
+    ref_max = ref_max if ref_max is not None else ckpt.get("ref_max_score")
+    if required and (ref_min is None or ref_max is None):
+        raise UserError("the adaptive curriculum needs normalized returns but the checkpoint has no reference scores; "
+                        "pass --ref-min-score and --ref-max-score")
+    if ref_min is not None and ref_max is not None and not ref_min < ref_max:
+        raise UserError(f"the reference scores must satisfy min < max to normalize returns (got {ref_min} and {ref_max}); "
+                        f"pass --ref-min-score and --ref-max-score")
+    return ref_min, ref_max
+
+
+def condition_metrics(returns: dict, ref_min, ref_max) -> dict:
+    """{condition: returns} -> eval/{condition}_return, _return_std and _normalized (None without reference scores)."""
+    return {f"eval/{c}_{stat}": value for c, r in returns.items() for stat, value in (
+        ("return", float(r.mean())), ("return_std", float(r.std())), ("normalized", normalized_score(float(r.mean()), ref_min, ref_max)))}
+
+
+class ConditionEvaluator:
+    """A policy's deterministic returns on the same `episodes` episodes (seeds eval_seed + i) under each condition
+    (name -> δ set; episode i plays δ_{i mod len}), all in lockstep through `rollout_batch`. `perturb` is the calling
+    script's perturbation model (its perturb_action)."""
+
+    def __init__(self, env_id: str, max_episode_steps: Optional[int], conditions: dict, episodes: int, eval_seed: int,
+                 model: str, perturb):
+        self.env_id, self.max_episode_steps, self.conditions, self.episodes = env_id, max_episode_steps, conditions, episodes
+        self.eval_seed, self.model, self.perturb = eval_seed, model, perturb
+        self.envs = [gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(len(conditions) * episodes)]
+        self.deltas = np.vstack([d[np.arange(episodes) % len(d)] for d in conditions.values()])
+        self.seeds = np.tile(eval_seed + np.arange(episodes), len(conditions))
+
+    def __call__(self, actor, obs_mean, obs_std) -> dict:
+        """-> {condition: per-episode returns [episodes]}"""
+        returns, _ = rollout_batch(self.envs, actor, obs_mean, obs_std, self.deltas, self.seeds, self.model, self.perturb)
+        return {name: returns[i * self.episodes:(i + 1) * self.episodes] for i, name in enumerate(self.conditions)}
+
+    def record(self, run: "Run", step: int, actor, obs_mean, obs_std, condition: str):
+        """The condition's first episode (its δ_0, the first evaluation seed), rendered and captioned, into
+        {run dir}/videos/eval_step{step}.mp4 and, with --track, to W&B."""
+        delta, path = self.conditions[condition][0], os.path.join(run.dir, "videos", f"eval_step{step:08d}.mp4")
+        ep = record_episode(self.env_id, self.max_episode_steps, actor, obs_mean, obs_std, delta, self.perturb, self.model,
+                            self.eval_seed)
+        write_video(path, captioned(ep, f"step {step}, {condition}", delta), ep.fps)
+        run.video(path, f"videos/eval_{condition}", step)
 
 
 def rollout_batch(envs, actor, obs_mean, obs_std, deltas: np.ndarray, seeds, model: str, perturb):
@@ -626,3 +803,50 @@ def rollout_batch(envs, actor, obs_mean, obs_std, deltas: np.ndarray, seeds, mod
             alive[i] = not (terminated or truncated)
         steps += len(idx)
     return returns, steps
+
+
+# The scripts' entry point
+def cli(main, args_type):
+    """The scripts' entry point: parse `args_type` with tyro and run `main`; a problem the user can fix (a UserError, or
+    an OSError such as a full disk outside the atomic saves) ends in one `error:` line and a non-zero exit."""
+    import sys
+
+    import tyro
+    try:
+        main(tyro.cli(args_type))
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {io_failure(e)}")
+
+
+# Plot finishing shared by evaluate_matrix.py and study_report.py
+def save_curve_panels(fig, axes, conditions, ylabel: str, title: str, path: str):
+    """Finish and save a learning-curve figure with one panel per evaluation condition (evaluate_matrix.py's and
+    study_report.py's)."""
+    import matplotlib.pyplot as plt
+    for ax, cond in zip(axes, conditions):
+        ax.set_title(f"evaluated under {cond}" + (" (precomputed δ set)" if cond == "adversarial" else ""))
+        ax.set_xlabel("online env steps")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_q_plot(fig, ax, title: str, path: str):
+    """Finish and save a q-trajectory figure (evaluate_matrix.py's and study_report.py's): q in [0, 1] over online env
+    steps, the title, a legend and a grid."""
+    import matplotlib.pyplot as plt
+    ax.set_xlabel("online env steps")
+    ax.set_ylabel("perturbation probability q")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -11,31 +11,28 @@
   policy chose, a, not the executed ã: the critic then learns what a choice leads to under the fault, and the
   actor learns choices that compensate for it.
 - Curriculum for q: fixed, linear (q_init → q_max) or adaptive:
-      R̄_n = β R_n + (1 − β) R̄_{n−1},   q ← clip(q + η (R̄_n − R̄_{n−1}), q_min, q_max)
-  with R_n the normalized return (fraction: 0 = random, 1 = expert) of evaluation n under the normal condition.
+      R̄_n = β R_n + (1 − β) R̄_{n−1},   q ← clip(q + η (R̄_n − R̄_{n−1}) / 100, q_min, q_max)
+  with R_n the normalized score of evaluation n under the normal condition (0 = random, 100 = expert: the one scale
+  of every log and file; the /100 makes η a step per random-to-expert span, as on the paper's [0, 1] scale).
 """
 import copy
 import dataclasses
 import os
-import random
-import sys
 import time
 from dataclasses import dataclass
 from typing import Annotated, Literal, Optional
 
 import gymnasium as gym
-import minari
 import numpy as np
 import torch
 import torch.nn as nn
-import tyro
 from tqdm import tqdm
 
-from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Range, Run, UserError, accelerate, adam, captioned,
-                     check_fast_path_args, check_ranges, check_rendering, dataset_to_transitions, default_checkpoint,
-                     env_state, first_nonfinite, io_failure, load_checkpoint, load_module_states, load_perturbations,
-                     module_states, open_run, reading_dataset, record_episode, rng_state, rollout_batch, save_checkpoint,
-                     set_adam_flags, set_env_state, set_rng_state, sha256_file, write_video)
+from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, ConditionEvaluator, NonFiniteSentinel, Range, RingBuffer,
+                     Run, UserError, accelerate, adam, check_fast_path_args, check_ranges, check_rendering, cli,
+                     condition_metrics, default_checkpoint, env_state, finished, load_checkpoint, load_module_states,
+                     load_perturbations, module_states, offline_transitions, open_run, reference_scores, rng_state,
+                     save_checkpoint, seed_everything, set_env_state, set_rng_state, sha256_file)
 
 STAGE = os.path.splitext(os.path.basename(__file__))[0]  # the checkpoints' stage tag: a fork under a new name has its own
 
@@ -60,7 +57,7 @@ class Args:
     beta: Annotated[float, Range(0, 1, open="lo")] = 0.9
     """β: EMA weight of the newest evaluation in the adaptive curriculum"""
     eta: Annotated[float, Range(0)] = 0.7
-    """η: adaptive step size, per unit of normalized return (1 = random-to-expert); the paper tunes it per env"""
+    """η: adaptive step size, per random-to-expert span of normalized return (100 points); the paper tunes it per env"""
     r_off: Annotated[float, Range(0, 1)] = 0.1
     """r_off: fraction of every batch drawn from the offline dataset (ignored for --init scratch)"""
 
@@ -138,8 +135,7 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     capture_video: bool = False
-    """record evaluation episode 0 under the adversarial condition (δ_0) at each evaluation into runs/{run_name}/videos/
-    (and to W&B with --track); needs off-screen rendering (MUJOCO_GL=egl)"""
+    """record each evaluation's first adversarial episode (δ_0) into runs/{run_name}/videos/ and W&B (needs MUJOCO_GL=egl)"""
 
 
 # ALGO LOGIC: networks (copies of td3_bc_offline.py's; tests/test_contracts.py proves the copies agree)
@@ -250,9 +246,10 @@ def linear_q(step: int, total_steps: int, q_init: float, q_max: float) -> float:
 
 
 def adaptive_q(q: float, ema_prev: float, R: float, beta: float, eta: float, q_min: float, q_max: float):
-    """One update after evaluation n: R̄_n = β R_n + (1 − β) R̄_{n−1}; q ← clip(q + η (R̄_n − R̄_{n−1})). -> (q, R̄_n)"""
+    """One update after evaluation n, R in normalized points: R̄_n = β R_n + (1 − β) R̄_{n−1};
+    q ← clip(q + η (R̄_n − R̄_{n−1}) / 100). -> (q, R̄_n)"""
     ema = beta * R + (1.0 - beta) * ema_prev
-    return float(np.clip(q + eta * (ema - ema_prev), q_min, q_max)), float(ema)
+    return float(np.clip(q + eta * (ema - ema_prev) / 100, q_min, q_max)), float(ema)
 
 
 # ALGO LOGIC: replay with a fixed offline share r_off per batch
@@ -272,36 +269,21 @@ def sample(data: dict, size: int, k: int) -> tuple:
     return tuple(data[key][idx] for key in ("obs", "actions", "rewards", "next_obs", "terminations"))
 
 
-class OnlineBuffer:
+class OnlineBuffer(RingBuffer):
     """Ring buffer of online transitions on the training device: normalized s and s', the action the policy CHOSE
-    (never the executed, perturbed one), r, and terminated (truncations are stored as 0 so they bootstrap)."""
+    (never the executed, perturbed one), r, and terminated (truncations are stored as 0 so they bootstrap).
+    It saves and restores itself (runtime.RingBuffer), also into a larger capacity on a longer resume."""
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device):
-        self.capacity, self.ptr, self.size = capacity, 0, 0
-        self.data = {"obs": torch.zeros(capacity, obs_dim, device=device), "actions": torch.zeros(capacity, act_dim, device=device),
-                     "rewards": torch.zeros(capacity, device=device), "next_obs": torch.zeros(capacity, obs_dim, device=device),
-                     "terminations": torch.zeros(capacity, device=device)}
+        super().__init__(capacity, {"obs": (obs_dim,), "actions": (act_dim,), "rewards": (), "next_obs": (obs_dim,),
+                                    "terminations": ()}, device)
 
     def add(self, obs, chosen_action, reward, next_obs, terminated):
         d, i = self.data, self.ptr
         d["obs"][i], d["next_obs"][i] = obs, next_obs
         d["actions"][i] = torch.as_tensor(chosen_action, device=d["actions"].device)
         d["rewards"][i], d["terminations"][i] = float(reward), float(terminated)
-        self.ptr, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
-
-    def state_dict(self) -> dict:
-        return {"online": {k: v[:self.size].cpu() for k, v in self.data.items()}, "online_ptr": self.ptr,
-                "online_capacity": self.capacity}
-
-    def load_state_dict(self, saved: dict):
-        """Restore the rows; a new capacity (a longer --total-steps on resume) keeps the newest rows, oldest first."""
-        rows, self.ptr = saved["online"], saved["online_ptr"]
-        if saved["online_capacity"] != self.capacity:
-            rows = {k: v.roll(-self.ptr, 0)[-self.capacity:] for k, v in rows.items()}
-            self.ptr = len(rows["obs"]) % self.capacity
-        self.size = len(rows["obs"])
-        for k, v in rows.items():
-            self.data[k][:self.size] = v.to(self.data[k].device)
+        self.advance()
 
 
 def td_target(critic_target: Critic, actor_target: Actor, next_obs, reward, termination, gamma: float,
@@ -352,35 +334,11 @@ def make_update(actor, critic, actor_target, critic_target, actor_optimizer, cri
     return accelerate(update_critic, args), accelerate(update_actor, args)
 
 
-def load_offline_data(dataset_id: str, obs_mean, obs_std, device) -> dict:
-    """The checkpoint's dataset as flat tensors, normalized with the checkpoint's statistics."""
-    if not os.path.exists(minari.storage.get_dataset_path(dataset_id)):
-        raise UserError(f"the checkpoint's dataset '{dataset_id}' is not in the local Minari store; re-create it with "
-                        f"collect_dataset.py (or `minari download {dataset_id}`), or pass --init scratch")
-    with reading_dataset(dataset_id):
-        data = {k: torch.as_tensor(v, device=device) for k, v in dataset_to_transitions(minari.load_dataset(dataset_id)).items()}
-    data["obs"], data["next_obs"] = (data["obs"] - obs_mean) / obs_std, (data["next_obs"] - obs_mean) / obs_std
-    return data
-
-
 def check_args(args: Args):
     check_ranges(args)  # each field's range is declared next to it in Args
     if not args.q_min <= args.q_init <= args.q_max:
         raise UserError("need --q-min <= --q-init <= --q-max")
     check_fast_path_args(args)
-
-
-def reference_scores(args: Args, ckpt: dict):
-    """The returns that normalize scores (0 = random, 1 = expert): the flags', else the checkpoint's."""
-    ref_min = args.ref_min_score if args.ref_min_score is not None else ckpt.get("ref_min_score")
-    ref_max = args.ref_max_score if args.ref_max_score is not None else ckpt.get("ref_max_score")
-    if args.curriculum == "adaptive" and (ref_min is None or ref_max is None):
-        raise UserError("the adaptive curriculum needs normalized returns but the checkpoint has no reference scores; "
-                        "pass --ref-min-score and --ref-max-score")
-    if ref_min is not None and ref_max is not None and not ref_min < ref_max:
-        raise UserError(f"the reference scores must satisfy min < max to normalize returns (got {ref_min} and {ref_max}); "
-                        f"pass --ref-min-score and --ref-max-score")
-    return ref_min, ref_max
 
 
 def main(args: Args):
@@ -391,20 +349,18 @@ def main(args: Args):
     pert = load_perturbations(pert_path, ckpt["env_id"], ckpt["act_dim"])
     eps, model, deltas = float(pert["epsilon"]), str(pert["perturbation_model"]), pert["perturbations"]
     env_id, obs_dim, act_dim, max_steps = ckpt["env_id"], ckpt["obs_dim"], ckpt["act_dim"], ckpt.get("max_episode_steps")
-    ref_min, ref_max = reference_scores(args, ckpt)
+    ref_min, ref_max = reference_scores(ckpt, args.ref_min_score, args.ref_max_score, required=args.curriculum == "adaptive")
     scratch = args.init == "scratch"
     learning_starts = args.learning_starts if args.learning_starts is not None else (25_000 if scratch else args.batch_size)
     run_name = args.run_name or (f"{env_id}__{args.exp_name}__{args.init}-{args.finetune_condition}-{args.curriculum}"
                                  f"__{args.seed}__{int(time.time())}")
     run_dir, resumed = open_run(args, run_name, STAGE, "state.pt")
+    if finished(resumed, args.total_steps, run_dir):
+        return
     if args.capture_video:
         check_rendering(env_id, max_steps)
 
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
+    seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # the networks: from the offline checkpoint (the BC term is gone from here on), or fresh for the scratch baseline
@@ -419,11 +375,10 @@ def main(args: Args):
     if scratch:  # TD3 from random init, no offline data, raw observations
         obs_mean, obs_std, offline = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device), None
     else:
-        load_module_states({k: m for k, m in modules.items() if "optimizer" not in k or not args.reset_optimizers}, ckpt)
+        load_module_states({k: m for k, m in modules.items() if "optimizer" not in k or not args.reset_optimizers}, ckpt,
+                           device, args.cudagraphs)
         obs_mean, obs_std = ckpt["obs_mean"].to(device), ckpt["obs_std"].to(device)
-        offline = load_offline_data(ckpt["dataset_id"], obs_mean, obs_std, device)
-    set_adam_flags(actor_optimizer, device, args.cudagraphs); set_adam_flags(critic_optimizer, device, args.cudagraphs)
-    n_offline = 0 if offline is None else offline["obs"].shape[0]
+        offline = offline_transitions(ckpt["dataset_id"], obs_mean, obs_std, device)
     update_critic, update_actor = make_update(actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer, args)
     online = OnlineBuffer(args.buffer_size or args.total_steps, obs_dim, act_dim, device)
 
@@ -431,91 +386,52 @@ def main(args: Args):
     env = ActionPerturbation(gym.make(env_id, max_episode_steps=max_steps), eps, model, args.finetune_condition, deltas,
                              q=args.q if args.curriculum == "fixed" else args.q_init)
     env.action_space.seed(args.seed)
-    E = args.eval_episodes
-    eval_envs = [gym.make(env_id, max_episode_steps=max_steps) for _ in range(3 * E)]
-    eval_deltas = np.vstack([np.zeros((E, act_dim)), pert["random_deltas"][np.arange(E) % len(pert["random_deltas"])],
-                             deltas[np.arange(E) % len(deltas)]])
-    eval_seeds = np.tile(args.eval_seed + np.arange(E), 3)
+    evaluator = ConditionEvaluator(env_id, max_steps, {"normal": np.zeros((1, act_dim)), "random": pert["random_deltas"],
+                                                       "adversarial": deltas}, args.eval_episodes, args.eval_seed, model, perturb_action)
     run = Run(run_dir, run_name, args, resumed, env_id=env_id, perturbations=pert_path, learning_starts=learning_starts,
               epsilon=eps, perturbation_model=model)
 
-    def evaluate() -> dict:
-        """Deterministic policy on the same E episodes under normal, random (the .npz's draws) and adversarial δ."""
-        returns, _ = rollout_batch(eval_envs, copy.deepcopy(actor).cpu(), obs_mean.cpu(), obs_std.cpu(), eval_deltas, eval_seeds,
-                                   model, perturb_action)
-        row = {}
-        for c, cond in enumerate(CONDITIONS):
-            r = returns[c * E:(c + 1) * E]
-            row[f"eval/{cond}_return"], row[f"eval/{cond}_return_std"] = float(r.mean()), float(r.std())
-            row[f"eval/{cond}_normalized"] = None if None in (ref_min, ref_max) else (float(r.mean()) - ref_min) / (ref_max - ref_min)
-        return row
+    def evaluate(step: int) -> dict:  # the same episodes under normal, random (the .npz's draws) and adversarial δ
+        policy, mean, std = copy.deepcopy(actor).cpu(), obs_mean.cpu(), obs_std.cpu()
+        if args.capture_video:
+            evaluator.record(run, step, policy, mean, std, "adversarial")
+        return condition_metrics(evaluator(policy, mean, std), ref_min, ref_max)
 
-    def video(step: int):
-        """--capture-video: the adversarial evaluation's first episode (δ_0, the first evaluation seed), recorded."""
-        ep = record_episode(env_id, max_steps, copy.deepcopy(actor).cpu(), obs_mean.cpu(), obs_std.cpu(), deltas[0],
-                            perturb_action, model, args.eval_seed)
-        path = os.path.join(run_dir, "videos", f"eval_step{step:08d}.mp4")
-        write_video(path, captioned(ep, f"step {step}, adversarial", deltas[0]), ep.fps)
-        run.video(path, "videos/eval_adversarial", step)
-
-    def checkpoint(step: int, row: dict) -> dict:
-        """The schema of docs/file_contracts.md: the offline checkpoint's keys plus how this policy was fine-tuned."""
-        return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "stage": STAGE, "step": step,
-                **{k: ckpt[k] for k in ("env_id", "dataset_id", "obs_dim", "act_dim", "hidden_dim", "action_low", "action_high")},
-                "max_episode_steps": max_steps, "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(),
-                "ref_min_score": ref_min, "ref_max_score": ref_max, "eval_return": row["eval/normal_return"],
-                "eval_normalized_score": None if row["eval/normal_normalized"] is None else 100 * row["eval/normal_normalized"],
-                **module_states(modules), "args": dataclasses.asdict(args), "init": args.init,
-                "finetune_condition": args.finetune_condition, "curriculum": args.curriculum, "q": q, "q_ema": ema,
-                "epsilon": eps, "perturbation_model": model, "perturbations_path": pert_path,
-                "perturbations_sha256": pert_sha256, "initial_checkpoint": args.checkpoint, "eval": dict(row)}
-
-    def state(step: int, row: dict) -> dict:
-        """The checkpoint plus what continuing needs: RNGs, the env mid-episode, the online buffer, counters."""
-        return {**checkpoint(step, row), "rng": rng_state(), "env": env_state(env), "obs_n": obs_n.cpu(),
-                "episode": [episode_return, episode_len, n_episodes, n_perturbed, episode_perturbed], **online.state_dict(),
-                "learning_starts": learning_starts, "metrics_bytes": run.metrics.tell(),
-                "losses": torch.stack([critic_loss, q1_mean, actor_loss]).cpu()}
-
-    scale = torch.as_tensor((high - low) / 2, device=device)
+    # what every checkpoint holds besides the networks and the step's results (docs/file_contracts.md)
+    header = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "stage": STAGE, "args": dataclasses.asdict(args),
+              **{k: ckpt[k] for k in ("env_id", "dataset_id", "obs_dim", "act_dim", "hidden_dim", "action_low", "action_high")},
+              "max_episode_steps": max_steps, "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(), "ref_min_score": ref_min,
+              "ref_max_score": ref_max, "init": args.init, "finetune_condition": args.finetune_condition, "epsilon": eps,
+              "curriculum": args.curriculum, "perturbation_model": model, "perturbations_path": pert_path,
+              "perturbations_sha256": sha256_file(pert_path), "initial_checkpoint": args.checkpoint}
     low_t, high_t = torch.as_tensor(low, device=device), torch.as_tensor(high, device=device)
 
     def normalize(o) -> torch.Tensor:
         return (torch.as_tensor(o, dtype=torch.float32, device=device) - obs_mean) / obs_std
 
     # the loop's state: fresh (with evaluation 0 of the starting policy, which seeds the EMA R̄_0 = R_0), or resumed
-    pert_sha256, start_step, q = sha256_file(pert_path), 0, env.q
+    start_step, q = 0, env.q
     critic_loss = q1_mean = actor_loss = torch.zeros((), device=device)
-    first_bad = torch.zeros((), dtype=torch.long, device=device)
+    sentinel = NonFiniteSentinel(device, "step", run_dir)  # remembers the first non-finite loss without a sync per step
     obs, info = env.reset(seed=args.seed)
     episode_perturbed = bool(info["delta"].any())
     episode_return, episode_len, n_episodes, n_perturbed = 0.0, 0, 1, int(episode_perturbed)
     if resumed is None:
-        row = evaluate()
+        row = evaluate(0)
         ema = row["eval/normal_normalized"]
         run.log({"step": 0, **row, "curriculum/q": q, "curriculum/ema": ema})
-        if args.capture_video:
-            video(0)
         obs_n = normalize(obs)
     else:
-        load_module_states(modules, resumed)
-        set_adam_flags(actor_optimizer, device, args.cudagraphs); set_adam_flags(critic_optimizer, device, args.cudagraphs)
+        load_module_states(modules, resumed, device, args.cudagraphs)
         online.load_state_dict(resumed)
         critic_loss, q1_mean, actor_loss = resumed["losses"].to(device)
-        q, ema, row, start_step = resumed["q"], resumed["q_ema"], resumed["eval"], resumed["step"]
+        q, ema, row, start_step, obs_n = resumed["q"], resumed["q_ema"], resumed["eval"], resumed["step"], resumed["obs_n"].to(device)
         episode_return, episode_len, n_episodes, n_perturbed, episode_perturbed = resumed["episode"]
-        env.q = q
         set_env_state(env, resumed["env"])
         set_rng_state(resumed["rng"])
-        obs_n = resumed["obs_n"].to(device)
-        if start_step == args.total_steps:
-            run.close()
-            print(f"{run_dir} is already complete ({start_step} steps); nothing to resume")
-            return
         print(f"resuming {run_dir} at step {start_step}")
     start_time = time.time()
-    pbar = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, mininterval=2,
-                desc=f"fine-tune ({args.init}, {args.finetune_condition}, {args.curriculum})")
+    pbar = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, desc=STAGE, mininterval=2)
     for step in pbar:
         # ALGO LOGIC: act. The policy chooses a; the wrapper executes ã = perturb(a, δ); the buffer keeps a.
         if scratch and step <= learning_starts:
@@ -523,7 +439,7 @@ def main(args: Args):
         else:
             with torch.no_grad():
                 a = actor(obs_n)
-                a = (a + torch.randn_like(a) * scale * args.exploration_noise).clamp(low_t, high_t)
+                a = (a + torch.randn_like(a) * actor.action_scale * args.exploration_noise).clamp(low_t, high_t)
             action = a.cpu().numpy()
         next_obs, reward, terminated, truncated, info = env.step(action)
         next_obs_n = normalize(next_obs)
@@ -533,6 +449,7 @@ def main(args: Args):
         if terminated or truncated:
             run.log({"step": step, "charts/episodic_return": episode_return, "charts/episodic_length": episode_len,
                      "charts/perturbed": episode_perturbed, "curriculum/q": q})
+            env.q = q  # the curriculum's current q decides whether the next episode is perturbed
             obs, info = env.reset()
             obs_n, episode_perturbed = normalize(obs), bool(info["delta"].any())
             episode_return, episode_len = 0.0, 0
@@ -543,43 +460,38 @@ def main(args: Args):
             k_off = batch_split(args.batch_size, args.r_off, online.size, offline is not None)
             parts = [sample(online.data, online.size, args.batch_size - k_off)] if k_off < args.batch_size else []
             if k_off:
-                parts.append(sample(offline, n_offline, k_off))
+                parts.append(sample(offline, offline["obs"].shape[0], k_off))
             b_obs, b_act, b_rew, b_next, b_term = (torch.cat(x) for x in zip(*parts))
             critic_loss, q1_mean = update_critic(b_obs, b_act, b_rew, b_next, b_term)
             if step % args.policy_frequency == 0:
                 actor_loss = update_actor(b_obs)
-            first_bad = first_nonfinite(first_bad, critic_loss + actor_loss, step)
+            sentinel.watch(critic_loss + actor_loss, step)
 
         # ALGO LOGIC: the curriculum of q, and evaluation (which the adaptive curriculum reads)
         if args.curriculum == "linear":
             q = linear_q(step, args.total_steps, args.q_init, args.q_max)
         if step % args.eval_freq == 0 or step == args.total_steps:
-            if first_bad.item():
-                raise UserError(f"non-finite loss at step {first_bad.item()}: stopped; {run_dir} keeps the last good checkpoint "
-                                f"and state; check the offline data for NaN/inf or lower --learning-rate, then --resume or start over")
-            row = evaluate()
+            sentinel.check()
+            row = evaluate(step)
             if args.curriculum == "adaptive":
                 q, ema = adaptive_q(q, ema, row["eval/normal_normalized"], args.beta, args.eta, args.q_min, args.q_max)
             losses = {"losses/critic_loss": critic_loss.item(), "losses/q1_mean": q1_mean.item(), "losses/actor_loss": actor_loss.item()}
             run.log({"step": step, **row, **losses, "curriculum/q": q, "curriculum/ema": ema,
                      "charts/perturbed_fraction": n_perturbed / n_episodes, "charts/sps": (step - start_step) / (time.time() - start_time)})
             pbar.set_postfix(normal=f"{row['eval/normal_return']:.0f}", adv=f"{row['eval/adversarial_return']:.0f}", q=f"{q:.2f}")
-            if args.capture_video:
-                video(step)
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint(step, row))
-            save_checkpoint(os.path.join(run_dir, "state.pt"), state(step, row))
-        env.q = q  # takes effect at the next episode's start
+            result = {**header, "step": step, **module_states(modules), "eval_return": row["eval/normal_return"],
+                      "eval_normalized_score": row["eval/normal_normalized"], "eval": row, "q": q, "q_ema": ema}
+            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), result)
+            # what continuing needs besides: the RNGs, the env mid-episode, the online buffer, the counters
+            save_checkpoint(os.path.join(run_dir, "state.pt"), {
+                **result, "rng": rng_state(), "env": env_state(env), "obs_n": obs_n.cpu(), **online.state_dict(),
+                "episode": [episode_return, episode_len, n_episodes, n_perturbed, episode_perturbed], "learning_starts": learning_starts,
+                "metrics_bytes": run.metrics.tell(), "losses": torch.stack([critic_loss, q1_mean, actor_loss]).cpu()})
     pbar.close()
     run.close()
-    print(f"done: {args.total_steps - start_step} steps in {time.time() - start_time:.1f}s; final returns normal "
-          f"{row['eval/normal_return']:.1f}, random {row['eval/random_return']:.1f}, adversarial "
-          f"{row['eval/adversarial_return']:.1f}; q = {q:.3f}; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}")
+    print(f"done: {args.total_steps - start_step} steps in {time.time() - start_time:.1f}s; final returns " + ", ".join(
+        f"{c} {row[f'eval/{c}_return']:.1f}" for c in CONDITIONS) + f"; q = {q:.3f}; checkpoint {run_dir}/checkpoint.pt")
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # a full disk or a read-only folder outside the atomic saves: still one line
-        sys.exit(f"error: {io_failure(e)}")
+    cli(main, Args)

@@ -9,8 +9,6 @@ Outputs in runs/{run_name}/: checkpoint.pt (schema in docs/file_contracts.md), m
 import copy
 import dataclasses
 import os
-import random
-import sys
 import time
 from dataclasses import dataclass
 from typing import Annotated, Literal, Optional
@@ -21,13 +19,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
-from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Range, Run, UserError, accelerate, adam,  # noqa: F401 (re-exports)
-                     check_fast_path_args, check_ranges, dataset_to_transitions, first_nonfinite, io_failure,
-                     load_checkpoint, load_module_states, module_states, open_run, reading_dataset, rng_state,
-                     save_checkpoint, set_adam_flags, set_rng_state)
+from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, NonFiniteSentinel, Range, Run, UserError,  # noqa: F401 (re-exports)
+                     accelerate, adam, check_fast_path_args, check_ranges, cli, dataset_to_transitions, finished,
+                     load_checkpoint, load_module_states, module_states, normalized_score, open_run, reading_dataset,
+                     rng_state, save_checkpoint, seed_everything, set_rng_state)
 
 STAGE = os.path.splitext(os.path.basename(__file__))[0]  # the checkpoints' stage tag: a fork under a new name has its own
 
@@ -264,13 +261,6 @@ def evaluate(actor: Actor, env: gym.Env, obs_mean, obs_std, episodes: int, seed:
     return np.asarray(returns)
 
 
-def normalized_score(ret: float, ref_min, ref_max) -> Optional[float]:
-    """D4RL-style score: 0 = random, 100 = expert (None when the dataset has no reference scores)."""
-    if ref_min is None or ref_max is None:
-        return None
-    return 100.0 * (ret - ref_min) / (ref_max - ref_min)
-
-
 def actor_from_checkpoint(ckpt: dict, device="cpu") -> Actor:
     actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
     actor.load_state_dict(ckpt["actor"])
@@ -296,14 +286,12 @@ def main(args: Args):
 
     run_name = args.run_name or f"{args.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}"
     run_dir, resumed = open_run(args, run_name, STAGE, "checkpoint.pt")  # the checkpoint is also the resume state
+    if finished(resumed, args.total_steps, run_dir):
+        return
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     run = Run(run_dir, run_name, args, resumed, env_id=env_id)
 
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
+    seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # the whole dataset lives on the training device as one [N, obs + act + 1 + obs + 1] tensor: one gather per batch
@@ -349,18 +337,13 @@ def main(args: Args):
     print(f"{args.dataset_id}: {N} transitions, env {env_id}, obs {obs_dim}, act {act_dim}, device {device}; run dir {run_dir}")
     q_loss_sum = torch.zeros((), device=device)
     actor_loss = lmbda = bc = torch.zeros((), device=device)
-    first_bad = torch.zeros((), dtype=torch.long, device=device)  # first update with a non-finite loss (0: none yet)
+    sentinel = NonFiniteSentinel(device, "update", run_dir)  # remembers the first non-finite loss without a sync per step
     start_step = 0
     if resumed is not None:
-        load_module_states(modules, resumed)
-        set_adam_flags(actor_optimizer, device, args.cudagraphs); set_adam_flags(critic_optimizer, device, args.cudagraphs)
+        load_module_states(modules, resumed, device, args.cudagraphs)
         q_loss_sum += resumed["q_loss_sum"].to(device)
         set_rng_state(resumed["rng"])
         start_step = resumed["step"]
-        if start_step == args.total_steps:
-            run.close()
-            print(f"{run_dir} is already complete ({start_step} updates); nothing to resume")
-            return
         print(f"resuming {run_dir} at update {start_step}")
     start_time, t_last, s_last = time.time(), time.time(), start_step
     pbar = tqdm(range(start_step + 1, args.total_steps + 1), desc="TD3+BC", mininterval=2, initial=start_step, total=args.total_steps)
@@ -370,12 +353,10 @@ def main(args: Args):
         q_loss_sum += critic_loss
         if step % args.policy_frequency == 0:
             actor_loss, lmbda, bc = update_actor(obs, actions)
-        first_bad = first_nonfinite(first_bad, critic_loss + actor_loss, step)
+        sentinel.watch(critic_loss + actor_loss, step)
 
         if step % args.log_freq == 0 or step % args.eval_freq == 0 or step == args.total_steps:
-            if first_bad.item():  # the only host syncs outside evaluation
-                raise UserError(f"non-finite loss at update {first_bad.item()}: stopped; {ckpt_path} keeps the last good "
-                                f"state; check the dataset for NaN/inf or lower --learning-rate, then --resume or start over")
+            sentinel.check()  # the only host syncs outside evaluation
         if step % args.log_freq == 0:
             sps = (step - s_last) / (time.time() - t_last)
             t_last, s_last = time.time(), step
@@ -401,9 +382,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:  # a full disk or a read-only folder outside the atomic saves: still one line
-        sys.exit(f"error: {io_failure(e)}")
+    cli(main, Args)

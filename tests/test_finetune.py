@@ -21,18 +21,19 @@ def test_linear_curriculum_shape():
 
 
 def test_adaptive_curriculum_hand_computed_sequence():
-    q, ema = 0.1, 0.2  # R̄_0 = R_0 = 0.2
-    expected = [(0.29, 0.163), (0.254, 0.1378), (0.4754, 0.29278)]
-    for R, (ema_exp, q_exp) in zip([0.3, 0.25, 0.5], expected):
+    """R in normalized points (0 random, 100 expert); η is per random-to-expert span, so the step is η ΔR̄ / 100."""
+    q, ema = 0.1, 20.0  # R̄_0 = R_0 = 20
+    expected = [(29.0, 0.163), (25.4, 0.1378), (47.54, 0.29278)]
+    for R, (ema_exp, q_exp) in zip([30.0, 25.0, 50.0], expected):
         q, ema = ft.adaptive_q(q, ema, R, beta=0.9, eta=0.7, q_min=0.0, q_max=1.0)
         assert ema == pytest.approx(ema_exp) and q == pytest.approx(q_exp)
-    assert ft.adaptive_q(0.9, 0.0, 5.0, 0.9, 0.7, 0.0, 1.0)[0] == 1.0   # clipped at q_max
-    assert ft.adaptive_q(0.1, 5.0, 0.0, 0.9, 0.7, 0.05, 1.0)[0] == 0.05  # clipped at q_min
-    assert ft.adaptive_q(0.3, 0.2, 0.6, 1.0, 0.5, 0.0, 1.0) == pytest.approx((0.5, 0.6))  # β = 1: no smoothing
-    assert ft.adaptive_q(0.3, 0.2, 0.9, 0.9, 0.0, 0.0, 1.0)[0] == 0.3  # η = 0: q never moves
+    assert ft.adaptive_q(0.9, 0.0, 500.0, 0.9, 0.7, 0.0, 1.0)[0] == 1.0   # clipped at q_max
+    assert ft.adaptive_q(0.1, 500.0, 0.0, 0.9, 0.7, 0.05, 1.0)[0] == 0.05  # clipped at q_min
+    assert ft.adaptive_q(0.3, 20.0, 60.0, 1.0, 0.5, 0.0, 1.0) == pytest.approx((0.5, 60.0))  # β = 1: no smoothing
+    assert ft.adaptive_q(0.3, 20.0, 90.0, 0.9, 0.0, 0.0, 1.0)[0] == 0.3  # η = 0: q never moves
     rng = np.random.default_rng(0)
     q, ema = 0.5, 0.0
-    for R in rng.normal(0, 3, 200):
+    for R in rng.normal(0, 300, 200):
         q, ema = ft.adaptive_q(q, ema, R, 0.9, 0.7, 0.1, 0.9)
         assert 0.1 <= q <= 0.9
 
@@ -124,12 +125,38 @@ def test_start_policy_is_the_checkpoint_and_evaluation_matches_de(hopper_checkpo
     per_episode = [ev.returns(pert["perturbations"][i % 2][None], seeds[i:i + 1])[0] for i in range(2)]
     assert first["eval/adversarial_return"] == pytest.approx(np.mean(per_episode), rel=1e-6)
     assert first["curriculum/ema"] == pytest.approx(first["eval/normal_normalized"])
+    lo, hi = ckpt["ref_min_score"], ckpt["ref_max_score"]  # one scale everywhere: 0 = random, 100 = expert
+    for cond in ("normal", "random", "adversarial"):
+        assert first[f"eval/{cond}_normalized"] == pytest.approx(100 * (first[f"eval/{cond}_return"] - lo) / (hi - lo))
     last = [r for r in rows if "eval/normal_return" in r][-1]
     q_exp, _ = ft.adaptive_q(0.1, first["curriculum/ema"], last["eval/normal_normalized"], 0.9, 0.7, 0.0, 1.0)
     assert last["curriculum/q"] == pytest.approx(q_exp)
     saved = tb.load_checkpoint("runs/start/checkpoint.pt")
     assert saved["stage"] == "td3_adv_finetune" and saved["q"] == pytest.approx(q_exp) and saved["step"] == 30
+    assert saved["eval_normalized_score"] == pytest.approx(last["eval/normal_normalized"])
     assert torch.equal(saved["obs_mean"], ckpt["obs_mean"])
+
+
+def test_documented_metrics_are_the_logged_ones(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):
+    """docs/td3_adv_finetune.md lists the keys of each kind of metrics row; the rows hold exactly those."""
+    import re
+
+    from conftest import ROOT
+    table = (ROOT / "docs" / "td3_adv_finetune.md").read_text().split("<!-- finetune-metrics:start -->")[1]
+    first, later, episode = ({k for k in re.findall(r"`([a-z_0-9]+/[a-z_0-9]+)`", line)}
+                             for line in table.split("<!-- finetune-metrics:end -->")[0].strip().splitlines()[2:])
+    monkeypatch.chdir(tmp_path)
+    ft.main(ft.Args(checkpoint=hopper_checkpoint, total_steps=60, eval_freq=30, eval_episodes=1, batch_size=16, cuda=False,
+                    run_name="keys"))
+    rows = [json.loads(line) for line in open("runs/keys/metrics.jsonl")]
+    evals = [r for r in rows if "eval/normal_return" in r]
+    assert set(rows[0]) - {"step"} == first and rows[0]["step"] == 0 and len(evals) == 3
+    for r in evals[1:]:
+        assert set(r) - {"step"} == first | later, r["step"]
+    episodes = [r for r in rows if "eval/normal_return" not in r]
+    for r in episodes:
+        assert set(r) - {"step"} == episode, r
+    assert episodes
 
 
 TINY = ["--total-steps", "60", "--eval-freq", "30", "--eval-episodes", "1", "--batch-size", "16"]

@@ -267,14 +267,15 @@ def test_dataset_creation_resumes_behaviour_training_identically(tmp_path, monke
 def test_a_nan_loss_stops_finetuning_naming_the_step(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):
     """Offline rows with NaN rewards: the first update (step 33, after 32 warm-up steps) gives a NaN critic loss; the run
     stops at the next check and names step 33; the checkpoint and state of the evaluation at step 30 stay."""
+    import runtime
     import td3_adv_finetune as ft
-    real = ft.dataset_to_transitions
+    real = runtime.dataset_to_transitions  # what runtime.offline_transitions reads the offline data with
 
     def poisoned(dataset):
         data = real(dataset)
         data["rewards"][:] = np.inf
         return data
-    monkeypatch.setattr(ft, "dataset_to_transitions", poisoned)
+    monkeypatch.setattr(runtime, "dataset_to_transitions", poisoned)
     monkeypatch.chdir(tmp_path)
     args = ft.Args(checkpoint=hopper_checkpoint, perturbations=hopper_perturbations, total_steps=60, eval_freq=30,
                    eval_episodes=1, batch_size=32, cuda=False, run_name="nan", r_off=1.0)

@@ -43,7 +43,7 @@ def fake_study(root: Path, scores: dict, seeds=(1, 2, 3, 4, 5, 6), steps=(0, 500
                         frac = i / (len(steps) - 1)
                         row = {"step": s, "curriculum/q": 0.1 + 0.4 * frac}
                         for c in ("normal", "random", "adversarial"):
-                            row[f"eval/{c}_normalized"] = fn(seed, c) * frac / 100
+                            row[f"eval/{c}_normalized"] = fn(seed, c) * frac  # 0–100, as td3_adv_finetune.py logs it
                             row[f"eval/{c}_return"] = 10 * fn(seed, c) * frac
                         f.write(json.dumps(row) + "\n")
             policies.append({"env_id": "Hopper-v5", "seed": seed, "run_dir": run, "stage": stage, "matrix": str(matrix.relative_to(root)),
