@@ -19,6 +19,8 @@ from typing import Optional
 import numpy as np
 import tyro
 
+from runtime import save_curve_panels, save_q_plot
+
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
 CURVE_CONDITIONS = ("normal", "random", "adversarial")  # evaluated during fine-tuning (adversarial: the precomputed set)
 OFFLINE = "offline-only"
@@ -140,11 +142,145 @@ def stage_costs(manifest: dict, root: str) -> list:
             for k in ("dataset", "pretrain", "attack", "finetune", "evaluate") if by[k]]
 
 
+def poi_pair(table: dict, x: str, y: str, cond: str, g: str, reps: int, confidence: float):
+    """P(X > Y) [CI] of two policies' scores under `cond` in group g, or None if either is missing or unpaired."""
+    from rliable import metrics
+    kx, ky = table.get((x, cond), {}), table.get((y, cond), {})
+    if g not in kx or g not in ky or kx[g].shape != ky[g].shape:
+        return None
+    (p, lo, hi) = interval({"pair": (kx[g], ky[g])}, metrics.probability_of_improvement, reps // 5, confidence)["pair"]
+    return float(p[0]), float(lo[0]), float(hi[0])
+
+
+def claims_section(table: dict, poi: dict, auc: dict, envs: list, reps: int, confidence: float) -> list:
+    """The paper's four claims, each with a verdict from the CIs of a probability of improvement (markdown lines)."""
+    from rliable import metrics
+    g0 = "all envs" if len(envs) > 1 else envs[0]
+    claims = ["## The paper's claims, checked", "",
+              "Verdicts: *supported* when the 95% CI of the probability of improvement lies above 0.5, *not supported* "
+              "when it lies below, *inconclusive* otherwise.", ""]
+
+    def claim(n, text, key):
+        v = poi.get(key)
+        if v is None:
+            return claims.append(f"{n}. {text}: not measured (a policy is missing).")
+        claims.append(f"{n}. {text}: P = {fmt(*v, digits=2)} ({g0}, {key[2]} evaluation): **{verdict(v[1], v[2])}**.")
+
+    claim(1, "Adversarial fine-tuning is more robust than offline-only under adversarial perturbations",
+          (ADV, OFFLINE, "adversarial", g0))
+    if (envs[0], ADV) in auc and (envs[0], SCRATCH) in auc and auc[(envs[0], ADV)].shape == auc[(envs[0], SCRATCH)].shape:
+        p = interval({"pair": (auc[(envs[0], ADV)], auc[(envs[0], SCRATCH)])}, metrics.probability_of_improvement, reps // 5,
+                     confidence)["pair"]
+        claims.append(f"2. Fine-tuning converges faster than training from scratch (normal return averaged over the "
+                      f"evaluations, {envs[0]}): P = {fmt(p[0][0], p[1][0], p[2][0], 2)}: **{verdict(p[1][0], p[2][0])}**.")
+    else:
+        claims.append("2. Fine-tuning converges faster than training from scratch: not measured (a policy is missing).")
+    own = {"normal": NORMAL_FT, "random": RANDOM_FT, "adversarial": ADV}
+    parts, wins, losses = [], 0, 0
+    for c, mine in own.items():
+        others = [p for p in own.values() if p != mine]
+        vs = [(o, poi_pair(table, mine, o, c, g0, reps, confidence)) for o in others]
+        if any(v is None for _, v in vs):
+            parts = None
+            break
+        for o, v in vs:
+            parts.append(f"{c} column, {mine} vs {o}: P = {fmt(*v, digits=2)}")
+            wins, losses = wins + (v[1] > 0.5), losses + (v[2] < 0.5)
+    if parts is None:
+        claims.append("3. Matching the fine-tuning and evaluation conditions gives the strongest robustness: not measured.")
+    else:
+        v3 = "supported" if wins == 6 else "not supported" if losses else "inconclusive"
+        claims.append(f"3. Matching the fine-tuning and evaluation conditions gives the strongest robustness ({g0}; "
+                      f"each column should be won by its own condition): **{v3}** ({wins} of 6 comparisons won "
+                      f"with confidence, {losses} lost). " + "; ".join(parts) + ".")
+    vn, va = poi.get((ADV, LINEAR, "normal", g0)), poi.get((ADV, LINEAR, "adversarial", g0))
+    if vn is None or va is None:
+        claims.append("4. The adaptive curriculum keeps nominal return better than the linear one at similar robustness: not measured.")
+    else:
+        v4 = "supported" if vn[1] > 0.5 and va[1] <= 0.5 <= va[2] else "not supported" if vn[2] < 0.5 else "inconclusive"
+        claims.append(f"4. The adaptive curriculum keeps nominal return better than the linear one at similar robustness "
+                      f"({g0}): P(adaptive > linear) = {fmt(*vn, digits=2)} under normal evaluation and "
+                      f"{fmt(*va, digits=2)} under adversarial: **{v4}**.")
+    return claims
+
+
+def band(ax, steps, arr, label, reps: int, confidence: float, ls="-"):
+    """IQM over seeds at each step, with its bootstrap CI as a shaded band."""
+    res = interval({str(i): arr[:, i:i + 1] for i in range(arr.shape[1])}, iqm_and_mean, max(200, reps // 5), confidence)
+    m = np.array([res[str(i)][0][0] for i in range(arr.shape[1])])
+    lo, hi = (np.array([res[str(i)][j][0] for i in range(arr.shape[1])]) for j in (1, 2))
+    ax.plot(steps, m, ls=ls, marker=".", label=f"{label} (n={arr.shape[0]})")
+    ax.fill_between(steps, lo, hi, alpha=0.15)
+
+
+def plot_curves(results_dir: str, envs: list, curves: dict, policies: list, est: dict, reps: int, confidence: float):
+    """Per env: curves{suffix}.png (normalized returns under each condition) and q_trajectory{suffix}.png, IQM with CIs."""
+    import matplotlib.pyplot as plt
+    C = confidence
+    for g in envs:
+        suffix = "" if len(envs) == 1 else f"_{g}"
+        keys = [k for k in curves if k[0] == g]
+        if not keys:
+            continue
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100, sharey=True)
+        for ax, cond in zip(axes, CURVE_CONDITIONS):
+            for k in sorted(keys, key=lambda k: policies.index(k[1])):
+                steps, arr = curve_array(curves[k], f"eval/{cond}_normalized")
+                band(ax, steps, arr, k[1], reps, C, "--" if k[1] == SCRATCH else "-")
+            if (g, OFFLINE, cond if cond != "adversarial" else "transfer") in est:
+                ax.axhline(est[(g, OFFLINE, cond if cond != "adversarial" else "transfer")][0][0], color="k", ls=":", label="offline-only (IQM)")
+        save_curve_panels(fig, axes, CURVE_CONDITIONS, "normalized return", f"{g}: learning curves, IQM over seeds with "
+                          f"{int(C * 100)}% bootstrap CIs", os.path.join(results_dir, f"curves{suffix}.png"))
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        for k in sorted(keys, key=lambda k: policies.index(k[1])):
+            if k[1] != NORMAL_FT:
+                steps, arr = curve_array(curves[k], "curriculum/q")
+                band(ax, steps, arr, k[1], reps, C)
+        save_q_plot(fig, ax, f"{g}: q at each evaluation, IQM with {int(C * 100)}% CIs",
+                    os.path.join(results_dir, f"q_trajectory{suffix}.png"))
+
+
+def plot_heatmap(path: str, g: str, policies: list, est: dict, confidence: float):
+    """Training condition × evaluation condition in group g: IQM with its CI in each cell."""
+    import matplotlib.pyplot as plt
+    labels = [p for p in policies if (g, p, "normal") in est]
+    vals = np.array([[est[(g, p, c)][0][0] for c in EVAL_CONDITIONS] for p in labels])
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.6 * len(labels)), dpi=100)
+    im = ax.imshow(vals, cmap="viridis", aspect="auto")
+    for i, p in enumerate(labels):
+        for j, c in enumerate(EVAL_CONDITIONS):
+            _, lo, hi, _ = est[(g, p, c)]
+            ax.text(j, i, f"{vals[i, j]:.1f}\n[{lo[0]:.1f}, {hi[0]:.1f}]", ha="center", va="center", fontsize=8,
+                    color="w" if vals[i, j] < vals.mean() else "k")
+    ax.set_xticks(range(len(EVAL_CONDITIONS)), EVAL_CONDITIONS)
+    ax.set_yticks(range(len(labels)), labels)
+    fig.colorbar(im, ax=ax, label="normalized score, IQM over seeds")
+    ax.set_title(f"{g}: training condition × evaluation condition, IQM [{int(confidence * 100)}% CI]", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(results_dir: str, name: str, text: str):
+    """Write a report file atomically (temporary file, then rename)."""
+    tmp = os.path.join(results_dir, f".{name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(results_dir, name))
+
+
+def to_csv(rows: list) -> str:
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows([{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+    return buf.getvalue()
+
+
 def main(args: Args):
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from rliable import metrics
 
     manifest, rows, curves, missing = load(args.results_dir, args.runs_root)
     envs = [e for e in manifest["env_ids"] if any(r["env_id"] == e for r in rows)]
@@ -187,13 +323,6 @@ def main(args: Args):
             "Mean and CIs of every cell: `scores.csv`.", ""]
 
     # Probability of improvement, under the adversarial condition (and the others, for completeness)
-    def poi_pair(x: str, y: str, cond: str, g: str):
-        kx, ky = table.get((x, cond), {}), table.get((y, cond), {})
-        if g not in kx or g not in ky or kx[g].shape != ky[g].shape:
-            return None
-        (p, lo, hi) = interval({"pair": (kx[g], ky[g])}, metrics.probability_of_improvement, R // 5, C)["pair"]
-        return float(p[0]), float(lo[0]), float(hi[0])
-
     poi_rows = []
     out += ["## Probability of improvement P(X > Y) [95% CI]", "",
             "| X | Y | group | " + " | ".join(EVAL_CONDITIONS) + " |", "|---|---|---|" + "---|" * len(EVAL_CONDITIONS)]
@@ -201,7 +330,7 @@ def main(args: Args):
     poi = {}
     for x, y in pairs:
         for g in groups:
-            vals = {c: poi_pair(x, y, c, g) for c in EVAL_CONDITIONS}
+            vals = {c: poi_pair(table, x, y, c, g, R, C) for c in EVAL_CONDITIONS}
             if all(v is None for v in vals.values()):
                 continue
             poi.update({(x, y, c, g): v for c, v in vals.items()})
@@ -231,8 +360,7 @@ def main(args: Args):
     for (g, pol), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], policies.index(kv[0][1]) if kv[0][1] in policies else 99)):
         reach = [steps_to_reach(run, offline_normal[(g, s)]) for s, run in sorted(runs.items()) if (g, s) in offline_normal]
         hit = [x for x in reach if x is not None]
-        steps, arr = curve_array(runs, "eval/normal_normalized")
-        arr = 100 * arr
+        steps, arr = curve_array(runs, "eval/normal_normalized")  # already 0–100, the one scale
         auc[(g, pol)] = arr.mean(1, keepdims=True)
         last = interval({"x": arr[:, -1:]}, iqm_and_mean, R, C)["x"]
         area = interval({"x": auc[(g, pol)]}, iqm_and_mean, R, C)["x"]
@@ -241,52 +369,7 @@ def main(args: Args):
     out += ["", "Offline-initialized runs start at the offline policy (step 0 is its evaluation), so they reach it at "
             "step 0 unless fine-tuning first lowers the return; `curves.png` shows every curve.", ""]
 
-    # The paper's claims, each with a verdict from the CIs
-    g0 = "all envs" if len(envs) > 1 else envs[0]
-    claims = ["## The paper's claims, checked", "",
-              "Verdicts: *supported* when the 95% CI of the probability of improvement lies above 0.5, *not supported* "
-              "when it lies below, *inconclusive* otherwise.", ""]
-
-    def claim(n, text, key):
-        v = poi.get(key)
-        if v is None:
-            return claims.append(f"{n}. {text}: not measured (a policy is missing).")
-        claims.append(f"{n}. {text}: P = {fmt(*v, digits=2)} ({g0}, {key[2]} evaluation): **{verdict(v[1], v[2])}**.")
-
-    claim(1, "Adversarial fine-tuning is more robust than offline-only under adversarial perturbations",
-          (ADV, OFFLINE, "adversarial", g0))
-    if (envs[0], ADV) in auc and (envs[0], SCRATCH) in auc and auc[(envs[0], ADV)].shape == auc[(envs[0], SCRATCH)].shape:
-        p = interval({"pair": (auc[(envs[0], ADV)], auc[(envs[0], SCRATCH)])}, metrics.probability_of_improvement, R // 5, C)["pair"]
-        claims.append(f"2. Fine-tuning converges faster than training from scratch (normal return averaged over the "
-                      f"evaluations, {envs[0]}): P = {fmt(p[0][0], p[1][0], p[2][0], 2)}: **{verdict(p[1][0], p[2][0])}**.")
-    else:
-        claims.append("2. Fine-tuning converges faster than training from scratch: not measured (a policy is missing).")
-    own = {"normal": NORMAL_FT, "random": RANDOM_FT, "adversarial": ADV}
-    parts, wins, losses = [], 0, 0
-    for c, mine in own.items():
-        others = [p for p in own.values() if p != mine]
-        vs = [(o, poi_pair(mine, o, c, g0)) for o in others]
-        if any(v is None for _, v in vs):
-            parts = None
-            break
-        for o, v in vs:
-            parts.append(f"{c} column, {mine} vs {o}: P = {fmt(*v, digits=2)}")
-            wins, losses = wins + (v[1] > 0.5), losses + (v[2] < 0.5)
-    if parts is None:
-        claims.append("3. Matching the fine-tuning and evaluation conditions gives the strongest robustness: not measured.")
-    else:
-        v3 = "supported" if wins == 6 else "not supported" if losses else "inconclusive"
-        claims.append(f"3. Matching the fine-tuning and evaluation conditions gives the strongest robustness ({g0}; "
-                      f"each column should be won by its own condition): **{v3}** ({wins} of 6 comparisons won "
-                      f"with confidence, {losses} lost). " + "; ".join(parts) + ".")
-    vn, va = poi.get((ADV, LINEAR, "normal", g0)), poi.get((ADV, LINEAR, "adversarial", g0))
-    if vn is None or va is None:
-        claims.append("4. The adaptive curriculum keeps nominal return better than the linear one at similar robustness: not measured.")
-    else:
-        v4 = "supported" if vn[1] > 0.5 and va[1] <= 0.5 <= va[2] else "not supported" if vn[2] < 0.5 else "inconclusive"
-        claims.append(f"4. The adaptive curriculum keeps nominal return better than the linear one at similar robustness "
-                      f"({g0}): P(adaptive > linear) = {fmt(*vn, digits=2)} under normal evaluation and "
-                      f"{fmt(*va, digits=2)} under adversarial: **{v4}**.")
+    claims = claims_section(table, poi, auc, envs, R, C)
     costs = stage_costs(manifest, args.runs_root or manifest["runs_root"])
     if costs:
         out += ["## What the stages cost", "",
@@ -299,94 +382,24 @@ def main(args: Args):
     out = out[:6] + claims + [""] + out[6:]
 
     # Plots: learning curves and q with CI bands, heatmap with CIs
-    def band(ax, steps, arr, label, ls="-"):
-        res = interval({str(i): arr[:, i:i + 1] for i in range(arr.shape[1])}, iqm_and_mean, max(200, R // 5), C)
-        m = np.array([res[str(i)][0][0] for i in range(arr.shape[1])])
-        lo, hi = (np.array([res[str(i)][j][0] for i in range(arr.shape[1])]) for j in (1, 2))
-        ax.plot(steps, m, ls=ls, marker=".", label=f"{label} (n={arr.shape[0]})")
-        ax.fill_between(steps, lo, hi, alpha=0.15)
+    plot_curves(args.results_dir, envs, curves, policies, est, R, C)
+    plot_heatmap(os.path.join(args.results_dir, "heatmap.png"), groups[-1], policies, est, C)
 
-    for g in envs:
-        suffix = "" if len(envs) == 1 else f"_{g}"
-        keys = [k for k in curves if k[0] == g]
-        if not keys:
-            continue
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100, sharey=True)
-        for ax, cond in zip(axes, CURVE_CONDITIONS):
-            for k in sorted(keys, key=lambda k: policies.index(k[1])):
-                steps, arr = curve_array(curves[k], f"eval/{cond}_normalized")
-                band(ax, steps, 100 * arr, k[1], "--" if k[1] == SCRATCH else "-")
-            if (g, OFFLINE, cond if cond != "adversarial" else "transfer") in est:
-                ax.axhline(est[(g, OFFLINE, cond if cond != "adversarial" else "transfer")][0][0], color="k", ls=":", label="offline-only (IQM)")
-            ax.set_title(f"evaluated under {cond}" + (" (precomputed δ set)" if cond == "adversarial" else ""))
-            ax.set_xlabel("online env steps")
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("normalized return")
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"{g}: learning curves, IQM over seeds with {int(C * 100)}% bootstrap CIs")
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.results_dir, f"curves{suffix}.png"))
-        plt.close(fig)
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        for k in sorted(keys, key=lambda k: policies.index(k[1])):
-            if k[1] != NORMAL_FT:
-                steps, arr = curve_array(curves[k], "curriculum/q")
-                band(ax, steps, arr, k[1])
-        ax.set_xlabel("online env steps")
-        ax.set_ylabel("perturbation probability q")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{g}: q at each evaluation, IQM with {int(C * 100)}% CIs", fontsize=10)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.results_dir, f"q_trajectory{suffix}.png"))
-        plt.close(fig)
-    g = groups[-1]
-    labels = [p for p in policies if (g, p, "normal") in est]
-    vals = np.array([[est[(g, p, c)][0][0] for c in EVAL_CONDITIONS] for p in labels])
-    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.6 * len(labels)), dpi=100)
-    im = ax.imshow(vals, cmap="viridis", aspect="auto")
-    for i, p in enumerate(labels):
-        for j, c in enumerate(EVAL_CONDITIONS):
-            _, lo, hi, _ = est[(g, p, c)]
-            ax.text(j, i, f"{vals[i, j]:.1f}\n[{lo[0]:.1f}, {hi[0]:.1f}]", ha="center", va="center", fontsize=8,
-                    color="w" if vals[i, j] < vals.mean() else "k")
-    ax.set_xticks(range(len(EVAL_CONDITIONS)), EVAL_CONDITIONS)
-    ax.set_yticks(range(len(labels)), labels)
-    fig.colorbar(im, ax=ax, label="normalized score, IQM over seeds")
-    ax.set_title(f"{g}: training condition × evaluation condition, IQM [{int(C * 100)}% CI]", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.results_dir, "heatmap.png"))
-    plt.close(fig)
-
-    def write(name, text):
-        tmp = os.path.join(args.results_dir, f".{name}.{os.getpid()}.tmp")
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(args.results_dir, name))
-
-    def to_csv(rows_):
-        import io
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows_[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows([{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows_])
-        return buf.getvalue()
-
-    write("scores.csv", to_csv(csv_rows))
+    d = args.results_dir
+    write(d, "scores.csv", to_csv(csv_rows))
     # the report's inputs, per seed, so a reader can check every aggregate without the runs
-    write("evaluations.csv", to_csv(sorted(({k: r[k] for k in ("env_id", "policy", "seed", "eval_condition",
-                                                                 "mean_return", "normalized_mean")} for r in rows),
-                                           key=lambda r: (r["env_id"], policies.index(r["policy"]), r["seed"],
-                                                          EVAL_CONDITIONS.index(r["eval_condition"])))))
+    write(d, "evaluations.csv", to_csv(sorted(({k: r[k] for k in ("env_id", "policy", "seed", "eval_condition", "mean_return",
+                                                                  "normalized_mean")} for r in rows),
+                                              key=lambda r: (r["env_id"], policies.index(r["policy"]), r["seed"],
+                                                             EVAL_CONDITIONS.index(r["eval_condition"])))))
     keys = ("eval/normal_return", "eval/random_return", "eval/adversarial_return", "curriculum/q")
-    write("curves.csv", to_csv([{"env_id": g, "policy": pol, "seed": seed, "step": r["step"],
-                                 **{k.split("/")[1]: float(r[k]) for k in keys}}
-                                for (g, pol), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], policies.index(kv[0][1])))
-                                for seed, run in sorted(runs.items()) for r in run]))
+    write(d, "curves.csv", to_csv([{"env_id": g, "policy": pol, "seed": seed, "step": r["step"],
+                                    **{k.split("/")[1]: float(r[k]) for k in keys}}
+                                   for (g, pol), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], policies.index(kv[0][1])))
+                                   for seed, run in sorted(runs.items()) for r in run]))
     if poi_rows:
-        write("poi.csv", to_csv(poi_rows))
-    write("report.md", "\n".join(out) + "\n")
+        write(d, "poi.csv", to_csv(poi_rows))
+    write(d, "report.md", "\n".join(out) + "\n")
     print("\n".join(out[:6 + len(claims)]))
     print(f"wrote {args.results_dir}/report.md, scores.csv, poi.csv, evaluations.csv, curves.csv and plots ({status})")
 
