@@ -13,7 +13,7 @@
 - Curriculum for q: fixed, linear (q_init → q_max) or adaptive:
       R̄_n = β R_n + (1 − β) R̄_{n−1},   q ← clip(q + η (R̄_n − R̄_{n−1}) / 100, q_min, q_max)
   with R_n the normalized score of evaluation n under the normal condition (0 = random, 100 = expert: the one scale
-  of every log and file; the /100 makes η a step per random-to-expert span, as on the paper's [0, 1] scale).
+  of every log and file; the /100 makes η a step per random-to-expert span, i.e. η is applied to R on a [0, 1] scale).
 """
 import copy
 import dataclasses
