@@ -31,8 +31,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from runtime import (ConditionEvaluator, Range, UserError, captioned, check_ranges, check_rendering, cli,
-                     load_checkpoint, load_perturbations, normalized_score, record_episode, save_curve_panels, save_q_plot, sha256_file,
-                     side_by_side, write_text, write_video)
+                     load_checkpoint, load_perturbations, normalized_score, record_episode, save_curve_panels, save_q_plot,
+                     sha256_file, side_by_side, write_text, write_video)
 
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
 REFERENCE_KEYS = ("perturbation_returns", "maxiter", "popsize", "de_episodes", "mutation", "recombination", "strategy", "tol")

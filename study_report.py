@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import tyro
 
-from runtime import save_curve_panels, save_q_plot
+from runtime import save_curve_panels, save_q_plot, write_text
 
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
 CURVE_CONDITIONS = ("normal", "random", "adversarial")  # evaluated during fine-tuning (adversarial: the precomputed set)
@@ -261,14 +261,6 @@ def plot_heatmap(path: str, g: str, policies: list, est: dict, confidence: float
     plt.close(fig)
 
 
-def write(results_dir: str, name: str, text: str):
-    """Write a report file atomically (temporary file, then rename)."""
-    tmp = os.path.join(results_dir, f".{name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(results_dir, name))
-
-
 def to_csv(rows: list) -> str:
     import io
     buf = io.StringIO()
@@ -385,21 +377,23 @@ def main(args: Args):
     plot_curves(args.results_dir, envs, curves, policies, est, R, C)
     plot_heatmap(os.path.join(args.results_dir, "heatmap.png"), groups[-1], policies, est, C)
 
-    d = args.results_dir
-    write(d, "scores.csv", to_csv(csv_rows))
+    def write(name: str, text: str):  # atomic: a temporary file, fsync, rename
+        write_text(os.path.join(args.results_dir, name), text)
+
+    write("scores.csv", to_csv(csv_rows))
     # the report's inputs, per seed, so a reader can check every aggregate without the runs
-    write(d, "evaluations.csv", to_csv(sorted(({k: r[k] for k in ("env_id", "policy", "seed", "eval_condition", "mean_return",
-                                                                  "normalized_mean")} for r in rows),
-                                              key=lambda r: (r["env_id"], policies.index(r["policy"]), r["seed"],
-                                                             EVAL_CONDITIONS.index(r["eval_condition"])))))
+    write("evaluations.csv", to_csv(sorted(({k: r[k] for k in ("env_id", "policy", "seed", "eval_condition", "mean_return",
+                                                               "normalized_mean")} for r in rows),
+                                           key=lambda r: (r["env_id"], policies.index(r["policy"]), r["seed"],
+                                                          EVAL_CONDITIONS.index(r["eval_condition"])))))
     keys = ("eval/normal_return", "eval/random_return", "eval/adversarial_return", "curriculum/q")
-    write(d, "curves.csv", to_csv([{"env_id": g, "policy": pol, "seed": seed, "step": r["step"],
-                                    **{k.split("/")[1]: float(r[k]) for k in keys}}
-                                   for (g, pol), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], policies.index(kv[0][1])))
-                                   for seed, run in sorted(runs.items()) for r in run]))
+    write("curves.csv", to_csv([{"env_id": g, "policy": pol, "seed": seed, "step": r["step"],
+                                 **{k.split("/")[1]: float(r[k]) for k in keys}}
+                                for (g, pol), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], policies.index(kv[0][1])))
+                                for seed, run in sorted(runs.items()) for r in run]))
     if poi_rows:
-        write(d, "poi.csv", to_csv(poi_rows))
-    write(d, "report.md", "\n".join(out) + "\n")
+        write("poi.csv", to_csv(poi_rows))
+    write("report.md", "\n".join(out) + "\n")
     print("\n".join(out[:6 + len(claims)]))
     print(f"wrote {args.results_dir}/report.md, scores.csv, poi.csv, evaluations.csv, curves.csv and plots ({status})")
 

@@ -103,7 +103,7 @@ class Args:
     ref_min_score: Annotated[Optional[float], Range()] = None
     """override the checkpoint's reference return for normalized score 0"""
     ref_max_score: Annotated[Optional[float], Range()] = None
-    """override the checkpoint's reference return for normalized score 1"""
+    """override the checkpoint's reference return for normalized score 100"""
 
     # fast path (benchmarks/fast_path.py measures it); the defaults are exact fp32 and run anywhere
     compile: bool = False

@@ -361,14 +361,14 @@ def main(args: Args):
             sps = (step - s_last) / (time.time() - t_last)
             t_last, s_last = time.time(), step
             run.log({"step": step, "losses/critic_loss": q_loss_sum.item() / args.log_freq, "losses/actor_loss": actor_loss.item(),
-                 "losses/bc_loss": bc.item(), "losses/lambda": lmbda.item(), "losses/q1_mean": q1_mean.item(),
-                 "charts/updates_per_sec": sps})
+                     "losses/bc_loss": bc.item(), "losses/lambda": lmbda.item(), "losses/q1_mean": q1_mean.item(),
+                     "charts/updates_per_sec": sps})
             q_loss_sum.zero_()
         if step % args.eval_freq == 0 or step == args.total_steps:
             returns = evaluate(actor, env, obs_mean, obs_std, args.eval_episodes, args.eval_seed)
             score = normalized_score(float(returns.mean()), ref_min, ref_max)
             run.log({"step": step, "eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
-                 "eval/normalized_score": score, "charts/elapsed_sec": time.time() - start_time})
+                     "eval/normalized_score": score, "charts/elapsed_sec": time.time() - start_time})
             pbar.set_postfix(ret=f"{returns.mean():.1f}", score="n/a" if score is None else f"{score:.1f}")
             save_checkpoint(ckpt_path, checkpoint(step, float(returns.mean()), score))
     pbar.close()
