@@ -209,6 +209,10 @@ class PopulationEvaluator:
 
     def returns(self, deltas: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """Mean return of each δ (rows of deltas [S, Na]) over the episode seeds [M]: returns [S]."""
+        return self.episode_returns(deltas, seeds).mean(1)
+
+    def episode_returns(self, deltas: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """Return of every (δ, episode seed) pair: [S, M]."""
         S, M = len(deltas), len(seeds)
         pair_deltas, pair_seeds = np.repeat(deltas, M, axis=0), np.tile(seeds, S)
         if self.pool is None:
@@ -217,7 +221,7 @@ class PopulationEvaluator:
             parts = [p for p in np.array_split(np.arange(S * M), self.num_workers) if len(p)]  # fewer pairs than workers
             chunks = list(self.pool.map(_worker_rollout, [pair_deltas[p] for p in parts], [pair_seeds[p] for p in parts]))
         self.env_steps += sum(c[1] for c in chunks)
-        return np.concatenate([c[0] for c in chunks]).reshape(S, M).mean(1)
+        return np.concatenate([c[0] for c in chunks]).reshape(S, M)
 
     def close(self):
         if self.pool is not None:
@@ -281,6 +285,13 @@ def check_args(args: Args):
                         f"switch an actuator off and δ < −1 reverse it; use 0.3 or 0.5 as the paper does")
     if args.mutation[0] > args.mutation[1]:
         raise UserError(f"--mutation is a (min, max) dithering range; got min > max ({args.mutation})")
+
+
+def as_evaluated(pair_returns: np.ndarray) -> float:
+    """The evaluators' estimator (runtime.ConditionEvaluator) from a [S, M] table of (δ, episode) returns: episode i
+    plays δ_{i mod S}, and the condition's return is the mean over the M episodes."""
+    S, M = pair_returns.shape
+    return float(pair_returns[np.arange(M) % S, np.arange(M)].mean())
 
 
 def plot_convergence(path: str, history: np.ndarray, nominal: float, random_mean: float, adversarial: np.ndarray, title: str):
@@ -361,12 +372,12 @@ def main(args: Args):
     try:
         random_deltas = rng.uniform(-eps, eps, size=(args.random_draws, act_dim))
         if saved is None:
-            baseline = evaluator.returns(np.vstack([np.zeros((1, act_dim)), random_deltas]), eval_seeds)
+            baseline = evaluator.episode_returns(np.vstack([np.zeros((1, act_dim)), random_deltas]), eval_seeds)
         else:
             baseline, evaluator.env_steps, t0 = saved["baseline"], int(saved["env_steps"]), t0 - float(saved["wall_time_sec"])
-        nominal, random_returns = float(baseline[0]), baseline[1:]
+        nominal, random_returns = float(baseline[0].mean()), baseline[1:].mean(1)
         print(f"{env_id}: nominal return {nominal:.1f}; random δ (ε={eps}, {args.perturbation_model}): "
-              f"{random_returns.mean():.1f} ± {random_returns.std():.1f} over {args.random_draws} draws")
+              f"{as_evaluated(baseline[1:]):.1f} (episode i under draw i mod {args.random_draws}, as the evaluators play it)")
         done = [] if saved is None else [(saved["deltas"][k], float(saved["objective"][k]), list(saved["histories"][k]))
                                          for k in range(int(saved["k"]))]
         pbar = tqdm(total=args.num_perturbations * args.maxiter, desc="DE generations", mininterval=1,
@@ -387,7 +398,8 @@ def main(args: Args):
                 wandb.log({f"de/run{k}_best_return": fun})
         pbar.close()
         deltas, objective, histories = np.stack([d[0] for d in done]), [d[1] for d in done], [d[2] for d in done]
-        adversarial_returns = evaluator.returns(deltas, eval_seeds)
+        adversarial_pairs = evaluator.episode_returns(deltas, eval_seeds)
+        adversarial_returns = adversarial_pairs.mean(1)
         env_steps, wall = evaluator.env_steps, time.time() - t0
     finally:
         evaluator.close()
@@ -411,8 +423,9 @@ def main(args: Args):
     plot_convergence(png, history, nominal, float(random_returns.mean()), adversarial_returns,
                      f"DE against {os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}\n"
                      f"{env_id}, ε={eps}, {args.perturbation_model}, K={len(deltas)}")
-    print(f"adversarial δ_a (K={len(deltas)}): return {adversarial_returns.mean():.1f} ± {adversarial_returns.std():.1f} "
-          f"on the eval episodes (nominal {nominal:.1f}, random {random_returns.mean():.1f})")
+    print(f"adversarial δ_a (K={len(deltas)}): return {as_evaluated(adversarial_pairs):.1f} on the {args.eval_episodes} eval "
+          f"episodes, episode i under δ_(i mod {len(deltas)}) as the evaluators play it (nominal {nominal:.1f}, random "
+          f"{as_evaluated(baseline[1:]):.1f}); per δ over all eval episodes: " + ", ".join(f"{r:.1f}" for r in adversarial_returns))
     print(f"{env_steps} env steps in {wall:.1f}s = {env_steps / wall:.0f} steps/s with {workers} worker(s); wrote {output} and {png}")
     if args.track:
         wandb.log({"de/nominal_return": nominal, "de/random_return": float(random_returns.mean()),

@@ -2,13 +2,17 @@
 # every policy under normal, random, adversarial (a fresh DE attack on it) and transfer conditions -> tables, plots.
 """The evaluation matrix.
 
-Conditions, each on the same `--eval-episodes` seeded episodes (seeds eval_seed + i):
+Conditions, each on the same `--eval-episodes` seeded episodes (seeds eval_seed + i; the default 50,000 keeps them
+apart from the episodes fine-tuning evaluates on, which the adaptive curriculum reads, and from DE's objective episodes):
 - normal:      δ = 0.
 - random:      the fixed random draws stored in the reference perturbations file (episode i uses draw i mod R).
-- adversarial: a fresh DE attack against this very policy, with the same budget as the precomputed one
-               (run as `de_perturbations.py`, so its semantics are the adversary's own); episode i uses δ_{i mod K}.
-- transfer:    the precomputed set the policy was fine-tuned against (for an offline-only policy, the
-               perturbations.npz next to it): robustness to the attack it trained on.
+- adversarial: a fresh DE attack against this very policy with every setting the precomputed attack recorded (K,
+               popsize, generations, episodes, episode length, seed, polish, ...) unless a flag overrides it (run as
+               `de_perturbations.py`, so its semantics are the adversary's own); episode i uses δ_{i mod K}. matrix.csv
+               records the budget used (`attack_budget`).
+- transfer:    the precomputed set the policy was fine-tuned against: robustness to the attack it trained on. For an
+               offline-only policy it is the set found against that very policy (the perturbations.npz next to it), so
+               that cell is a direct attack at the precomputed budget, not a transfer (matrix.md marks it).
 Outputs in --output-dir: matrix.csv, matrix.md, heatmap.png, curves.png, q_trajectory.png, attacks/*.npz.
 """
 import csv
@@ -35,7 +39,9 @@ from runtime import (ConditionEvaluator, Range, UserError, captioned, check_rang
                      sha256_file, side_by_side, write_text, write_video)
 
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
-REFERENCE_KEYS = ("perturbation_returns", "maxiter", "popsize", "de_episodes", "mutation", "recombination", "strategy", "tol")
+REFERENCE_KEYS = ("perturbation_returns", "maxiter", "popsize", "de_episodes", "mutation", "recombination", "strategy", "tol",
+                  "de_seed", "polish", "max_episode_steps")
+EVAL_SEED = 50_000  # the final evaluation's first episode seed: disjoint from fine-tuning's (10,000 + i) and DE's (20,000 + ...)
 
 
 @dataclass
@@ -45,10 +51,10 @@ class Args:
     """checkpoint files, globs, or folders searched recursively for checkpoint.pt"""
     env_id: Optional[str] = None
     """keep only checkpoints of this env (required when the set mixes envs)"""
-    eval_episodes: Annotated[int, Range(1)] = 10
+    eval_episodes: Annotated[int, Range(1)] = 30
     """episodes per policy and condition (seeds eval_seed + i)"""
-    eval_seed: Annotated[int, Range(0)] = 10_000
-    """first evaluation seed (the same episodes as the other stages)"""
+    eval_seed: Annotated[int, Range(0)] = EVAL_SEED
+    """first evaluation seed (default: apart from the episodes fine-tuning evaluates on, 10,000 + i, and DE's)"""
 
     # the fresh attack on each policy
     attack_num_perturbations: Annotated[Optional[int], Range(1)] = None
@@ -137,16 +143,33 @@ def reference_npz_path(path: str, ckpt: dict) -> str:
     return ckpt.get("perturbations_path") or os.path.join(os.path.dirname(path), "perturbations.npz")
 
 
+def attack_settings(ref: dict, args: Args) -> list:
+    """de_perturbations.py's flags for a fresh attack: every setting the precomputed attack recorded, bar the flags'
+    overrides (K, generations, popsize)."""
+    k = args.attack_num_perturbations or len(ref["perturbations"])
+    maxiter, popsize = args.attack_maxiter or int(ref["maxiter"]), args.attack_popsize or int(ref["popsize"])
+    episode_limit = int(ref["max_episode_steps"])  # -1: the checkpoint's own limit
+    return ["--epsilon", str(float(ref["epsilon"])), "--perturbation-model", str(ref["perturbation_model"]),
+            "--num-perturbations", str(k), "--maxiter", str(maxiter), "--popsize", str(popsize),
+            "--de-episodes", str(int(ref["de_episodes"])), "--mutation", *[str(float(m)) for m in ref["mutation"]],
+            "--recombination", str(float(ref["recombination"])), "--strategy", str(ref["strategy"]),
+            "--tol", str(float(ref["tol"])), "--de-seed", str(int(ref["de_seed"])),
+            "--polish" if bool(ref["polish"]) else "--no-polish",
+            *(["--max-episode-steps", str(episode_limit)] if episode_limit > 0 else []),
+            "--eval-episodes", "1", "--random-draws", "1"]
+
+
+def attack_budget(settings: list) -> str:
+    """The fresh attack's budget in one cell: K runs × generations × population × episodes per candidate."""
+    flag = {k: settings[settings.index(k) + 1] for k in ("--num-perturbations", "--maxiter", "--popsize", "--de-episodes")}
+    return (f"K={flag['--num-perturbations']} maxiter={flag['--maxiter']} popsize={flag['--popsize']} "
+            f"episodes={flag['--de-episodes']}")
+
+
 def fresh_attack(path: str, ref: dict, args: Args, out_dir: str) -> dict:
     """Run de_perturbations.py against this policy with the reference file's budget. Cached under a key made of
     the checkpoint's hash and the attack settings, so a different budget never reuses an old attack."""
-    k = args.attack_num_perturbations or len(ref["perturbations"])
-    maxiter, popsize = args.attack_maxiter or int(ref["maxiter"]), args.attack_popsize or int(ref["popsize"])
-    settings = ["--epsilon", str(float(ref["epsilon"])), "--perturbation-model", str(ref["perturbation_model"]),
-                "--num-perturbations", str(k), "--maxiter", str(maxiter), "--popsize", str(popsize),
-                "--de-episodes", str(int(ref["de_episodes"])), "--mutation", *[str(float(m)) for m in ref["mutation"]],
-                "--recombination", str(float(ref["recombination"])), "--strategy", str(ref["strategy"]),
-                "--tol", str(float(ref["tol"])), "--eval-episodes", "1", "--random-draws", "1"]
+    settings = attack_settings(ref, args)
     key = hashlib.sha256(" ".join([sha256_file(path), *settings]).encode()).hexdigest()[:16]
     out = os.path.join(out_dir, "attacks", f"{key}.npz")
     if not os.path.exists(out):
@@ -193,8 +216,11 @@ def markdown_table(summary: dict, labels: list, env_id: str, episodes: int) -> s
         cells = []
         for c in EVAL_CONDITIONS:
             m, s, n, nm, ns = summary[(label, c)]
-            cells.append(f"{m:.1f} ± {s:.1f}" + ("" if nm is None else f" [{nm:.1f} ± {ns:.1f}]"))
+            direct = c == "transfer" and label.endswith("offline-only")
+            cells.append(f"{m:.1f} ± {s:.1f}" + ("" if nm is None else f" [{nm:.1f} ± {ns:.1f}]") + (" †" if direct else ""))
         lines.append(f"| {label} | {summary[(label, 'normal')][2]} | " + " | ".join(cells) + " |")
+    lines += ["", "† offline-only, transfer: the precomputed set was found against this very policy, so this cell is a "
+              "direct attack at the precomputed budget, not a transfer."]
     return "\n".join(lines) + "\n"
 
 
@@ -344,7 +370,8 @@ def main(args: Args):
                          "curriculum": ckpt.get("curriculum", ""), "eval_condition": cond, "episodes": len(r),
                          "mean_return": float(r.mean()), "std_return": float(r.std()),
                          "normalized_mean": normalized_score(float(r.mean()), ckpt.get("ref_min_score"), ckpt.get("ref_max_score")),
-                         "episode_returns": ";".join(f"{x:.3f}" for x in r), "checkpoint": path})
+                         "episode_returns": ";".join(f"{x:.3f}" for x in r), "checkpoint": path,
+                         "attack_budget": attack_budget(attack_settings(ref, args))})
     fields, buf = list(rows[0]), io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()

@@ -59,7 +59,7 @@ SCALES = {
         de=["--num-perturbations", "3", "--maxiter", "10"],
         finetune=["--total-steps", "30000", "--eval-freq", "5000", "--eval-episodes", "10"],
         scratch_starts=10000,
-        evaluate=["--eval-episodes", "10", "--attack-num-perturbations", "1", "--attack-maxiter", "5"]),
+        evaluate=[]),  # 30 episodes per condition; fresh attacks at the precomputed attack's full budget
     "paper": dict(
         namespace="local",
         collect=[],
@@ -78,9 +78,12 @@ class Args:
     seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     """seeds of the TD3+BC, DE and fine-tuning runs (one chain per env and seed)"""
     finetune_conditions: tuple[Literal["normal", "random", "adversarial"], ...] = ("normal", "random", "adversarial")
-    """conditions fine-tuned from the offline policy, with the adaptive curriculum (under normal, q has nothing to inject)"""
+    """conditions fine-tuned from the offline policy at the same fixed q (claim 3 compares them; under normal, q has
+    nothing to inject)"""
     curricula: tuple[Literal["fixed", "linear", "adaptive"], ...] = ("fixed", "linear", "adaptive")
-    """curricula of q run under adversarial fine-tuning"""
+    """curricula of q run under adversarial fine-tuning (claim 4 compares them; fixed is the adversarial arm above)"""
+    q: float = 0.5
+    """q of the fixed-curriculum arms"""
     scratch: bool = True
     """also train from scratch (adversarial, adaptive) as the fully online baseline"""
     epsilon: float = 0.3
@@ -170,14 +173,14 @@ def build_stages(args: Args, store: str) -> list:
                          *sc["de"], *workers, *track], [pre.id], env_id, seed, resume_file=npz + ".state.npz")
             stages += [pre, att]
             policies = [(pre, run, {"init": "offline", "finetune_condition": "", "curriculum": ""})]
-            specs = [("offline", c, "adaptive") for c in args.finetune_conditions if c != "adversarial"]
-            if "adversarial" in args.finetune_conditions:
-                specs += [("offline", "adversarial", c) for c in args.curricula]
+            specs = [("offline", c, "fixed") for c in args.finetune_conditions]
+            specs += [("offline", "adversarial", c) for c in args.curricula if ("offline", "adversarial", c) not in specs]
             if args.scratch:
                 specs.append(("scratch", "adversarial", "adaptive"))
             for init, cond, curr in specs:
                 name = f"{ns}-{env_id}__td3_adv_finetune__{init}-{cond}-{curr}__{seed}"
                 extra = ["--learning-starts", str(sc["scratch_starts"])] if init == "scratch" else []
+                extra += ["--q", str(args.q)] if curr == "fixed" else []
                 ft = Stage(f"finetune:{env_id}:{seed}:{init}-{cond}-{curr}", "finetune", "td3_adv_finetune.py",
                            ["--checkpoint", ckpt, "--perturbations", npz, "--seed", str(seed), "--run-name", name,
                             "--init", init, "--finetune-condition", cond, "--curriculum", curr, *sc["finetune"], *extra,
@@ -284,8 +287,8 @@ def write_json_atomic(path: str, obj):
 def main(args: Args) -> int:
     if not args.seeds or not args.env_ids:
         raise SystemExit("error: --seeds and --env-ids need at least one value each")
-    if not 0 < args.epsilon <= 1 or args.cpus_per_task < 1 or args.max_retries < 0:
-        raise SystemExit("error: --epsilon must be in (0, 1], --cpus-per-task >= 1 and --max-retries >= 0")
+    if not 0 < args.epsilon <= 1 or not 0 <= args.q <= 1 or args.cpus_per_task < 1 or args.max_retries < 0:
+        raise SystemExit("error: --epsilon must be in (0, 1], --q in [0, 1], --cpus-per-task >= 1 and --max-retries >= 0")
     results_dir = args.results_dir or f"results/study-{args.scale}"
     name = args.study_name or os.path.basename(os.path.normpath(results_dir))
     cwd = os.getcwd()

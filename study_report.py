@@ -1,35 +1,99 @@
-# Aggregate a study's runs over seeds with rliable: IQM and mean with stratified-bootstrap CIs, probability of
-# improvement, learning curves and q trajectories with CI bands, and a verdict on each of the paper's claims.
-"""Reads only the runs' own files (each policy's matrix.csv from evaluate_matrix.py and each fine-tune's
-metrics.jsonl), listed in {results_dir}/study.json, which `study.py` writes; trains nothing. Scores are normalized
-(0 = uniform random policy, 100 = expert reference). Every bootstrap uses a fixed random state, so running the report
-twice on the same files gives identical tables.
+# Aggregate a study over seeds: the paper's claims judged on declared endpoints with paired tests (exact sign-flip
+# p-values, Holm's correction, an equivalence test), and rliable's descriptive statistics (IQM and mean with
+# stratified-bootstrap CIs, probability of improvement, learning curves and q trajectories with CI bands).
+"""Reads either the runs' own files (each policy's matrix.csv from evaluate_matrix.py and each fine-tune's
+metrics.jsonl, listed in {results_dir}/study.json, which `study.py` writes) or, where the runs are not on this machine,
+the per-seed tables a report wrote before (evaluations.csv and curves.csv in the results folder), so a committed study
+is re-judged without training. Scores are normalized (0 = uniform random policy, 100 = expert reference). Every
+bootstrap uses a fixed random state and every test is exact, so the same inputs give identical tables.
 
     python study_report.py --results-dir results/study-hopper
+
+The decision rule (docs/study.md, "How the claims are judged"): each claim has one primary endpoint and comparison,
+declared in CLAIMS below before any study ran; the arms of a seed share that seed's offline policy, so each comparison
+is a paired difference X − Y per seed. A claim gets a verdict only from at least MIN_SEEDS paired seeds.
 """
 import csv
+import glob
+import io
 import json
 import os
 import sys
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import tyro
 
+from paired_stats import equivalence_p, holm, paired_t_ci, sign_flip_p
 from runtime import save_curve_panels, save_q_plot, write_text
 
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
 CURVE_CONDITIONS = ("normal", "random", "adversarial")  # evaluated during fine-tuning (adversarial: the precomputed set)
 OFFLINE = "offline-only"
-ADV = "fine-tuned adversarial (adaptive)"
 NORMAL_FT = "fine-tuned normal"
-RANDOM_FT = "fine-tuned random (adaptive)"
-LINEAR, FIXED = "fine-tuned adversarial (linear)", "fine-tuned adversarial (fixed)"
+RANDOM_FT = "fine-tuned random (fixed)"
+ADV_FIXED = "fine-tuned adversarial (fixed)"
+LINEAR = "fine-tuned adversarial (linear)"
+ADAPTIVE = "fine-tuned adversarial (adaptive)"
 SCRATCH = "scratch adversarial (adaptive)"
-ORDER = (OFFLINE, NORMAL_FT, RANDOM_FT, ADV, FIXED, LINEAR, SCRATCH)
+ORDER = (OFFLINE, NORMAL_FT, RANDOM_FT, ADV_FIXED, LINEAR, ADAPTIVE, SCRATCH)
+
+# The decision rule, declared before the runs (docs/protocol.md repeats it)
+ALPHA = 0.05  # family-wise error rate over the claims' primary tests (Holm)
+MIN_SEEDS = 8  # the fewest paired seeds at which an exact two-sided sign-flip test (smallest p = 2 / 2^n) can pass
+#                Holm's first step over 4 claims (0.05 / 4): 2 / 2^8 = 0.0078; at 7 seeds 0.0156 cannot
+EQUIVALENCE_MARGIN = 5.0  # claim 4's "similar robustness": the mean difference lies within ±5 normalized points
+
+ENDPOINTS = {
+    "normal": "normalized return of the final policy under normal evaluation (no δ)",
+    "random": "normalized return of the final policy under the random δ draws",
+    "robustness": "normalized return of the final policy under the worse of its fresh DE attack and the transferred "
+    "(precomputed) δ set, per seed",
+    "online_auc": "mean normalized normal return over the fine-tune's evaluations after step 0 (the area under the "
+    "online learning curve; step 0 is the offline policy by construction and is left out; scratch's uniform warm-up "
+    "counts as online steps)",
+}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    x: str
+    y: str
+    endpoint: str
+    test: Literal["difference", "equivalence"] = "difference"  # difference: X > Y; equivalence: |X − Y| < margin
+
+
+@dataclass(frozen=True)
+class Claim:
+    number: int
+    text: str
+    components: tuple  # every component must hold for the claim to be supported (an intersection-union test)
+
+
+CLAIMS = (
+    Claim(1, "Adversarial fine-tuning is more robust than offline-only under adversarial perturbations",
+          (Comparison(ADV_FIXED, OFFLINE, "robustness"),)),
+    Claim(2, "Fine-tuning converges faster than training from scratch",
+          (Comparison(ADAPTIVE, SCRATCH, "online_auc"),)),
+    Claim(3, "Matching the fine-tuning and evaluation conditions gives the strongest robustness (fixed q, each "
+             "evaluation condition won by its own training condition)",
+          (Comparison(NORMAL_FT, RANDOM_FT, "normal"), Comparison(NORMAL_FT, ADV_FIXED, "normal"),
+           Comparison(RANDOM_FT, NORMAL_FT, "random"), Comparison(RANDOM_FT, ADV_FIXED, "random"),
+           Comparison(ADV_FIXED, NORMAL_FT, "robustness"), Comparison(ADV_FIXED, RANDOM_FT, "robustness"))),
+    Claim(4, "The adaptive curriculum keeps nominal return better than the linear one at similar robustness",
+          (Comparison(ADAPTIVE, LINEAR, "normal"), Comparison(ADAPTIVE, LINEAR, "robustness", "equivalence"))),
+)
+SECONDARY = (  # reported with unadjusted p-values; no verdict rests on them
+    Comparison(ADAPTIVE, OFFLINE, "robustness"),
+    Comparison(LINEAR, OFFLINE, "robustness"),
+    Comparison(ADAPTIVE, ADV_FIXED, "robustness"),
+    Comparison(ADAPTIVE, OFFLINE, "normal"),
+    Comparison(ADV_FIXED, OFFLINE, "normal"),
+    Comparison(NORMAL_FT, OFFLINE, "robustness"),
+)
 
 
 @dataclass
@@ -38,8 +102,11 @@ class Args:
     """the study's results folder: holds study.json (written by study.py); the report goes beside it"""
     runs_root: Optional[str] = None
     """folder the runs' paths in study.json are relative to (if unset: the one study.py ran in)"""
+    source: Literal["auto", "runs", "csv"] = "auto"
+    """runs: read the runs' files; csv: the per-seed evaluations.csv and curves.csv in --results-dir; auto: the runs
+    when any is on this machine, else the CSVs"""
     reps: int = 10_000
-    """bootstrap replications for the tables (curves use a fifth of them)"""
+    """bootstrap replications of the descriptive tables (P(X > Y) and the curves' bands use a fifth, at least 200)"""
     confidence: float = 0.95
     """coverage of the confidence intervals"""
 
@@ -48,9 +115,202 @@ class ReportError(Exception):
     """A problem with the study's files; printed as one line."""
 
 
+# Inputs: per-seed evaluations (one row per env, policy, seed, evaluation condition) and learning curves
+CURVE_KEYS = {  # curves.csv column <- metrics.jsonl key
+    **{f"{c}_{k}": f"eval/{c}_{k}" for c in CURVE_CONDITIONS for k in ("return", "normalized")},
+    "q": "curriculum/q",
+    "perturbed_episode_fraction": "charts/perturbed_fraction",
+    "perturbed_step_fraction": "charts/perturbed_step_fraction",
+}
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path} is unreadable ({type(e).__name__}); run the study again to rewrite it")
+
+
+def load_runs(manifest: dict, root: str):
+    """The runs' files -> (evaluation rows, curves {(env, policy): {seed: [eval rows]}}, policies not evaluated yet)."""
+    rows, curves, missing = [], defaultdict(dict), []
+    for p in manifest["policies"]:
+        path = os.path.join(root, p["matrix"])
+        if not os.path.isfile(path):
+            missing.append(p)
+            continue
+        with open(path) as f:
+            mine = [{"env_id": r["env_id"], "policy": r["policy"], "seed": int(r["seed"]), "eval_condition": r["eval_condition"],
+                     "mean_return": float(r["mean_return"]), "normalized_mean": float(r["normalized_mean"]),
+                     "attack_budget": r.get("attack_budget", "")} for r in csv.DictReader(f)]
+        rows += mine
+        if p["stage"] == "finetune":
+            with open(os.path.join(root, p["run_dir"], "metrics.jsonl")) as f:
+                evals = [r for r in map(json.loads, f) if "eval/normal_return" in r]
+            curves[(p["env_id"], mine[0]["policy"])][p["seed"]] = [
+                {"step": r["step"], **{col: r.get(key) for col, key in CURVE_KEYS.items()}} for r in evals]
+    return rows, curves, missing
+
+
+def load_csvs(results_dir: str):
+    """The per-seed tables a report wrote -> (evaluation rows, curves). Curves from before the normalized columns get
+    them from the linear map that evaluations.csv shows between returns and normalized scores (exact: two numbers)."""
+    rows = []
+    with open(os.path.join(results_dir, "evaluations.csv")) as f:
+        for r in csv.DictReader(f):
+            rows.append({**r, "seed": int(r["seed"]), "mean_return": float(r["mean_return"]),
+                         "normalized_mean": float(r["normalized_mean"]), "attack_budget": r.get("attack_budget", "")})
+    curves = defaultdict(dict)
+    path = os.path.join(results_dir, "curves.csv")
+    if os.path.isfile(path):
+        scale = {}
+        for env in {r["env_id"] for r in rows}:
+            ret = np.array([r["mean_return"] for r in rows if r["env_id"] == env])
+            norm = np.array([r["normalized_mean"] for r in rows if r["env_id"] == env])
+            scale[env] = np.polyfit(ret, norm, 1)  # normalized = a · return + b
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                row = {"step": int(r["step"])}
+                for col in CURVE_KEYS:
+                    row[col] = float(r[col]) if r.get(col) not in (None, "") else None
+                for c in CURVE_CONDITIONS:
+                    if row[f"{c}_normalized"] is None:
+                        row[f"{c}_normalized"] = float(np.polyval(scale[r["env_id"]], row[f"{c}_return"]))
+                curves[(r["env_id"], r["policy"])].setdefault(int(r["seed"]), []).append(row)
+    return rows, curves
+
+
+def load(args: Args):
+    path = os.path.join(args.results_dir, "study.json")
+    if not os.path.isfile(path):
+        raise ReportError(f"{path} not found; run `python study.py --results-dir {args.results_dir}` first")
+    manifest = read_json(path)
+    root = args.runs_root or manifest["runs_root"]
+    on_disk = any(os.path.isfile(os.path.join(root, p["matrix"])) for p in manifest["policies"])
+    source = args.source if args.source != "auto" else ("runs" if on_disk else "csv")
+    if source == "runs":
+        rows, curves, missing = load_runs(manifest, root)
+        n_done = len(manifest["policies"]) - len(missing)
+    else:
+        if not os.path.isfile(os.path.join(args.results_dir, "evaluations.csv")):
+            raise ReportError(f"neither the study's runs (under {root}) nor {args.results_dir}/evaluations.csv are here; "
+                              f"pass --runs-root, or let the study finish")
+        rows, curves = load_csvs(args.results_dir)
+        n_done = len({(r["env_id"], r["policy"], r["seed"]) for r in rows})
+    if not rows:
+        raise ReportError(f"no evaluated policy yet among the {len(manifest['policies'])} in {path}; let the study finish")
+    bad = [r for r in rows if not np.isfinite(r["normalized_mean"])]
+    if bad:
+        raise ReportError(f"non-finite score for {bad[0]['policy']}, seed {bad[0]['seed']}, {bad[0]['eval_condition']}; "
+                          f"re-evaluate that policy: a NaN is not a result")
+    return manifest, source, rows, curves, n_done
+
+
+# Endpoints per (env, policy, seed)
+def endpoint_values(rows: list, curves: dict) -> dict:
+    """{(env, policy, endpoint): {seed: value}} for the endpoints above and every evaluation condition."""
+    out = defaultdict(dict)
+    for r in rows:
+        out[(r["env_id"], r["policy"], r["eval_condition"])][r["seed"]] = r["normalized_mean"]
+    for (env, pol, adv), by_seed in list(out.items()):
+        if adv == "adversarial":
+            transfer = out.get((env, pol, "transfer"), {})
+            out[(env, pol, "robustness")] = {s: min(v, transfer[s]) for s, v in by_seed.items() if s in transfer}
+    for (env, pol), runs in curves.items():
+        out[(env, pol, "online_auc")] = {s: float(np.mean([r["normal_normalized"] for r in run if r["step"] > 0]))
+                                         for s, run in runs.items() if any(r["step"] > 0 for r in run)}
+    return out
+
+
+def compare(values: dict, comp: Comparison, env: str, confidence: float) -> Optional[dict]:
+    """The paired test of one comparison in one env: n, the mean difference X − Y with its CI, and p. None if an arm
+    is missing. difference: paired-t CI at `confidence`, exact two-sided sign-flip p; equivalence: TOST against
+    ±EQUIVALENCE_MARGIN, with the matching (1 − 2α) CI."""
+    x, y = values.get((env, comp.x, comp.endpoint)), values.get((env, comp.y, comp.endpoint))
+    if not x or not y:
+        return None
+    seeds = sorted(set(x) & set(y))
+    if not seeds:
+        return None
+    d = np.array([x[s] - y[s] for s in seeds])
+    if comp.test == "equivalence":
+        mean, lo, hi = paired_t_ci(d, 1 - 2 * ALPHA)
+        p = equivalence_p(d, EQUIVALENCE_MARGIN)
+    else:
+        mean, lo, hi = paired_t_ci(d, confidence)
+        p = sign_flip_p(d)
+    return {"n": len(seeds), "mean": mean, "lo": lo, "hi": hi, "p": p, "up": int((d > 0).sum()), "seeds": seeds}
+
+
+def primary_test(results: list) -> tuple:
+    """A claim's one p-value for Holm's procedure, and the side it speaks for. With every difference in the claimed
+    direction, the claim holds only if every component does: p = the largest component p (intersection-union test).
+    Otherwise the smallest p among the differences that point against the claim, times their number of differences
+    (Bonferroni within the claim), tests a contradiction."""
+    diffs = [r for r, comp in results if comp.test == "difference"]
+    against = [r for r in diffs if r["mean"] < 0]
+    if not against:
+        return max(r["p"] for r, _ in results), "for"
+    return min(1.0, min(r["p"] for r in against) * len(diffs)), "against"
+
+
+def judge(values: dict, envs: list, confidence: float) -> list:
+    """Every claim in every env: its components' paired tests and, from MIN_SEEDS paired seeds, a verdict under Holm's
+    correction across all the judged claims. -> [{claim, env, results, status, verdict, p, p_holm}]"""
+    judged = []
+    for env in envs:
+        for claim in CLAIMS:
+            results = [(compare(values, comp, env, confidence), comp) for comp in claim.components]
+            entry = {"claim": claim, "env": env, "results": results, "verdict": None, "p": None, "p_holm": None}
+            missing = sorted({name for r, comp in results if r is None for name in (comp.x, comp.y)
+                              if not values.get((env, name, comp.endpoint))})
+            if missing or any(r is None for r, _ in results):
+                entry["status"] = f"not measured: no paired {', '.join(missing) or 'seeds'}"
+            elif min(r["n"] for r, _ in results) < MIN_SEEDS:
+                entry["status"] = f"not judged: {min(r['n'] for r, _ in results)} paired seed(s), a verdict needs at least {MIN_SEEDS}"
+            else:
+                entry["p"], entry["side"] = primary_test(results)
+            judged.append(entry)
+    tested = [e for e in judged if e["p"] is not None]
+    for e, p_holm in zip(tested, holm([e["p"] for e in tested]) if tested else []):
+        e["p_holm"] = float(p_holm)
+        e["verdict"] = ("inconclusive" if p_holm > ALPHA else "supported" if e["side"] == "for" else "contradicted")
+        e["status"] = e["verdict"]
+    return judged
+
+
+def describe(r: dict, comp: Comparison) -> str:
+    if comp.test == "equivalence":
+        return (f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} [{int(100 * (1 - 2 * ALPHA))}% CI {r['lo']:+.1f}, "
+                f"{r['hi']:+.1f}] (margin ±{EQUIVALENCE_MARGIN:g}), TOST p = {r['p']:.3f}, n = {r['n']}")
+    return (f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}], "
+            f"p = {r['p']:.3f}, X higher in {r['up']} of {r['n']} seeds")
+
+
+def claims_section(judged: list, confidence: float) -> list:
+    out = ["## The paper's claims, checked", "",
+           f"Each claim is judged on its declared primary endpoint by paired per-seed differences X − Y (mean [{int(confidence * 100)}% "
+           f"paired-t CI]) and the exact sign-flip permutation p; claims with several components need all of them "
+           f"(intersection-union: the largest p); Holm's correction across the claims at α = {ALPHA}. Verdicts: "
+           f"**supported**, **contradicted** or **inconclusive**, and none from fewer than {MIN_SEEDS} paired seeds. "
+           f"Endpoints and rule: docs/study.md, \"How the claims are judged\".", ""]
+    for e in judged:
+        c = e["claim"]
+        parts = "; ".join(describe(r, comp) if r is not None else f"{comp.x} − {comp.y}: not measured" for r, comp in e["results"])
+        if e["verdict"] is not None:
+            status = f"Holm-adjusted p = {e['p_holm']:.3f}: **{e['verdict']}**"
+        else:
+            status = e["status"]
+        out.append(f"{c.number}. {c.text} ({e['env']}). {parts}. {status}.")
+    return out + [""]
+
+
+# Descriptive statistics (rliable)
 def interval(scores: dict, func, reps: int, confidence: float) -> dict:
     """rliable's stratified bootstrap: name -> (point estimates, lower bounds, upper bounds), reproducibly."""
     from rliable import library as rly
+
     saved = np.random.get_state()
     np.random.seed(0)  # rliable's stratified resampling draws from NumPy's global generator, not from random_state
     try:
@@ -65,37 +325,12 @@ def interval(scores: dict, func, reps: int, confidence: float) -> dict:
 
 def iqm_and_mean(x: np.ndarray) -> np.ndarray:
     from rliable import metrics
+
     return np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
 
 
-def load(results_dir: str, runs_root: Optional[str]):
-    path = os.path.join(results_dir, "study.json")
-    if not os.path.isfile(path):
-        raise ReportError(f"{path} not found; run `python study.py --results-dir {results_dir}` first")
-    with open(path) as f:
-        manifest = json.load(f)
-    root = runs_root or manifest["runs_root"]
-    rows, curves, missing = [], defaultdict(dict), []
-    for p in manifest["policies"]:
-        mpath = os.path.join(root, p["matrix"])
-        if not os.path.isfile(mpath):
-            missing.append(p)
-            continue
-        with open(mpath) as f:
-            rows += [dict(r, seed=int(r["seed"]), normalized_mean=float(r["normalized_mean"]), mean_return=float(r["mean_return"]))
-                     for r in csv.DictReader(f)]
-        if p["stage"] == "finetune":
-            with open(os.path.join(root, p["run_dir"], "metrics.jsonl")) as f:
-                evals = [r for r in map(json.loads, f) if "eval/normal_return" in r]
-            label = next(r["policy"] for r in rows if r["checkpoint"].startswith(os.path.normpath(p["run_dir"])))
-            curves[(p["env_id"], label)][p["seed"]] = evals
-    if not rows:
-        raise ReportError(f"no evaluated policy yet among the {len(manifest['policies'])} in {path}; let the study finish")
-    return manifest, rows, curves, missing
-
-
 def score_table(rows: list, envs: list):
-    """(policy, condition) -> {env or 'all': array [seeds, tasks]} of normalized scores, on the seeds every env has."""
+    """(policy, condition) -> {env or 'all envs': array [seeds, tasks]} of normalized scores."""
     by = defaultdict(dict)
     for r in rows:
         by[(r["policy"], r["eval_condition"])][(r["env_id"], r["seed"])] = r["normalized_mean"]
@@ -117,96 +352,86 @@ def fmt(p, lo, hi, digits=1):
     return f"{p:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def verdict(lo: float, hi: float) -> str:
-    return "supported" if lo > 0.5 else "not supported" if hi < 0.5 else "inconclusive"
-
-
 def curve_array(runs: dict, key: str):
     """Seeds' eval rows -> (steps present in every seed, array [seeds, steps])."""
     steps = sorted(set.intersection(*[{r["step"] for r in run} for run in runs.values()]))
     return np.array(steps), np.array([[next(r[key] for r in run if r["step"] == s) for s in steps] for run in runs.values()])
 
 
+def q_in_force(run: list, linear: bool) -> float:
+    """The mean q over the online steps: q logged at an evaluation holds until the next (fixed, adaptive); the linear
+    curriculum's q is interpolated between evaluations."""
+    steps, q = np.array([r["step"] for r in run], float), np.array([r["q"] for r in run], float)
+    if len(steps) < 2:
+        return float(q[0])
+    widths = np.diff(steps)
+    held = (q[:-1] + q[1:]) / 2 if linear else q[:-1]
+    return float((held * widths).sum() / widths.sum())
+
+
+def exposure(curves: dict, env: str, pol: str) -> dict:
+    """Per seed: the mean q in force, and the realized exposure (shares of training episodes and env steps under δ ≠ 0,
+    at the last evaluation) where the run logged it."""
+    out = {"q": [], "episodes": [], "steps": []}
+    for _, run in sorted(curves.get((env, pol), {}).items()):
+        out["q"].append(q_in_force(run, "(linear)" in pol))
+        last = run[-1]
+        if last.get("perturbed_episode_fraction") is not None:
+            out["episodes"].append(last["perturbed_episode_fraction"])
+        if last.get("perturbed_step_fraction") is not None:
+            out["steps"].append(last["perturbed_step_fraction"])
+    return out
+
+
+def mean_ci(values: list, confidence: float) -> str:
+    if not values:
+        return "not logged"
+    m, lo, hi = paired_t_ci(np.array(values), confidence)
+    return f"{m:.2f}" if len(values) < 2 else f"{m:.2f} [{max(lo, 0):.2f}, {min(hi, 1):.2f}]"
+
+
 def steps_to_reach(run: list, threshold: float) -> Optional[int]:
-    return next((r["step"] for r in run if r["eval/normal_return"] >= threshold), None)
+    """The first evaluation after step 0 at which the normal return reaches the threshold."""
+    return next((r["step"] for r in run if r["step"] > 0 and r["normal_return"] >= threshold), None)
 
 
-def stage_costs(manifest: dict, root: str) -> list:
-    """Wall time of each finished stage kind, from the study's markers (runs/_study/{namespace}/*.json), if present."""
-    import glob
+def stage_costs(manifest: dict, root: str, results_dir: str) -> list:
+    """Wall time of each finished stage kind: from the study's markers (runs/_study/{namespace}/*.json) when they are
+    here, else from the stage_costs.csv an earlier report wrote. -> [(kind, runs, mean, min, max, total) in seconds]"""
     by = defaultdict(list)
     for path in glob.glob(os.path.join(root, "runs", "_study", manifest.get("namespace", ""), "*.json")):
-        with open(path) as f:
-            by[os.path.basename(path).split("__")[0]].append(json.load(f)["wall_s"])
-    return [(k, len(by[k]), float(np.mean(by[k])), float(np.min(by[k])), float(np.max(by[k])), float(np.sum(by[k])))
-            for k in ("dataset", "pretrain", "attack", "finetune", "evaluate") if by[k]]
+        by[os.path.basename(path).split("__")[0]].append(read_json(path)["wall_s"])
+    if by:
+        return [(k, len(by[k]), float(np.mean(by[k])), float(np.min(by[k])), float(np.max(by[k])), float(np.sum(by[k])))
+                for k in ("dataset", "pretrain", "attack", "finetune", "evaluate") if by[k]]
+    path = os.path.join(results_dir, "stage_costs.csv")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [(r["stage"], int(r["runs"]), float(r["mean_s"]), float(r["min_s"]), float(r["max_s"]), float(r["total_s"]))
+                for r in csv.DictReader(f)]
 
 
-def poi_pair(table: dict, x: str, y: str, cond: str, g: str, reps: int, confidence: float):
-    """P(X > Y) [CI] of two policies' scores under `cond` in group g, or None if either is missing or unpaired."""
+def poi_reps(reps: int) -> int:
+    """P(X > Y) is costly to bootstrap (a Mann-Whitney statistic per replication): a fifth of --reps, at least 200."""
+    return max(200, reps // 5)
+
+
+def poi(table: dict, x: str, y: str, cond: str, g: str, reps: int, confidence: float):
+    """P(X > Y) [CI] of two policies' scores under `cond` in group g (rliable), or None if either is missing or unpaired."""
     from rliable import metrics
+
     kx, ky = table.get((x, cond), {}), table.get((y, cond), {})
     if g not in kx or g not in ky or kx[g].shape != ky[g].shape:
         return None
-    (p, lo, hi) = interval({"pair": (kx[g], ky[g])}, metrics.probability_of_improvement, reps // 5, confidence)["pair"]
+    (p, lo, hi) = interval({"pair": (kx[g], ky[g])}, metrics.probability_of_improvement, poi_reps(reps), confidence)["pair"]
     return float(p[0]), float(lo[0]), float(hi[0])
 
 
-def claims_section(table: dict, poi: dict, auc: dict, envs: list, reps: int, confidence: float) -> list:
-    """The paper's four claims, each with a verdict from the CIs of a probability of improvement (markdown lines)."""
-    from rliable import metrics
-    g0 = "all envs" if len(envs) > 1 else envs[0]
-    claims = ["## The paper's claims, checked", "",
-              "Verdicts: *supported* when the 95% CI of the probability of improvement lies above 0.5, *not supported* "
-              "when it lies below, *inconclusive* otherwise.", ""]
-
-    def claim(n, text, key):
-        v = poi.get(key)
-        if v is None:
-            return claims.append(f"{n}. {text}: not measured (a policy is missing).")
-        claims.append(f"{n}. {text}: P = {fmt(*v, digits=2)} ({g0}, {key[2]} evaluation): **{verdict(v[1], v[2])}**.")
-
-    claim(1, "Adversarial fine-tuning is more robust than offline-only under adversarial perturbations",
-          (ADV, OFFLINE, "adversarial", g0))
-    if (envs[0], ADV) in auc and (envs[0], SCRATCH) in auc and auc[(envs[0], ADV)].shape == auc[(envs[0], SCRATCH)].shape:
-        p = interval({"pair": (auc[(envs[0], ADV)], auc[(envs[0], SCRATCH)])}, metrics.probability_of_improvement, reps // 5,
-                     confidence)["pair"]
-        claims.append(f"2. Fine-tuning converges faster than training from scratch (normal return averaged over the "
-                      f"evaluations, {envs[0]}): P = {fmt(p[0][0], p[1][0], p[2][0], 2)}: **{verdict(p[1][0], p[2][0])}**.")
-    else:
-        claims.append("2. Fine-tuning converges faster than training from scratch: not measured (a policy is missing).")
-    own = {"normal": NORMAL_FT, "random": RANDOM_FT, "adversarial": ADV}
-    parts, wins, losses = [], 0, 0
-    for c, mine in own.items():
-        others = [p for p in own.values() if p != mine]
-        vs = [(o, poi_pair(table, mine, o, c, g0, reps, confidence)) for o in others]
-        if any(v is None for _, v in vs):
-            parts = None
-            break
-        for o, v in vs:
-            parts.append(f"{c} column, {mine} vs {o}: P = {fmt(*v, digits=2)}")
-            wins, losses = wins + (v[1] > 0.5), losses + (v[2] < 0.5)
-    if parts is None:
-        claims.append("3. Matching the fine-tuning and evaluation conditions gives the strongest robustness: not measured.")
-    else:
-        v3 = "supported" if wins == 6 else "not supported" if losses else "inconclusive"
-        claims.append(f"3. Matching the fine-tuning and evaluation conditions gives the strongest robustness ({g0}; "
-                      f"each column should be won by its own condition): **{v3}** ({wins} of 6 comparisons won "
-                      f"with confidence, {losses} lost). " + "; ".join(parts) + ".")
-    vn, va = poi.get((ADV, LINEAR, "normal", g0)), poi.get((ADV, LINEAR, "adversarial", g0))
-    if vn is None or va is None:
-        claims.append("4. The adaptive curriculum keeps nominal return better than the linear one at similar robustness: not measured.")
-    else:
-        v4 = "supported" if vn[1] > 0.5 and va[1] <= 0.5 <= va[2] else "not supported" if vn[2] < 0.5 else "inconclusive"
-        claims.append(f"4. The adaptive curriculum keeps nominal return better than the linear one at similar robustness "
-                      f"({g0}): P(adaptive > linear) = {fmt(*vn, digits=2)} under normal evaluation and "
-                      f"{fmt(*va, digits=2)} under adversarial: **{v4}**.")
-    return claims
-
-
+# Plots
 def band(ax, steps, arr, label, reps: int, confidence: float, ls="-"):
     """IQM over seeds at each step, with its bootstrap CI as a shaded band."""
-    res = interval({str(i): arr[:, i:i + 1] for i in range(arr.shape[1])}, iqm_and_mean, max(200, reps // 5), confidence)
+    res = interval({str(i): arr[:, i:i + 1] for i in range(arr.shape[1])}, iqm_and_mean, poi_reps(reps), confidence)
     m = np.array([res[str(i)][0][0] for i in range(arr.shape[1])])
     lo, hi = (np.array([res[str(i)][j][0] for i in range(arr.shape[1])]) for j in (1, 2))
     ax.plot(steps, m, ls=ls, marker=".", label=f"{label} (n={arr.shape[0]})")
@@ -214,35 +439,41 @@ def band(ax, steps, arr, label, reps: int, confidence: float, ls="-"):
 
 
 def plot_curves(results_dir: str, envs: list, curves: dict, policies: list, est: dict, reps: int, confidence: float):
-    """Per env: curves{suffix}.png (normalized returns under each condition) and q_trajectory{suffix}.png, IQM with CIs."""
+    """Per env: curves{suffix}.png (normalized returns under each condition) and q_trajectory{suffix}.png (IQM with
+    CIs; each legend entry gives the arm's realized exposure)."""
     import matplotlib.pyplot as plt
-    C = confidence
+
     for g in envs:
         suffix = "" if len(envs) == 1 else f"_{g}"
-        keys = [k for k in curves if k[0] == g]
+        keys = sorted((k for k in curves if k[0] == g), key=lambda k: policies.index(k[1]))
         if not keys:
             continue
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100, sharey=True)
         for ax, cond in zip(axes, CURVE_CONDITIONS):
-            for k in sorted(keys, key=lambda k: policies.index(k[1])):
-                steps, arr = curve_array(curves[k], f"eval/{cond}_normalized")
-                band(ax, steps, arr, k[1], reps, C, "--" if k[1] == SCRATCH else "-")
-            if (g, OFFLINE, cond if cond != "adversarial" else "transfer") in est:
-                ax.axhline(est[(g, OFFLINE, cond if cond != "adversarial" else "transfer")][0][0], color="k", ls=":", label="offline-only (IQM)")
+            for k in keys:
+                steps, arr = curve_array(curves[k], f"{cond}_normalized")
+                band(ax, steps, arr, k[1], reps, confidence, "--" if k[1].startswith("scratch") else "-")
+            ref = (g, OFFLINE, cond if cond != "adversarial" else "transfer")
+            if ref in est:
+                ax.axhline(est[ref][0][0], color="k", ls=":", label="offline-only (IQM, final evaluation)")
         save_curve_panels(fig, axes, CURVE_CONDITIONS, "normalized return", f"{g}: learning curves, IQM over seeds with "
-                          f"{int(C * 100)}% bootstrap CIs", os.path.join(results_dir, f"curves{suffix}.png"))
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        for k in sorted(keys, key=lambda k: policies.index(k[1])):
-            if k[1] != NORMAL_FT:
-                steps, arr = curve_array(curves[k], "curriculum/q")
-                band(ax, steps, arr, k[1], reps, C)
-        save_q_plot(fig, ax, f"{g}: q at each evaluation, IQM with {int(C * 100)}% CIs",
+                          f"{int(confidence * 100)}% bootstrap CIs", os.path.join(results_dir, f"curves{suffix}.png"))
+        fig, ax = plt.subplots(figsize=(8, 4.4), dpi=100)
+        for k in keys:
+            if k[1] == NORMAL_FT:
+                continue
+            steps, arr = curve_array(curves[k], "q")
+            ex = exposure(curves, *k)
+            realized = ex["episodes"] and f"realized exposure {np.mean(ex['episodes']):.2f}"
+            band(ax, steps, arr, f"{k[1]}: {realized or 'mean q in force ' + format(np.mean(ex['q']), '.2f')}", reps, confidence)
+        save_q_plot(fig, ax, f"{g}: q at each evaluation, IQM with {int(confidence * 100)}% CIs",
                     os.path.join(results_dir, f"q_trajectory{suffix}.png"))
 
 
 def plot_heatmap(path: str, g: str, policies: list, est: dict, confidence: float):
     """Training condition × evaluation condition in group g: IQM with its CI in each cell."""
     import matplotlib.pyplot as plt
+
     labels = [p for p in policies if (g, p, "normal") in est]
     vals = np.array([[est[(g, p, c)][0][0] for c in EVAL_CONDITIONS] for p in labels])
     fig, ax = plt.subplots(figsize=(10, 1.4 + 0.6 * len(labels)), dpi=100)
@@ -262,42 +493,18 @@ def plot_heatmap(path: str, g: str, policies: list, est: dict, confidence: float
 
 
 def to_csv(rows: list) -> str:
-    import io
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()
-    w.writerows([{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+    w.writerows([{k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
     return buf.getvalue()
 
 
-def main(args: Args):
-    import matplotlib
-    matplotlib.use("Agg")
-
-    manifest, rows, curves, missing = load(args.results_dir, args.runs_root)
-    envs = [e for e in manifest["env_ids"] if any(r["env_id"] == e for r in rows)]
-    table = score_table(rows, envs)
-    policies = [p for p in ORDER if any(k[0] == p for k in table)] + sorted({k[0] for k in table} - set(ORDER))
-    groups = envs + (["all envs"] if len(envs) > 1 else [])
-    R, C = args.reps, args.confidence
-    est = {}  # (group, policy, condition) -> ((iqm, mean), lo, hi, n)
-    for (pol, cond), arrs in table.items():
-        res = interval({g: a for g, a in arrs.items()}, iqm_and_mean, R, C)
-        for g, (p, lo, hi) in res.items():
-            est[(g, pol, cond)] = (p, lo, hi, arrs[g].shape[0])
-    n_total, n_done = len(manifest["policies"]), len(manifest["policies"]) - len(missing)
-    status = ("complete: every policy of the study is evaluated" if not missing else
-              f"PARTIAL: {n_done} of {n_total} policies evaluated; the study is still running or failed; do not cite")
-    out = [f"# Study `{manifest['study']}` ({manifest['scale']} scale, ε = {manifest['epsilon']})", "",
-           f"Status: {status}.", "",
-           f"Scores are normalized (0 = uniform random policy, 100 = expert reference) and aggregated over seeds with "
-           f"rliable: interquartile mean (IQM) and mean, with {int(C * 100)}% stratified-bootstrap confidence intervals "
-           f"({R} replications). Reproduce with `python study_report.py --results-dir {args.results_dir}`.", ""]
-
-    # T1: the matrix
-    csv_rows = []
+# The report's sections
+def matrix_section(groups, policies, est, reps, confidence, budgets) -> tuple:
+    out, csv_rows = [], []
     for g in groups:
-        out += [f"## T1: policy × evaluation condition, {g} (IQM [95% CI])", "",
+        out += [f"## T1: policy × evaluation condition, {g} (IQM [{int(confidence * 100)}% CI])", "",
                 "| policy | seeds | " + " | ".join(EVAL_CONDITIONS) + " |", "|---|---|" + "---|" * len(EVAL_CONDITIONS)]
         for pol in policies:
             if (g, pol, "normal") not in est:
@@ -305,75 +512,156 @@ def main(args: Args):
             cells = []
             for c in EVAL_CONDITIONS:
                 (iqm, mean), lo, hi, n = est[(g, pol, c)]
-                cells.append(fmt(iqm, lo[0], hi[0]))
+                cells.append(fmt(iqm, lo[0], hi[0]) + (" †" if pol == OFFLINE and c == "transfer" else ""))
                 csv_rows.append({"group": g, "policy": pol, "eval_condition": c, "seeds": n, "iqm": iqm, "iqm_lo": lo[0],
                                  "iqm_hi": hi[0], "mean": mean, "mean_lo": lo[1], "mean_hi": hi[1]})
             out.append(f"| {pol} | {est[(g, pol, 'normal')][3]} | " + " | ".join(cells) + " |")
         out.append("")
-    out += ["Columns: normal (no δ); random (the study's random δ draws); adversarial (a fresh DE attack on each "
-            "policy); transfer (the δ set precomputed against the offline policy, which fine-tuning trained on). "
-            "Mean and CIs of every cell: `scores.csv`.", ""]
+    out += ["Columns: normal (no δ); random (the study's random δ draws); adversarial (a fresh DE attack on each policy; "
+            f"budget: {budgets}); transfer (the δ set precomputed against the offline policy, which fine-tuning trained "
+            "on). † For offline-only that set was found against the policy itself: a direct attack at the precomputed "
+            f"budget, not a transfer. rliable, {reps} stratified-bootstrap replications; mean and CIs of every cell: "
+            "`scores.csv`.", ""]
+    return out, csv_rows
 
-    # Probability of improvement, under the adversarial condition (and the others, for completeness)
-    poi_rows = []
-    out += ["## Probability of improvement P(X > Y) [95% CI]", "",
+
+def paired_section(values: dict, envs: list, confidence: float) -> tuple:
+    """Every declared comparison, primary and secondary, with unadjusted p-values (the verdicts' Holm step is above)."""
+    out = ["## Paired differences per comparison (X − Y per seed, normalized points)", "",
+           f"| env | role | X | Y | endpoint | seeds | mean difference [{int(confidence * 100)}% CI] | X higher in | p |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    comps = [(f"claim {c.number}", comp) for c in CLAIMS for comp in c.components] + [("secondary", s) for s in SECONDARY]
+    for env in envs:
+        for role, comp in comps:
+            r = compare(values, comp, env, confidence)
+            if r is None:
+                continue
+            test = "TOST p" if comp.test == "equivalence" else "sign-flip p"
+            ci = f"{r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}]" + (" (90% CI)" if comp.test == "equivalence" else "")
+            out.append(f"| {env} | {role} | {comp.x} | {comp.y} | {comp.endpoint} | {r['n']} | {ci} | {r['up']} of {r['n']} | "
+                       f"{test} {r['p']:.3f} |")
+            rows.append({"env_id": env, "role": role, "x": comp.x, "y": comp.y, "endpoint": comp.endpoint, "test": comp.test,
+                         "seeds": r["n"], "mean_difference": r["mean"], "lo": r["lo"], "hi": r["hi"], "x_higher": r["up"], "p": r["p"]})
+    return out + ["", "Endpoints: " + "; ".join(f"**{k}**: {v}" for k, v in ENDPOINTS.items()) + ".", ""], rows
+
+
+def curricula_section(envs, est, curves, confidence) -> list:
+    out = ["## T2: the arms' perturbation exposure, and the curricula under adversarial fine-tuning", "",
+           "| env | policy | seeds | normal | robustness | mean q in force | realized exposure: episodes | realized exposure: env steps |",
+           "|---|---|---|---|---|---|---|---|"]
+    for g in envs:
+        for pol in sorted({k[1] for k in curves if k[0] == g}, key=lambda p: ORDER.index(p) if p in ORDER else 99):
+            if pol == NORMAL_FT or (g, pol, "normal") not in est:
+                continue
+            ex = exposure(curves, g, pol)
+            (iqm, _), lo, hi, n = est[(g, pol, "normal")]
+            rob = est.get((g, pol, "robustness"))
+            out.append(f"| {g} | {pol} | {n} | {fmt(iqm, lo[0], hi[0])} | " + (fmt(rob[0][0], rob[1][0], rob[2][0]) if rob else "–")
+                       + f" | {mean_ci(ex['q'], confidence)} | {mean_ci(ex['episodes'], confidence)} | {mean_ci(ex['steps'], confidence)} |")
+    return out + ["", "Normal and robustness: IQM [CI] over seeds. q in force: the mean over the online steps of the q the "
+                  "curriculum set (from its trajectory); realized exposure: the share of training episodes and of env steps "
+                  "that actually ran under δ ≠ 0 (mean over seeds [t-CI]), logged by td3_adv_finetune.py. The q "
+                  "trajectories: `q_trajectory.png`.", ""]
+
+
+def efficiency_section(curves, policies, reps, confidence) -> list:
+    out = ["## T3: sample efficiency", "",
+           "| env | policy | seeds reaching the offline return | median steps (reached) | normal return at the last step, IQM [CI] | online area under the curve, IQM [CI] |",
+           "|---|---|---|---|---|---|"]
+    start = {}  # (env, seed) -> the offline policy's normal return on the fine-tunes' own evaluation episodes (step 0)
+    for (g, pol), runs in curves.items():
+        if not pol.startswith("scratch"):
+            for s, run in runs.items():
+                start.setdefault((g, s), run[0]["normal_return"])
+    for (g, pol), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], policies.index(kv[0][1]))):
+        reach = [steps_to_reach(run, start[(g, s)]) for s, run in sorted(runs.items()) if (g, s) in start]
+        hit = [x for x in reach if x is not None]
+        steps, arr = curve_array(runs, "normal_normalized")
+        last = interval({"x": arr[:, -1:]}, iqm_and_mean, reps, confidence)["x"]
+        area = interval({"x": arr[:, steps > 0].mean(1, keepdims=True)}, iqm_and_mean, reps, confidence)["x"]
+        out.append(f"| {g} | {pol} | {len(hit)} of {len(reach)} | {int(np.median(hit)) if hit else '–'} | "
+                   f"{fmt(last[0][0], last[1][0], last[2][0])} | {fmt(area[0][0], area[1][0], area[2][0])} |")
+    return out + ["", "Reaching: the first evaluation after step 0 at which the normal return is at least the same seed's "
+                  "offline policy's on the same evaluation episodes (step 0 of its fine-tunes). The online area under the "
+                  "curve (claim 2's endpoint) averages the evaluations after step 0.", ""]
+
+
+def costs_section(costs: list) -> list:
+    if not costs:
+        return []
+    return (["## What the stages cost", "",
+             "Wall time of each finished stage, from the study's markers (`runs/_study/`); each stage ran on one core with "
+             "one torch thread, beside other stages on the same machine.", "",
+             "| stage | runs | mean | min | max | total |", "|---|---|---|---|---|---|"]
+            + [f"| {k} | {n} | {m / 60:.1f} min | {lo / 60:.1f} min | {hi / 60:.1f} min | {tot / 3600:.2f} h |"
+               for k, n, m, lo, hi, tot in costs]
+            + ["", f"All stages together: {sum(c[5] for c in costs) / 3600:.2f} core-hours.", ""])
+
+
+def attack_budgets(rows: list, manifest: dict) -> str:
+    seen = sorted({r["attack_budget"] for r in rows if r.get("attack_budget")})
+    if seen:
+        return "; ".join(seen)
+    overrides = sorted({" ".join(c[c.index(f):c.index(f) + 2]) for c in manifest.get("commands", {}).values()
+                        for f in ("--attack-num-perturbations", "--attack-maxiter", "--attack-popsize") if f in c})
+    return ("not recorded per row; the evaluation commands overrode the precomputed attack's " + ", ".join(overrides)
+            if overrides else "the precomputed attack's (not recorded per row)")
+
+
+def main(args: Args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if args.reps < 1 or not 0 < args.confidence < 1:
+        raise ReportError(f"--reps must be >= 1 and --confidence in (0, 1) (got {args.reps} and {args.confidence})")
+    manifest, source, rows, curves, n_done = load(args)
+    envs = [e for e in manifest["env_ids"] if any(r["env_id"] == e for r in rows)]
+    table = score_table(rows, envs)
+    policies = [p for p in ORDER if any(k[0] == p for k in table)] + sorted({k[0] for k in table} - set(ORDER))
+    groups = envs + (["all envs"] if len(envs) > 1 else [])
+    R, C = args.reps, args.confidence
+    values = endpoint_values(rows, curves)
+    for (env, pol, endpoint), by_seed in values.items():  # robustness joins the descriptive tables
+        if endpoint == "robustness":
+            table.setdefault((pol, "robustness"), {})[env] = np.array([[by_seed[s]] for s in sorted(by_seed)])
+    est = {}  # (group, policy, condition) -> ((iqm, mean), lo, hi, n)
+    for (pol, cond), arrs in table.items():
+        for g, (p, lo, hi) in interval(dict(arrs), iqm_and_mean, R, C).items():
+            est[(g, pol, cond)] = (p, lo, hi, arrs[g].shape[0])
+    n_total = len(manifest["policies"])
+    status = ("complete: every policy of the study is evaluated" if n_done >= n_total else
+              f"PARTIAL: {n_done} of {n_total} policies evaluated; the study is still running or failed; do not cite")
+    judged = judge(values, envs, C)
+    out = [f"# Study `{manifest['study']}` ({manifest['scale']} scale, ε = {manifest['epsilon']})", "",
+           f"Status: {status}.", "",
+           f"Read from the {'runs' if source == 'runs' else 'per-seed CSVs in this folder'}. Scores are normalized "
+           f"(0 = uniform random policy, 100 = expert reference). Reproduce with `python study_report.py --results-dir "
+           f"{args.results_dir}`.", ""]
+    out += claims_section(judged, C)
+    section, paired_rows = paired_section(values, envs, C)
+    out += section
+    section, csv_rows = matrix_section(groups, policies, est, R, C, attack_budgets(rows, manifest))
+    out += section
+    out += ["## Probability of improvement P(X > Y) [CI] (rliable, descriptive)", "",
             "| X | Y | group | " + " | ".join(EVAL_CONDITIONS) + " |", "|---|---|---|" + "---|" * len(EVAL_CONDITIONS)]
-    pairs = [(ADV, OFFLINE), (ADV, NORMAL_FT), (ADV, RANDOM_FT), (ADV, LINEAR), (ADV, FIXED), (ADV, SCRATCH)]
-    poi = {}
-    for x, y in pairs:
+    poi_rows = []
+    for x, y in [(ADV_FIXED, OFFLINE), (ADAPTIVE, OFFLINE), (ADV_FIXED, NORMAL_FT), (ADV_FIXED, RANDOM_FT),
+                 (ADAPTIVE, LINEAR), (ADAPTIVE, SCRATCH)]:
         for g in groups:
-            vals = {c: poi_pair(table, x, y, c, g, R, C) for c in EVAL_CONDITIONS}
+            vals = {c: poi(table, x, y, c, g, R, C) for c in EVAL_CONDITIONS}
             if all(v is None for v in vals.values()):
                 continue
-            poi.update({(x, y, c, g): v for c, v in vals.items()})
             out.append(f"| {x} | {y} | {g} | " + " | ".join("–" if v is None else fmt(*v, digits=2) for v in vals.values()) + " |")
             poi_rows += [{"x": x, "y": y, "group": g, "eval_condition": c, "poi": v[0], "lo": v[1], "hi": v[2]}
                          for c, v in vals.items() if v is not None]
-    out.append("")
+    out += ["", f"{poi_reps(R)} stratified-bootstrap replications. Descriptive only: the verdicts above rest on the paired "
+            f"tests.", ""]
+    out += curricula_section(envs, est, curves, C)
+    out += efficiency_section(curves, policies, R, C)
+    costs = stage_costs(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
+    out += costs_section(costs)
 
-    # T2: the curricula, and T3: sample efficiency, from the fine-tunes' own evaluations
-    out += ["## T2: curricula under adversarial fine-tuning (IQM [95% CI])", "",
-            "| env | curriculum | seeds | normal | adversarial (fresh attack) | transfer | final q (mean over seeds) |",
-            "|---|---|---|---|---|---|---|"]
-    for g in envs:
-        for pol in (FIXED, LINEAR, ADV):
-            if (g, pol, "normal") not in est:
-                continue
-            q = [run[-1]["curriculum/q"] for run in curves.get((g, pol), {}).values()]
-            cells = [fmt(est[(g, pol, c)][0][0], est[(g, pol, c)][1][0], est[(g, pol, c)][2][0]) for c in ("normal", "adversarial", "transfer")]
-            out.append(f"| {g} | {pol.split('(')[1][:-1]} | {est[(g, pol, 'normal')][3]} | " + " | ".join(cells)
-                       + (f" | {np.mean(q):.2f} |" if q else " | – |"))
-    out += ["", "The q trajectories: `q_trajectory.png`.", "",
-            "## T3: sample efficiency (online steps until the normal return reaches the same seed's offline-only policy)", "",
-            "| env | policy | seeds reaching it | median steps (reached) | normalized normal return at the last step, IQM [95% CI] | mean over evaluations (area under the curve), IQM [95% CI] |",
-            "|---|---|---|---|---|---|"]
-    offline_normal = {(r["env_id"], r["seed"]): r["mean_return"] for r in rows if r["policy"] == OFFLINE and r["eval_condition"] == "normal"}
-    auc = {}
-    for (g, pol), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], policies.index(kv[0][1]) if kv[0][1] in policies else 99)):
-        reach = [steps_to_reach(run, offline_normal[(g, s)]) for s, run in sorted(runs.items()) if (g, s) in offline_normal]
-        hit = [x for x in reach if x is not None]
-        steps, arr = curve_array(runs, "eval/normal_normalized")  # already 0–100, the one scale
-        auc[(g, pol)] = arr.mean(1, keepdims=True)
-        last = interval({"x": arr[:, -1:]}, iqm_and_mean, R, C)["x"]
-        area = interval({"x": auc[(g, pol)]}, iqm_and_mean, R, C)["x"]
-        out.append(f"| {g} | {pol} | {len(hit)} of {len(reach)} | {int(np.median(hit)) if hit else '–'} | "
-                   f"{fmt(last[0][0], last[1][0], last[2][0])} | {fmt(area[0][0], area[1][0], area[2][0])} |")
-    out += ["", "Offline-initialized runs start at the offline policy (step 0 is its evaluation), so they reach it at "
-            "step 0 unless fine-tuning first lowers the return; `curves.png` shows every curve.", ""]
-
-    claims = claims_section(table, poi, auc, envs, R, C)
-    costs = stage_costs(manifest, args.runs_root or manifest["runs_root"])
-    if costs:
-        out += ["## What the stages cost", "",
-                "Wall time of each finished stage, from the study's markers (`runs/_study/`); each stage ran on one core "
-                "with one torch thread, beside one other stage on the same machine.", "",
-                "| stage | runs | mean | min | max | total |", "|---|---|---|---|---|---|"]
-        out += [f"| {k} | {n} | {m / 60:.1f} min | {lo / 60:.1f} min | {hi / 60:.1f} min | {tot / 3600:.2f} h |"
-                for k, n, m, lo, hi, tot in costs]
-        out += ["", f"All stages together: {sum(c[5] for c in costs) / 3600:.2f} core-hours.", ""]
-    out = out[:6] + claims + [""] + out[6:]
-
-    # Plots: learning curves and q with CI bands, heatmap with CIs
     plot_curves(args.results_dir, envs, curves, policies, est, R, C)
     plot_heatmap(os.path.join(args.results_dir, "heatmap.png"), groups[-1], policies, est, C)
 
@@ -381,21 +669,24 @@ def main(args: Args):
         write_text(os.path.join(args.results_dir, name), text)
 
     write("scores.csv", to_csv(csv_rows))
-    # the report's inputs, per seed, so a reader can check every aggregate without the runs
-    write("evaluations.csv", to_csv(sorted(({k: r[k] for k in ("env_id", "policy", "seed", "eval_condition", "mean_return",
-                                                               "normalized_mean")} for r in rows),
-                                           key=lambda r: (r["env_id"], policies.index(r["policy"]), r["seed"],
-                                                          EVAL_CONDITIONS.index(r["eval_condition"])))))
-    keys = ("eval/normal_return", "eval/random_return", "eval/adversarial_return", "curriculum/q")
-    write("curves.csv", to_csv([{"env_id": g, "policy": pol, "seed": seed, "step": r["step"],
-                                 **{k.split("/")[1]: float(r[k]) for k in keys}}
-                                for (g, pol), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], policies.index(kv[0][1])))
-                                for seed, run in sorted(runs.items()) for r in run]))
+    write("paired.csv", to_csv(paired_rows) if paired_rows else "")
+    if source == "runs":  # the report's inputs, per seed, so the report can be rebuilt without the runs
+        fields = ("env_id", "policy", "seed", "eval_condition", "mean_return", "normalized_mean", "attack_budget")
+        write("evaluations.csv", to_csv(sorted(({k: r[k] for k in fields} for r in rows), key=lambda r: (
+            r["env_id"], policies.index(r["policy"]), r["seed"], EVAL_CONDITIONS.index(r["eval_condition"])))))
+        write("curves.csv", to_csv([{"env_id": g, "policy": pol, "seed": seed, **r}
+                                    for (g, pol), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], policies.index(kv[0][1])))
+                                    for seed, run in sorted(runs.items()) for r in run]))
+        if costs:
+            write("stage_costs.csv", to_csv([{"stage": k, "runs": n, "mean_s": m, "min_s": lo, "max_s": hi, "total_s": t}
+                                             for k, n, m, lo, hi, t in costs]))
     if poi_rows:
         write("poi.csv", to_csv(poi_rows))
     write("report.md", "\n".join(out) + "\n")
-    print("\n".join(out[:6 + len(claims)]))
-    print(f"wrote {args.results_dir}/report.md, scores.csv, poi.csv, evaluations.csv, curves.csv and plots ({status})")
+    print(f"Study {manifest['study']}: {status}.")
+    for e in judged:
+        print(f"  claim {e['claim'].number} ({e['env']}): {e['status']}")
+    print(f"wrote {args.results_dir}/report.md, paired.csv, scores.csv, poi.csv and plots")
 
 
 if __name__ == "__main__":

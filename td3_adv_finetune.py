@@ -78,8 +78,9 @@ class Args:
     """minibatch size"""
     learning_rate: Annotated[float, Range(0, open="lo")] = 3e-4
     """Adam learning rate"""
-    reset_optimizers: bool = False
-    """start fine-tuning with fresh Adam states instead of the checkpoint's"""
+    reset_optimizers: Literal["none", "actor", "both"] = "none"
+    """Adam states that start fresh instead of the checkpoint's: none, the actor's, or both (docs/td3_adv_finetune.md:
+    the pilot that chose the default)"""
     gamma: Annotated[float, Range(0, 1)] = 0.99
     """discount factor γ"""
     tau: Annotated[float, Range(0, 1, open="lo")] = 0.005
@@ -286,6 +287,33 @@ class OnlineBuffer(RingBuffer):
         self.advance()
 
 
+@dataclass
+class EpisodeCounters:
+    """The training episodes' bookkeeping: the current episode's return, length and whether its δ ≠ 0, and the realized
+    exposure so far (episodes and env steps that ran under a non-zero δ). Saved and restored by name."""
+
+    episode_return: float = 0.0
+    episode_len: int = 0
+    perturbed: bool = False
+    episodes: int = 0
+    perturbed_episodes: int = 0
+    steps: int = 0
+    perturbed_steps: int = 0
+
+    def start(self, delta: np.ndarray):
+        self.episode_return, self.episode_len, self.perturbed = 0.0, 0, bool(np.any(delta))
+        self.episodes, self.perturbed_episodes = self.episodes + 1, self.perturbed_episodes + int(self.perturbed)
+
+    def step(self, reward: float):
+        self.episode_return, self.episode_len = self.episode_return + float(reward), self.episode_len + 1
+        self.steps, self.perturbed_steps = self.steps + 1, self.perturbed_steps + int(self.perturbed)
+
+    def exposure(self) -> dict:
+        """The realized exposure: fractions of the training episodes (the current one included) and env steps under δ ≠ 0."""
+        return {"charts/perturbed_fraction": self.perturbed_episodes / max(self.episodes, 1),
+                "charts/perturbed_step_fraction": self.perturbed_steps / max(self.steps, 1)}
+
+
 def td_target(critic_target: Critic, actor_target: Actor, next_obs, reward, termination, gamma: float,
               policy_noise: float, noise_clip: float) -> torch.Tensor:
     """y = r + γ (1 − terminated) min_i Q'_i(s', clip(π'(s') + clip(ε, −c, c)))  with ε ~ N(0, σ²), in action units.
@@ -375,8 +403,8 @@ def main(args: Args):
     if scratch:  # TD3 from random init, no offline data, raw observations
         obs_mean, obs_std, offline = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device), None
     else:
-        load_module_states({k: m for k, m in modules.items() if "optimizer" not in k or not args.reset_optimizers}, ckpt,
-                           device, args.cudagraphs)
+        fresh = {"none": (), "actor": ("actor_optimizer",), "both": ("actor_optimizer", "critic_optimizer")}[args.reset_optimizers]
+        load_module_states({k: m for k, m in modules.items() if k not in fresh}, ckpt, device, args.cudagraphs)
         obs_mean, obs_std = ckpt["obs_mean"].to(device), ckpt["obs_std"].to(device)
         offline = offline_transitions(ckpt["dataset_id"], obs_mean, obs_std, device)
     update_critic, update_actor = make_update(actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer, args)
@@ -414,8 +442,8 @@ def main(args: Args):
     critic_loss = q1_mean = actor_loss = torch.zeros((), device=device)
     sentinel = NonFiniteSentinel(device, "step", run_dir)  # remembers the first non-finite loss without a sync per step
     obs, info = env.reset(seed=args.seed)
-    episode_perturbed = bool(info["delta"].any())
-    episode_return, episode_len, n_episodes, n_perturbed = 0.0, 0, 1, int(episode_perturbed)
+    counters = EpisodeCounters()
+    counters.start(info["delta"])
     if resumed is None:
         row = evaluate(0)
         ema = row["eval/normal_normalized"]
@@ -426,7 +454,7 @@ def main(args: Args):
         online.load_state_dict(resumed)
         critic_loss, q1_mean, actor_loss = resumed["losses"].to(device)
         q, ema, row, start_step, obs_n = resumed["q"], resumed["q_ema"], resumed["eval"], resumed["step"], resumed["obs_n"].to(device)
-        episode_return, episode_len, n_episodes, n_perturbed, episode_perturbed = resumed["episode"]
+        counters = EpisodeCounters(**resumed["episode"])
         set_env_state(env, resumed["env"])
         set_rng_state(resumed["rng"])
         print(f"resuming {run_dir} at step {start_step}")
@@ -444,16 +472,15 @@ def main(args: Args):
         next_obs, reward, terminated, truncated, info = env.step(action)
         next_obs_n = normalize(next_obs)
         online.add(obs_n, action, reward, next_obs_n, terminated)
-        episode_return, episode_len = episode_return + float(reward), episode_len + 1
+        counters.step(reward)
         obs_n = next_obs_n
         if terminated or truncated:
-            run.log({"step": step, "charts/episodic_return": episode_return, "charts/episodic_length": episode_len,
-                     "charts/perturbed": episode_perturbed, "curriculum/q": q})
+            run.log({"step": step, "charts/episodic_return": counters.episode_return,
+                     "charts/episodic_length": counters.episode_len, "charts/perturbed": counters.perturbed, "curriculum/q": q})
             env.q = q  # the curriculum's current q decides whether the next episode is perturbed
             obs, info = env.reset()
-            obs_n, episode_perturbed = normalize(obs), bool(info["delta"].any())
-            episode_return, episode_len = 0.0, 0
-            n_episodes, n_perturbed = n_episodes + 1, n_perturbed + int(episode_perturbed)
+            obs_n = normalize(obs)
+            counters.start(info["delta"])
 
         # ALGO LOGIC: TD3 update on a batch with r_off offline rows
         if step > learning_starts:
@@ -477,7 +504,7 @@ def main(args: Args):
                 q, ema = adaptive_q(q, ema, row["eval/normal_normalized"], args.beta, args.eta, args.q_min, args.q_max)
             losses = {"losses/critic_loss": critic_loss.item(), "losses/q1_mean": q1_mean.item(), "losses/actor_loss": actor_loss.item()}
             run.log({"step": step, **row, **losses, "curriculum/q": q, "curriculum/ema": ema,
-                     "charts/perturbed_fraction": n_perturbed / n_episodes, "charts/sps": (step - start_step) / (time.time() - start_time)})
+                     **counters.exposure(), "charts/sps": (step - start_step) / (time.time() - start_time)})
             pbar.set_postfix(normal=f"{row['eval/normal_return']:.0f}", adv=f"{row['eval/adversarial_return']:.0f}", q=f"{q:.2f}")
             result = {**header, "step": step, **module_states(modules), "eval_return": row["eval/normal_return"],
                       "eval_normalized_score": row["eval/normal_normalized"], "eval": row, "q": q, "q_ema": ema}
@@ -485,7 +512,7 @@ def main(args: Args):
             # what continuing needs besides: the RNGs, the env mid-episode, the online buffer, the counters
             save_checkpoint(os.path.join(run_dir, "state.pt"), {
                 **result, "rng": rng_state(), "env": env_state(env), "obs_n": obs_n.cpu(), **online.state_dict(),
-                "episode": [episode_return, episode_len, n_episodes, n_perturbed, episode_perturbed], "learning_starts": learning_starts,
+                "episode": dataclasses.asdict(counters), "learning_starts": learning_starts,
                 "metrics_bytes": run.metrics.tell(), "losses": torch.stack([critic_loss, q1_mean, actor_loss]).cpu()})
     pbar.close()
     run.close()

@@ -20,7 +20,7 @@ import study_report as sr
 CONDS = ("normal", "random", "adversarial", "transfer")
 
 
-def fake_study(root: Path, scores: dict, seeds=(1, 2, 3, 4, 5, 6), steps=(0, 5000, 10000)):
+def fake_study(root: Path, scores: dict, seeds=tuple(range(1, 9)), steps=(0, 5000, 10000)):
     """A study folder with the files the report reads: one matrix.csv per policy and metrics.jsonl per fine-tune.
     scores: policy label -> (init, condition, curriculum, fn(seed, eval condition) -> normalized score)."""
     policies = []
@@ -31,11 +31,12 @@ def fake_study(root: Path, scores: dict, seeds=(1, 2, 3, 4, 5, 6), steps=(0, 500
             matrix = root / run / "matrix.csv"
             with open(matrix, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=["policy", "seed", "env_id", "eval_condition", "mean_return",
-                                                  "normalized_mean", "checkpoint"])
+                                                  "normalized_mean", "checkpoint", "attack_budget"])
                 w.writeheader()
                 for c in CONDS:
                     w.writerow({"policy": label, "seed": seed, "env_id": "Hopper-v5", "eval_condition": c,
-                                "mean_return": 10 * fn(seed, c), "normalized_mean": fn(seed, c), "checkpoint": f"{run}/checkpoint.pt"})
+                                "mean_return": 10 * fn(seed, c), "normalized_mean": fn(seed, c), "checkpoint": f"{run}/checkpoint.pt",
+                                "attack_budget": "K=2 maxiter=3 popsize=4 episodes=2"})
             stage = "pretrain" if label == sr.OFFLINE else "finetune"
             if stage == "finetune":
                 with open(root / run / "metrics.jsonl", "w") as f:
@@ -45,6 +46,8 @@ def fake_study(root: Path, scores: dict, seeds=(1, 2, 3, 4, 5, 6), steps=(0, 500
                         for c in ("normal", "random", "adversarial"):
                             row[f"eval/{c}_normalized"] = fn(seed, c) * frac  # 0–100, as td3_adv_finetune.py logs it
                             row[f"eval/{c}_return"] = 10 * fn(seed, c) * frac
+                        if s > 0:  # the realized exposure is logged from the first evaluation after step 0
+                            row["charts/perturbed_fraction"] = row["charts/perturbed_step_fraction"] = 0.25
                         f.write(json.dumps(row) + "\n")
             policies.append({"env_id": "Hopper-v5", "seed": seed, "run_dir": run, "stage": stage, "matrix": str(matrix.relative_to(root)),
                              "init": init, "finetune_condition": cond, "curriculum": curr})
@@ -55,12 +58,13 @@ def fake_study(root: Path, scores: dict, seeds=(1, 2, 3, 4, 5, 6), steps=(0, 500
     return res
 
 
-def test_report_iqm_and_cis_match_hand_computed_values_and_the_claims_follow(tmp_path):
-    x = np.array([3.0, 9.0, 1.0, 4.0, 7.0, 20.0])  # IQM of 6 runs: trim 1 at each end -> mean of 3, 4, 7, 9
+def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp_path):
+    x = np.array([3.0, 9.0, 1.0, 4.0, 7.0, 20.0, 5.0, 11.0])  # IQM of 8 runs: trim 2 at each end -> mean of 4, 5, 7, 9
     scores = {
         sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0 if c == "normal" else 30.0),
-        sr.ADV: ("offline", "adversarial", "adaptive", lambda s, c: 60.0 + x[s - 1]),
-        sr.NORMAL_FT: ("offline", "normal", "adaptive", lambda s, c: 80.0 if c == "normal" else 20.0),
+        sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 60.0 + x[s - 1]),
+        sr.ADAPTIVE: ("offline", "adversarial", "adaptive", lambda s, c: 60.0 + x[s - 1]),
+        sr.NORMAL_FT: ("offline", "normal", "fixed", lambda s, c: 80.0 if c == "normal" else 20.0),
         sr.SCRATCH: ("scratch", "adversarial", "adaptive", lambda s, c: 5.0),
     }
     res = fake_study(tmp_path, scores)
@@ -69,38 +73,66 @@ def test_report_iqm_and_cis_match_hand_computed_values_and_the_claims_follow(tmp
         (tmp_path / "runs" / "_study" / f"finetune__Hopper-v5__{i}.json").write_text(json.dumps({"argv": [], "wall_s": wall}))
     sr.main(sr.Args(results_dir=str(res), reps=2000))
     rows = {(r["policy"], r["eval_condition"]): r for r in csv.DictReader(open(res / "scores.csv"))}
-    adv = rows[(sr.ADV, "adversarial")]
-    assert float(adv["iqm"]) == pytest.approx(60 + np.mean([3, 4, 7, 9]), abs=1e-4)
+    adv = rows[(sr.ADV_FIXED, "adversarial")]
+    assert float(adv["iqm"]) == pytest.approx(60 + np.mean([4, 5, 7, 9]), abs=1e-4)
     assert float(adv["mean"]) == pytest.approx(60 + x.mean(), abs=1e-4)
-    # the CI of the mean against a percentile bootstrap written out by hand (the same resampling of 6 runs)
+    # the CI of the mean against a percentile bootstrap written out by hand (the same resampling of 8 runs)
     rng = np.random.default_rng(0)
-    boot = (60 + x)[rng.integers(0, 6, size=(20000, 6))].mean(1)
+    boot = (60 + x)[rng.integers(0, 8, size=(20000, 8))].mean(1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
     assert float(adv["mean_lo"]) == pytest.approx(lo, abs=0.4) and float(adv["mean_hi"]) == pytest.approx(hi, abs=0.4)
     assert float(adv["iqm_lo"]) < float(adv["iqm"]) < float(adv["iqm_hi"])
     off = rows[(sr.OFFLINE, "normal")]  # identical seeds: a zero-width interval
     assert float(off["iqm_lo"]) == float(off["iqm"]) == float(off["iqm_hi"]) == 50.0
+    # claim 1's paired test by hand: d = 60 + x − 30 > 0 in all 8 seeds, so p = 2 / 2^8; Holm over the 2 judged claims
+    paired = {(r["role"], r["x"], r["y"]): r for r in csv.DictReader(open(res / "paired.csv"))}
+    c1 = paired[("claim 1", sr.ADV_FIXED, sr.OFFLINE)]
+    d = 30 + x
+    half = 2.364624 * d.std(ddof=1) / np.sqrt(8)  # t(7, 0.975)
+    assert float(c1["mean_difference"]) == pytest.approx(d.mean(), rel=1e-5) and int(c1["seeds"]) == 8
+    assert float(c1["lo"]) == pytest.approx(d.mean() - half, rel=1e-5) and float(c1["p"]) == pytest.approx(2 / 256, rel=1e-4)
     report = (res / "report.md").read_text()
     assert "Status: complete" in report
     assert "| finetune | 2 | 3.0 min | 2.0 min | 4.0 min | 0.10 h |" in report and "0.10 core-hours" in report
-    assert "1. Adversarial fine-tuning is more robust than offline-only" in report and "P = 1.00 [1.00, 1.00]" in report
-    assert report.count("**supported**") >= 2  # claim 1 (every seed above offline) and claim 2 (scratch stays at 5)
-    assert "3. Matching the fine-tuning and evaluation conditions gives the strongest robustness: not measured" in report
+    assert "1. Adversarial fine-tuning is more robust than offline-only" in report
+    assert "Holm-adjusted p = 0.016: **supported**" in report  # claims 1 and 2: 2 × 2/256
+    verdicts = [ln.rsplit("**", 2)[-2] for ln in report.splitlines() if ln[:2] in ("1.", "2.") and "**" in ln]
+    assert verdicts == ["supported", "supported"] and "not measured: no paired fine-tuned random (fixed)" in report
+    assert "| Hopper-v5 | fine-tuned adversarial (fixed) | 8 |" in report and "| 0.25 [0.25, 0.25] | 0.25 [0.25, 0.25] |" in report
+    assert "budget: K=2 maxiter=3 popsize=4 episodes=2" in report
     for name in ("curves.png", "q_trajectory.png", "heatmap.png", "poi.csv"):
         assert (res / name).stat().st_size > 0
     per_seed = list(csv.DictReader(open(res / "evaluations.csv")))  # the inputs, one row per (policy, seed, condition)
-    assert len(per_seed) == len(scores) * 6 * len(sr.EVAL_CONDITIONS)
-    assert {float(r["normalized_mean"]) for r in per_seed if r["policy"] == sr.ADV and r["eval_condition"] == "adversarial"} == set(60 + x)
-    assert {r["policy"] for r in csv.DictReader(open(res / "curves.csv"))} == {sr.ADV, sr.NORMAL_FT, sr.SCRATCH}
+    assert len(per_seed) == len(scores) * 8 * len(sr.EVAL_CONDITIONS)
+    assert {float(r["normalized_mean"]) for r in per_seed if r["policy"] == sr.ADV_FIXED and r["eval_condition"] == "adversarial"} == set(60 + x)
+    assert {r["policy"] for r in csv.DictReader(open(res / "curves.csv"))} == {sr.ADV_FIXED, sr.ADAPTIVE, sr.NORMAL_FT, sr.SCRATCH}
     first = {p.name: p.read_bytes() for p in res.iterdir() if p.suffix in (".md", ".csv")}
     sr.main(sr.Args(results_dir=str(res), reps=2000))  # the same files, the same tables
     assert first == {p.name: p.read_bytes() for p in res.iterdir() if p.suffix in (".md", ".csv")}
+    # the committed files alone rebuild the same report: the runs gone, the per-seed CSVs read instead
+    import shutil
+    shutil.rmtree(tmp_path / "runs")
+    sr.main(sr.Args(results_dir=str(res), reps=2000))
+    again = {p.name: p.read_bytes() for p in res.iterdir() if p.suffix in (".md", ".csv")}
+    assert again["paired.csv"] == first["paired.csv"] and again["scores.csv"] == first["scores.csv"]
+    assert again["report.md"].replace(b"per-seed CSVs in this folder", b"runs") == first["report.md"]
+
+
+def test_one_seed_judges_no_claim(tmp_path, capsys):
+    scores = {sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0), sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 90.0)}
+    res = fake_study(tmp_path, scores, seeds=(1,))
+    sr.main(sr.Args(results_dir=str(res), reps=200))
+    printed, report = capsys.readouterr().out, (res / "report.md").read_text()
+    claim_lines = [ln for ln in report.splitlines() if ln[:2] in ("1.", "2.", "3.", "4.")]
+    assert len(claim_lines) == 4 and "not judged: 1 paired seed(s)" in printed
+    for text in [printed] + claim_lines:  # no verdict word in what is printed or in any claim's line
+        assert not any(w in text for w in ("supported", "contradicted", "inconclusive")), text
 
 
 def test_report_labels_a_partial_study_and_refuses_an_empty_one(tmp_path):
-    scores = {sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0), sr.ADV: ("offline", "adversarial", "adaptive", lambda s, c: 55.0)}
+    scores = {sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0), sr.ADAPTIVE: ("offline", "adversarial", "adaptive", lambda s, c: 55.0)}
     res = fake_study(tmp_path, scores, seeds=(1, 2))
-    os.remove(tmp_path / "runs" / f"{sr.ADV.replace(' ', '_')}_2" / "matrix.csv")
+    os.remove(tmp_path / "runs" / f"{sr.ADAPTIVE.replace(' ', '_')}_2" / "matrix.csv")
     sr.main(sr.Args(results_dir=str(res), reps=200))
     assert "PARTIAL: 3 of 4 policies evaluated" in (res / "report.md").read_text()
     proc = subprocess.run([sys.executable, str(ROOT / "study_report.py"), "--results-dir", str(tmp_path / "nothing")],
@@ -116,7 +148,10 @@ def test_the_grid_expands_to_the_paper_conditions_in_dag_order(tmp_path):
         assert all(ids.index(d) < i for d in s.deps), s.id
     ft = sorted(s.id.split(":")[-1] for s in stages if s.kind == "finetune" and s.seed == 1)
     assert ft == ["offline-adversarial-adaptive", "offline-adversarial-fixed", "offline-adversarial-linear",
-                  "offline-normal-adaptive", "offline-random-adaptive", "scratch-adversarial-adaptive"]
+                  "offline-normal-fixed", "offline-random-fixed", "scratch-adversarial-adaptive"]
+    for s in stages:  # claim 3's arms differ only in the condition: the same fixed q
+        if s.kind == "finetune" and s.id.endswith("-fixed"):
+            assert s.argv[s.argv.index("--q") + 1] == "0.5"
     assert sum(s.kind == "dataset" for s in stages) == 1 and sum(s.kind == "pretrain" for s in stages) == 5
     assert sum(s.kind == "evaluate" for s in stages) == 5 * 7  # offline-only + six fine-tunes, per seed
     proc = subprocess.run([sys.executable, str(ROOT / "study.py"), "--scale", "tiny", "--seeds", "1", "--dry-run"],
@@ -147,7 +182,7 @@ def test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage
     bad.mkdir(parents=True)
     (bad / "checkpoint.pt").write_bytes(b"not a checkpoint")
     cmd = [sys.executable, str(ROOT / "study.py"), "--scale", "tiny", "--seeds", "1", "2", "--finetune-conditions", "normal",
-           "adversarial", "--curricula", "adaptive", "--no-scratch", "--results-dir", "results/t", "--reps", "200"]
+           "--curricula", "adaptive", "--no-scratch", "--results-dir", "results/t", "--reps", "200"]
     driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     deadline = time.time() + 240
@@ -158,7 +193,7 @@ def test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage
     first = _markers(tmp_path)
     assert len(first) >= 3, driver.stdout.read()
     stages = {os.path.basename(study.marker_path(s)): s for s in study.build_stages(
-        study.Args(scale="tiny", seeds=(1, 2), finetune_conditions=("normal", "adversarial"), curricula=("adaptive",),
+        study.Args(scale="tiny", seeds=(1, 2), finetune_conditions=("normal",), curricula=("adaptive",),
                    scratch=False), str(tmp_path / "minari"))}
     outputs = {p: p.stat().st_mtime_ns for name in first for p in _outputs(stages[name], tmp_path)}
     assert outputs

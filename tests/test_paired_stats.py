@@ -1,0 +1,91 @@
+"""The verdicts' statistics (paired_stats.py, study_report.judge): values computed by hand, the false-positive rate
+on simulated paired data with no true difference, and the power to detect a planted effect."""
+import numpy as np
+import pytest
+
+import study_report as sr
+from paired_stats import equivalence_p, holm, paired_t_ci, sign_flip_p
+
+D = np.array([1.0, 2.0, 3.0, -1.0, 4.0])
+
+
+def test_sign_flip_p_and_paired_ci_equal_values_computed_by_hand():
+    # |d| sums to 11 and the observed sum is 9: a sign pattern is as extreme when it flips at most one of the two 1s
+    # (3 patterns), or is the mirror image of one of those (3 more): 6 of 2^5
+    assert sign_flip_p(D) == pytest.approx(6 / 32)
+    assert sign_flip_p(D, "greater") == pytest.approx(3 / 32) and sign_flip_p(D, "less") == pytest.approx(31 / 32)
+    assert sign_flip_p(np.full(5, 2.0)) == pytest.approx(2 / 32)  # the floor at 5 seeds: 0.0625
+    assert sign_flip_p(np.full(8, 2.0)) == pytest.approx(2 / 256)
+    mean, lo, hi = paired_t_ci(D)  # mean 1.8, sd sqrt(14.8 / 4), t(4, 0.975) = 2.776445
+    half = 2.776445 * np.sqrt(14.8 / 4) / np.sqrt(5)
+    assert (mean, lo, hi) == pytest.approx((1.8, 1.8 - half, 1.8 + half), abs=1e-5)
+    # TOST with margin 5: d + 5 and d − 5 are all of one sign, so only the observed pattern is as extreme: 1 / 32
+    assert equivalence_p(D, 5.0) == pytest.approx(1 / 32)
+    assert equivalence_p(D, 0.5) > 0.5
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+
+
+def test_exact_enumeration_agrees_with_brute_force_beyond_the_first_block():
+    rng = np.random.default_rng(3)
+    d = rng.normal(0.4, 1.0, 14)  # 14 > the 12-seed block: the tails are enumerated too
+    signs = np.array(np.meshgrid(*[[1, -1]] * 14)).reshape(14, -1).T
+    brute = np.mean(np.abs(signs @ d) >= abs(d.sum()) - 1e-9)
+    assert sign_flip_p(d) == pytest.approx(brute)
+
+
+def simulated_p(n_seeds: int, effect: float, draws: int, seed: int) -> np.ndarray:
+    """Two-sided sign-flip p-values of paired differences ~ N(effect, 1), one per simulated study."""
+    rng = np.random.default_rng(seed)
+    return np.array([sign_flip_p(rng.normal(effect, 1.0, n_seeds)) for _ in range(draws)])
+
+
+@pytest.mark.parametrize("n_seeds,draws", [(5, 1000), (10, 2000), (20, 600)])
+def test_the_rule_calls_no_more_than_five_percent_winners_without_a_difference(n_seeds, draws):
+    p = simulated_p(n_seeds, 0.0, draws, seed=n_seeds)
+    judged = n_seeds >= sr.MIN_SEEDS
+    false_positive = np.mean(judged & (p <= sr.ALPHA))
+    tolerance = 2.5 * np.sqrt(sr.ALPHA * (1 - sr.ALPHA) / draws)
+    assert false_positive <= sr.ALPHA + tolerance
+    if n_seeds == 5:  # below the minimum, and an exact test could not pass anyway: its smallest p is 0.0625
+        assert p.min() == pytest.approx(0.0625) and false_positive == 0
+    else:  # calibrated, not merely conservative
+        assert np.mean(p <= sr.ALPHA) >= sr.ALPHA - tolerance
+
+
+def test_a_planted_effect_of_one_sd_is_detected_at_ten_seeds():
+    """The exact test's power at d = 1 SD, 10 seeds, α = 0.05 is 0.796 (20,000 simulated studies; the paired t-test's,
+    the most a calibrated test can have on normal data, is 0.803): at least 80 % within sampling tolerance."""
+    draws = 2000
+    power = np.mean(simulated_p(10, 1.0, draws, seed=11) <= sr.ALPHA)
+    assert power >= 0.80 - 2.5 * np.sqrt(0.8 * 0.2 / draws)
+
+
+def judge_simulated(effects: dict, n_seeds: int, rng) -> list:
+    """judge() on simulated per-seed endpoint values: every arm N(0, 1) per seed, plus the planted effects."""
+    arms = {sr.OFFLINE, sr.NORMAL_FT, sr.RANDOM_FT, sr.ADV_FIXED, sr.LINEAR, sr.ADAPTIVE, sr.SCRATCH}
+    values = {}
+    for arm in arms:
+        for endpoint in ("normal", "random", "robustness", "online_auc"):
+            values[("E", arm, endpoint)] = {s: rng.normal() + effects.get((arm, endpoint), 0.0) for s in range(n_seeds)}
+    return sr.judge(values, ["E"], 0.95)
+
+
+def test_holm_keeps_the_family_wise_error_rate_over_the_claims():
+    rng = np.random.default_rng(5)
+    draws, errors = 300, 0
+    for _ in range(draws):
+        # no claim is true: every difference is 0, and the equivalence margin is far below the noise
+        errors += any(e["verdict"] in ("supported", "contradicted") for e in judge_simulated({}, 10, rng))
+    assert errors / draws <= sr.ALPHA + 2.5 * np.sqrt(sr.ALPHA * (1 - sr.ALPHA) / draws)
+
+
+def test_verdicts_follow_planted_effects_and_need_the_minimum_of_seeds():
+    rng = np.random.default_rng(7)
+    big = 40.0  # far beyond the noise: every test is as small as 10 seeds allow
+    effects = {(sr.ADV_FIXED, "robustness"): big, (sr.ADAPTIVE, "online_auc"): big, (sr.LINEAR, "normal"): big}
+    verdicts = {e["claim"].number: e["verdict"] for e in judge_simulated(effects, 10, rng)}
+    assert verdicts[1] == "supported" and verdicts[2] == "supported"
+    assert verdicts[4] == "contradicted"  # linear keeps the nominal return better
+    assert verdicts[3] == "inconclusive"  # only its robustness column has an effect; the other four are noise
+    few = judge_simulated(effects, sr.MIN_SEEDS - 1, rng)
+    assert all(e["verdict"] is None and e["status"].startswith("not judged") for e in few)
