@@ -379,6 +379,34 @@ class RingBuffer:
             self.data[k][:self.size] = v.to(self.data[k].device)
 
 
+# Fine-tuning's episode bookkeeping
+@dataclasses.dataclass
+class EpisodeCounters:
+    """The training episodes' bookkeeping: the current episode's return, length and whether its δ ≠ 0, and the realized
+    exposure so far (episodes and env steps that ran under a non-zero δ). Saved and restored by name."""
+
+    episode_return: float = 0.0
+    episode_len: int = 0
+    perturbed: bool = False
+    episodes: int = 0
+    perturbed_episodes: int = 0
+    steps: int = 0
+    perturbed_steps: int = 0
+
+    def start(self, delta: np.ndarray):
+        self.episode_return, self.episode_len, self.perturbed = 0.0, 0, bool(np.any(delta))
+        self.episodes, self.perturbed_episodes = self.episodes + 1, self.perturbed_episodes + int(self.perturbed)
+
+    def step(self, reward: float):
+        self.episode_return, self.episode_len = self.episode_return + float(reward), self.episode_len + 1
+        self.steps, self.perturbed_steps = self.steps + 1, self.perturbed_steps + int(self.perturbed)
+
+    def exposure(self) -> dict:
+        """The realized exposure: fractions of the training episodes (the current one included) and env steps under δ ≠ 0."""
+        return {"charts/perturbed_fraction": self.perturbed_episodes / max(self.episodes, 1),
+                "charts/perturbed_step_fraction": self.perturbed_steps / max(self.steps, 1)}
+
+
 # Resuming
 def rng_state() -> dict:
     """Python, NumPy and torch generator states as plain types and tensors (they load with weights_only=True)."""

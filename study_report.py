@@ -19,6 +19,7 @@ import io
 import json
 import os
 import sys
+import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -153,22 +154,31 @@ def load_runs(manifest: dict, root: str):
     return rows, curves, missing
 
 
+def csv_inputs(results_dir: str) -> tuple:
+    """The per-seed tables: the finished chains' files (chains/*__evaluations.csv and *__curves.csv, which study.py
+    writes as each (env, seed) chain finishes) where there are any, else evaluations.csv and curves.csv."""
+    chains = sorted(glob.glob(os.path.join(results_dir, "chains", "*__evaluations.csv")))
+    if chains:
+        return chains, [p.replace("__evaluations.csv", "__curves.csv") for p in chains]
+    return [os.path.join(results_dir, "evaluations.csv")], [os.path.join(results_dir, "curves.csv")]
+
+
 def load_csvs(results_dir: str):
-    """The per-seed tables a report wrote -> (evaluation rows, curves). Curves from before the normalized columns get
-    them from the linear map that evaluations.csv shows between returns and normalized scores (exact: two numbers)."""
+    """The per-seed tables a report or study wrote -> (evaluation rows, curves). Curves from before the normalized
+    columns get them from the linear map that the evaluations show between returns and normalized scores (exact)."""
     rows = []
-    with open(os.path.join(results_dir, "evaluations.csv")) as f:
-        for r in csv.DictReader(f):
-            rows.append({**r, "seed": int(r["seed"]), "mean_return": float(r["mean_return"]),
-                         "normalized_mean": float(r["normalized_mean"]), "attack_budget": r.get("attack_budget", "")})
+    evaluation_files, curve_files = csv_inputs(results_dir)
+    for path in evaluation_files:
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                rows.append({**r, "seed": int(r["seed"]), "mean_return": float(r["mean_return"]),
+                             "normalized_mean": float(r["normalized_mean"]), "attack_budget": r.get("attack_budget", "")})
+    def normalized(env: str, ret: float) -> float:  # normalized = a · return + b, read off the evaluations
+        pairs = np.array([(r["mean_return"], r["normalized_mean"]) for r in rows if r["env_id"] == env])
+        return float(np.polyval(np.polyfit(pairs[:, 0], pairs[:, 1], 1), ret))
+
     curves = defaultdict(dict)
-    path = os.path.join(results_dir, "curves.csv")
-    if os.path.isfile(path):
-        scale = {}
-        for env in {r["env_id"] for r in rows}:
-            ret = np.array([r["mean_return"] for r in rows if r["env_id"] == env])
-            norm = np.array([r["normalized_mean"] for r in rows if r["env_id"] == env])
-            scale[env] = np.polyfit(ret, norm, 1)  # normalized = a · return + b
+    for path in (p for p in curve_files if os.path.isfile(p)):
         with open(path) as f:
             for r in csv.DictReader(f):
                 row = {"step": int(r["step"])}
@@ -176,7 +186,7 @@ def load_csvs(results_dir: str):
                     row[col] = float(r[col]) if r.get(col) not in (None, "") else None
                 for c in CURVE_CONDITIONS:
                     if row[f"{c}_normalized"] is None:
-                        row[f"{c}_normalized"] = float(np.polyval(scale[r["env_id"]], row[f"{c}_return"]))
+                        row[f"{c}_normalized"] = normalized(r["env_id"], row[f"{c}_return"])
                 curves[(r["env_id"], r["policy"])].setdefault(int(r["seed"]), []).append(row)
     return rows, curves
 
@@ -193,7 +203,7 @@ def load(args: Args):
         rows, curves, missing = load_runs(manifest, root)
         n_done = len(manifest["policies"]) - len(missing)
     else:
-        if not os.path.isfile(os.path.join(args.results_dir, "evaluations.csv")):
+        if not all(os.path.isfile(p) for p in csv_inputs(args.results_dir)[0]):
             raise ReportError(f"neither the study's runs (under {root}) nor {args.results_dir}/evaluations.csv are here; "
                               f"pass --runs-root, or let the study finish")
         rows, curves = load_csvs(args.results_dir)
@@ -582,7 +592,8 @@ def efficiency_section(curves, policies, reps, confidence) -> list:
         area = interval({"x": arr[:, steps > 0].mean(1, keepdims=True)}, iqm_and_mean, reps, confidence)["x"]
         out.append(f"| {g} | {pol} | {len(hit)} of {len(reach)} | {int(np.median(hit)) if hit else '–'} | "
                    f"{fmt(last[0][0], last[1][0], last[2][0])} | {fmt(area[0][0], area[1][0], area[2][0])} |")
-    return out + ["", "Reaching: the first evaluation after step 0 at which the normal return is at least the same seed's "
+    return out + ["", f"Learning curves (`curves.png`): IQM over seeds with {poi_reps(reps)}-replication bootstrap bands. "
+                  "Reaching: the first evaluation after step 0 at which the normal return is at least the same seed's "
                   "offline policy's on the same evaluation episodes (step 0 of its fine-tunes). The online area under the "
                   "curve (claim 2's endpoint) averages the evaluations after step 0.", ""]
 
@@ -597,6 +608,20 @@ def costs_section(costs: list) -> list:
             + [f"| {k} | {n} | {m / 60:.1f} min | {lo / 60:.1f} min | {hi / 60:.1f} min | {tot / 3600:.2f} h |"
                for k, n, m, lo, hi, tot in costs]
             + ["", f"All stages together: {sum(c[5] for c in costs) / 3600:.2f} core-hours.", ""])
+
+
+def chains_section(results_dir: str) -> list:
+    """Which commit, machine and wall time produced each (env, seed) chain (chains/*.json, written by study.py)."""
+    chains = [read_json(p) for p in sorted(glob.glob(os.path.join(results_dir, "chains", "*.json")))]
+    if not chains:
+        return []
+    return (["## The chains: what produced each", "",
+             "| env | seed | commit | machine | stages | wall time of its stages | finished (UTC) |", "|---|---|---|---|---|---|---|"]
+            + [f"| {c['env_id']} | {c['seed']} | `{c['commit'][:12]}{'+dirty' if c['commit'].endswith('+dirty') else ''}` | "
+               f"{c['machine']} | {c['stages']} | {c['wall_s'] / 3600:.2f} h | "
+               f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(c['finished']))} |" for c in chains]
+            + ["", f"{len(chains)} chains, {sum(c['wall_s'] for c in chains) / 3600:.2f} core-hours of stages in all "
+               "(each stage on one core).", ""])
 
 
 def attack_budgets(rows: list, manifest: dict) -> str:
@@ -661,6 +686,7 @@ def main(args: Args):
     out += efficiency_section(curves, policies, R, C)
     costs = stage_costs(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
     out += costs_section(costs)
+    out += chains_section(args.results_dir)
 
     plot_curves(args.results_dir, envs, curves, policies, est, R, C)
     plot_heatmap(os.path.join(args.results_dir, "heatmap.png"), groups[-1], policies, est, C)

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, ConditionEvaluator, NonFiniteSentinel, Range, RingBuffer,
-                     Run, UserError, accelerate, adam, check_fast_path_args, check_ranges, check_rendering, cli,
+from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, ConditionEvaluator, EpisodeCounters, NonFiniteSentinel, Range,
+                     RingBuffer, Run, UserError, accelerate, adam, check_fast_path_args, check_ranges, check_rendering, cli,
                      condition_metrics, default_checkpoint, env_state, finished, load_checkpoint, load_module_states,
                      load_perturbations, module_states, offline_transitions, open_run, reference_scores, rng_state,
                      save_checkpoint, seed_everything, set_env_state, set_rng_state, sha256_file)
@@ -285,33 +285,6 @@ class OnlineBuffer(RingBuffer):
         d["actions"][i] = torch.as_tensor(chosen_action, device=d["actions"].device)
         d["rewards"][i], d["terminations"][i] = float(reward), float(terminated)
         self.advance()
-
-
-@dataclass
-class EpisodeCounters:
-    """The training episodes' bookkeeping: the current episode's return, length and whether its δ ≠ 0, and the realized
-    exposure so far (episodes and env steps that ran under a non-zero δ). Saved and restored by name."""
-
-    episode_return: float = 0.0
-    episode_len: int = 0
-    perturbed: bool = False
-    episodes: int = 0
-    perturbed_episodes: int = 0
-    steps: int = 0
-    perturbed_steps: int = 0
-
-    def start(self, delta: np.ndarray):
-        self.episode_return, self.episode_len, self.perturbed = 0.0, 0, bool(np.any(delta))
-        self.episodes, self.perturbed_episodes = self.episodes + 1, self.perturbed_episodes + int(self.perturbed)
-
-    def step(self, reward: float):
-        self.episode_return, self.episode_len = self.episode_return + float(reward), self.episode_len + 1
-        self.steps, self.perturbed_steps = self.steps + 1, self.perturbed_steps + int(self.perturbed)
-
-    def exposure(self) -> dict:
-        """The realized exposure: fractions of the training episodes (the current one included) and env steps under δ ≠ 0."""
-        return {"charts/perturbed_fraction": self.perturbed_episodes / max(self.episodes, 1),
-                "charts/perturbed_step_fraction": self.perturbed_steps / max(self.steps, 1)}
 
 
 def td_target(critic_target: Critic, actor_target: Actor, next_obs, reward, termination, gamma: float,

@@ -182,6 +182,8 @@ def test_shared_arguments_are_declared_alike():
         "eval_freq",  # TD3+BC and the behaviour policy evaluate every 5k steps, fine-tuning every 10k (the paper's)
         "env_id",  # required by collect_dataset.py (default Hopper-v5); optional elsewhere (read from the dataset)
         "learning_starts",  # fine-tuning's depends on --init (unset: 25k for scratch, a batch for offline)
+        "eval_episodes",  # the final matrix plays 30 episodes per condition; the stages' own evaluations 10
+        "eval_seed",  # the final matrix's episodes (50,000 + i) are apart from those the stages evaluate on (10,000 + i)
     }
 
     def declared(f):

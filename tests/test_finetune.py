@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import de_perturbations as de
+import runtime
 import td3_adv_finetune as ft
 import td3_bc_offline as tb
 from conftest import assert_one_line_error, assert_usage_error, run_script
@@ -213,3 +214,45 @@ def test_plain_command_finds_the_pipeline_outputs_and_repeats(hopper_checkpoint,
         assert "using checkpoint runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt" in proc.stdout
     runs = [d.name for d in (tmp_path / "runs").iterdir() if "td3_adv_finetune" in d.name]
     assert len(runs) == 2 and all(r.startswith("Hopper-v5__td3_adv_finetune__offline-adversarial-adaptive__1__") for r in runs)
+
+
+@pytest.mark.parametrize("q", [0.0, 1.0])
+def test_realized_exposure_is_logged_and_counts_what_ran(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch, q):
+    """charts/perturbed_fraction and charts/perturbed_step_fraction: the shares of training episodes and env steps that
+    ran under δ ≠ 0. At q = 0 nothing is perturbed, at q = 1 everything; and they agree with the per-episode rows."""
+    monkeypatch.chdir(tmp_path)
+    ft.main(ft.Args(checkpoint=hopper_checkpoint, total_steps=120, eval_freq=60, eval_episodes=1, batch_size=16,
+                    cuda=False, run_name="exposure", curriculum="fixed", q=q))
+    rows = [json.loads(line) for line in open(tmp_path / "runs" / "exposure" / "metrics.jsonl")]
+    last = [r for r in rows if "charts/perturbed_step_fraction" in r][-1]
+    assert last["charts/perturbed_fraction"] == q and last["charts/perturbed_step_fraction"] == q
+    episodes = [r for r in rows if "charts/perturbed" in r]
+    assert episodes and all(r["charts/perturbed"] == bool(q) for r in episodes)
+
+
+def test_episode_counters_save_and_restore_by_name():
+    c = runtime.EpisodeCounters()
+    c.start(np.array([0.1, 0.0, 0.0]))
+    for r in (1.0, 2.0):
+        c.step(r)
+    c.start(np.zeros(3))
+    c.step(0.5)
+    assert (c.episodes, c.perturbed_episodes, c.steps, c.perturbed_steps, c.episode_return) == (2, 1, 3, 2, 0.5)
+    assert c.exposure() == {"charts/perturbed_fraction": 0.5, "charts/perturbed_step_fraction": pytest.approx(2 / 3)}
+    import dataclasses
+    assert runtime.EpisodeCounters(**dataclasses.asdict(c)) == c
+
+
+def test_reset_optimizers_says_which_states_start_fresh(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):
+    """--reset-optimizers none keeps both Adam states of the checkpoint, actor resets the actor's, both resets both:
+    checked on the state before the first update (learning starts after the run's only step)."""
+    monkeypatch.chdir(tmp_path)
+    saved = torch.load(hopper_checkpoint, weights_only=True)
+    for variant, fresh in (("none", ()), ("actor", ("actor_optimizer",)), ("both", ("actor_optimizer", "critic_optimizer"))):
+        ft.main(ft.Args(checkpoint=hopper_checkpoint, total_steps=1, eval_freq=1, eval_episodes=1, batch_size=16,
+                        learning_starts=10, cuda=False, run_name=f"reset-{variant}", reset_optimizers=variant))
+        ckpt = torch.load(tmp_path / "runs" / f"reset-{variant}" / "checkpoint.pt", weights_only=True)
+        for name in ("actor_optimizer", "critic_optimizer"):
+            assert (ckpt[name]["state"] == {}) == (name in fresh), (variant, name)
+            if name not in fresh:
+                assert torch.equal(ckpt[name]["state"][0]["exp_avg_sq"], saved[name]["state"][0]["exp_avg_sq"])

@@ -82,22 +82,21 @@ def test_plots_are_written_with_sensible_sizes(matrix):
         assert (matrix / f"{name}.png").stat().st_size > 15_000
 
 
-def test_fresh_attack_lowers_return_and_uses_de_semantics(matrix, policy_set):
+def test_fresh_attack_uses_de_semantics(matrix, policy_set):
+    """The adversarial column is the fresh attack's δ set played through de_perturbations' own evaluator on the matrix's
+    episodes. (Whether a 2-generation attack, searched on DE's own episodes, also lowers the return on the matrix's
+    held-out episodes is chance at this size, so it is not asserted; tests/test_perturbations.py checks that DE beats
+    random search at an equal budget.)"""
     rows = list(csv.DictReader(open(matrix / "matrix.csv")))
-    for seed in ("1", "2"):
-        get = lambda c: next(float(r["mean_return"]) for r in rows  # noqa: E731
-                             if r["policy"] == "offline-only" and r["seed"] == seed and r["eval_condition"] == c)
-        assert get("adversarial") < get("normal")
-    # the adversarial column is the attack's δ set played through de_perturbations' own evaluator
     path = str(policy_set / "runs" / "off1" / "checkpoint.pt")
     ckpt = de.load_checkpoint(path)
     attacks = [np.load(f) for f in (matrix / "attacks").glob("*.npz")]
     mine = [a for a in attacks if str(a["checkpoint_sha256"]) == runtime.sha256_file(path)]
     assert len(attacks) == 3 and len(mine) == 1  # one fresh attack per policy
     attack = mine[0]
-    ev = de.PopulationEvaluator(ckpt, "multiplicative", None, 1)
+    ev = de.PopulationEvaluator(ckpt, "multiplicative", ckpt.get("max_episode_steps"), 1)
     K = len(attack["perturbations"])
-    expected = np.mean([ev.returns(attack["perturbations"][i % K][None], np.array([10_000 + i]))[0] for i in range(3)])
+    expected = np.mean([ev.returns(attack["perturbations"][i % K][None], np.array([em.EVAL_SEED + i]))[0] for i in range(3)])
     got = next(float(r["mean_return"]) for r in rows if r["checkpoint"] == os.path.normpath(path) and r["eval_condition"] == "adversarial")
     assert got == pytest.approx(expected, rel=1e-6)
 
@@ -137,9 +136,15 @@ def test_whole_pipeline_runs_at_tiny_scale(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = tmp_path / "results" / "tiny-hopper"
+    res = tmp_path / "results" / "demo-tiny-hopper"
     for name in ("report.md", "scores.csv", "heatmap.png", "curves.png", "q_trajectory.png"):
         assert (res / name).stat().st_size > 0, name
+    # a smoke test: no claim verdict, printed or written; and its folder is one git ignores, so `git status` stays clean
+    claim_lines = [ln for ln in (res / "report.md").read_text().splitlines() if ln[:2] in ("1.", "2.", "3.", "4.")]
+    for text in [proc.stdout] + claim_lines:
+        assert not any(w in text for w in ("supported", "contradicted", "inconclusive")), text
+    ignored = subprocess.run(["git", "check-ignore", "-q", "results/demo-tiny-hopper/report.md"], cwd=ROOT)
+    assert ignored.returncode == 0
     policies = {r["policy"] for r in csv.DictReader(open(res / "scores.csv"))}
     assert policies == {"offline-only", "fine-tuned adversarial (adaptive)", "fine-tuned normal",
                         "scratch adversarial (adaptive)"}
@@ -172,3 +177,24 @@ def test_a_fork_under_a_new_file_name_is_its_own_stage_in_the_matrix_and_the_cur
     em.main(em.Args(checkpoints=(str(tmp_path / "runs"),), output_dir=str(out), eval_episodes=1, num_workers=1))
     assert {r["policy"] for r in csv.DictReader(open(out / "matrix.csv"))} == {"offline-only", "my_idea: fine-tuned adversarial (adaptive)"}
     assert (out / "curves.png").stat().st_size > 0 and (out / "q_trajectory.png").stat().st_size > 0
+
+
+def test_fresh_attack_copies_every_recorded_setting(matrix, policy_set):
+    """The fresh attack runs with the reference file's K, budget, episodes, episode limit, DE seed and polish, and
+    matrix.csv states the budget; a flag overrides only what it names."""
+    ref = np.load(policy_set / "runs" / "off1" / "perturbations.npz")
+    settings = em.attack_settings(ref, em.Args())
+    flag = lambda name: settings[settings.index(name) + 1]  # noqa: E731
+    assert flag("--de-seed") == str(int(ref["de_seed"])) and flag("--max-episode-steps") == str(int(ref["max_episode_steps"]))
+    assert flag("--maxiter") == str(int(ref["maxiter"])) and flag("--num-perturbations") == str(len(ref["perturbations"]))
+    assert ("--polish" if bool(ref["polish"]) else "--no-polish") in settings
+    assert flag("--de-episodes") == str(int(ref["de_episodes"])) and flag("--popsize") == str(int(ref["popsize"]))
+    assert em.attack_settings(ref, em.Args(attack_maxiter=1))[settings.index("--maxiter") + 1] == "1"
+    attack = next(np.load(f) for f in (matrix / "attacks").glob("*.npz")
+                  if str(np.load(f)["checkpoint_sha256"]) == runtime.sha256_file(policy_set / "runs" / "off1" / "checkpoint.pt"))
+    for key in ("de_seed", "max_episode_steps", "maxiter", "popsize", "de_episodes", "polish"):
+        assert attack[key] == ref[key], key
+    rows = list(csv.DictReader(open(matrix / "matrix.csv")))
+    assert {r["attack_budget"] for r in rows if r["checkpoint"].endswith("off1/checkpoint.pt")} == {em.attack_budget(settings)}
+    table = (matrix / "matrix.md").read_text()
+    assert "| offline-only |" in table and "† |" in table and "direct attack" in table

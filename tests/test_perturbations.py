@@ -205,3 +205,10 @@ def test_additive_model_allows_epsilon_at_or_above_one(hopper_checkpoint, tmp_pa
                       "--de-episodes", "1", "--eval-episodes", "1", "--random-draws", "1", "--max-episode-steps", "20",
                       "--num-workers", "1", "--output", str(tmp_path / "a.npz"))
     assert proc.returncode == 0, proc.stderr
+
+
+def test_de_summary_uses_the_evaluators_estimator():
+    """Episode i plays δ_(i mod K), as runtime.ConditionEvaluator does, not every δ on every episode."""
+    table = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # [K = 2 deltas, M = 3 episodes]
+    assert de.as_evaluated(table) == pytest.approx((1.0 + 5.0 + 3.0) / 3)
+    assert de.as_evaluated(table) != pytest.approx(table.mean())

@@ -214,6 +214,14 @@ def test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage
                 next(s for s in stages.values() if s.id == d)))]["finished"], (name, d)
     report = (tmp_path / "results" / "t" / "report.md").read_text()
     assert "PARTIAL: 3 of 6 policies evaluated" in report
+    # seed 1's chain finished: its per-seed rows and provenance are in the results folder, ready to commit
+    chains = tmp_path / "results" / "t" / "chains"
+    assert sorted(p.name for p in chains.iterdir()) == ["Hopper-v5__seed1.json", "Hopper-v5__seed1__curves.csv",
+                                                        "Hopper-v5__seed1__evaluations.csv"]
+    meta = json.loads((chains / "Hopper-v5__seed1.json").read_text())
+    assert meta["stages"] == 7 and meta["wall_s"] > 0 and len(meta["commit"]) >= 40 and "cores" in meta["machine"]
+    assert len(list(csv.DictReader(open(chains / "Hopper-v5__seed1__evaluations.csv")))) == 3 * 4
+    assert "| Hopper-v5 | 1 |" in report and "## The chains: what produced each" in report
 
 
 def test_run_stage_resumes_where_state_is_left_reports_the_error_line_and_flags_a_killed_process(tmp_path):
