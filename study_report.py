@@ -43,9 +43,14 @@ SCRATCH = "scratch adversarial (adaptive)"
 ORDER = (OFFLINE, NORMAL_FT, RANDOM_FT, ADV_FIXED, LINEAR, ADAPTIVE, SCRATCH)
 
 # The decision rule, declared before the runs (docs/protocol.md repeats it)
-ALPHA = 0.05  # family-wise error rate over the claims' primary tests (Holm)
-MIN_SEEDS = 8  # the fewest paired seeds at which an exact two-sided sign-flip test (smallest p = 2 / 2^n) can pass
-#                Holm's first step over 4 claims (0.05 / 4): 2 / 2^8 = 0.0078; at 7 seeds 0.0156 cannot
+ALPHA = 0.05  # family-wise error rate over the claims' primary tests (Holm); --alpha for a study that looks twice
+
+
+def min_seeds(alpha: float) -> int:
+    """The fewest paired seeds at which an exact two-sided sign-flip test (smallest p = 2 / 2^n) can pass Holm's first
+    step over the claims (alpha / 4): 8 at α = 0.05 (2 / 2^8 = 0.0078 ≤ 0.0125; 7 seeds give 0.0156), and never fewer
+    than 5."""
+    return max(5, int(np.ceil(np.log2(2 * len(CLAIMS) / alpha))))
 EQUIVALENCE_MARGIN = 5.0  # claim 4's "similar robustness": the mean difference lies within ±5 normalized points
 
 ENDPOINTS = {
@@ -87,6 +92,7 @@ CLAIMS = (
     Claim(4, "The adaptive curriculum keeps nominal return better than the linear one at similar robustness",
           (Comparison(ADAPTIVE, LINEAR, "normal"), Comparison(ADAPTIVE, LINEAR, "robustness", "equivalence"))),
 )
+MIN_SEEDS = min_seeds(ALPHA)
 SECONDARY = (  # reported with unadjusted p-values; no verdict rests on them
     Comparison(ADAPTIVE, OFFLINE, "robustness"),
     Comparison(LINEAR, OFFLINE, "robustness"),
@@ -110,6 +116,9 @@ class Args:
     """bootstrap replications of the descriptive tables (P(X > Y) and the curves' bands use a fifth, at least 200)"""
     confidence: float = 0.95
     """coverage of the confidence intervals"""
+    alpha: float = ALPHA
+    """family-wise error rate of the verdicts (Holm across the claims); a study that looks at its data twice (its
+    protocol's extension rule) uses a smaller one per look, e.g. Pocock's 0.0294 for two looks"""
 
 
 class ReportError(Exception):
@@ -233,7 +242,7 @@ def endpoint_values(rows: list, curves: dict) -> dict:
     return out
 
 
-def compare(values: dict, comp: Comparison, env: str, confidence: float) -> Optional[dict]:
+def compare(values: dict, comp: Comparison, env: str, confidence: float, alpha: float = ALPHA) -> Optional[dict]:
     """The paired test of one comparison in one env: n, the mean difference X − Y with its CI, and p. None if an arm
     is missing. difference: paired-t CI at `confidence`, exact two-sided sign-flip p; equivalence: TOST against
     ±EQUIVALENCE_MARGIN, with the matching (1 − 2α) CI."""
@@ -245,7 +254,7 @@ def compare(values: dict, comp: Comparison, env: str, confidence: float) -> Opti
         return None
     d = np.array([x[s] - y[s] for s in seeds])
     if comp.test == "equivalence":
-        mean, lo, hi = paired_t_ci(d, 1 - 2 * ALPHA)
+        mean, lo, hi = paired_t_ci(d, 1 - 2 * alpha)
         p = equivalence_p(d, EQUIVALENCE_MARGIN)
     else:
         mean, lo, hi = paired_t_ci(d, confidence)
@@ -265,49 +274,50 @@ def primary_test(results: list) -> tuple:
     return min(1.0, min(r["p"] for r in against) * len(diffs)), "against"
 
 
-def judge(values: dict, envs: list, confidence: float) -> list:
+def judge(values: dict, envs: list, confidence: float, alpha: float = ALPHA) -> list:
     """Every claim in every env: its components' paired tests and, from MIN_SEEDS paired seeds, a verdict under Holm's
     correction across all the judged claims. -> [{claim, env, results, status, verdict, p, p_holm}]"""
     judged = []
     for env in envs:
         for claim in CLAIMS:
-            results = [(compare(values, comp, env, confidence), comp) for comp in claim.components]
+            results = [(compare(values, comp, env, confidence, alpha), comp) for comp in claim.components]
             entry = {"claim": claim, "env": env, "results": results, "verdict": None, "p": None, "p_holm": None}
             missing = sorted({name for r, comp in results if r is None for name in (comp.x, comp.y)
                               if not values.get((env, name, comp.endpoint))})
             if missing or any(r is None for r, _ in results):
                 entry["status"] = f"not measured: no paired {', '.join(missing) or 'seeds'}"
-            elif min(r["n"] for r, _ in results) < MIN_SEEDS:
-                entry["status"] = f"not judged: {min(r['n'] for r, _ in results)} paired seed(s), a verdict needs at least {MIN_SEEDS}"
+            elif min(r["n"] for r, _ in results) < min_seeds(alpha):
+                entry["status"] = (f"not judged: {min(r['n'] for r, _ in results)} paired seed(s), a verdict needs at least "
+                                   f"{min_seeds(alpha)}")
             else:
                 entry["p"], entry["side"] = primary_test(results)
             judged.append(entry)
     tested = [e for e in judged if e["p"] is not None]
     for e, p_holm in zip(tested, holm([e["p"] for e in tested]) if tested else []):
         e["p_holm"] = float(p_holm)
-        e["verdict"] = ("inconclusive" if p_holm > ALPHA else "supported" if e["side"] == "for" else "contradicted")
+        e["verdict"] = ("inconclusive" if p_holm > alpha else "supported" if e["side"] == "for" else "contradicted")
         e["status"] = e["verdict"]
     return judged
 
 
-def describe(r: dict, comp: Comparison) -> str:
+def describe(r: dict, comp: Comparison, alpha: float) -> str:
     if comp.test == "equivalence":
-        return (f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} [{int(100 * (1 - 2 * ALPHA))}% CI {r['lo']:+.1f}, "
+        return (f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} [{100 * (1 - 2 * alpha):.0f}% CI {r['lo']:+.1f}, "
                 f"{r['hi']:+.1f}] (margin ±{EQUIVALENCE_MARGIN:g}), TOST p = {r['p']:.3f}, n = {r['n']}")
     return (f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}], "
             f"p = {r['p']:.3f}, X higher in {r['up']} of {r['n']} seeds")
 
 
-def claims_section(judged: list, confidence: float) -> list:
+def claims_section(judged: list, confidence: float, alpha: float) -> list:
     out = ["## The paper's claims, checked", "",
            f"Each claim is judged on its declared primary endpoint by paired per-seed differences X − Y (mean [{int(confidence * 100)}% "
            f"paired-t CI]) and the exact sign-flip permutation p; claims with several components need all of them "
-           f"(intersection-union: the largest p); Holm's correction across the claims at α = {ALPHA}. Verdicts: "
-           f"**supported**, **contradicted** or **inconclusive**, and none from fewer than {MIN_SEEDS} paired seeds. "
+           f"(intersection-union: the largest p); Holm's correction across the claims at α = {alpha:g}. Verdicts: "
+           f"**supported**, **contradicted** or **inconclusive**, and none from fewer than {min_seeds(alpha)} paired seeds. "
            f"Endpoints and rule: docs/study.md, \"How the claims are judged\".", ""]
     for e in judged:
         c = e["claim"]
-        parts = "; ".join(describe(r, comp) if r is not None else f"{comp.x} − {comp.y}: not measured" for r, comp in e["results"])
+        parts = "; ".join(describe(r, comp, alpha) if r is not None else f"{comp.x} − {comp.y}: not measured" for r, comp in e["results"])
         if e["verdict"] is not None:
             status = f"Holm-adjusted p = {e['p_holm']:.3f}: **{e['verdict']}**"
         else:
@@ -535,7 +545,7 @@ def matrix_section(groups, policies, est, reps, confidence, budgets) -> tuple:
     return out, csv_rows
 
 
-def paired_section(values: dict, envs: list, confidence: float) -> tuple:
+def paired_section(values: dict, envs: list, confidence: float, alpha: float) -> tuple:
     """Every declared comparison, primary and secondary, with unadjusted p-values (the verdicts' Holm step is above)."""
     out = ["## Paired differences per comparison (X − Y per seed, normalized points)", "",
            f"| env | role | X | Y | endpoint | seeds | mean difference [{int(confidence * 100)}% CI] | X higher in | p |",
@@ -544,11 +554,11 @@ def paired_section(values: dict, envs: list, confidence: float) -> tuple:
     comps = [(f"claim {c.number}", comp) for c in CLAIMS for comp in c.components] + [("secondary", s) for s in SECONDARY]
     for env in envs:
         for role, comp in comps:
-            r = compare(values, comp, env, confidence)
+            r = compare(values, comp, env, confidence, alpha)
             if r is None:
                 continue
             test = "TOST p" if comp.test == "equivalence" else "sign-flip p"
-            ci = f"{r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}]" + (" (90% CI)" if comp.test == "equivalence" else "")
+            ci = f"{r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}]" + (f" ({100 * (1 - 2 * alpha):.0f}% CI)" if comp.test == "equivalence" else "")
             out.append(f"| {env} | {role} | {comp.x} | {comp.y} | {comp.endpoint} | {r['n']} | {ci} | {r['up']} of {r['n']} | "
                        f"{test} {r['p']:.3f} |")
             rows.append({"env_id": env, "role": role, "x": comp.x, "y": comp.y, "endpoint": comp.endpoint, "test": comp.test,
@@ -638,8 +648,9 @@ def main(args: Args):
     import matplotlib
 
     matplotlib.use("Agg")
-    if args.reps < 1 or not 0 < args.confidence < 1:
-        raise ReportError(f"--reps must be >= 1 and --confidence in (0, 1) (got {args.reps} and {args.confidence})")
+    if args.reps < 1 or not 0 < args.confidence < 1 or not 0 < args.alpha < 0.5:
+        raise ReportError(f"--reps must be >= 1, --confidence in (0, 1) and --alpha in (0, 0.5) (got {args.reps}, "
+                          f"{args.confidence} and {args.alpha})")
     manifest, source, rows, curves, n_done = load(args)
     envs = [e for e in manifest["env_ids"] if any(r["env_id"] == e for r in rows)]
     table = score_table(rows, envs)
@@ -657,14 +668,14 @@ def main(args: Args):
     n_total = len(manifest["policies"])
     status = ("complete: every policy of the study is evaluated" if n_done >= n_total else
               f"PARTIAL: {n_done} of {n_total} policies evaluated; the study is still running or failed; do not cite")
-    judged = judge(values, envs, C)
+    judged = judge(values, envs, C, args.alpha)
     out = [f"# Study `{manifest['study']}` ({manifest['scale']} scale, ε = {manifest['epsilon']})", "",
            f"Status: {status}.", "",
            f"Read from the {'runs' if source == 'runs' else 'per-seed CSVs in this folder'}. Scores are normalized "
            f"(0 = uniform random policy, 100 = expert reference). Reproduce with `python study_report.py --results-dir "
            f"{args.results_dir}`.", ""]
-    out += claims_section(judged, C)
-    section, paired_rows = paired_section(values, envs, C)
+    out += claims_section(judged, C, args.alpha)
+    section, paired_rows = paired_section(values, envs, C, args.alpha)
     out += section
     section, csv_rows = matrix_section(groups, policies, est, R, C, attack_budgets(rows, manifest))
     out += section

@@ -25,6 +25,12 @@ def test_sign_flip_p_and_paired_ci_equal_values_computed_by_hand():
     assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
 
 
+def test_the_minimum_of_seeds_is_the_fewest_at_which_a_verdict_is_possible():
+    for alpha, n in ((0.05, 8), (0.0294, 9), (0.01, 10)):
+        assert sr.min_seeds(alpha) == n
+        assert sign_flip_p(np.ones(n)) <= alpha / len(sr.CLAIMS) < sign_flip_p(np.ones(n - 1))
+
+
 def test_exact_enumeration_agrees_with_brute_force_beyond_the_first_block():
     rng = np.random.default_rng(3)
     d = rng.normal(0.4, 1.0, 14)  # 14 > the 12-seed block: the tails are enumerated too
