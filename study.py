@@ -303,6 +303,7 @@ def export_chain(results_dir: str, env_id: str, seed: int, stages: list, cwd: st
     if missing:
         return
     base = os.path.join(results_dir, "chains", f"{env_id}__seed{seed}")
+    os.makedirs(os.path.dirname(base), exist_ok=True)
     fields = ("env_id", "policy", "seed", "eval_condition", "mean_return", "normalized_mean", "attack_budget")
     study_report.write_text(f"{base}__evaluations.csv", study_report.to_csv([{k: r[k] for k in fields} for r in rows]))
     study_report.write_text(f"{base}__curves.csv", study_report.to_csv(
@@ -340,7 +341,7 @@ def main(args: Args) -> int:
         return 0
     manifest = {"study": name, "scale": args.scale, "env_ids": list(args.env_ids), "seeds": list(args.seeds),
                 "epsilon": args.epsilon, "behaviour_seed": args.behaviour_seed, "namespace": namespace(args),
-                "policies": [s.policy for s in stages if s.policy], "runs_root": cwd,
+                "policies": [s.policy for s in stages if s.policy], "runs_root": cwd, **provenance(),
                 "commands": {s.id: cmds[s.id][1:] for s in stages}}
 
     done = set() if args.overwrite else {s.id for s in stages if is_done(s, cmds[s.id])}

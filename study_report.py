@@ -300,12 +300,16 @@ def judge(values: dict, envs: list, confidence: float, alpha: float = ALPHA) -> 
     return judged
 
 
+def ci_text(r: dict) -> str:
+    return f"[{r['lo']:+.1f}, {r['hi']:+.1f}]" if np.isfinite(r["lo"]) else "[no CI from 1 seed]"
+
+
 def describe(r: dict, comp: Comparison, alpha: float) -> str:
     if comp.test == "equivalence":
-        return (f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} [{100 * (1 - 2 * alpha):.0f}% CI {r['lo']:+.1f}, "
-                f"{r['hi']:+.1f}] (margin ±{EQUIVALENCE_MARGIN:g}), TOST p = {r['p']:.3f}, n = {r['n']}")
-    return (f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}], "
-            f"p = {r['p']:.3f}, X higher in {r['up']} of {r['n']} seeds")
+        return (f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} {ci_text(r)} ({100 * (1 - 2 * alpha):.0f}% CI; "
+                f"margin ±{EQUIVALENCE_MARGIN:g}), TOST p = {r['p']:.3f}, n = {r['n']}")
+    return (f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} {ci_text(r)}, p = {r['p']:.3f}, X higher in "
+            f"{r['up']} of {r['n']} seeds")
 
 
 def claims_section(judged: list, confidence: float, alpha: float) -> list:
@@ -558,7 +562,7 @@ def paired_section(values: dict, envs: list, confidence: float, alpha: float) ->
             if r is None:
                 continue
             test = "TOST p" if comp.test == "equivalence" else "sign-flip p"
-            ci = f"{r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}]" + (f" ({100 * (1 - 2 * alpha):.0f}% CI)" if comp.test == "equivalence" else "")
+            ci = f"{r['mean']:+.1f} {ci_text(r)}" + (f" ({100 * (1 - 2 * alpha):.0f}% CI)" if comp.test == "equivalence" else "")
             out.append(f"| {env} | {role} | {comp.x} | {comp.y} | {comp.endpoint} | {r['n']} | {ci} | {r['up']} of {r['n']} | "
                        f"{test} {r['p']:.3f} |")
             rows.append({"env_id": env, "role": role, "x": comp.x, "y": comp.y, "endpoint": comp.endpoint, "test": comp.test,
@@ -671,6 +675,8 @@ def main(args: Args):
     judged = judge(values, envs, C, args.alpha)
     out = [f"# Study `{manifest['study']}` ({manifest['scale']} scale, ε = {manifest['epsilon']})", "",
            f"Status: {status}.", "",
+           *([f"The study's driver last ran at commit `{manifest['commit']}` on {manifest['machine']}; each chain's own "
+              f"commit and machine are in \"The chains\" below.", ""] if "commit" in manifest else []),
            f"Read from the {'runs' if source == 'runs' else 'per-seed CSVs in this folder'}. Scores are normalized "
            f"(0 = uniform random policy, 100 = expert reference). Reproduce with `python study_report.py --results-dir "
            f"{args.results_dir}`.", ""]

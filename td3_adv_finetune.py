@@ -78,9 +78,9 @@ class Args:
     """minibatch size"""
     learning_rate: Annotated[float, Range(0, open="lo")] = 3e-4
     """Adam learning rate"""
-    reset_optimizers: Literal["none", "actor", "both"] = "none"
-    """Adam states that start fresh instead of the checkpoint's: none, the actor's, or both (docs/td3_adv_finetune.md:
-    the pilot that chose the default)"""
+    reset_optimizers: Literal["none", "actor", "both"] = "actor"
+    """Adam states that start fresh instead of the checkpoint's: none, the actor's (TD3+BC scaled its gradient by λ), or
+    both (docs/td3_adv_finetune.md: the pilot behind the default)"""
     gamma: Annotated[float, Range(0, 1)] = 0.99
     """discount factor γ"""
     tau: Annotated[float, Range(0, 1, open="lo")] = 0.005

@@ -95,7 +95,7 @@ def test_finetune_resumes_mid_episode_identically(hopper_checkpoint, hopper_pert
     part = run_script("td3_adv_finetune.py", *ft_args(hopper_checkpoint, hopper_perturbations, "part", 300), cwd=tmp_path)
     assert part.returncode == 0, part.stderr[-2000:]
     state = torch.load(tmp_path / "runs/part/state.pt", weights_only=True)
-    assert state["episode"][1] > 0 and len(state["online"]["obs"]) == 300  # mid-episode, buffer saved
+    assert state["episode"]["episode_len"] > 0 and len(state["online"]["obs"]) == 300  # mid-episode, buffer saved
     more = run_script("td3_adv_finetune.py", *ft_args(hopper_checkpoint, hopper_perturbations, "part", 450, "--resume"), cwd=tmp_path)
     assert more.returncode == 0, more.stderr[-2000:]
     assert metric_rows(tmp_path / "runs/part") == metric_rows(tmp_path / "runs/full")
