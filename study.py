@@ -61,6 +61,15 @@ SCALES = {
         finetune=["--total-steps", "30000", "--eval-freq", "5000", "--eval-episodes", "10"],
         scratch_starts=10000,
         evaluate=[]),  # 30 episodes per condition; fresh attacks at the precomputed attack's full budget
+    "decisive": dict(  # the 100k study's budgets (docs/protocol.md §4): TD3+BC past its plateau, DE at its default
+        namespace="local-medium", tag="decisive",  # the medium dataset; its own runs. DE at its default budget, 100k
+        # fine-tuning steps, the final matrix at its defaults (30 episodes, fresh attacks at the precomputed budget)
+        collect=["--levels", "medium", "--num-transitions", "200000", "--max-train-steps", "400000", "--strict-targets"],
+        pretrain=["--total-steps", "50000", "--eval-freq", "5000", "--eval-episodes", "10"],
+        de=[],
+        finetune=["--total-steps", "100000", "--eval-freq", "5000", "--eval-episodes", "10"],
+        scratch_starts=10000,
+        evaluate=[]),
     "paper": dict(
         namespace="local",
         collect=[],
@@ -89,8 +98,9 @@ class Args:
     """also train from scratch (adversarial, adaptive) as the fully online baseline"""
     epsilon: float = 0.3
     """ε: perturbation bound of the DE attacks and of every fine-tune"""
-    scale: Literal["tiny", "small", "medium", "paper"] = "medium"
-    """stage budgets (SCALES in this file): tiny (seconds), small (minutes), medium (hours), paper (days)"""
+    scale: Literal["tiny", "small", "medium", "decisive", "paper"] = "medium"
+    """stage budgets (SCALES in this file): tiny (seconds), small (minutes), medium (hours), decisive (the 100k study of
+    docs/protocol.md: about a day on 2 cores), paper (days on many)"""
     behaviour_seed: int = 1
     """seed of the behaviour policy that collects each env's dataset, shared by every study seed (another seed when
     one stalls below the medium target; its datasets get the namespace suffix -b{seed})"""
@@ -149,9 +159,16 @@ def namespace(args: Args) -> str:
     return ns if args.behaviour_seed == 1 else f"{ns}-b{args.behaviour_seed}"
 
 
+def run_tag(args: Args) -> str:
+    """What names the study's runs and markers: the dataset namespace, plus the scale's tag where two scales share
+    one dataset (decisive reuses medium's) so that their runs never collide."""
+    tag = SCALES[args.scale].get("tag")
+    return namespace(args) + (f"-{tag}" if tag else "")
+
+
 def build_stages(args: Args, store: str) -> list:
     """The DAG in an order that finishes one (env, seed) chain before the next where the CPUs allow."""
-    sc, ns = SCALES[args.scale], namespace(args)
+    sc, ns, tag = SCALES[args.scale], namespace(args), run_tag(args)
     gpu = ["--cuda"] if args.cuda else ["--no-cuda"]
     track = ["--track"] if args.track else []
     workers = ["--num-workers", str(args.cpus_per_task)]
@@ -164,7 +181,7 @@ def build_stages(args: Args, store: str) -> list:
                    fresh=["--overwrite"], done_file=os.path.join(store, dataset))
         stages.append(ds)
         for seed in args.seeds:
-            run = f"runs/{dataset.replace('/', '-')}__td3_bc_offline__{seed}"
+            run = f"runs/{tag}-{env_short(env_id)}-medium-v0__td3_bc_offline__{seed}"
             ckpt, npz = f"{run}/checkpoint.pt", f"{run}/perturbations.npz"
             pre = Stage(f"pretrain:{env_id}:{seed}", "pretrain", "td3_bc_offline.py",
                         ["--dataset-id", dataset, "--seed", str(seed), "--run-name", run[5:], *sc["pretrain"], *gpu, *track],
@@ -179,7 +196,7 @@ def build_stages(args: Args, store: str) -> list:
             if args.scratch:
                 specs.append(("scratch", "adversarial", "adaptive"))
             for init, cond, curr in specs:
-                name = f"{ns}-{env_id}__td3_adv_finetune__{init}-{cond}-{curr}__{seed}"
+                name = f"{tag}-{env_id}__td3_adv_finetune__{init}-{cond}-{curr}__{seed}"
                 extra = ["--learning-starts", str(sc["scratch_starts"])] if init == "scratch" else []
                 extra += ["--q", str(args.q)] if curr == "fixed" else []
                 ft = Stage(f"finetune:{env_id}:{seed}:{init}-{cond}-{curr}", "finetune", "td3_adv_finetune.py",
@@ -190,14 +207,14 @@ def build_stages(args: Args, store: str) -> list:
                 stages.append(ft)
                 policies.append((ft, f"runs/{name}", {"init": init, "finetune_condition": cond, "curriculum": curr}))
             for st, run_dir, info in policies:
-                out = f"runs/{ns}-study-eval/{os.path.basename(run_dir)}"
+                out = f"runs/{tag}-study-eval/{os.path.basename(run_dir)}"
                 stages.append(Stage(f"evaluate:{st.id}", "evaluate", "evaluate_matrix.py",
                                     ["--checkpoints", f"{run_dir}/checkpoint.pt", "--output-dir", out, *sc["evaluate"],
                                      *workers], [st.id, att.id], env_id, seed,
                                     policy={"env_id": env_id, "seed": seed, "run_dir": run_dir, "stage": st.kind,
                                             "matrix": f"{out}/matrix.csv", **info}))
     for s in stages:
-        s.ns = ns
+        s.ns = tag
     return stages
 
 
@@ -340,7 +357,7 @@ def main(args: Args) -> int:
             print(f"{s.id}  <-  {', '.join(s.deps) or '-'}\n    {' '.join(cmds[s.id][1:])}")
         return 0
     manifest = {"study": name, "scale": args.scale, "env_ids": list(args.env_ids), "seeds": list(args.seeds),
-                "epsilon": args.epsilon, "behaviour_seed": args.behaviour_seed, "namespace": namespace(args),
+                "epsilon": args.epsilon, "behaviour_seed": args.behaviour_seed, "namespace": run_tag(args),
                 "policies": [s.policy for s in stages if s.policy], "runs_root": cwd, **provenance(),
                 "commands": {s.id: cmds[s.id][1:] for s in stages}}
 
