@@ -286,17 +286,18 @@ def judge(values: dict, envs: list, confidence: float, alpha: float = ALPHA) -> 
                               if not values.get((env, name, comp.endpoint))})
             if missing or any(r is None for r, _ in results):
                 entry["status"] = f"not measured: no paired {', '.join(missing) or 'seeds'}"
-            elif min(r["n"] for r, _ in results) < min_seeds(alpha):
-                entry["status"] = (f"not judged: {min(r['n'] for r, _ in results)} paired seed(s), a verdict needs at least "
-                                   f"{min_seeds(alpha)}")
             else:
                 entry["p"], entry["side"] = primary_test(results)
             judged.append(entry)
-    tested = [e for e in judged if e["p"] is not None]
+    tested = [e for e in judged if e["p"] is not None]  # the family: every measured claim, judged or not
     for e, p_holm in zip(tested, holm([e["p"] for e in tested]) if tested else []):
         e["p_holm"] = float(p_holm)
-        e["verdict"] = ("inconclusive" if p_holm > alpha else "supported" if e["side"] == "for" else "contradicted")
-        e["status"] = e["verdict"]
+        n = min(r["n"] for r, _ in e["results"])
+        if n < min_seeds(alpha):  # the p-values are shown; a verdict needs the minimum of seeds
+            e["status"] = f"not judged: {n} paired seed(s), a verdict needs at least {min_seeds(alpha)}"
+        else:
+            e["verdict"] = ("inconclusive" if p_holm > alpha else "supported" if e["side"] == "for" else "contradicted")
+            e["status"] = e["verdict"]
     return judged
 
 
@@ -324,6 +325,8 @@ def claims_section(judged: list, confidence: float, alpha: float) -> list:
         parts = "; ".join(describe(r, comp, alpha) if r is not None else f"{comp.x} − {comp.y}: not measured" for r, comp in e["results"])
         if e["verdict"] is not None:
             status = f"Holm-adjusted p = {e['p_holm']:.3f}: **{e['verdict']}**"
+        elif e["p_holm"] is not None:
+            status = f"claim p = {e['p']:.3f}, Holm-adjusted {e['p_holm']:.3f}; {e['status']}"
         else:
             status = e["status"]
         out.append(f"{c.number}. {c.text} ({e['env']}). {parts}. {status}.")
