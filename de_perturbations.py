@@ -334,6 +334,8 @@ def load_state(path: str, args: Args) -> dict:
     except Exception as e:
         raise UserError(f"{path} is unreadable ({type(e).__name__}); delete it and run without --resume")
     check_resume_args(saved, json.loads(json.dumps(asdict(args))), ("resume", "track", "num_workers"))
+    if np.ndim(state["baseline"]) != 2:  # before the per-(δ, episode) baseline: its summary cannot be continued
+        raise UserError(f"{path} was written by an older version of this script; delete it and run without --resume")
     state["histories"] = [h[~np.isnan(h)].tolist() for h in state["histories"]]
     return state
 

@@ -166,10 +166,9 @@ def attack_budget(settings: list) -> str:
             f"episodes={flag['--de-episodes']}")
 
 
-def fresh_attack(path: str, ref: dict, args: Args, out_dir: str) -> dict:
-    """Run de_perturbations.py against this policy with the reference file's budget. Cached under a key made of
-    the checkpoint's hash and the attack settings, so a different budget never reuses an old attack."""
-    settings = attack_settings(ref, args)
+def fresh_attack(path: str, settings: list, args: Args, out_dir: str) -> dict:
+    """Run de_perturbations.py against this policy with `settings` (attack_settings). Cached under a key made of
+    the checkpoint's hash and the settings, so a different budget never reuses an old attack."""
     key = hashlib.sha256(" ".join([sha256_file(path), *settings]).encode()).hexdigest()[:16]
     out = os.path.join(out_dir, "attacks", f"{key}.npz")
     if not os.path.exists(out):
@@ -356,7 +355,8 @@ def main(args: Args):
     rows, sets = [], {}
     for path, ckpt in tqdm(ckpts.items(), desc="policies (fresh attack + evaluation)"):
         ref = refs[path]
-        attack = fresh_attack(path, ref, args, args.output_dir)
+        settings = attack_settings(ref, args)
+        attack = fresh_attack(path, settings, args, args.output_dir)
         sets[path] = ref, attack
         conditions = {"normal": np.zeros((1, ckpt["act_dim"])), "random": ref["random_deltas"],
                       "adversarial": attack["perturbations"], "transfer": ref["perturbations"]}
@@ -371,7 +371,7 @@ def main(args: Args):
                          "mean_return": float(r.mean()), "std_return": float(r.std()),
                          "normalized_mean": normalized_score(float(r.mean()), ckpt.get("ref_min_score"), ckpt.get("ref_max_score")),
                          "episode_returns": ";".join(f"{x:.3f}" for x in r), "checkpoint": path,
-                         "attack_budget": attack_budget(attack_settings(ref, args))})
+                         "attack_budget": attack_budget(settings)})
     fields, buf = list(rows[0]), io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()

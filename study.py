@@ -310,22 +310,25 @@ def provenance() -> dict:
             "machine": f"{platform.node()} ({cpu or platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores)"}
 
 
+def chain_stages(stages: list, env_id: str, seed: int) -> list:
+    """The stages of one (env, seed) chain: TD3+BC, DE, the fine-tunes and every policy's evaluation."""
+    return [s for s in stages if s.env_id == env_id and s.seed == seed]
+
+
 def export_chain(results_dir: str, env_id: str, seed: int, stages: list, cwd: str):
     """A finished (env, seed) chain's per-seed rows into {results_dir}/chains/: its evaluations and fine-tuning curves
     (the report's inputs) and its provenance (commit, machine, wall time of its stages), so that the chain can be
     committed as soon as it finishes and the report built from committed files alone."""
     import study_report
-    mine = [s for s in stages if s.env_id == env_id and s.seed == seed]
+    mine = chain_stages(stages, env_id, seed)
     rows, curves, missing = study_report.load_runs({"policies": [s.policy for s in mine if s.policy]}, cwd)
     if missing:
         return
     base = os.path.join(results_dir, "chains", f"{env_id}__seed{seed}")
     os.makedirs(os.path.dirname(base), exist_ok=True)
-    fields = ("env_id", "policy", "seed", "eval_condition", "mean_return", "normalized_mean", "attack_budget")
-    study_report.write_text(f"{base}__evaluations.csv", study_report.to_csv([{k: r[k] for k in fields} for r in rows]))
-    study_report.write_text(f"{base}__curves.csv", study_report.to_csv(
-        [{"env_id": e, "policy": pol, "seed": sd, **r} for (e, pol), runs in sorted(curves.items())
-         for sd, run in sorted(runs.items()) for r in run]))
+    evaluations, curve_table = study_report.per_seed_tables(rows, curves)
+    study_report.write_text(f"{base}__evaluations.csv", evaluations)
+    study_report.write_text(f"{base}__curves.csv", curve_table)
     markers = [json.load(open(marker_path(s))) for s in mine if os.path.exists(marker_path(s))]
     write_json_atomic(f"{base}.json", {"env_id": env_id, "seed": seed, **provenance(),
                                        "wall_s": sum(m["wall_s"] for m in markers), "stages": len(markers),
@@ -376,8 +379,7 @@ def main(args: Args) -> int:
              log_to_driver=False, logging_level="ERROR", configure_logging=False,
              **({} if args.ray_address else {"object_store_memory": 100 * 1024 ** 2}))
     for env_id, seed in sorted({(s.env_id, s.seed) for s in stages if s.seed is not None}):
-        chain = [s for s in stages if s.env_id == env_id and s.seed == seed]
-        if all(s.id in done for s in chain) and not os.path.exists(os.path.join(results_dir, "chains", f"{env_id}__seed{seed}.json")):
+        if all(s.id in done for s in chain_stages(stages, env_id, seed)) and not os.path.exists(os.path.join(results_dir, "chains", f"{env_id}__seed{seed}.json")):
             export_chain(results_dir, env_id, seed, stages, cwd)  # finished by a driver that was stopped before exporting
     remote = ray.remote(run_stage)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // args.cpus_per_task))
@@ -421,8 +423,7 @@ def main(args: Args) -> int:
                 write_json_atomic(marker_path(s), {"argv": cmds[s.id][1:], "flags": res["flags"], "wall_s": res["wall_s"],
                                                    "started": t0, "finished": time.time()})
                 tqdm.write(f"done    {s.id}  ({res['wall_s']:.1f} s{', resumed' if '--resume' in res['flags'] else ''})")
-                chain = [c for c in stages if c.env_id == s.env_id and c.seed == s.seed and c.seed is not None]
-                if s.kind == "evaluate" and all(c.id in done for c in chain):
+                if s.kind == "evaluate" and all(c.id in done for c in chain_stages(stages, s.env_id, s.seed)):
                     export_chain(results_dir, s.env_id, s.seed, stages, cwd)
                     tqdm.write(f"chain   {s.env_id} seed {s.seed} finished: its rows are in {results_dir}/chains/")
             else:

@@ -45,12 +45,6 @@ ORDER = (OFFLINE, NORMAL_FT, RANDOM_FT, ADV_FIXED, LINEAR, ADAPTIVE, SCRATCH)
 # The decision rule, declared before the runs (docs/protocol.md repeats it)
 ALPHA = 0.05  # family-wise error rate over the claims' primary tests (Holm); --alpha for a study that looks twice
 
-
-def min_seeds(alpha: float) -> int:
-    """The fewest paired seeds at which an exact two-sided sign-flip test (smallest p = 2 / 2^n) can pass Holm's first
-    step over the claims (alpha / 4): 8 at α = 0.05 (2 / 2^8 = 0.0078 ≤ 0.0125; 7 seeds give 0.0156), and never fewer
-    than 5."""
-    return max(5, int(np.ceil(np.log2(2 * len(CLAIMS) / alpha))))
 EQUIVALENCE_MARGIN = 5.0  # claim 4's "similar robustness": the mean difference lies within ±5 normalized points
 
 ENDPOINTS = {
@@ -92,6 +86,15 @@ CLAIMS = (
     Claim(4, "The adaptive curriculum keeps nominal return better than the linear one at similar robustness",
           (Comparison(ADAPTIVE, LINEAR, "normal"), Comparison(ADAPTIVE, LINEAR, "robustness", "equivalence"))),
 )
+
+
+def min_seeds(alpha: float) -> int:
+    """The fewest paired seeds at which an exact two-sided sign-flip test (smallest p = 2 / 2^n) can pass Holm's first
+    step over the claims (alpha / 4): 8 at α = 0.05 (2 / 2^8 = 0.0078 ≤ 0.0125; 7 seeds give 0.0156), and never fewer
+    than 5."""
+    return max(5, int(np.ceil(np.log2(2 * len(CLAIMS) / alpha))))
+
+
 MIN_SEEDS = min_seeds(ALPHA)
 SECONDARY = (  # reported with unadjusted p-values; no verdict rests on them
     Comparison(ADAPTIVE, OFFLINE, "robustness"),
@@ -182,6 +185,7 @@ def load_csvs(results_dir: str):
             for r in csv.DictReader(f):
                 rows.append({**r, "seed": int(r["seed"]), "mean_return": float(r["mean_return"]),
                              "normalized_mean": float(r["normalized_mean"]), "attack_budget": r.get("attack_budget", "")})
+
     def normalized(env: str, ret: float) -> float:  # normalized = a · return + b, read off the evaluations
         pairs = np.array([(r["mean_return"], r["normalized_mean"]) for r in rows if r["env_id"] == env])
         return float(np.polyval(np.polyfit(pairs[:, 0], pairs[:, 1], 1), ret))
@@ -232,8 +236,8 @@ def endpoint_values(rows: list, curves: dict) -> dict:
     out = defaultdict(dict)
     for r in rows:
         out[(r["env_id"], r["policy"], r["eval_condition"])][r["seed"]] = r["normalized_mean"]
-    for (env, pol, adv), by_seed in list(out.items()):
-        if adv == "adversarial":
+    for (env, pol, cond), by_seed in list(out.items()):
+        if cond == "adversarial":
             transfer = out.get((env, pol, "transfer"), {})
             out[(env, pol, "robustness")] = {s: min(v, transfer[s]) for s, v in by_seed.items() if s in transfer}
     for (env, pol), runs in curves.items():
@@ -259,7 +263,7 @@ def compare(values: dict, comp: Comparison, env: str, confidence: float, alpha: 
     else:
         mean, lo, hi = paired_t_ci(d, confidence)
         p = sign_flip_p(d)
-    return {"n": len(seeds), "mean": mean, "lo": lo, "hi": hi, "p": p, "up": int((d > 0).sum()), "seeds": seeds}
+    return {"n": len(seeds), "mean": mean, "lo": lo, "hi": hi, "p": p, "up": int((d > 0).sum())}
 
 
 def primary_test(results: list) -> tuple:
@@ -282,9 +286,9 @@ def judge(values: dict, envs: list, confidence: float, alpha: float = ALPHA) -> 
         for claim in CLAIMS:
             results = [(compare(values, comp, env, confidence, alpha), comp) for comp in claim.components]
             entry = {"claim": claim, "env": env, "results": results, "verdict": None, "p": None, "p_holm": None}
-            missing = sorted({name for r, comp in results if r is None for name in (comp.x, comp.y)
-                              if not values.get((env, name, comp.endpoint))})
-            if missing or any(r is None for r, _ in results):
+            if any(r is None for r, _ in results):
+                missing = sorted({name for r, comp in results if r is None for name in (comp.x, comp.y)
+                                  if not values.get((env, name, comp.endpoint))})
                 entry["status"] = f"not measured: no paired {', '.join(missing) or 'seeds'}"
             else:
                 entry["p"], entry["side"] = primary_test(results)
@@ -519,6 +523,20 @@ def plot_heatmap(path: str, g: str, policies: list, est: dict, confidence: float
     plt.close(fig)
 
 
+EVALUATION_FIELDS = ("env_id", "policy", "seed", "eval_condition", "mean_return", "normalized_mean", "attack_budget")
+
+
+def per_seed_tables(rows: list, curves: dict, order=lambda policy: policy) -> tuple:
+    """The report's inputs as CSV text: (evaluations, curves), one row per (env, policy, seed, condition) and per
+    (env, policy, seed, evaluation step); study.py writes them per chain, the report per study."""
+    evaluations = sorted(({k: r[k] for k in EVALUATION_FIELDS} for r in rows), key=lambda r: (
+        r["env_id"], order(r["policy"]), r["seed"], EVAL_CONDITIONS.index(r["eval_condition"])))
+    curve_rows = [{"env_id": g, "policy": pol, "seed": seed, **r}
+                  for (g, pol), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], order(kv[0][1])))
+                  for seed, run in sorted(runs.items()) for r in run]
+    return to_csv(evaluations), to_csv(curve_rows) if curve_rows else ""
+
+
 def to_csv(rows: list) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
@@ -717,12 +735,9 @@ def main(args: Args):
     write("scores.csv", to_csv(csv_rows))
     write("paired.csv", to_csv(paired_rows) if paired_rows else "")
     if source == "runs":  # the report's inputs, per seed, so the report can be rebuilt without the runs
-        fields = ("env_id", "policy", "seed", "eval_condition", "mean_return", "normalized_mean", "attack_budget")
-        write("evaluations.csv", to_csv(sorted(({k: r[k] for k in fields} for r in rows), key=lambda r: (
-            r["env_id"], policies.index(r["policy"]), r["seed"], EVAL_CONDITIONS.index(r["eval_condition"])))))
-        write("curves.csv", to_csv([{"env_id": g, "policy": pol, "seed": seed, **r}
-                                    for (g, pol), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], policies.index(kv[0][1])))
-                                    for seed, run in sorted(runs.items()) for r in run]))
+        evaluations, curve_table = per_seed_tables(rows, curves, policies.index)
+        write("evaluations.csv", evaluations)
+        write("curves.csv", curve_table)
         if costs:
             write("stage_costs.csv", to_csv([{"stage": k, "runs": n, "mean_s": m, "min_s": lo, "max_s": hi, "total_s": t}
                                              for k, n, m, lo, hi, t in costs]))

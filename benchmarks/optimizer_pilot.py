@@ -65,7 +65,7 @@ def finetune_run(variant: str, seed: int) -> str:
 
 def run_all(commands: list, jobs: int):
     """Run the commands, `jobs` at a time, each with one torch thread; stop at the first failure."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env, started = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}, time.time()
     os.makedirs("runs/_pilot_logs", exist_ok=True)
     pending, running = list(commands), []
     while pending or running:
@@ -84,6 +84,7 @@ def run_all(commands: list, jobs: int):
                     for _, other, _, _ in running:
                         other.kill()
                     sys.exit(f"error: {name} failed; see runs/_pilot_logs/{name}.log")
+    print(f"{len(commands)} runs in {(time.time() - started) / 60:.1f} min, {jobs} at a time", flush=True)
 
 
 def prepare(args: Args):
