@@ -12,11 +12,12 @@ Each dataset stores `ref_min_score` (a uniform random policy's mean return, meas
 `minari.get_normalized_score` works: 0 = random, 1 = expert.
 Terminations and truncations are recorded distinctly; observations hold T+1 entries per episode.
 """
+
 import copy
 import os
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import gymnasium as gym
 import minari
@@ -27,14 +28,23 @@ import torch.nn.functional as F
 from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
-from runtime import (Range, UserError, check_name, check_ranges, check_resume_args, cli, env_state, rng_state, save_checkpoint,
-                     seed_everything, set_env_state, set_rng_state, write_minari_dataset)
+from robust_o2o.cli import Range, UserError, check_name, check_ranges, cli
+from robust_o2o.datasets import write_minari_dataset
+from robust_o2o.files import save_checkpoint
+from robust_o2o.resume import env_state, rng_state, set_env_state, set_rng_state
+from robust_o2o.runs import check_resume_args, seed_everything
 
 LEVELS = ("random", "medium", "medium-replay", "expert")
 # D4RL's expert reference returns (d4rl/infos.py REF_MAX_SCORE, measured on mujoco-py v2 envs; an
 # approximation for v5 envs). Medium targets default to a third of these.
-EXPERT_RETURN = {"Hopper": 3234.3, "HalfCheetah": 12135.0, "Walker2d": 4592.3, "Ant": 3879.7,
-                 "InvertedPendulum": 1000.0, "InvertedDoublePendulum": 9350.0}
+EXPERT_RETURN = {
+    "Hopper": 3234.3,
+    "HalfCheetah": 12135.0,
+    "Walker2d": 4592.3,
+    "Ant": 3879.7,
+    "InvertedPendulum": 1000.0,
+    "InvertedDoublePendulum": 9350.0,
+}
 
 
 @dataclass
@@ -50,26 +60,29 @@ class Args:
     """dataset version suffix"""
     num_transitions: Annotated[int, Range(1)] = 1_000_000
     """transitions per random/medium/expert dataset (D4RL: 1M); medium-replay holds what training produced"""
-    medium_target_return: Annotated[Optional[float], Range()] = None
+    medium_target_return: Annotated[float | None, Range()] = None
     """deterministic eval return at which the behaviour policy counts as medium (if unset: expert reference / 3)"""
-    expert_target_return: Annotated[Optional[float], Range()] = None
+    expert_target_return: Annotated[float | None, Range()] = None
     """eval return at which training stops and the policy counts as expert (if unset: the expert reference)"""
     max_train_steps: Annotated[int, Range(1)] = 1_000_000
-    """budget of online TD3 env steps for the behaviour policy; if a target is not reached, the best policy is used (warned, recorded)"""
+    """budget of online TD3 env steps for the behaviour policy; if a target is not reached, the best policy is used
+    (warned, recorded)"""
     strict_targets: bool = False
-    """refuse to write a medium/expert dataset whose behaviour policy missed its target, instead of using the best policy seen"""
+    """refuse to write a medium/expert dataset whose behaviour policy missed its target, instead of using the best
+    policy seen"""
     rollout_noise: Annotated[float, Range(0)] = 0.1
     """std of Gaussian noise (in units of the action half-range) added to medium/expert rollouts"""
-    max_episode_steps: Annotated[Optional[int], Range(1)] = None
+    max_episode_steps: Annotated[int | None, Range(1)] = None
     """override the env's time limit (short episodes for tests); stored in the dataset's env spec"""
 
     # reference scores
     ref_episodes: Annotated[int, Range(1)] = 100
     """episodes of a uniform random policy averaged for ref_min_score"""
-    ref_min_score: Annotated[Optional[float], Range()] = None
+    ref_min_score: Annotated[float | None, Range()] = None
     """override the measured random-policy reference return"""
-    ref_max_score: Annotated[Optional[float], Range()] = None
-    """override the expert reference return (if unset: D4RL's constant for the env, else the expert policy's measured return)"""
+    ref_max_score: Annotated[float | None, Range()] = None
+    """override the expert reference return (if unset: D4RL's constant for the env, else the expert policy's
+    measured return)"""
 
     # the TD3 behaviour policy
     learning_rate: Annotated[float, Range(0, open="lo")] = 3e-4
@@ -105,8 +118,9 @@ class Args:
     cuda: bool = True
     """use CUDA for the behaviour policy's training when available"""
     resume: bool = False
-    """continue an interrupted behaviour-policy training from runs/collect_dataset__{namespace}-{env}-v{version}/state.pt"""
-    save_policies: Optional[str] = None
+    """continue an interrupted behaviour-policy training from
+    runs/collect_dataset__{namespace}-{env}-v{version}/state.pt"""
+    save_policies: str | None = None
     """directory to save the medium/expert behaviour policies (actor state dicts) into"""
 
 
@@ -117,8 +131,14 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-                                 nn.Linear(hidden_dim, act_dim), nn.Tanh())
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, act_dim),
+            nn.Tanh(),
+        )
         low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
@@ -130,14 +150,15 @@ class Actor(nn.Module):
 class QNetwork(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim + act_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, 1))
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim + act_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+        )
 
     def forward(self, obs, act):
         return self.net(torch.cat([obs, act], -1)).squeeze(-1)
 
 
-def make_env(env_id: str, max_episode_steps: Optional[int] = None) -> gym.Env:
+def make_env(env_id: str, max_episode_steps: int | None = None) -> gym.Env:
     kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
     return gym.make(env_id, **kwargs)
 
@@ -152,7 +173,11 @@ def rollout(env: gym.Env, policy, num_transitions: int, seed: int):
         action = policy(obs)
         obs, reward, terminated, truncated, _ = env.step(action)
         last = t == num_transitions - 1
-        o.append(obs); a.append(action); r.append(reward); term.append(terminated); trunc.append(truncated or (last and not terminated))
+        o.append(obs)
+        a.append(action)
+        r.append(reward)
+        term.append(terminated)
+        trunc.append(truncated or (last and not terminated))
         if terminated or truncated or last:
             episodes.append(episode_buffer(o, a, r, term, trunc))
             if terminated or truncated:
@@ -163,9 +188,13 @@ def rollout(env: gym.Env, policy, num_transitions: int, seed: int):
 
 
 def episode_buffer(o, a, r, term, trunc) -> EpisodeBuffer:
-    return EpisodeBuffer(observations=np.asarray(o, dtype=np.float64), actions=np.asarray(a, dtype=np.float32),
-                         rewards=np.asarray(r, dtype=np.float64), terminations=np.asarray(term, dtype=bool),
-                         truncations=np.asarray(trunc, dtype=bool))
+    return EpisodeBuffer(
+        observations=np.asarray(o, dtype=np.float64),
+        actions=np.asarray(a, dtype=np.float32),
+        rewards=np.asarray(r, dtype=np.float64),
+        terminations=np.asarray(term, dtype=bool),
+        truncations=np.asarray(trunc, dtype=bool),
+    )
 
 
 def split_episodes(obs, actions, rewards, next_obs, terms, truncs, n: int):
@@ -174,10 +203,17 @@ def split_episodes(obs, actions, rewards, next_obs, terms, truncs, n: int):
     episodes, start = [], 0
     for t in range(n):
         if terms[t] or truncs[t] or t == n - 1:
-            tr = truncs[start:t + 1].copy()
+            tr = truncs[start : t + 1].copy()
             tr[-1] = tr[-1] or not terms[t]
-            episodes.append(episode_buffer(np.concatenate([obs[start:t + 1], next_obs[t:t + 1]]), actions[start:t + 1],
-                                           rewards[start:t + 1], terms[start:t + 1], tr))
+            episodes.append(
+                episode_buffer(
+                    np.concatenate([obs[start : t + 1], next_obs[t : t + 1]]),
+                    actions[start : t + 1],
+                    rewards[start : t + 1],
+                    terms[start : t + 1],
+                    tr,
+                )
+            )
             start = t + 1
     return episodes
 
@@ -199,8 +235,14 @@ def evaluate(actor: Actor, env_id: str, episodes: int, seed: int, device, max_ep
     return np.asarray(returns)
 
 
-def train_behaviour_policy(args: Args, medium_target: float, expert_target: Optional[float], device,
-                           state_path: Optional[str] = None, resumed: Optional[dict] = None):
+def train_behaviour_policy(
+    args: Args,
+    medium_target: float,
+    expert_target: float | None,
+    device,
+    state_path: str | None = None,
+    resumed: dict | None = None,
+):
     """Online TD3 (CleanRL's td3_continuous_action, compacted). Returns the medium and expert actors,
     the number of steps at which medium was reached, the replay contents, and a training log.
     After every evaluation the whole training state goes to `state_path`; `resumed` (such a state) continues it."""
@@ -217,17 +259,35 @@ def train_behaviour_policy(args: Args, medium_target: float, expert_target: Opti
     low_t, high_t = torch.as_tensor(low, device=device), torch.as_tensor(high, device=device)
 
     n = args.max_train_steps
-    b_obs = np.zeros((n, obs_dim), np.float64); b_next = np.zeros((n, obs_dim), np.float64)
-    b_act = np.zeros((n, act_dim), np.float32); b_rew = np.zeros(n, np.float64)
-    b_term = np.zeros(n, bool); b_trunc = np.zeros(n, bool)
+    b_obs = np.zeros((n, obs_dim), np.float64)
+    b_next = np.zeros((n, obs_dim), np.float64)
+    b_act = np.zeros((n, act_dim), np.float32)
+    b_rew = np.zeros(n, np.float64)
+    b_term = np.zeros(n, bool)
+    b_trunc = np.zeros(n, bool)
 
     need_expert = "expert" in args.levels
     medium_actor = expert_actor = None
     medium_step, best_return, best_actor, log = None, -np.inf, None, []
     obs, _ = env.reset(seed=args.seed)
-    nets = {"actor": actor, "qf1": qf1, "qf2": qf2, "actor_target": actor_target, "qf1_target": qf1_target,
-            "qf2_target": qf2_target, "q_optimizer": q_optimizer, "actor_optimizer": actor_optimizer}
-    buffers = {"obs": b_obs, "actions": b_act, "rewards": b_rew, "next_obs": b_next, "terminations": b_term, "truncations": b_trunc}
+    nets = {
+        "actor": actor,
+        "qf1": qf1,
+        "qf2": qf2,
+        "actor_target": actor_target,
+        "qf1_target": qf1_target,
+        "qf2_target": qf2_target,
+        "q_optimizer": q_optimizer,
+        "actor_optimizer": actor_optimizer,
+    }
+    buffers = {
+        "obs": b_obs,
+        "actions": b_act,
+        "rewards": b_rew,
+        "next_obs": b_next,
+        "terminations": b_term,
+        "truncations": b_trunc,
+    }
 
     def copy_of_actor(state_dict):
         if state_dict is None:
@@ -238,12 +298,21 @@ def train_behaviour_policy(args: Args, medium_target: float, expert_target: Opti
 
     def save_state(steps_done: int):
         state = {k: m.state_dict() for k, m in nets.items()}
-        state.update(steps_done=steps_done, rng=rng_state(), env=env_state(env), obs=torch.from_numpy(np.array(obs)),
-                     buffers={k: torch.from_numpy(b[:steps_done].copy()) for k, b in buffers.items()},
-                     actors={k: None if a is None else a.state_dict() for k, a in
-                             (("medium", medium_actor), ("expert", expert_actor), ("best", best_actor))},
-                     medium_step=medium_step, best_return=best_return, log=log,
-                     args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()})
+        state.update(
+            steps_done=steps_done,
+            rng=rng_state(),
+            env=env_state(env),
+            obs=torch.from_numpy(np.array(obs)),
+            buffers={k: torch.from_numpy(b[:steps_done].copy()) for k, b in buffers.items()},
+            actors={
+                k: None if a is None else a.state_dict()
+                for k, a in (("medium", medium_actor), ("expert", expert_actor), ("best", best_actor))
+            },
+            medium_step=medium_step,
+            best_return=best_return,
+            log=log,
+            args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+        )
         os.makedirs(os.path.dirname(state_path), exist_ok=True)
         save_checkpoint(state_path, state)
 
@@ -254,8 +323,15 @@ def train_behaviour_policy(args: Args, medium_target: float, expert_target: Opti
         start = resumed["steps_done"]
         for k, b in buffers.items():
             b[:start] = resumed["buffers"][k].numpy()
-        medium_actor, expert_actor, best_actor = (copy_of_actor(resumed["actors"][k]) for k in ("medium", "expert", "best"))
-        medium_step, best_return, log, obs = resumed["medium_step"], resumed["best_return"], resumed["log"], resumed["obs"].numpy()
+        medium_actor, expert_actor, best_actor = (
+            copy_of_actor(resumed["actors"][k]) for k in ("medium", "expert", "best")
+        )
+        medium_step, best_return, log, obs = (
+            resumed["medium_step"],
+            resumed["best_return"],
+            resumed["log"],
+            resumed["obs"].numpy(),
+        )
         set_env_state(env, resumed["env"])
         set_rng_state(resumed["rng"])
         tqdm.write(f"resuming the behaviour policy's training at step {start}")
@@ -286,17 +362,25 @@ def train_behaviour_policy(args: Args, medium_target: float, expert_target: Opti
                 a2 = (actor_target(s2) + noise).clamp(low_t, high_t)
                 y = r + args.gamma * (1 - d) * torch.min(qf1_target(s2, a2), qf2_target(s2, a2))
             q_loss = F.mse_loss(qf1(s, a), y) + F.mse_loss(qf2(s, a), y)
-            q_optimizer.zero_grad(); q_loss.backward(); q_optimizer.step()
+            q_optimizer.zero_grad()
+            q_loss.backward()
+            q_optimizer.step()
             if step % args.policy_frequency == 0:
                 actor_loss = -qf1(s, actor(s)).mean()
-                actor_optimizer.zero_grad(); actor_loss.backward(); actor_optimizer.step()
+                actor_optimizer.zero_grad()
+                actor_loss.backward()
+                actor_optimizer.step()
                 with torch.no_grad():
                     for net, tgt in ((actor, actor_target), (qf1, qf1_target), (qf2, qf2_target)):
                         for p, tp in zip(net.parameters(), tgt.parameters()):
                             tp.lerp_(p, args.tau)
 
         if (step + 1) % args.eval_freq == 0 and step >= args.learning_starts:
-            ret = float(evaluate(actor, args.env_id, args.eval_episodes, args.seed + 10_000, device, args.max_episode_steps).mean())
+            ret = float(
+                evaluate(
+                    actor, args.env_id, args.eval_episodes, args.seed + 10_000, device, args.max_episode_steps
+                ).mean()
+            )
             log.append({"step": step + 1, "eval_return": ret})
             pbar.set_postfix(eval_return=f"{ret:.1f}")
             if ret > best_return:
@@ -317,22 +401,30 @@ def train_behaviour_policy(args: Args, medium_target: float, expert_target: Opti
         best_actor = copy.deepcopy(actor)
     missed = "medium" if medium_actor is None else "expert" if need_expert and expert_actor is None else None
     if args.strict_targets and missed:
-        raise UserError(f"the behaviour policy missed the {missed} target in {steps_done} steps (best eval return "
-                        f"{best_return:.1f}); delete {state_path}, then raise --max-train-steps or pass another --seed")
+        raise UserError(
+            f"the behaviour policy missed the {missed} target in {steps_done} steps (best eval return "
+            f"{best_return:.1f}); delete {state_path}, then raise --max-train-steps or pass another --seed"
+        )
     if medium_actor is None:
-        tqdm.write(f"WARNING: medium target {medium_target:.1f} not reached in {steps_done} steps; "
-                   f"using the best policy seen (eval return {best_return:.1f}) as medium")
+        tqdm.write(
+            f"WARNING: medium target {medium_target:.1f} not reached in {steps_done} steps; "
+            f"using the best policy seen (eval return {best_return:.1f}) as medium"
+        )
         medium_actor, medium_step = best_actor, steps_done
     if need_expert and expert_actor is None:
-        tqdm.write(f"WARNING: expert target not reached in {steps_done} steps; using the best policy seen "
-                   f"(eval return {best_return:.1f}) as expert")
+        tqdm.write(
+            f"WARNING: expert target not reached in {steps_done} steps; using the best policy seen "
+            f"(eval return {best_return:.1f}) as expert"
+        )
         expert_actor = best_actor
     replay = (b_obs, b_act, b_rew, b_next, b_term, b_trunc)
     return medium_actor, expert_actor, medium_step, replay, log
 
 
 def training_state_path(args: Args) -> str:
-    return os.path.join("runs", f"collect_dataset__{args.namespace}-{args.env_id.split('-')[0].lower()}-v{args.version}", "state.pt")
+    return os.path.join(
+        "runs", f"collect_dataset__{args.namespace}-{args.env_id.split('-')[0].lower()}-v{args.version}", "state.pt"
+    )
 
 
 def load_training_state(path: str, args: Args) -> dict:
@@ -340,7 +432,7 @@ def load_training_state(path: str, args: Args) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is unreadable ({type(e).__name__}); delete it and run without --resume")
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); delete it and run without --resume") from None
     check_resume_args(state["args"], vars(args), ("resume", "overwrite", "cuda", "save_policies"))
     return state
 
@@ -366,6 +458,7 @@ def noisy_policy(actor: Actor, noise: float, rng: np.random.Generator, low, high
         with torch.no_grad():
             a = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
         return np.clip(a + rng.normal(size=a.shape) * noise * scale, low, high).astype(np.float32)
+
     return act
 
 
@@ -376,25 +469,34 @@ def dataset_id_for(namespace: str, env_id: str, level: str, version: int) -> str
 def check_args(args: Args):
     check_ranges(args)  # each field's range is declared next to it in Args
     check_name(args.namespace, "--namespace", "the Minari store")
-    if args.ref_min_score is not None and args.ref_max_score is not None and not args.ref_min_score < args.ref_max_score:
+    if (
+        args.ref_min_score is not None
+        and args.ref_max_score is not None
+        and not args.ref_min_score < args.ref_max_score
+    ):
         raise UserError(f"need --ref-min-score < --ref-max-score (got {args.ref_min_score} and {args.ref_max_score})")
     if not args.levels:
         raise UserError(f"--levels needs at least one of {' '.join(LEVELS)}")
     try:
         spec = gym.spec(args.env_id)
     except gym.error.Error as e:
-        raise UserError(f"unknown env id '{args.env_id}' ({e}); use a Gymnasium id such as Hopper-v5")
+        raise UserError(f"unknown env id '{args.env_id}' ({e}); use a Gymnasium id such as Hopper-v5") from None
     name = args.env_id.split("-")[0]
     trained = set(args.levels) - {"random"}
     if name not in EXPERT_RETURN and (
-            (trained and args.medium_target_return is None) or (args.ref_max_score is None and "expert" not in args.levels)):
-        raise UserError(f"no expert reference return known for {args.env_id}: pass --medium-target-return, "
-                        f"--expert-target-return and --ref-max-score (or collect the expert level)")
+        (trained and args.medium_target_return is None) or (args.ref_max_score is None and "expert" not in args.levels)
+    ):
+        raise UserError(
+            f"no expert reference return known for {args.env_id}: pass --medium-target-return, "
+            f"--expert-target-return and --ref-max-score (or collect the expert level)"
+        )
     for lv in args.levels:
         path = minari.storage.get_dataset_path(dataset_id_for(args.namespace, args.env_id, lv, args.version))
         if os.path.exists(path) and not args.overwrite:
-            raise UserError(f"dataset {dataset_id_for(args.namespace, args.env_id, lv, args.version)} already exists "
-                            f"at {path}; pass --overwrite to replace it")
+            raise UserError(
+                f"dataset {dataset_id_for(args.namespace, args.env_id, lv, args.version)} already exists "
+                f"at {path}; pass --overwrite to replace it"
+            )
     return spec
 
 
@@ -420,7 +522,10 @@ def main(args: Args):
     episodes, meta = {}, {}
     if "random" in args.levels:
         eps, rets = rollout(env, lambda _: env.action_space.sample(), args.num_transitions, args.seed + 1)
-        episodes["random"], meta["random"] = eps, {"behaviour": "uniform random", "episode_return_mean": float(np.mean(rets)) if rets else None}
+        episodes["random"], meta["random"] = (
+            eps,
+            {"behaviour": "uniform random", "episode_return_mean": float(np.mean(rets)) if rets else None},
+        )
     trained = [lv for lv in args.levels if lv != "random"]
     ref_max = args.ref_max_score if args.ref_max_score is not None else EXPERT_RETURN.get(name)
     state_path = training_state_path(args)
@@ -428,38 +533,66 @@ def main(args: Args):
         if args.resume and not os.path.isfile(state_path):
             raise UserError(f"nothing to resume: {state_path} does not exist; run without --resume")
         if not args.resume and os.path.isfile(state_path):
-            raise UserError(f"{state_path} holds an interrupted behaviour-policy training; pass --resume to continue it, "
-                            f"or delete it")
+            raise UserError(
+                f"{state_path} holds an interrupted behaviour-policy training; pass --resume to continue it, "
+                f"or delete it"
+            )
         resumed = load_training_state(state_path, args) if args.resume else None
-        medium_actor, expert_actor, medium_step, replay, log = train_behaviour_policy(args, medium_target, expert_target, device,
-                                                                                      state_path, resumed)
+        medium_actor, expert_actor, medium_step, replay, log = train_behaviour_policy(
+            args, medium_target, expert_target, device, state_path, resumed
+        )
         rng = np.random.default_rng(args.seed + 2)
         for lv, actor in (("medium", medium_actor), ("expert", expert_actor)):
             if lv not in args.levels:
                 continue
             ev = evaluate(actor, args.env_id, args.eval_episodes, args.seed + 10_000, device, args.max_episode_steps)
-            eps, rets = rollout(env, noisy_policy(actor, args.rollout_noise, rng, low, high, device), args.num_transitions, args.seed + 3)
+            eps, rets = rollout(
+                env,
+                noisy_policy(actor, args.rollout_noise, rng, low, high, device),
+                args.num_transitions,
+                args.seed + 3,
+            )
             episodes[lv] = eps
             target = medium_target if lv == "medium" else expert_target
-            meta[lv] = {"behaviour": f"TD3 policy, rollout noise {args.rollout_noise}", "policy_eval_return": float(ev.mean()),
-                        "target_return": target, "target_reached": target is not None and float(ev.mean()) >= target,
-                        "behaviour_seed": args.seed,
-                        "episode_return_mean": float(np.mean(rets)) if rets else None, "training_log": log}
+            meta[lv] = {
+                "behaviour": f"TD3 policy, rollout noise {args.rollout_noise}",
+                "policy_eval_return": float(ev.mean()),
+                "target_return": target,
+                "target_reached": target is not None and float(ev.mean()) >= target,
+                "behaviour_seed": args.seed,
+                "episode_return_mean": float(np.mean(rets)) if rets else None,
+                "training_log": log,
+            }
             if lv == "expert" and ref_max is None:
-                ref_max = float(evaluate(actor, args.env_id, args.ref_episodes, args.seed + 30_000, device, args.max_episode_steps).mean())
+                ref_max = float(
+                    evaluate(
+                        actor, args.env_id, args.ref_episodes, args.seed + 30_000, device, args.max_episode_steps
+                    ).mean()
+                )
             if args.save_policies:
                 os.makedirs(args.save_policies, exist_ok=True)
                 torch.save(actor.state_dict(), os.path.join(args.save_policies, f"{lv}_actor.pt"))
         if "medium-replay" in args.levels:
             episodes["medium-replay"] = split_episodes(*replay, n=medium_step)
-            meta["medium-replay"] = {"behaviour": "TD3 training transitions until medium", "medium_step": medium_step,
-                                     "training_log": log}
+            meta["medium-replay"] = {
+                "behaviour": "TD3 training transitions until medium",
+                "medium_step": medium_step,
+                "training_log": log,
+            }
     for lv in args.levels:
         ds_id = dataset_id_for(args.namespace, args.env_id, lv, args.version)
         extra = {"level": lv, "collect_args": vars(args), **meta[lv]}
-        path = write_minari_dataset(ds_id, episodes[lv], args.env_id, ref_min, ref_max,
-                                    f"{lv} data for {args.env_id}, D4RL-style, made by collect_dataset.py",
-                                    extra, args.overwrite, args.max_episode_steps)
+        path = write_minari_dataset(
+            ds_id,
+            episodes[lv],
+            args.env_id,
+            ref_min,
+            ref_max,
+            f"{lv} data for {args.env_id}, D4RL-style, made by collect_dataset.py",
+            extra,
+            args.overwrite,
+            args.max_episode_steps,
+        )
         steps = sum(len(e.rewards) for e in episodes[lv])
         print(f"wrote {ds_id}: {len(episodes[lv])} episodes, {steps} steps -> {path}")
     if os.path.isfile(state_path):  # every dataset is written: the training state has served its purpose

@@ -10,13 +10,14 @@ adversarial (δ from the set found here). The objective of DE run k is the polic
 whose seeds are fixed for the run (common random numbers), evaluated for the whole population at once.
 Output schema: docs/file_contracts.md ("Perturbations file schema").
 """
+
 import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -25,8 +26,11 @@ import torch.nn as nn
 from scipy.optimize._differentialevolution import DifferentialEvolutionSolver  # differential_evolution's engine
 from tqdm import tqdm
 
-from runtime import (PERTURBATION_FORMAT, Range, UserError, check_ranges, check_resume_args, cli, default_checkpoint,
-                     load_checkpoint, rollout_batch, save_npz, sha256_file)
+from robust_o2o.cli import Range, UserError, check_ranges, cli
+from robust_o2o.evaluation import rollout_batch
+from robust_o2o.files import save_npz, sha256_file
+from robust_o2o.formats import PERTURBATION_FORMAT, default_checkpoint, load_checkpoint
+from robust_o2o.runs import check_resume_args
 
 PERTURBATION_VERSION = 1
 
@@ -52,8 +56,20 @@ class Args:
     """DE mutation (dithering range)"""
     recombination: Annotated[float, Range(0, 1)] = 0.7
     """DE crossover probability"""
-    strategy: Literal["best1bin", "best1exp", "rand1bin", "rand1exp", "rand2bin", "rand2exp", "randtobest1bin",
-                      "randtobest1exp", "currenttobest1bin", "currenttobest1exp", "best2exp", "best2bin"] = "best1bin"
+    strategy: Literal[
+        "best1bin",
+        "best1exp",
+        "rand1bin",
+        "rand1exp",
+        "rand2bin",
+        "rand2exp",
+        "randtobest1bin",
+        "randtobest1exp",
+        "currenttobest1bin",
+        "currenttobest1exp",
+        "best2exp",
+        "best2bin",
+    ] = "best1bin"
     """DE strategy (scipy name)"""
     tol: Annotated[float, Range(0)] = 0.01
     """DE relative convergence tolerance"""
@@ -63,9 +79,9 @@ class Args:
     """DE run k uses episode seeds de_seed + 1000 k + i and optimizer seed de_seed + k"""
 
     # inputs and outputs
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     """policy checkpoint (if unset: the first of DEFAULT_CHECKPOINTS that exists: full-scale, then run_pipeline.sh's)"""
-    output: Optional[str] = None
+    output: str | None = None
     """output .npz (if unset: perturbations.npz next to the checkpoint); a PNG of DE convergence goes beside it"""
 
     # evaluation
@@ -75,7 +91,7 @@ class Args:
     """first seed of the reporting episodes (the same as the other stages' evaluations)"""
     random_draws: Annotated[int, Range(1)] = 20
     """R: random δ ~ U([−ε, ε]^Na) evaluated for the random-condition baseline"""
-    max_episode_steps: Annotated[Optional[int], Range(1)] = None
+    max_episode_steps: Annotated[int | None, Range(1)] = None
     """override the checkpoint's episode time limit (shorter, cheaper episodes)"""
 
     # run management
@@ -89,7 +105,7 @@ class Args:
     """log to Weights & Biases (honours WANDB_MODE=offline)"""
     wandb_project_name: str = "robust-o2o"
     """the wandb project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """the wandb entity (team)"""
 
 
@@ -99,8 +115,14 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-                                 nn.Linear(hidden_dim, act_dim), nn.Tanh())
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, act_dim),
+            nn.Tanh(),
+        )
         low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
@@ -115,7 +137,8 @@ def actor_from_checkpoint(ckpt: dict) -> Actor:
     return actor.eval()
 
 
-# ALGO LOGIC: the perturbation model (copied verbatim into td3_adv_finetune.py; perturb_action also into evaluate_matrix.py)
+# ALGO LOGIC: the perturbation model (copied verbatim into td3_adv_finetune.py; perturb_action also into
+# evaluate_matrix.py)
 PERTURBATION_MODELS = ("multiplicative", "additive")
 CONDITIONS = ("normal", "random", "adversarial")
 
@@ -139,8 +162,15 @@ class ActionPerturbation(gym.ActionWrapper):
     probability 1 − q. The draw uses the wrapper's own RNG (seeded by reset(seed=...)), never the env's, so the
     env's start states do not depend on the condition. `reset` reports δ in info["delta"]."""
 
-    def __init__(self, env: gym.Env, epsilon: float, model: str = "multiplicative", condition: str = "normal",
-                 deltas: Optional[np.ndarray] = None, q: float = 1.0):
+    def __init__(
+        self,
+        env: gym.Env,
+        epsilon: float,
+        model: str = "multiplicative",
+        condition: str = "normal",
+        deltas: np.ndarray | None = None,
+        q: float = 1.0,
+    ):
         super().__init__(env)
         if condition not in CONDITIONS or model not in PERTURBATION_MODELS:
             raise ValueError(f"condition must be one of {CONDITIONS} and model one of {PERTURBATION_MODELS}")
@@ -173,7 +203,7 @@ class ActionPerturbation(gym.ActionWrapper):
 
 
 # Batched evaluation: many (δ, episode seed) pairs step together, one policy forward per step
-def make_env(env_id: str, max_episode_steps: Optional[int]) -> gym.Env:
+def make_env(env_id: str, max_episode_steps: int | None) -> gym.Env:
     return gym.make(env_id, max_episode_steps=max_episode_steps)
 
 
@@ -182,30 +212,46 @@ _WORKER = {}
 
 def _init_worker(ckpt_small: dict, env_id: str, max_episode_steps, model: str):
     torch.set_num_threads(1)
-    _WORKER.update(actor=actor_from_checkpoint(ckpt_small), obs_mean=ckpt_small["obs_mean"], obs_std=ckpt_small["obs_std"],
-                   env_id=env_id, max_episode_steps=max_episode_steps, model=model, envs=[])
+    _WORKER.update(
+        actor=actor_from_checkpoint(ckpt_small),
+        obs_mean=ckpt_small["obs_mean"],
+        obs_std=ckpt_small["obs_std"],
+        env_id=env_id,
+        max_episode_steps=max_episode_steps,
+        model=model,
+        envs=[],
+    )
 
 
 def _worker_rollout(deltas: np.ndarray, seeds: np.ndarray):
     w = _WORKER
     while len(w["envs"]) < len(seeds):
         w["envs"].append(make_env(w["env_id"], w["max_episode_steps"]))
-    return rollout_batch(w["envs"][:len(seeds)], w["actor"], w["obs_mean"], w["obs_std"], deltas, seeds, w["model"], perturb_action)
+    return rollout_batch(
+        w["envs"][: len(seeds)], w["actor"], w["obs_mean"], w["obs_std"], deltas, seeds, w["model"], perturb_action
+    )
 
 
 class PopulationEvaluator:
     """Evaluates returns of many (δ, seed) pairs, split across `num_workers` processes (in-process for 1)."""
 
-    def __init__(self, ckpt: dict, model: str, max_episode_steps: Optional[int], num_workers: int = 1):
-        small = {k: ckpt[k] for k in ("obs_dim", "act_dim", "action_low", "action_high", "hidden_dim", "actor", "obs_mean", "obs_std")}
+    def __init__(self, ckpt: dict, model: str, max_episode_steps: int | None, num_workers: int = 1):
+        small = {
+            k: ckpt[k]
+            for k in ("obs_dim", "act_dim", "action_low", "action_high", "hidden_dim", "actor", "obs_mean", "obs_std")
+        }
         env_id = ckpt["env_id"]
         self.num_workers, self.env_steps = max(1, num_workers), 0
         if self.num_workers == 1:
             _init_worker(small, env_id, max_episode_steps, model)
             self.pool = None
         else:
-            self.pool = ProcessPoolExecutor(self.num_workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                            initargs=(small, env_id, max_episode_steps, model))
+            self.pool = ProcessPoolExecutor(
+                self.num_workers,
+                mp_context=get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(small, env_id, max_episode_steps, model),
+            )
 
     def returns(self, deltas: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """Mean return of each δ (rows of deltas [S, Na]) over the episode seeds [M]: returns [S]."""
@@ -218,8 +264,12 @@ class PopulationEvaluator:
         if self.pool is None:
             chunks = [_worker_rollout(pair_deltas, pair_seeds)]
         else:
-            parts = [p for p in np.array_split(np.arange(S * M), self.num_workers) if len(p)]  # fewer pairs than workers
-            chunks = list(self.pool.map(_worker_rollout, [pair_deltas[p] for p in parts], [pair_seeds[p] for p in parts]))
+            parts = [
+                p for p in np.array_split(np.arange(S * M), self.num_workers) if len(p)
+            ]  # fewer pairs than workers
+            chunks = list(
+                self.pool.map(_worker_rollout, [pair_deltas[p] for p in parts], [pair_seeds[p] for p in parts])
+            )
         self.env_steps += sum(c[1] for c in chunks)
         return np.concatenate([c[0] for c in chunks]).reshape(S, M)
 
@@ -243,8 +293,17 @@ def rng_from_json(rng, text: str):
         rng.bit_generator.state = state
 
 
-def run_de(evaluate, act_dim: int, epsilon: float, seeds: np.ndarray, de_seed: int, args: Args, pbar=None,
-           saved: Optional[dict] = None, save=None):
+def run_de(
+    evaluate,
+    act_dim: int,
+    epsilon: float,
+    seeds: np.ndarray,
+    de_seed: int,
+    args: Args,
+    pbar=None,
+    saved: dict | None = None,
+    save=None,
+):
     """One DE run minimising the mean return over `seeds`. Returns (best δ, best objective, best per generation).
     After every generation save(solver state) is called; `saved` (such a state) continues a run where it stopped."""
     history = [] if saved is None else list(saved["history"])
@@ -258,15 +317,33 @@ def run_de(evaluate, act_dim: int, epsilon: float, seeds: np.ndarray, de_seed: i
             pbar.update(1)
             pbar.set_postfix(best_return=f"{intermediate_result.fun:.1f}")
         if save is not None:
-            save({"history": np.asarray(history), "population": solver.population, "energies": solver.population_energies,
-                  "nfev": solver._nfev, "rng": rng_to_json(solver.random_number_generator),
-                  "sample_order": solver._random_population_index})  # scipy shuffles this in place, generation after generation
+            save(
+                {
+                    "history": np.asarray(history),
+                    "population": solver.population,
+                    "energies": solver.population_energies,
+                    "nfev": solver._nfev,
+                    "rng": rng_to_json(solver.random_number_generator),
+                    "sample_order": solver._random_population_index,
+                }
+            )  # scipy shuffles this in place, generation after generation
 
     # scipy's own solver object (what differential_evolution runs), so that its state can be saved and restored
-    with DifferentialEvolutionSolver(objective, [(-epsilon, epsilon)] * act_dim, strategy=args.strategy,
-                                     maxiter=args.maxiter, popsize=args.popsize, tol=args.tol,
-                                     mutation=args.mutation, recombination=args.recombination, rng=de_seed,
-                                     polish=args.polish, vectorized=True, updating="deferred", callback=callback) as solver:
+    with DifferentialEvolutionSolver(
+        objective,
+        [(-epsilon, epsilon)] * act_dim,
+        strategy=args.strategy,
+        maxiter=args.maxiter,
+        popsize=args.popsize,
+        tol=args.tol,
+        mutation=args.mutation,
+        recombination=args.recombination,
+        rng=de_seed,
+        polish=args.polish,
+        vectorized=True,
+        updating="deferred",
+        callback=callback,
+    ) as solver:
         if saved is not None:
             solver.population, solver.population_energies = saved["population"].copy(), saved["energies"].copy()
             solver._nfev, solver._random_population_index = int(saved["nfev"]), saved["sample_order"].copy()
@@ -281,8 +358,10 @@ def run_de(evaluate, act_dim: int, epsilon: float, seeds: np.ndarray, de_seed: i
 def check_args(args: Args):
     check_ranges(args)  # each field's range is declared next to it in Args
     if args.perturbation_model == "multiplicative" and args.epsilon >= 1:
-        raise UserError(f"--epsilon must be in (0, 1) for the multiplicative model (got {args.epsilon}): δ = −1 would "
-                        f"switch an actuator off and δ < −1 reverse it; use 0.3 or 0.5 as the paper does")
+        raise UserError(
+            f"--epsilon must be in (0, 1) for the multiplicative model (got {args.epsilon}): δ = −1 would "
+            f"switch an actuator off and δ < −1 reverse it; use 0.3 or 0.5 as the paper does"
+        )
     if args.mutation[0] > args.mutation[1]:
         raise UserError(f"--mutation is a (min, max) dithering range; got min > max ({args.mutation})")
 
@@ -294,17 +373,23 @@ def as_evaluated(pair_returns: np.ndarray) -> float:
     return float(pair_returns[np.arange(M) % S, np.arange(M)].mean())
 
 
-def plot_convergence(path: str, history: np.ndarray, nominal: float, random_mean: float, adversarial: np.ndarray, title: str):
+def plot_convergence(
+    path: str, history: np.ndarray, nominal: float, random_mean: float, adversarial: np.ndarray, title: str
+):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for k, h in enumerate(history):
         h = h[~np.isnan(h)]
         ax.plot(np.arange(1, len(h) + 1), h, marker=".", label=f"DE run {k} (best of population)")
     ax.axhline(nominal, color="k", ls="--", label=f"normal (δ = 0): {nominal:.1f}")
     ax.axhline(random_mean, color="gray", ls=":", label=f"random δ, mean: {random_mean:.1f}")
-    ax.axhline(adversarial.mean(), color="tab:red", ls="-.", label=f"found δ on eval episodes, mean: {adversarial.mean():.1f}")
+    ax.axhline(
+        adversarial.mean(), color="tab:red", ls="-.", label=f"found δ on eval episodes, mean: {adversarial.mean():.1f}"
+    )
     ax.set_xlabel("DE generation")
     ax.set_ylabel("mean episodic return (DE episodes)")
     ax.set_title(title, fontsize=10)
@@ -321,7 +406,7 @@ def padded(histories: list) -> np.ndarray:
     """Per-run best-return histories of unequal length as one NaN-padded [K, max length] array."""
     out = np.full((len(histories), max([len(h) for h in histories], default=0)), np.nan)
     for k, h in enumerate(histories):
-        out[k, :len(h)] = h
+        out[k, : len(h)] = h
     return out
 
 
@@ -332,7 +417,7 @@ def load_state(path: str, args: Args) -> dict:
             state = {k: f[k] for k in f.files}
         saved = json.loads(str(state["args"]))
     except Exception as e:
-        raise UserError(f"{path} is unreadable ({type(e).__name__}); delete it and run without --resume")
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); delete it and run without --resume") from None
     check_resume_args(saved, json.loads(json.dumps(asdict(args))), ("resume", "track", "num_workers"))
     if np.ndim(state["baseline"]) != 2:  # before the per-(δ, episode) baseline: its summary cannot be continued
         raise UserError(f"{path} was written by an older version of this script; delete it and run without --resume")
@@ -350,15 +435,20 @@ def main(args: Args):
     try:
         make_env(env_id, max_steps).close()
     except gym.error.Error as e:
-        raise UserError(f"the checkpoint's env '{env_id}' cannot be made here ({e})")
+        raise UserError(f"the checkpoint's env '{env_id}' cannot be made here ({e})") from None
     output = args.output or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
     if not output.endswith(".npz"):
         raise UserError(f"--output must end in .npz (got {output})")
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     if args.track:
         import wandb
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
-                   name=f"{env_id}__de_perturbations__{args.seed}")
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=asdict(args),
+            name=f"{env_id}__de_perturbations__{args.seed}",
+        )
     state_path = output + ".state.npz"  # written after every DE generation; removed when the run is complete
     if args.resume and not os.path.isfile(state_path):
         raise UserError(f"nothing to resume: {state_path} does not exist; run without --resume")
@@ -376,24 +466,61 @@ def main(args: Args):
         if saved is None:
             baseline = evaluator.episode_returns(np.vstack([np.zeros((1, act_dim)), random_deltas]), eval_seeds)
         else:
-            baseline, evaluator.env_steps, t0 = saved["baseline"], int(saved["env_steps"]), t0 - float(saved["wall_time_sec"])
+            baseline, evaluator.env_steps, t0 = (
+                saved["baseline"],
+                int(saved["env_steps"]),
+                t0 - float(saved["wall_time_sec"]),
+            )
         nominal, random_returns = float(baseline[0].mean()), baseline[1:].mean(1)
-        print(f"{env_id}: nominal return {nominal:.1f}; random δ (ε={eps}, {args.perturbation_model}): "
-              f"{as_evaluated(baseline[1:]):.1f} (episode i under draw i mod {args.random_draws}, as the evaluators play it)")
-        done = [] if saved is None else [(saved["deltas"][k], float(saved["objective"][k]), list(saved["histories"][k]))
-                                         for k in range(int(saved["k"]))]
-        pbar = tqdm(total=args.num_perturbations * args.maxiter, desc="DE generations", mininterval=1,
-                    initial=sum(args.maxiter for _ in done) + (0 if saved is None else len(saved["history"])))
+        print(
+            f"{env_id}: nominal return {nominal:.1f}; random δ (ε={eps}, {args.perturbation_model}): "
+            f"{as_evaluated(baseline[1:]):.1f} (episode i under draw i mod {args.random_draws}, as the evaluators "
+            "play it)"
+        )
+        done = (
+            []
+            if saved is None
+            else [
+                (saved["deltas"][k], float(saved["objective"][k]), list(saved["histories"][k]))
+                for k in range(int(saved["k"]))
+            ]
+        )
+        pbar = tqdm(
+            total=args.num_perturbations * args.maxiter,
+            desc="DE generations",
+            mininterval=1,
+            initial=sum(args.maxiter for _ in done) + (0 if saved is None else len(saved["history"])),
+        )
         for k in range(len(done), args.num_perturbations):
             seeds = args.de_seed + 1000 * k + np.arange(args.de_episodes)
 
             def save(solver_state: dict, k=k):
-                save_npz(state_path, {"args": json.dumps(asdict(args)), "k": k, "baseline": baseline,
-                                      "deltas": np.asarray([d[0] for d in done]).reshape(-1, act_dim),
-                                      "objective": np.asarray([d[1] for d in done]), "histories": padded([d[2] for d in done]),
-                                      "env_steps": evaluator.env_steps, "wall_time_sec": time.time() - t0, **solver_state})
-            delta, fun, hist = run_de(evaluator.returns, act_dim, eps, seeds, args.de_seed + k, args, pbar,
-                                      saved if saved is not None and k == int(saved["k"]) else None, save)
+                save_npz(
+                    state_path,
+                    {
+                        "args": json.dumps(asdict(args)),
+                        "k": k,
+                        "baseline": baseline,
+                        "deltas": np.asarray([d[0] for d in done]).reshape(-1, act_dim),
+                        "objective": np.asarray([d[1] for d in done]),
+                        "histories": padded([d[2] for d in done]),
+                        "env_steps": evaluator.env_steps,
+                        "wall_time_sec": time.time() - t0,
+                        **solver_state,
+                    },
+                )
+
+            delta, fun, hist = run_de(
+                evaluator.returns,
+                act_dim,
+                eps,
+                seeds,
+                args.de_seed + k,
+                args,
+                pbar,
+                saved if saved is not None and k == int(saved["k"]) else None,
+                save,
+            )
             pbar.update(args.maxiter - len(hist))  # a run that converged early
             done.append((delta, fun, hist))
             if args.track:
@@ -406,33 +533,75 @@ def main(args: Args):
     finally:
         evaluator.close()
     history = padded(histories)
-    save_npz(output, {
-        "format": PERTURBATION_FORMAT, "format_version": PERTURBATION_VERSION,
-        "perturbations": deltas, "perturbation_returns": adversarial_returns, "de_objective": np.asarray(objective),
-        "nominal_return": nominal, "random_deltas": random_deltas, "random_returns": random_returns,
-        "random_return_mean": random_returns.mean(), "random_return_std": random_returns.std(),
-        "epsilon": eps, "perturbation_model": args.perturbation_model, "env_id": env_id,
-        "max_episode_steps": -1 if max_steps is None else int(max_steps), "act_dim": act_dim,
-        "checkpoint_path": args.checkpoint, "checkpoint_sha256": sha256_file(args.checkpoint),
-        "eval_seeds": eval_seeds, "de_seed": args.de_seed, "de_episodes": args.de_episodes, "popsize": args.popsize,
-        "maxiter": args.maxiter, "mutation": np.asarray(args.mutation), "recombination": args.recombination,
-        "strategy": args.strategy, "tol": args.tol, "polish": args.polish, "history": history,
-        "env_steps": env_steps, "wall_time_sec": wall, "num_workers": workers,
-    })
+    save_npz(
+        output,
+        {
+            "format": PERTURBATION_FORMAT,
+            "format_version": PERTURBATION_VERSION,
+            "perturbations": deltas,
+            "perturbation_returns": adversarial_returns,
+            "de_objective": np.asarray(objective),
+            "nominal_return": nominal,
+            "random_deltas": random_deltas,
+            "random_returns": random_returns,
+            "random_return_mean": random_returns.mean(),
+            "random_return_std": random_returns.std(),
+            "epsilon": eps,
+            "perturbation_model": args.perturbation_model,
+            "env_id": env_id,
+            "max_episode_steps": -1 if max_steps is None else int(max_steps),
+            "act_dim": act_dim,
+            "checkpoint_path": args.checkpoint,
+            "checkpoint_sha256": sha256_file(args.checkpoint),
+            "eval_seeds": eval_seeds,
+            "de_seed": args.de_seed,
+            "de_episodes": args.de_episodes,
+            "popsize": args.popsize,
+            "maxiter": args.maxiter,
+            "mutation": np.asarray(args.mutation),
+            "recombination": args.recombination,
+            "strategy": args.strategy,
+            "tol": args.tol,
+            "polish": args.polish,
+            "history": history,
+            "env_steps": env_steps,
+            "wall_time_sec": wall,
+            "num_workers": workers,
+        },
+    )
     if os.path.exists(state_path):
         os.remove(state_path)
     png = output[:-4] + ".png"
-    plot_convergence(png, history, nominal, float(random_returns.mean()), adversarial_returns,
-                     f"DE against {os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}\n"
-                     f"{env_id}, ε={eps}, {args.perturbation_model}, K={len(deltas)}")
-    print(f"adversarial δ_a (K={len(deltas)}): return {as_evaluated(adversarial_pairs):.1f} on the {args.eval_episodes} eval "
-          f"episodes, episode i under δ_(i mod {len(deltas)}) as the evaluators play it (nominal {nominal:.1f}, random "
-          f"{as_evaluated(baseline[1:]):.1f}); per δ over all eval episodes: " + ", ".join(f"{r:.1f}" for r in adversarial_returns))
-    print(f"{env_steps} env steps in {wall:.1f}s = {env_steps / wall:.0f} steps/s with {workers} worker(s); wrote {output} and {png}")
+    plot_convergence(
+        png,
+        history,
+        nominal,
+        float(random_returns.mean()),
+        adversarial_returns,
+        f"DE against {os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}\n"
+        f"{env_id}, ε={eps}, {args.perturbation_model}, K={len(deltas)}",
+    )
+    print(
+        f"adversarial δ_a (K={len(deltas)}): return {as_evaluated(adversarial_pairs):.1f} on the {args.eval_episodes} "
+        "eval "
+        f"episodes, episode i under δ_(i mod {len(deltas)}) as the evaluators play it (nominal {nominal:.1f}, random "
+        f"{as_evaluated(baseline[1:]):.1f}); per δ over all eval episodes: "
+        + ", ".join(f"{r:.1f}" for r in adversarial_returns)
+    )
+    print(
+        f"{env_steps} env steps in {wall:.1f}s = {env_steps / wall:.0f} steps/s with {workers} worker(s); wrote "
+        f"{output} and {png}"
+    )
     if args.track:
-        wandb.log({"de/nominal_return": nominal, "de/random_return": float(random_returns.mean()),
-                   "de/adversarial_return": float(adversarial_returns.mean()), "de/steps_per_sec": env_steps / wall,
-                   "de/convergence": wandb.Image(png)})
+        wandb.log(
+            {
+                "de/nominal_return": nominal,
+                "de/random_return": float(random_returns.mean()),
+                "de/adversarial_return": float(adversarial_returns.mean()),
+                "de/steps_per_sec": env_steps / wall,
+                "de/convergence": wandb.Image(png),
+            }
+        )
         wandb.finish()
 
 

@@ -3,7 +3,8 @@
 """The evaluation matrix.
 
 Conditions, each on the same `--eval-episodes` seeded episodes (seeds eval_seed + i; the default 50,000 keeps them
-apart from the episodes fine-tuning evaluates on, which the adaptive curriculum reads, and from DE's objective episodes):
+apart from the episodes fine-tuning evaluates on, which the adaptive curriculum reads, and from DE's objective
+episodes):
 - normal:      δ = 0.
 - random:      the fixed random draws stored in the reference perturbations file (episode i uses draw i mod R).
 - adversarial: a fresh DE attack against this very policy with every setting the precomputed attack recorded (K,
@@ -15,6 +16,7 @@ apart from the episodes fine-tuning evaluates on, which the adaptive curriculum 
                that cell is a direct attack at the precomputed budget, not a transfer (matrix.md marks it).
 Outputs in --output-dir: matrix.csv, matrix.md, heatmap.png, curves.png, q_trajectory.png, attacks/*.npz.
 """
+
 import csv
 import glob
 import hashlib
@@ -27,21 +29,36 @@ import sys
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Annotated, Optional
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from runtime import (ConditionEvaluator, Range, UserError, captioned, check_ranges, check_rendering, cli,
-                     load_checkpoint, load_perturbations, normalized_score, record_episode, save_curve_panels, save_q_plot,
-                     sha256_file, side_by_side, write_text, write_video)
+from robust_o2o.cli import Range, UserError, check_ranges, cli
+from robust_o2o.evaluation import ConditionEvaluator, normalized_score
+from robust_o2o.files import sha256_file, write_text
+from robust_o2o.formats import load_checkpoint, load_perturbations
+from robust_o2o.plots import save_curve_panels, save_q_plot
+from robust_o2o.video import captioned, check_rendering, record_episode, side_by_side, write_video
 
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
-REFERENCE_KEYS = ("perturbation_returns", "maxiter", "popsize", "de_episodes", "mutation", "recombination", "strategy", "tol",
-                  "de_seed", "polish", "max_episode_steps")
-EVAL_SEED = 50_000  # the final evaluation's first episode seed: disjoint from fine-tuning's (10,000 + i) and DE's (20,000 + ...)
+REFERENCE_KEYS = (
+    "perturbation_returns",
+    "maxiter",
+    "popsize",
+    "de_episodes",
+    "mutation",
+    "recombination",
+    "strategy",
+    "tol",
+    "de_seed",
+    "polish",
+    "max_episode_steps",
+)
+# the final evaluation's first episode seed: disjoint from fine-tuning's (10,000 + i) and DE's (20,000 + ...)
+EVAL_SEED = 50_000
 
 
 @dataclass
@@ -49,7 +66,7 @@ class Args:
     # what to evaluate
     checkpoints: tuple[str, ...] = ("runs",)
     """checkpoint files, globs, or folders searched recursively for checkpoint.pt"""
-    env_id: Optional[str] = None
+    env_id: str | None = None
     """keep only checkpoints of this env (required when the set mixes envs)"""
     eval_episodes: Annotated[int, Range(1)] = 30
     """episodes per policy and condition (seeds eval_seed + i)"""
@@ -57,11 +74,11 @@ class Args:
     """first evaluation seed (default: apart from the episodes fine-tuning evaluates on, 10,000 + i, and DE's)"""
 
     # the fresh attack on each policy
-    attack_num_perturbations: Annotated[Optional[int], Range(1)] = None
+    attack_num_perturbations: Annotated[int | None, Range(1)] = None
     """K of each fresh attack (if unset: the reference perturbations file's)"""
-    attack_maxiter: Annotated[Optional[int], Range(1)] = None
+    attack_maxiter: Annotated[int | None, Range(1)] = None
     """DE generations of each fresh attack (if unset: the reference file's)"""
-    attack_popsize: Annotated[Optional[int], Range(4)] = None
+    attack_popsize: Annotated[int | None, Range(4)] = None
     """DE popsize of each fresh attack (if unset: the reference file's)"""
     num_workers: Annotated[int, Range(0)] = 0
     """processes for the fresh attacks (0: one per core)"""
@@ -82,7 +99,7 @@ class Args:
     """log the table and images to Weights & Biases (honours WANDB_MODE=offline)"""
     wandb_project_name: str = "robust-o2o"
     """the wandb project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """the wandb entity (team)"""
 
 
@@ -92,8 +109,14 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-                                 nn.Linear(hidden_dim, act_dim), nn.Tanh())
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, act_dim),
+            nn.Tanh(),
+        )
         low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
@@ -149,21 +172,47 @@ def attack_settings(ref: dict, args: Args) -> list:
     k = args.attack_num_perturbations or len(ref["perturbations"])
     maxiter, popsize = args.attack_maxiter or int(ref["maxiter"]), args.attack_popsize or int(ref["popsize"])
     episode_limit = int(ref["max_episode_steps"])  # -1: the checkpoint's own limit
-    return ["--epsilon", str(float(ref["epsilon"])), "--perturbation-model", str(ref["perturbation_model"]),
-            "--num-perturbations", str(k), "--maxiter", str(maxiter), "--popsize", str(popsize),
-            "--de-episodes", str(int(ref["de_episodes"])), "--mutation", *[str(float(m)) for m in ref["mutation"]],
-            "--recombination", str(float(ref["recombination"])), "--strategy", str(ref["strategy"]),
-            "--tol", str(float(ref["tol"])), "--de-seed", str(int(ref["de_seed"])),
-            "--polish" if bool(ref["polish"]) else "--no-polish",
-            *(["--max-episode-steps", str(episode_limit)] if episode_limit > 0 else []),
-            "--eval-episodes", "1", "--random-draws", "1"]
+    return [
+        "--epsilon",
+        str(float(ref["epsilon"])),
+        "--perturbation-model",
+        str(ref["perturbation_model"]),
+        "--num-perturbations",
+        str(k),
+        "--maxiter",
+        str(maxiter),
+        "--popsize",
+        str(popsize),
+        "--de-episodes",
+        str(int(ref["de_episodes"])),
+        "--mutation",
+        *[str(float(m)) for m in ref["mutation"]],
+        "--recombination",
+        str(float(ref["recombination"])),
+        "--strategy",
+        str(ref["strategy"]),
+        "--tol",
+        str(float(ref["tol"])),
+        "--de-seed",
+        str(int(ref["de_seed"])),
+        "--polish" if bool(ref["polish"]) else "--no-polish",
+        *(["--max-episode-steps", str(episode_limit)] if episode_limit > 0 else []),
+        "--eval-episodes",
+        "1",
+        "--random-draws",
+        "1",
+    ]
 
 
 def attack_budget(settings: list) -> str:
     """The fresh attack's budget in one cell: K runs × generations × population × episodes per candidate."""
-    flag = {k: settings[settings.index(k) + 1] for k in ("--num-perturbations", "--maxiter", "--popsize", "--de-episodes")}
-    return (f"K={flag['--num-perturbations']} maxiter={flag['--maxiter']} popsize={flag['--popsize']} "
-            f"episodes={flag['--de-episodes']}")
+    flag = {
+        k: settings[settings.index(k) + 1] for k in ("--num-perturbations", "--maxiter", "--popsize", "--de-episodes")
+    }
+    return (
+        f"K={flag['--num-perturbations']} maxiter={flag['--maxiter']} popsize={flag['--popsize']} "
+        f"episodes={flag['--de-episodes']}"
+    )
 
 
 def fresh_attack(path: str, settings: list, args: Args, out_dir: str) -> dict:
@@ -172,8 +221,17 @@ def fresh_attack(path: str, settings: list, args: Args, out_dir: str) -> dict:
     key = hashlib.sha256(" ".join([sha256_file(path), *settings]).encode()).hexdigest()[:16]
     out = os.path.join(out_dir, "attacks", f"{key}.npz")
     if not os.path.exists(out):
-        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "de_perturbations.py"),
-               "--checkpoint", path, "--output", out, *settings, "--num-workers", str(args.num_workers)]
+        cmd = [
+            sys.executable,
+            os.path.join(os.path.dirname(os.path.abspath(__file__)), "de_perturbations.py"),
+            "--checkpoint",
+            path,
+            "--output",
+            out,
+            *settings,
+            "--num-workers",
+            str(args.num_workers),
+        ]
         if os.path.exists(out + ".state.npz"):  # an attack interrupted with this evaluation continues where it stopped
             cmd.append("--resume")
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -187,8 +245,9 @@ def evaluate_policy(ckpt: dict, conditions: dict, episodes: int, eval_seed: int,
     """Per-episode returns under each condition (name -> δ set); episode i of a condition uses δ_{i mod len}."""
     actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
     actor.load_state_dict(ckpt["actor"])
-    evaluator = ConditionEvaluator(ckpt["env_id"], ckpt.get("max_episode_steps"), conditions, episodes, eval_seed, model,
-                                   perturb_action)
+    evaluator = ConditionEvaluator(
+        ckpt["env_id"], ckpt.get("max_episode_steps"), conditions, episodes, eval_seed, model, perturb_action
+    )
     return evaluator(actor.eval(), ckpt["obs_mean"], ckpt["obs_std"])
 
 
@@ -203,38 +262,64 @@ def summarize(rows: list) -> dict:
         means = np.array([r["mean_return"] for r in rs])
         norms = [r["normalized_mean"] for r in rs]
         norm = None if any(n is None for n in norms) else np.array(norms, dtype=float)
-        out[key] = (means.mean(), means.std(), len(rs), None if norm is None else norm.mean(), None if norm is None else norm.std())
+        out[key] = (
+            means.mean(),
+            means.std(),
+            len(rs),
+            None if norm is None else norm.mean(),
+            None if norm is None else norm.std(),
+        )
     return out
 
 
 def markdown_table(summary: dict, labels: list, env_id: str, episodes: int) -> str:
-    lines = [f"Returns on {env_id}: mean ± std over seeds of each seed's mean over {episodes} episodes; "
-             f"normalized score in brackets (0 = random, 100 = expert reference).", "",
-             "| policy | seeds | " + " | ".join(EVAL_CONDITIONS) + " |", "|---|---|" + "---|" * len(EVAL_CONDITIONS)]
+    lines = [
+        f"Returns on {env_id}: mean ± std over seeds of each seed's mean over {episodes} episodes; "
+        f"normalized score in brackets (0 = random, 100 = expert reference).",
+        "",
+        "| policy | seeds | " + " | ".join(EVAL_CONDITIONS) + " |",
+        "|---|---|" + "---|" * len(EVAL_CONDITIONS),
+    ]
     for label in labels:
         cells = []
         for c in EVAL_CONDITIONS:
             m, s, n, nm, ns = summary[(label, c)]
             direct = c == "transfer" and label.endswith("offline-only")
-            cells.append(f"{m:.1f} ± {s:.1f}" + ("" if nm is None else f" [{nm:.1f} ± {ns:.1f}]") + (" †" if direct else ""))
+            cells.append(
+                f"{m:.1f} ± {s:.1f}" + ("" if nm is None else f" [{nm:.1f} ± {ns:.1f}]") + (" †" if direct else "")
+            )
         lines.append(f"| {label} | {summary[(label, 'normal')][2]} | " + " | ".join(cells) + " |")
-    lines += ["", "† offline-only, transfer: the precomputed set was found against this very policy, so this cell is a "
-              "direct attack at the precomputed budget, not a transfer."]
+    lines += [
+        "",
+        "† offline-only, transfer: the precomputed set was found against this very policy, so this cell is a "
+        "direct attack at the precomputed budget, not a transfer.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def plot_heatmap(path, summary, labels, env_id):
     import matplotlib.pyplot as plt
+
     use_norm = all(summary[(lb, c)][3] is not None for lb in labels for c in EVAL_CONDITIONS)
     vals = np.array([[summary[(lb, c)][3 if use_norm else 0] for c in EVAL_CONDITIONS] for lb in labels])
     fig, ax = plt.subplots(figsize=(8, max(3.2, 1.4 + 0.55 * len(labels))), dpi=110)
     im = ax.imshow(vals, cmap="viridis", aspect="auto")
     for i in range(len(labels)):
         for j in range(len(EVAL_CONDITIONS)):
-            ax.text(j, i, f"{vals[i, j]:.1f}", ha="center", va="center", color="w" if vals[i, j] < vals.mean() else "k", fontsize=9)
+            ax.text(
+                j,
+                i,
+                f"{vals[i, j]:.1f}",
+                ha="center",
+                va="center",
+                color="w" if vals[i, j] < vals.mean() else "k",
+                fontsize=9,
+            )
     ax.set_xticks(range(len(EVAL_CONDITIONS)), EVAL_CONDITIONS)
     ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("evaluation condition (adversarial: fresh DE attack on each policy; transfer: the precomputed set)", fontsize=8)
+    ax.set_xlabel(
+        "evaluation condition (adversarial: fresh DE attack on each policy; transfer: the precomputed set)", fontsize=8
+    )
     fig.colorbar(im, ax=ax, label="normalized score (0 random, 100 expert)" if use_norm else "episodic return")
     ax.set_title(f"{env_id}: training condition × evaluation condition (mean over seeds)", fontsize=10)
     fig.tight_layout()
@@ -249,15 +334,22 @@ def load_curves(paths_by_label: dict) -> dict:
         for p in paths:
             mpath = os.path.join(os.path.dirname(p), "metrics.jsonl")
             if not os.path.exists(mpath):
-                raise UserError(f"no metrics file {mpath} for the learning curve of {p}; restore it or leave that "
-                                f"checkpoint out of --checkpoints")
+                raise UserError(
+                    f"no metrics file {mpath} for the learning curve of {p}; restore it or leave that "
+                    f"checkpoint out of --checkpoints"
+                )
             try:
                 with open(mpath) as f:
                     evals = [r for r in map(json.loads, f) if "eval/normal_return" in r]
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"metrics file {mpath} is corrupt ({type(e).__name__}); restore it or leave {p} out of --checkpoints")
+                raise UserError(
+                    f"metrics file {mpath} is corrupt ({type(e).__name__}); restore it or leave {p} out of "
+                    "--checkpoints"
+                ) from None
             if not evals:
-                raise UserError(f"metrics file {mpath} holds no evaluation; restore it or leave {p} out of --checkpoints")
+                raise UserError(
+                    f"metrics file {mpath} holds no evaluation; restore it or leave {p} out of --checkpoints"
+                )
             curves[label].append(evals)
     return curves
 
@@ -270,6 +362,7 @@ def mean_curve(runs: list, key: str):
 
 def plot_curves(path, curves, summary, env_id):
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=100, sharey=True)
     conds = ("normal", "random", "adversarial")
     for ax, cond in zip(axes, conds):
@@ -279,12 +372,19 @@ def plot_curves(path, curves, summary, env_id):
             ax.fill_between(x, m - s, m + s, alpha=0.15)
         if ("offline-only", cond) in summary:
             ax.axhline(summary[("offline-only", cond)][0], color="k", ls=":", label="offline-only")
-    save_curve_panels(fig, axes, conds, "mean episodic return", f"{env_id}: learning curves during fine-tuning "
-                      f"(mean ± std over seeds)", path)
+    save_curve_panels(
+        fig,
+        axes,
+        conds,
+        "mean episodic return",
+        f"{env_id}: learning curves during fine-tuning (mean ± std over seeds)",
+        path,
+    )
 
 
 def plot_q(path, curves, env_id):
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for label, runs in sorted(curves.items()):
         x, m, s = mean_curve(runs, "curriculum/q")
@@ -301,14 +401,29 @@ def capture_videos(args: Args, ckpts: dict, sets: dict) -> list:
     def episode(ckpt, delta, model):
         actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
         actor.load_state_dict(ckpt["actor"])
-        return record_episode(ckpt["env_id"], ckpt.get("max_episode_steps"), actor.eval(), ckpt["obs_mean"], ckpt["obs_std"],
-                              delta, perturb_action, model, args.eval_seed, args.video_size, args.video_frame_skip)
+        return record_episode(
+            ckpt["env_id"],
+            ckpt.get("max_episode_steps"),
+            actor.eval(),
+            ckpt["obs_mean"],
+            ckpt["obs_std"],
+            delta,
+            perturb_action,
+            model,
+            args.eval_seed,
+            args.video_size,
+            args.video_frame_skip,
+        )
 
     for path, ckpt in tqdm(ckpts.items(), desc="videos"):
         ref, attack = sets[path]
         model, name = str(ref["perturbation_model"]), f"{policy_label(ckpt)} s{ckpt['args']['seed']}"
         worst = attack["perturbations"][int(np.argmin(attack["perturbation_returns"]))]
-        for cond, delta in (("normal", np.zeros(ckpt["act_dim"])), ("random", ref["random_deltas"][0]), ("adversarial", worst)):
+        for cond, delta in (
+            ("normal", np.zeros(ckpt["act_dim"])),
+            ("random", ref["random_deltas"][0]),
+            ("adversarial", worst),
+        ):
             ep = episode(ckpt, delta, model)
             paths.append(os.path.join(out, f"{name.replace(' ', '_').replace('(', '').replace(')', '')}__{cond}.mp4"))
             write_video(paths[-1], captioned(ep, f"{name}, {cond}", delta), ep.fps)
@@ -316,7 +431,9 @@ def capture_videos(args: Args, ckpts: dict, sets: dict) -> list:
     ref = sets[first][0]
     delta = ref["perturbations"][int(np.argmin(ref["perturbation_returns"]))]
     eps = {p: episode(c, delta, str(ref["perturbation_model"])) for p, c in ckpts.items()}
-    frames = side_by_side([captioned(ep, f"{policy_label(ckpts[p])} s{ckpts[p]['args']['seed']}", delta) for p, ep in eps.items()])
+    frames = side_by_side(
+        [captioned(ep, f"{policy_label(ckpts[p])} s{ckpts[p]['args']['seed']}", delta) for p, ep in eps.items()]
+    )
     fps = next(iter(eps.values())).fps
     paths += [os.path.join(out, "side_by_side.mp4"), os.path.join(out, "side_by_side.gif")]
     write_video(paths[-2], frames, fps)
@@ -328,8 +445,10 @@ def main(args: Args):
     check_ranges(args)  # each field's range is declared next to it in Args
     paths = find_checkpoints(args.checkpoints)
     if not paths:
-        raise UserError(f"no checkpoints found in {' '.join(args.checkpoints)}; train some first (`bash run_pipeline.sh`) "
-                        f"or pass --checkpoints PATH|GLOB|DIR")
+        raise UserError(
+            f"no checkpoints found in {' '.join(args.checkpoints)}; train some first (`bash run_pipeline.sh`) "
+            f"or pass --checkpoints PATH|GLOB|DIR"
+        )
     ckpts = {p: load_checkpoint(p) for p in paths}
     if args.env_id is not None:
         ckpts = {p: c for p, c in ckpts.items() if c["env_id"] == args.env_id}
@@ -342,7 +461,10 @@ def main(args: Args):
     if args.capture_video:
         check_rendering(env_id)
     # every input is checked before anything is written: the perturbation sets, and each fine-tune's learning curve
-    refs = {p: load_perturbations(reference_npz_path(p, c), env_id, c["act_dim"], require=REFERENCE_KEYS) for p, c in ckpts.items()}
+    refs = {
+        p: load_perturbations(reference_npz_path(p, c), env_id, c["act_dim"], require=REFERENCE_KEYS)
+        for p, c in ckpts.items()
+    }
     finetuned = defaultdict(list)
     for p, c in ckpts.items():
         if is_finetuned(c):
@@ -350,6 +472,7 @@ def main(args: Args):
     curves = load_curves(finetuned)
     os.makedirs(os.path.join(args.output_dir, "attacks"), exist_ok=True)
     import matplotlib
+
     matplotlib.use("Agg")
 
     rows, sets = [], {}
@@ -358,26 +481,47 @@ def main(args: Args):
         settings = attack_settings(ref, args)
         attack = fresh_attack(path, settings, args, args.output_dir)
         sets[path] = ref, attack
-        conditions = {"normal": np.zeros((1, ckpt["act_dim"])), "random": ref["random_deltas"],
-                      "adversarial": attack["perturbations"], "transfer": ref["perturbations"]}
+        conditions = {
+            "normal": np.zeros((1, ckpt["act_dim"])),
+            "random": ref["random_deltas"],
+            "adversarial": attack["perturbations"],
+            "transfer": ref["perturbations"],
+        }
         returns = evaluate_policy(ckpt, conditions, args.eval_episodes, args.eval_seed, str(ref["perturbation_model"]))
         if not all(np.isfinite(r).all() for r in returns.values()):
-            raise UserError(f"{path} produced a non-finite return; nothing was written (a NaN is an error, not a table cell)")
+            raise UserError(
+                f"{path} produced a non-finite return; nothing was written (a NaN is an error, not a table cell)"
+            )
         for cond in EVAL_CONDITIONS:
             r = returns[cond]
-            rows.append({"policy": policy_label(ckpt), "seed": ckpt["args"]["seed"], "env_id": env_id,
-                         "init": ckpt.get("init", "offline"), "finetune_condition": ckpt.get("finetune_condition", ""),
-                         "curriculum": ckpt.get("curriculum", ""), "eval_condition": cond, "episodes": len(r),
-                         "mean_return": float(r.mean()), "std_return": float(r.std()),
-                         "normalized_mean": normalized_score(float(r.mean()), ckpt.get("ref_min_score"), ckpt.get("ref_max_score")),
-                         "episode_returns": ";".join(f"{x:.3f}" for x in r), "checkpoint": path,
-                         "attack_budget": attack_budget(settings)})
+            rows.append(
+                {
+                    "policy": policy_label(ckpt),
+                    "seed": ckpt["args"]["seed"],
+                    "env_id": env_id,
+                    "init": ckpt.get("init", "offline"),
+                    "finetune_condition": ckpt.get("finetune_condition", ""),
+                    "curriculum": ckpt.get("curriculum", ""),
+                    "eval_condition": cond,
+                    "episodes": len(r),
+                    "mean_return": float(r.mean()),
+                    "std_return": float(r.std()),
+                    "normalized_mean": normalized_score(
+                        float(r.mean()), ckpt.get("ref_min_score"), ckpt.get("ref_max_score")
+                    ),
+                    "episode_returns": ";".join(f"{x:.3f}" for x in r),
+                    "checkpoint": path,
+                    "attack_budget": attack_budget(settings),
+                }
+            )
     fields, buf = list(rows[0]), io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     w.writerows(rows)
     summary = summarize(rows)
-    order = ["offline-only"] + sorted({r["policy"] for r in rows} - {"offline-only"}, key=lambda s: (s.startswith("scratch"), s))
+    order = ["offline-only"] + sorted(
+        {r["policy"] for r in rows} - {"offline-only"}, key=lambda s: (s.startswith("scratch"), s)
+    )
     labels = [lb for lb in order if (lb, "normal") in summary]
     table = markdown_table(summary, labels, env_id, args.eval_episodes)
     tmp = tempfile.mkdtemp(prefix=".partial-", dir=args.output_dir)  # the output set: all made, then moved in together
@@ -394,15 +538,30 @@ def main(args: Args):
         shutil.rmtree(tmp, ignore_errors=True)
     videos = capture_videos(args, ckpts, sets) if args.capture_video else []
     print(table)
-    print(f"wrote {args.output_dir}/matrix.csv, matrix.md, heatmap.png" + (", curves.png, q_trajectory.png" if finetuned else "")
-          + (f" and {len(videos)} videos in {args.output_dir}/videos/" if videos else ""))
+    print(
+        f"wrote {args.output_dir}/matrix.csv, matrix.md, heatmap.png"
+        + (", curves.png, q_trajectory.png" if finetuned else "")
+        + (f" and {len(videos)} videos in {args.output_dir}/videos/" if videos else "")
+    )
     if args.track:
         import wandb
+
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=f"{env_id}__evaluate_matrix")
-        wandb.log({"matrix": wandb.Table(columns=fields, data=[[r[k] for k in fields] for r in rows]),
-                   **{f"videos/{os.path.basename(v)[:-4]}": wandb.Video(v, format="mp4") for v in videos if v.endswith(".mp4")},
-                   **{name: wandb.Image(os.path.join(args.output_dir, f"{name}.png"))
-                      for name in ("heatmap", "curves", "q_trajectory") if os.path.exists(os.path.join(args.output_dir, f"{name}.png"))}})
+        wandb.log(
+            {
+                "matrix": wandb.Table(columns=fields, data=[[r[k] for k in fields] for r in rows]),
+                **{
+                    f"videos/{os.path.basename(v)[:-4]}": wandb.Video(v, format="mp4")
+                    for v in videos
+                    if v.endswith(".mp4")
+                },
+                **{
+                    name: wandb.Image(os.path.join(args.output_dir, f"{name}.png"))
+                    for name in ("heatmap", "curves", "q_trajectory")
+                    if os.path.exists(os.path.join(args.output_dir, f"{name}.png"))
+                },
+            }
+        )
         wandb.finish()
 
 

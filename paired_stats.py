@@ -8,6 +8,7 @@ compared by their per-seed differences d_i = X_i − Y_i.
 - `equivalence_p`: two one-sided tests (TOST) that the mean difference lies within ±margin.
 - `holm`: Holm's step-down adjustment of a family of p-values (controls the family-wise error rate).
 """
+
 import itertools
 
 import numpy as np
@@ -63,7 +64,8 @@ def equivalence_p(d, margin: float) -> float:
 
 
 def holm(pvalues) -> np.ndarray:
-    """Holm-adjusted p-values, in the input order: p_(k) · (m − k + 1) for the k-th smallest, made monotone, capped at 1."""
+    """Holm-adjusted p-values, in the input order: p_(k) · (m − k + 1) for the k-th smallest, made monotone, capped
+    at 1."""
     p = np.asarray(pvalues, dtype=float)
     order = np.argsort(p, kind="stable")
     scaled = np.minimum(1.0, np.maximum.accumulate(p[order] * (len(p) - np.arange(len(p)))))

@@ -2,7 +2,8 @@
 """A study expands a grid (envs × seeds × fine-tuning conditions × curricula, plus the offline-only and from-scratch
 baselines) into the stage commands of the four stage scripts and runs them as a DAG on Ray:
 
-    dataset (per env) -> TD3+BC (per env, seed) -> DE perturbations (per policy) -> fine-tunes -> evaluation (per policy)
+    dataset (per env) -> TD3+BC (per env, seed) -> DE perturbations (per policy) -> fine-tunes -> evaluation (per
+    policy)
 
 then aggregates every finished run with rliable (`study_report.py`). It adds no algorithm: each stage is its own
 script in its own process, exactly the command a user would type. Re-running the same command skips finished stages
@@ -12,6 +13,7 @@ script in its own process, exactly the command a user would type. Re-running the
     python study.py --env-ids Hopper-v5 --seeds 1 2 3 4 5            # the paper's grid at the medium scale
     python study.py --ray-address auto ...                           # the same study on a running Ray cluster
 """
+
 import ctypes
 import json
 import os
@@ -21,7 +23,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import tyro
 from tqdm import tqdm
@@ -34,42 +36,108 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCALES = {
     "tiny": dict(
         namespace="local-tiny",
-        collect=["--levels", "medium", "--num-transitions", "1000", "--max-train-steps", "1500", "--learning-starts", "500",
-                 "--eval-freq", "500", "--eval-episodes", "2", "--ref-episodes", "3", "--medium-target-return", "50",
-                 "--max-episode-steps", "100"],
+        collect=[
+            "--levels",
+            "medium",
+            "--num-transitions",
+            "1000",
+            "--max-train-steps",
+            "1500",
+            "--learning-starts",
+            "500",
+            "--eval-freq",
+            "500",
+            "--eval-episodes",
+            "2",
+            "--ref-episodes",
+            "3",
+            "--medium-target-return",
+            "50",
+            "--max-episode-steps",
+            "100",
+        ],
         pretrain=["--total-steps", "200", "--eval-freq", "100", "--eval-episodes", "2", "--batch-size", "64"],
-        de=["--num-perturbations", "1", "--popsize", "4", "--maxiter", "2", "--de-episodes", "2", "--eval-episodes", "2",
-            "--random-draws", "2"],
+        de=[
+            "--num-perturbations",
+            "1",
+            "--popsize",
+            "4",
+            "--maxiter",
+            "2",
+            "--de-episodes",
+            "2",
+            "--eval-episodes",
+            "2",
+            "--random-draws",
+            "2",
+        ],
         finetune=["--total-steps", "300", "--eval-freq", "150", "--eval-episodes", "2", "--batch-size", "64"],
         scratch_starts=100,
-        evaluate=["--eval-episodes", "2"]),
+        evaluate=["--eval-episodes", "2"],
+    ),
     "small": dict(  # a weak "medium" (return ~200 where D4RL's Hopper medium is ~1400): exercises every stage
         namespace="local-quick",
-        collect=["--levels", "random", "medium", "--num-transitions", "50000", "--max-train-steps", "40000",
-                 "--learning-starts", "5000", "--eval-freq", "5000", "--eval-episodes", "5", "--ref-episodes", "20",
-                 "--medium-target-return", "200"],
+        collect=[
+            "--levels",
+            "random",
+            "medium",
+            "--num-transitions",
+            "50000",
+            "--max-train-steps",
+            "40000",
+            "--learning-starts",
+            "5000",
+            "--eval-freq",
+            "5000",
+            "--eval-episodes",
+            "5",
+            "--ref-episodes",
+            "20",
+            "--medium-target-return",
+            "200",
+        ],
         pretrain=["--total-steps", "10000", "--eval-freq", "2500", "--eval-episodes", "5"],
         de=["--num-perturbations", "3", "--maxiter", "10"],
         finetune=["--total-steps", "20000", "--eval-freq", "5000", "--eval-episodes", "5"],
         scratch_starts=5000,
-        evaluate=["--eval-episodes", "10"]),
+        evaluate=["--eval-episodes", "10"],
+    ),
     "medium": dict(  # sized so that 5 Hopper seeds finish in one sitting (~2 hours) on 2 cores after the dataset
         namespace="local-medium",
-        collect=["--levels", "medium", "--num-transitions", "200000", "--max-train-steps", "400000", "--strict-targets"],
+        collect=[
+            "--levels",
+            "medium",
+            "--num-transitions",
+            "200000",
+            "--max-train-steps",
+            "400000",
+            "--strict-targets",
+        ],
         pretrain=["--total-steps", "20000", "--eval-freq", "5000", "--eval-episodes", "10"],
         de=["--num-perturbations", "3", "--maxiter", "10"],
         finetune=["--total-steps", "30000", "--eval-freq", "5000", "--eval-episodes", "10"],
         scratch_starts=10000,
-        evaluate=[]),  # 30 episodes per condition; fresh attacks at the precomputed attack's full budget
+        evaluate=[],
+    ),  # 30 episodes per condition; fresh attacks at the precomputed attack's full budget
     "decisive": dict(  # the 100k study's budgets (docs/protocol.md §4): TD3+BC past its plateau, DE at its default
-        namespace="local-medium", tag="decisive",  # the medium dataset; its own runs. DE at its default budget, 100k
+        namespace="local-medium",
+        tag="decisive",  # the medium dataset; its own runs. DE at its default budget, 100k
         # fine-tuning steps, the final matrix at its defaults (30 episodes, fresh attacks at the precomputed budget)
-        collect=["--levels", "medium", "--num-transitions", "200000", "--max-train-steps", "400000", "--strict-targets"],
+        collect=[
+            "--levels",
+            "medium",
+            "--num-transitions",
+            "200000",
+            "--max-train-steps",
+            "400000",
+            "--strict-targets",
+        ],
         pretrain=["--total-steps", "50000", "--eval-freq", "5000", "--eval-episodes", "10"],
         de=[],
         finetune=["--total-steps", "100000", "--eval-freq", "5000", "--eval-episodes", "10"],
         scratch_starts=10000,
-        evaluate=[]),
+        evaluate=[],
+    ),
     "paper": dict(
         namespace="local",
         collect=[],
@@ -77,7 +145,8 @@ SCALES = {
         de=[],
         finetune=["--total-steps", "1000000"],
         scratch_starts=25000,
-        evaluate=[]),
+        evaluate=[],
+    ),
 }
 
 
@@ -104,13 +173,13 @@ class Args:
     behaviour_seed: int = 1
     """seed of the behaviour policy that collects each env's dataset, shared by every study seed (another seed when
     one stalls below the medium target; its datasets get the namespace suffix -b{seed})"""
-    results_dir: Optional[str] = None
+    results_dir: str | None = None
     """where the report goes (if unset: results/study-{scale})"""
-    study_name: Optional[str] = None
+    study_name: str | None = None
     """names the study in its manifest and W&B group (if unset: the results folder's name)"""
-    ray_address: Optional[str] = None
+    ray_address: str | None = None
     """address of an existing Ray cluster (`auto` finds a local one); default: start Ray on this machine"""
-    num_cpus: Optional[int] = None
+    num_cpus: int | None = None
     """CPUs Ray may use on this machine when it starts one (if unset: all)"""
     cpus_per_task: int = 1
     """CPUs each stage declares; its torch threads and DE/evaluation workers follow it"""
@@ -140,12 +209,12 @@ class Stage:
     argv: list
     deps: list
     env_id: str
-    seed: Optional[int] = None
-    resume_file: Optional[str] = None  # exists -> the stage continues with --resume
+    seed: int | None = None
+    resume_file: str | None = None  # exists -> the stage continues with --resume
     fresh: list = field(default_factory=list)  # flags for a fresh start
-    done_file: Optional[str] = None  # for a dataset: exists (and resume_file does not) -> finished outside the study
+    done_file: str | None = None  # for a dataset: exists (and resume_file does not) -> finished outside the study
     gpu: bool = False
-    policy: Optional[dict] = None  # evaluate stages: what the report needs to know of the policy
+    policy: dict | None = None  # evaluate stages: what the report needs to know of the policy
     ns: str = ""  # the scale's Minari namespace: markers and logs live in runs/_study/{ns}/
 
 
@@ -175,44 +244,121 @@ def build_stages(args: Args, store: str) -> list:
     stages = []
     for env_id in args.env_ids:
         dataset = f"{ns}/{env_short(env_id)}/medium-v0"
-        ds = Stage(f"dataset:{env_id}", "dataset", "collect_dataset.py",
-                   ["--env-id", env_id, "--namespace", ns, "--seed", str(args.behaviour_seed), *sc["collect"], *gpu],
-                   [], env_id, resume_file=f"runs/collect_dataset__{ns}-{env_short(env_id)}-v0/state.pt",
-                   fresh=["--overwrite"], done_file=os.path.join(store, dataset))
+        ds = Stage(
+            f"dataset:{env_id}",
+            "dataset",
+            "collect_dataset.py",
+            ["--env-id", env_id, "--namespace", ns, "--seed", str(args.behaviour_seed), *sc["collect"], *gpu],
+            [],
+            env_id,
+            resume_file=f"runs/collect_dataset__{ns}-{env_short(env_id)}-v0/state.pt",
+            fresh=["--overwrite"],
+            done_file=os.path.join(store, dataset),
+        )
         stages.append(ds)
         for seed in args.seeds:
             run = f"runs/{tag}-{env_short(env_id)}-medium-v0__td3_bc_offline__{seed}"
             ckpt, npz = f"{run}/checkpoint.pt", f"{run}/perturbations.npz"
-            pre = Stage(f"pretrain:{env_id}:{seed}", "pretrain", "td3_bc_offline.py",
-                        ["--dataset-id", dataset, "--seed", str(seed), "--run-name", run[5:], *sc["pretrain"], *gpu, *track],
-                        [ds.id], env_id, seed, resume_file=ckpt, fresh=["--overwrite"], gpu=args.cuda)
-            att = Stage(f"attack:{env_id}:{seed}", "attack", "de_perturbations.py",
-                        ["--checkpoint", ckpt, "--output", npz, "--epsilon", str(args.epsilon), "--seed", str(seed),
-                         *sc["de"], *workers, *track], [pre.id], env_id, seed, resume_file=npz + ".state.npz")
+            pre = Stage(
+                f"pretrain:{env_id}:{seed}",
+                "pretrain",
+                "td3_bc_offline.py",
+                ["--dataset-id", dataset, "--seed", str(seed), "--run-name", run[5:], *sc["pretrain"], *gpu, *track],
+                [ds.id],
+                env_id,
+                seed,
+                resume_file=ckpt,
+                fresh=["--overwrite"],
+                gpu=args.cuda,
+            )
+            att = Stage(
+                f"attack:{env_id}:{seed}",
+                "attack",
+                "de_perturbations.py",
+                [
+                    "--checkpoint",
+                    ckpt,
+                    "--output",
+                    npz,
+                    "--epsilon",
+                    str(args.epsilon),
+                    "--seed",
+                    str(seed),
+                    *sc["de"],
+                    *workers,
+                    *track,
+                ],
+                [pre.id],
+                env_id,
+                seed,
+                resume_file=npz + ".state.npz",
+            )
             stages += [pre, att]
             policies = [(pre, run, {"init": "offline", "finetune_condition": "", "curriculum": ""})]
             specs = [("offline", c, "fixed") for c in args.finetune_conditions]
-            specs += [("offline", "adversarial", c) for c in args.curricula if ("offline", "adversarial", c) not in specs]
+            specs += [
+                ("offline", "adversarial", c) for c in args.curricula if ("offline", "adversarial", c) not in specs
+            ]
             if args.scratch:
                 specs.append(("scratch", "adversarial", "adaptive"))
             for init, cond, curr in specs:
                 name = f"{tag}-{env_id}__td3_adv_finetune__{init}-{cond}-{curr}__{seed}"
                 extra = ["--learning-starts", str(sc["scratch_starts"])] if init == "scratch" else []
                 extra += ["--q", str(args.q)] if curr == "fixed" else []
-                ft = Stage(f"finetune:{env_id}:{seed}:{init}-{cond}-{curr}", "finetune", "td3_adv_finetune.py",
-                           ["--checkpoint", ckpt, "--perturbations", npz, "--seed", str(seed), "--run-name", name,
-                            "--init", init, "--finetune-condition", cond, "--curriculum", curr, *sc["finetune"], *extra,
-                            *gpu, *track], [att.id], env_id, seed, resume_file=f"runs/{name}/state.pt",
-                           fresh=["--overwrite"], gpu=args.cuda)
+                ft = Stage(
+                    f"finetune:{env_id}:{seed}:{init}-{cond}-{curr}",
+                    "finetune",
+                    "td3_adv_finetune.py",
+                    [
+                        "--checkpoint",
+                        ckpt,
+                        "--perturbations",
+                        npz,
+                        "--seed",
+                        str(seed),
+                        "--run-name",
+                        name,
+                        "--init",
+                        init,
+                        "--finetune-condition",
+                        cond,
+                        "--curriculum",
+                        curr,
+                        *sc["finetune"],
+                        *extra,
+                        *gpu,
+                        *track,
+                    ],
+                    [att.id],
+                    env_id,
+                    seed,
+                    resume_file=f"runs/{name}/state.pt",
+                    fresh=["--overwrite"],
+                    gpu=args.cuda,
+                )
                 stages.append(ft)
                 policies.append((ft, f"runs/{name}", {"init": init, "finetune_condition": cond, "curriculum": curr}))
             for st, run_dir, info in policies:
                 out = f"runs/{tag}-study-eval/{os.path.basename(run_dir)}"
-                stages.append(Stage(f"evaluate:{st.id}", "evaluate", "evaluate_matrix.py",
-                                    ["--checkpoints", f"{run_dir}/checkpoint.pt", "--output-dir", out, *sc["evaluate"],
-                                     *workers], [st.id, att.id], env_id, seed,
-                                    policy={"env_id": env_id, "seed": seed, "run_dir": run_dir, "stage": st.kind,
-                                            "matrix": f"{out}/matrix.csv", **info}))
+                stages.append(
+                    Stage(
+                        f"evaluate:{st.id}",
+                        "evaluate",
+                        "evaluate_matrix.py",
+                        ["--checkpoints", f"{run_dir}/checkpoint.pt", "--output-dir", out, *sc["evaluate"], *workers],
+                        [st.id, att.id],
+                        env_id,
+                        seed,
+                        policy={
+                            "env_id": env_id,
+                            "seed": seed,
+                            "run_dir": run_dir,
+                            "stage": st.kind,
+                            "matrix": f"{out}/matrix.csv",
+                            **info,
+                        },
+                    )
+                )
     for s in stages:
         s.ns = tag
     return stages
@@ -220,7 +366,8 @@ def build_stages(args: Args, store: str) -> list:
 
 # Running one stage (inside a Ray worker)
 def _die_with_parent():
-    """Linux: the stage process gets SIGKILL when the worker that started it dies, so no orphan outlives a killed study."""
+    """Linux: the stage process gets SIGKILL when the worker that started it dies, so no orphan outlives a killed
+    study."""
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
@@ -231,7 +378,7 @@ class StageKilled(Exception):
     """The stage's process died by a signal (out of memory, a killed node): Ray retries the task, which resumes."""
 
 
-def run_stage(cmd: list, resume_file: Optional[str], fresh: list, cwd: str, env: dict, log_path: str) -> dict:
+def run_stage(cmd: list, resume_file: str | None, fresh: list, cwd: str, env: dict, log_path: str) -> dict:
     """Run one stage command to completion: --resume where it left resume state, else its fresh-start flags."""
     flags = ["--resume"] if resume_file and os.path.exists(os.path.join(cwd, resume_file)) else fresh
     if cmd[1].endswith("collect_dataset.py") and flags == ["--resume"]:
@@ -241,15 +388,26 @@ def run_stage(cmd: list, resume_file: Optional[str], fresh: list, cwd: str, env:
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(cmd + flags)}\n")
         log.flush()
-        proc = subprocess.run(cmd + flags, cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        proc = subprocess.run(
+            cmd + flags,
+            cwd=cwd,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
     if proc.returncode < 0:
         raise StageKilled(f"{' '.join(cmd)} was killed by signal {-proc.returncode}")
     with open(log_path, errors="replace") as f:
         lines = [ln.strip() for ln in f.read().splitlines()[-200:] if ln.strip()]
     error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "no output")
-    return {"returncode": proc.returncode, "wall_s": time.time() - t0, "flags": flags,
-            "error": None if proc.returncode == 0 else error}
+    return {
+        "returncode": proc.returncode,
+        "wall_s": time.time() - t0,
+        "flags": flags,
+        "error": None if proc.returncode == 0 else error,
+    }
 
 
 # The driver
@@ -276,8 +434,10 @@ def is_done(stage: Stage, cmd: list) -> bool:
         with open(path) as f:
             saved = json.load(f)["argv"]
         if saved != cmd[1:]:
-            raise SystemExit(f"error: stage {stage.id} finished earlier with other arguments ({marker_path(stage)}); "
-                             f"pass --overwrite to redo it, or give this study another --scale or --results-dir")
+            raise SystemExit(
+                f"error: stage {stage.id} finished earlier with other arguments ({marker_path(stage)}); "
+                f"pass --overwrite to redo it, or give this study another --scale or --results-dir"
+            )
         return True
     if not (stage.done_file and os.path.isdir(stage.done_file) and not os.path.exists(stage.resume_file)):
         return False
@@ -287,27 +447,34 @@ def is_done(stage: Stage, cmd: list) -> bool:
         target = meta.get("target_return") or meta["collect_args"].get("medium_target_return")
         if target is None:
             from collect_dataset import EXPERT_RETURN
+
             target = EXPERT_RETURN[stage.env_id.split("-")[0]] / 3
         if meta["policy_eval_return"] < target:
-            raise SystemExit(f"error: {stage.done_file} was collected by a policy with return {meta['policy_eval_return']:.1f}, "
-                             f"below the medium target {target:.1f}; delete it, or pass another --behaviour-seed")
+            raise SystemExit(
+                f"error: {stage.done_file} was collected by a policy with return {meta['policy_eval_return']:.1f}, "
+                f"below the medium target {target:.1f}; delete it, or pass another --behaviour-seed"
+            )
     return True
 
 
 def provenance() -> dict:
     """What produced a chain: this code's git commit (+dirty if it has uncommitted changes) and the machine."""
+
     def git(*a):
         try:
             return subprocess.run(["git", "-C", HERE, *a], capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
+
     cpu = ""
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
     commit = git("rev-parse", "HEAD") or "unknown"
-    return {"commit": commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
-            "machine": f"{platform.node()} ({cpu or platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores)"}
+    return {
+        "commit": commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
+        "machine": f"{platform.node()} ({cpu or platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores)",
+    }
 
 
 def chain_stages(stages: list, env_id: str, seed: int) -> list:
@@ -320,6 +487,7 @@ def export_chain(results_dir: str, env_id: str, seed: int, stages: list, cwd: st
     (the report's inputs) and its provenance (commit, machine, wall time of its stages), so that the chain can be
     committed as soon as it finishes and the report built from committed files alone."""
     import study_report
+
     mine = chain_stages(stages, env_id, seed)
     rows, curves, missing = study_report.load_runs({"policies": [s.policy for s in mine if s.policy]}, cwd)
     if missing:
@@ -330,9 +498,18 @@ def export_chain(results_dir: str, env_id: str, seed: int, stages: list, cwd: st
     study_report.write_text(f"{base}__evaluations.csv", evaluations)
     study_report.write_text(f"{base}__curves.csv", curve_table)
     markers = [json.load(open(marker_path(s))) for s in mine if os.path.exists(marker_path(s))]
-    write_json_atomic(f"{base}.json", {"env_id": env_id, "seed": seed, **provenance(),
-                                       "wall_s": sum(m["wall_s"] for m in markers), "stages": len(markers),
-                                       "started": min(m["started"] for m in markers), "finished": max(m["finished"] for m in markers)})
+    write_json_atomic(
+        f"{base}.json",
+        {
+            "env_id": env_id,
+            "seed": seed,
+            **provenance(),
+            "wall_s": sum(m["wall_s"] for m in markers),
+            "stages": len(markers),
+            "started": min(m["started"] for m in markers),
+            "finished": max(m["finished"] for m in markers),
+        },
+    )
 
 
 def write_json_atomic(path: str, obj):
@@ -347,7 +524,9 @@ def main(args: Args) -> int:
     if not args.seeds or not args.env_ids:
         raise SystemExit("error: --seeds and --env-ids need at least one value each")
     if not 0 < args.epsilon <= 1 or not 0 <= args.q <= 1 or args.cpus_per_task < 1 or args.max_retries < 0:
-        raise SystemExit("error: --epsilon must be in (0, 1], --q in [0, 1], --cpus-per-task >= 1 and --max-retries >= 0")
+        raise SystemExit(
+            "error: --epsilon must be in (0, 1], --q in [0, 1], --cpus-per-task >= 1 and --max-retries >= 0"
+        )
     results_dir = args.results_dir or f"results/study-{args.scale}"
     name = args.study_name or os.path.basename(os.path.normpath(results_dir))
     cwd = os.getcwd()
@@ -359,10 +538,19 @@ def main(args: Args) -> int:
         for s in stages:
             print(f"{s.id}  <-  {', '.join(s.deps) or '-'}\n    {' '.join(cmds[s.id][1:])}")
         return 0
-    manifest = {"study": name, "scale": args.scale, "env_ids": list(args.env_ids), "seeds": list(args.seeds),
-                "epsilon": args.epsilon, "behaviour_seed": args.behaviour_seed, "namespace": run_tag(args),
-                "policies": [s.policy for s in stages if s.policy], "runs_root": cwd, **provenance(),
-                "commands": {s.id: cmds[s.id][1:] for s in stages}}
+    manifest = {
+        "study": name,
+        "scale": args.scale,
+        "env_ids": list(args.env_ids),
+        "seeds": list(args.seeds),
+        "epsilon": args.epsilon,
+        "behaviour_seed": args.behaviour_seed,
+        "namespace": run_tag(args),
+        "policies": [s.policy for s in stages if s.policy],
+        "runs_root": cwd,
+        **provenance(),
+        "commands": {s.id: cmds[s.id][1:] for s in stages},
+    }
 
     done = set() if args.overwrite else {s.id for s in stages if is_done(s, cmds[s.id])}
     if args.overwrite:
@@ -371,21 +559,38 @@ def main(args: Args) -> int:
                 os.remove(marker_path(s))
     write_json_atomic(os.path.join(results_dir, "study.json"), manifest)  # first: a partial study can be reported
     import ray
-    env = {"OMP_NUM_THREADS": str(args.cpus_per_task), "MKL_NUM_THREADS": str(args.cpus_per_task),
-           "PYTHONUNBUFFERED": "1", "WANDB_RUN_GROUP": name}
+
+    env = {
+        "OMP_NUM_THREADS": str(args.cpus_per_task),
+        "MKL_NUM_THREADS": str(args.cpus_per_task),
+        "PYTHONUNBUFFERED": "1",
+        "WANDB_RUN_GROUP": name,
+    }
     if "MINARI_DATASETS_PATH" in os.environ:
         env["MINARI_DATASETS_PATH"] = os.environ["MINARI_DATASETS_PATH"]
-    ray.init(address=args.ray_address, num_cpus=None if args.ray_address else args.num_cpus, include_dashboard=False,
-             log_to_driver=False, logging_level="ERROR", configure_logging=False,
-             **({} if args.ray_address else {"object_store_memory": 100 * 1024 ** 2}))
+    ray.init(
+        address=args.ray_address,
+        num_cpus=None if args.ray_address else args.num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+        configure_logging=False,
+        **({} if args.ray_address else {"object_store_memory": 100 * 1024**2}),
+    )
     for env_id, seed in sorted({(s.env_id, s.seed) for s in stages if s.seed is not None}):
-        if all(s.id in done for s in chain_stages(stages, env_id, seed)) and not os.path.exists(os.path.join(results_dir, "chains", f"{env_id}__seed{seed}.json")):
-            export_chain(results_dir, env_id, seed, stages, cwd)  # finished by a driver that was stopped before exporting
+        if all(s.id in done for s in chain_stages(stages, env_id, seed)) and not os.path.exists(
+            os.path.join(results_dir, "chains", f"{env_id}__seed{seed}.json")
+        ):
+            export_chain(
+                results_dir, env_id, seed, stages, cwd
+            )  # finished by a driver that was stopped before exporting
     remote = ray.remote(run_stage)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // args.cpus_per_task))
     failed, skipped, running = {}, set(), {}
     pending = [s for s in stages if s.id not in done]
-    bar = tqdm(total=len(stages), initial=len(done), desc=f"study {name}", unit="stage", mininterval=1, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(stages), initial=len(done), desc=f"study {name}", unit="stage", mininterval=1, dynamic_ncols=True
+    )
     if done:
         tqdm.write(f"{len(done)} of {len(stages)} stages finished earlier: skipped")
 
@@ -399,7 +604,7 @@ def main(args: Args) -> int:
                 skipped.add(s.id)
                 bar.update(1)
         ready = [s for s in pending if all(d in done for d in s.deps)]
-        for s in ready[:max(0, slots - len(running))]:
+        for s in ready[: max(0, slots - len(running))]:
             pending.remove(s)
             opts = {"num_cpus": args.cpus_per_task, "max_retries": args.max_retries, "retry_exceptions": [StageKilled]}
             if s.gpu:
@@ -416,13 +621,27 @@ def main(args: Args) -> int:
             try:
                 res = ray.get(ref)
             except Exception as e:  # the worker died more than --max-retries times
-                res = {"returncode": -1, "wall_s": time.time() - t0, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+                res = {
+                    "returncode": -1,
+                    "wall_s": time.time() - t0,
+                    "error": f"{type(e).__name__}: {str(e).splitlines()[0]}",
+                }
             bar.update(1)
             if res["returncode"] == 0:
                 done.add(s.id)
-                write_json_atomic(marker_path(s), {"argv": cmds[s.id][1:], "flags": res["flags"], "wall_s": res["wall_s"],
-                                                   "started": t0, "finished": time.time()})
-                tqdm.write(f"done    {s.id}  ({res['wall_s']:.1f} s{', resumed' if '--resume' in res['flags'] else ''})")
+                write_json_atomic(
+                    marker_path(s),
+                    {
+                        "argv": cmds[s.id][1:],
+                        "flags": res["flags"],
+                        "wall_s": res["wall_s"],
+                        "started": t0,
+                        "finished": time.time(),
+                    },
+                )
+                tqdm.write(
+                    f"done    {s.id}  ({res['wall_s']:.1f} s{', resumed' if '--resume' in res['flags'] else ''})"
+                )
                 if s.kind == "evaluate" and all(c.id in done for c in chain_stages(stages, s.env_id, s.seed)):
                     export_chain(results_dir, s.env_id, s.seed, stages, cwd)
                     tqdm.write(f"chain   {s.env_id} seed {s.seed} finished: its rows are in {results_dir}/chains/")
@@ -440,6 +659,7 @@ def main(args: Args) -> int:
         print(f"  skipped (an input failed): {', '.join(sorted(skipped))}")
     if args.report and any(s.kind == "evaluate" and s.id in done for s in stages):
         import study_report
+
         study_report.main(study_report.Args(results_dir=results_dir, reps=args.reps))
     return 1 if failed else 0
 

@@ -13,6 +13,7 @@ The decision rule (docs/study.md, "How the claims are judged"): each claim has o
 declared in CLAIMS below before any study ran; the arms of a seed share that seed's offline policy, so each comparison
 is a paired difference X − Y per seed. A claim gets a verdict only from at least MIN_SEEDS paired seeds.
 """
+
 import csv
 import glob
 import io
@@ -23,16 +24,21 @@ import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import tyro
 
 from paired_stats import equivalence_p, holm, paired_t_ci, sign_flip_p
-from runtime import save_curve_panels, save_q_plot, write_text
+from robust_o2o.files import write_text
+from robust_o2o.plots import save_curve_panels, save_q_plot
 
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
-CURVE_CONDITIONS = ("normal", "random", "adversarial")  # evaluated during fine-tuning (adversarial: the precomputed set)
+CURVE_CONDITIONS = (
+    "normal",
+    "random",
+    "adversarial",
+)  # evaluated during fine-tuning (adversarial: the precomputed set)
 OFFLINE = "offline-only"
 NORMAL_FT = "fine-tuned normal"
 RANDOM_FT = "fine-tuned random (fixed)"
@@ -74,17 +80,30 @@ class Claim:
 
 
 CLAIMS = (
-    Claim(1, "Adversarial fine-tuning is more robust than offline-only under adversarial perturbations",
-          (Comparison(ADV_FIXED, OFFLINE, "robustness"),)),
-    Claim(2, "Fine-tuning converges faster than training from scratch",
-          (Comparison(ADAPTIVE, SCRATCH, "online_auc"),)),
-    Claim(3, "Matching the fine-tuning and evaluation conditions gives the strongest robustness (fixed q, each "
-             "evaluation condition won by its own training condition)",
-          (Comparison(NORMAL_FT, RANDOM_FT, "normal"), Comparison(NORMAL_FT, ADV_FIXED, "normal"),
-           Comparison(RANDOM_FT, NORMAL_FT, "random"), Comparison(RANDOM_FT, ADV_FIXED, "random"),
-           Comparison(ADV_FIXED, NORMAL_FT, "robustness"), Comparison(ADV_FIXED, RANDOM_FT, "robustness"))),
-    Claim(4, "The adaptive curriculum keeps nominal return better than the linear one at similar robustness",
-          (Comparison(ADAPTIVE, LINEAR, "normal"), Comparison(ADAPTIVE, LINEAR, "robustness", "equivalence"))),
+    Claim(
+        1,
+        "Adversarial fine-tuning is more robust than offline-only under adversarial perturbations",
+        (Comparison(ADV_FIXED, OFFLINE, "robustness"),),
+    ),
+    Claim(2, "Fine-tuning converges faster than training from scratch", (Comparison(ADAPTIVE, SCRATCH, "online_auc"),)),
+    Claim(
+        3,
+        "Matching the fine-tuning and evaluation conditions gives the strongest robustness (fixed q, each "
+        "evaluation condition won by its own training condition)",
+        (
+            Comparison(NORMAL_FT, RANDOM_FT, "normal"),
+            Comparison(NORMAL_FT, ADV_FIXED, "normal"),
+            Comparison(RANDOM_FT, NORMAL_FT, "random"),
+            Comparison(RANDOM_FT, ADV_FIXED, "random"),
+            Comparison(ADV_FIXED, NORMAL_FT, "robustness"),
+            Comparison(ADV_FIXED, RANDOM_FT, "robustness"),
+        ),
+    ),
+    Claim(
+        4,
+        "The adaptive curriculum keeps nominal return better than the linear one at similar robustness",
+        (Comparison(ADAPTIVE, LINEAR, "normal"), Comparison(ADAPTIVE, LINEAR, "robustness", "equivalence")),
+    ),
 )
 
 
@@ -110,7 +129,7 @@ SECONDARY = (  # reported with unadjusted p-values; no verdict rests on them
 class Args:
     results_dir: str = "results/study-medium"
     """the study's results folder: holds study.json (written by study.py); the report goes beside it"""
-    runs_root: Optional[str] = None
+    runs_root: str | None = None
     """folder the runs' paths in study.json are relative to (if unset: the one study.py ran in)"""
     source: Literal["auto", "runs", "csv"] = "auto"
     """runs: read the runs' files; csv: the per-seed evaluations.csv and curves.csv in --results-dir; auto: the runs
@@ -142,7 +161,7 @@ def read_json(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path} is unreadable ({type(e).__name__}); run the study again to rewrite it")
+        raise ReportError(f"{path} is unreadable ({type(e).__name__}); run the study again to rewrite it") from None
 
 
 def load_runs(manifest: dict, root: str):
@@ -154,15 +173,25 @@ def load_runs(manifest: dict, root: str):
             missing.append(p)
             continue
         with open(path) as f:
-            mine = [{"env_id": r["env_id"], "policy": r["policy"], "seed": int(r["seed"]), "eval_condition": r["eval_condition"],
-                     "mean_return": float(r["mean_return"]), "normalized_mean": float(r["normalized_mean"]),
-                     "attack_budget": r.get("attack_budget", "")} for r in csv.DictReader(f)]
+            mine = [
+                {
+                    "env_id": r["env_id"],
+                    "policy": r["policy"],
+                    "seed": int(r["seed"]),
+                    "eval_condition": r["eval_condition"],
+                    "mean_return": float(r["mean_return"]),
+                    "normalized_mean": float(r["normalized_mean"]),
+                    "attack_budget": r.get("attack_budget", ""),
+                }
+                for r in csv.DictReader(f)
+            ]
         rows += mine
         if p["stage"] == "finetune":
             with open(os.path.join(root, p["run_dir"], "metrics.jsonl")) as f:
                 evals = [r for r in map(json.loads, f) if "eval/normal_return" in r]
             curves[(p["env_id"], mine[0]["policy"])][p["seed"]] = [
-                {"step": r["step"], **{col: r.get(key) for col, key in CURVE_KEYS.items()}} for r in evals]
+                {"step": r["step"], **{col: r.get(key) for col, key in CURVE_KEYS.items()}} for r in evals
+            ]
     return rows, curves, missing
 
 
@@ -183,8 +212,15 @@ def load_csvs(results_dir: str):
     for path in evaluation_files:
         with open(path) as f:
             for r in csv.DictReader(f):
-                rows.append({**r, "seed": int(r["seed"]), "mean_return": float(r["mean_return"]),
-                             "normalized_mean": float(r["normalized_mean"]), "attack_budget": r.get("attack_budget", "")})
+                rows.append(
+                    {
+                        **r,
+                        "seed": int(r["seed"]),
+                        "mean_return": float(r["mean_return"]),
+                        "normalized_mean": float(r["normalized_mean"]),
+                        "attack_budget": r.get("attack_budget", ""),
+                    }
+                )
 
     def normalized(env: str, ret: float) -> float:  # normalized = a · return + b, read off the evaluations
         pairs = np.array([(r["mean_return"], r["normalized_mean"]) for r in rows if r["env_id"] == env])
@@ -217,16 +253,22 @@ def load(args: Args):
         n_done = len(manifest["policies"]) - len(missing)
     else:
         if not all(os.path.isfile(p) for p in csv_inputs(args.results_dir)[0]):
-            raise ReportError(f"neither the study's runs (under {root}) nor {args.results_dir}/evaluations.csv are here; "
-                              f"pass --runs-root, or let the study finish")
+            raise ReportError(
+                f"neither the study's runs (under {root}) nor {args.results_dir}/evaluations.csv are here; "
+                f"pass --runs-root, or let the study finish"
+            )
         rows, curves = load_csvs(args.results_dir)
         n_done = len({(r["env_id"], r["policy"], r["seed"]) for r in rows})
     if not rows:
-        raise ReportError(f"no evaluated policy yet among the {len(manifest['policies'])} in {path}; let the study finish")
+        raise ReportError(
+            f"no evaluated policy yet among the {len(manifest['policies'])} in {path}; let the study finish"
+        )
     bad = [r for r in rows if not np.isfinite(r["normalized_mean"])]
     if bad:
-        raise ReportError(f"non-finite score for {bad[0]['policy']}, seed {bad[0]['seed']}, {bad[0]['eval_condition']}; "
-                          f"re-evaluate that policy: a NaN is not a result")
+        raise ReportError(
+            f"non-finite score for {bad[0]['policy']}, seed {bad[0]['seed']}, {bad[0]['eval_condition']}; "
+            f"re-evaluate that policy: a NaN is not a result"
+        )
     return manifest, source, rows, curves, n_done
 
 
@@ -241,12 +283,15 @@ def endpoint_values(rows: list, curves: dict) -> dict:
             transfer = out.get((env, pol, "transfer"), {})
             out[(env, pol, "robustness")] = {s: min(v, transfer[s]) for s, v in by_seed.items() if s in transfer}
     for (env, pol), runs in curves.items():
-        out[(env, pol, "online_auc")] = {s: float(np.mean([r["normal_normalized"] for r in run if r["step"] > 0]))
-                                         for s, run in runs.items() if any(r["step"] > 0 for r in run)}
+        out[(env, pol, "online_auc")] = {
+            s: float(np.mean([r["normal_normalized"] for r in run if r["step"] > 0]))
+            for s, run in runs.items()
+            if any(r["step"] > 0 for r in run)
+        }
     return out
 
 
-def compare(values: dict, comp: Comparison, env: str, confidence: float, alpha: float = ALPHA) -> Optional[dict]:
+def compare(values: dict, comp: Comparison, env: str, confidence: float, alpha: float = ALPHA) -> dict | None:
     """The paired test of one comparison in one env: n, the mean difference X − Y with its CI, and p. None if an arm
     is missing. difference: paired-t CI at `confidence`, exact two-sided sign-flip p; equivalence: TOST against
     ±EQUIVALENCE_MARGIN, with the matching (1 − 2α) CI."""
@@ -287,8 +332,15 @@ def judge(values: dict, envs: list, confidence: float, alpha: float = ALPHA) -> 
             results = [(compare(values, comp, env, confidence, alpha), comp) for comp in claim.components]
             entry = {"claim": claim, "env": env, "results": results, "verdict": None, "p": None, "p_holm": None}
             if any(r is None for r, _ in results):
-                missing = sorted({name for r, comp in results if r is None for name in (comp.x, comp.y)
-                                  if not values.get((env, name, comp.endpoint))})
+                missing = sorted(
+                    {
+                        name
+                        for r, comp in results
+                        if r is None
+                        for name in (comp.x, comp.y)
+                        if not values.get((env, name, comp.endpoint))
+                    }
+                )
                 entry["status"] = f"not measured: no paired {', '.join(missing) or 'seeds'}"
             else:
                 entry["p"], entry["side"] = primary_test(results)
@@ -300,7 +352,7 @@ def judge(values: dict, envs: list, confidence: float, alpha: float = ALPHA) -> 
         if n < min_seeds(alpha):  # the p-values are shown; a verdict needs the minimum of seeds
             e["status"] = f"not judged: {n} paired seed(s), a verdict needs at least {min_seeds(alpha)}"
         else:
-            e["verdict"] = ("inconclusive" if p_holm > alpha else "supported" if e["side"] == "for" else "contradicted")
+            e["verdict"] = "inconclusive" if p_holm > alpha else "supported" if e["side"] == "for" else "contradicted"
             e["status"] = e["verdict"]
     return judged
 
@@ -311,22 +363,35 @@ def ci_text(r: dict) -> str:
 
 def describe(r: dict, comp: Comparison, alpha: float) -> str:
     if comp.test == "equivalence":
-        return (f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} {ci_text(r)} ({100 * (1 - 2 * alpha):.0f}% CI; "
-                f"margin ±{EQUIVALENCE_MARGIN:g}), TOST p = {r['p']:.3f}, n = {r['n']}")
-    return (f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} {ci_text(r)}, p = {r['p']:.3f}, X higher in "
-            f"{r['up']} of {r['n']} seeds")
+        return (
+            f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} {ci_text(r)} ({100 * (1 - 2 * alpha):.0f}% CI; "
+            f"margin ±{EQUIVALENCE_MARGIN:g}), TOST p = {r['p']:.3f}, n = {r['n']}"
+        )
+    return (
+        f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} {ci_text(r)}, p = {r['p']:.3f}, X higher in "
+        f"{r['up']} of {r['n']} seeds"
+    )
 
 
 def claims_section(judged: list, confidence: float, alpha: float) -> list:
-    out = ["## The paper's claims, checked", "",
-           f"Each claim is judged on its declared primary endpoint by paired per-seed differences X − Y (mean [{int(confidence * 100)}% "
-           f"paired-t CI]) and the exact sign-flip permutation p; claims with several components need all of them "
-           f"(intersection-union: the largest p); Holm's correction across the claims at α = {alpha:g}. Verdicts: "
-           f"**supported**, **contradicted** or **inconclusive**, and none from fewer than {min_seeds(alpha)} paired seeds. "
-           f"Endpoints and rule: docs/study.md, \"How the claims are judged\".", ""]
+    out = [
+        "## The paper's claims, checked",
+        "",
+        "Each claim is judged on its declared primary endpoint by paired per-seed differences X − Y (mean "
+        f"[{int(confidence * 100)}% "
+        f"paired-t CI]) and the exact sign-flip permutation p; claims with several components need all of them "
+        f"(intersection-union: the largest p); Holm's correction across the claims at α = {alpha:g}. Verdicts: "
+        f"**supported**, **contradicted** or **inconclusive**, and none from fewer than {min_seeds(alpha)} paired "
+        "seeds. "
+        f'Endpoints and rule: docs/study.md, "How the claims are judged".',
+        "",
+    ]
     for e in judged:
         c = e["claim"]
-        parts = "; ".join(describe(r, comp, alpha) if r is not None else f"{comp.x} − {comp.y}: not measured" for r, comp in e["results"])
+        parts = "; ".join(
+            describe(r, comp, alpha) if r is not None else f"{comp.x} − {comp.y}: not measured"
+            for r, comp in e["results"]
+        )
         if e["verdict"] is not None:
             status = f"Holm-adjusted p = {e['p_holm']:.3f}: **{e['verdict']}**"
         elif e["p_holm"] is not None:
@@ -347,8 +412,9 @@ def interval(scores: dict, func, reps: int, confidence: float) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # arch's note on RandomState
-            point, ci = rly.get_interval_estimates(scores, func, reps=reps, confidence_interval_size=confidence,
-                                                   random_state=np.random.RandomState(0))
+            point, ci = rly.get_interval_estimates(
+                scores, func, reps=reps, confidence_interval_size=confidence, random_state=np.random.RandomState(0)
+            )
     finally:
         np.random.set_state(saved)
     return {k: (np.atleast_1d(point[k]), np.atleast_1d(ci[k][0]), np.atleast_1d(ci[k][1])) for k in scores}
@@ -386,7 +452,9 @@ def fmt(p, lo, hi, digits=1):
 def curve_array(runs: dict, key: str):
     """Seeds' eval rows -> (steps present in every seed, array [seeds, steps])."""
     steps = sorted(set.intersection(*[{r["step"] for r in run} for run in runs.values()]))
-    return np.array(steps), np.array([[next(r[key] for r in run if r["step"] == s) for s in steps] for run in runs.values()])
+    return np.array(steps), np.array(
+        [[next(r[key] for r in run if r["step"] == s) for s in steps] for run in runs.values()]
+    )
 
 
 def q_in_force(run: list, linear: bool) -> float:
@@ -421,7 +489,7 @@ def mean_ci(values: list, confidence: float) -> str:
     return f"{m:.2f}" if len(values) < 2 else f"{m:.2f} [{max(lo, 0):.2f}, {min(hi, 1):.2f}]"
 
 
-def steps_to_reach(run: list, threshold: float) -> Optional[int]:
+def steps_to_reach(run: list, threshold: float) -> int | None:
     """The first evaluation after step 0 at which the normal return reaches the threshold."""
     return next((r["step"] for r in run if r["step"] > 0 and r["normal_return"] >= threshold), None)
 
@@ -433,14 +501,19 @@ def stage_costs(manifest: dict, root: str, results_dir: str) -> list:
     for path in glob.glob(os.path.join(root, "runs", "_study", manifest.get("namespace", ""), "*.json")):
         by[os.path.basename(path).split("__")[0]].append(read_json(path)["wall_s"])
     if by:
-        return [(k, len(by[k]), float(np.mean(by[k])), float(np.min(by[k])), float(np.max(by[k])), float(np.sum(by[k])))
-                for k in ("dataset", "pretrain", "attack", "finetune", "evaluate") if by[k]]
+        return [
+            (k, len(by[k]), float(np.mean(by[k])), float(np.min(by[k])), float(np.max(by[k])), float(np.sum(by[k])))
+            for k in ("dataset", "pretrain", "attack", "finetune", "evaluate")
+            if by[k]
+        ]
     path = os.path.join(results_dir, "stage_costs.csv")
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [(r["stage"], int(r["runs"]), float(r["mean_s"]), float(r["min_s"]), float(r["max_s"]), float(r["total_s"]))
-                for r in csv.DictReader(f)]
+        return [
+            (r["stage"], int(r["runs"]), float(r["mean_s"]), float(r["min_s"]), float(r["max_s"]), float(r["total_s"]))
+            for r in csv.DictReader(f)
+        ]
 
 
 def poi_reps(reps: int) -> int:
@@ -449,20 +522,23 @@ def poi_reps(reps: int) -> int:
 
 
 def poi(table: dict, x: str, y: str, cond: str, g: str, reps: int, confidence: float):
-    """P(X > Y) [CI] of two policies' scores under `cond` in group g (rliable), or None if either is missing or unpaired."""
+    """P(X > Y) [CI] of two policies' scores under `cond` in group g (rliable), or None if either is missing or
+    unpaired."""
     from rliable import metrics
 
     kx, ky = table.get((x, cond), {}), table.get((y, cond), {})
     if g not in kx or g not in ky or kx[g].shape != ky[g].shape:
         return None
-    (p, lo, hi) = interval({"pair": (kx[g], ky[g])}, metrics.probability_of_improvement, poi_reps(reps), confidence)["pair"]
+    (p, lo, hi) = interval({"pair": (kx[g], ky[g])}, metrics.probability_of_improvement, poi_reps(reps), confidence)[
+        "pair"
+    ]
     return float(p[0]), float(lo[0]), float(hi[0])
 
 
 # Plots
 def band(ax, steps, arr, label, reps: int, confidence: float, ls="-"):
     """IQM over seeds at each step, with its bootstrap CI as a shaded band."""
-    res = interval({str(i): arr[:, i:i + 1] for i in range(arr.shape[1])}, iqm_and_mean, poi_reps(reps), confidence)
+    res = interval({str(i): arr[:, i : i + 1] for i in range(arr.shape[1])}, iqm_and_mean, poi_reps(reps), confidence)
     m = np.array([res[str(i)][0][0] for i in range(arr.shape[1])])
     lo, hi = (np.array([res[str(i)][j][0] for i in range(arr.shape[1])]) for j in (1, 2))
     ax.plot(steps, m, ls=ls, marker=".", label=f"{label} (n={arr.shape[0]})")
@@ -487,8 +563,14 @@ def plot_curves(results_dir: str, envs: list, curves: dict, policies: list, est:
             ref = (g, OFFLINE, cond if cond != "adversarial" else "transfer")
             if ref in est:
                 ax.axhline(est[ref][0][0], color="k", ls=":", label="offline-only (IQM, final evaluation)")
-        save_curve_panels(fig, axes, CURVE_CONDITIONS, "normalized return", f"{g}: learning curves, IQM over seeds with "
-                          f"{int(confidence * 100)}% bootstrap CIs", os.path.join(results_dir, f"curves{suffix}.png"))
+        save_curve_panels(
+            fig,
+            axes,
+            CURVE_CONDITIONS,
+            "normalized return",
+            f"{g}: learning curves, IQM over seeds with {int(confidence * 100)}% bootstrap CIs",
+            os.path.join(results_dir, f"curves{suffix}.png"),
+        )
         fig, ax = plt.subplots(figsize=(8, 4.4), dpi=100)
         for k in keys:
             if k[1] == NORMAL_FT:
@@ -496,9 +578,20 @@ def plot_curves(results_dir: str, envs: list, curves: dict, policies: list, est:
             steps, arr = curve_array(curves[k], "q")
             ex = exposure(curves, *k)
             realized = ex["episodes"] and f"realized exposure {np.mean(ex['episodes']):.2f}"
-            band(ax, steps, arr, f"{k[1]}: {realized or 'mean q in force ' + format(np.mean(ex['q']), '.2f')}", reps, confidence)
-        save_q_plot(fig, ax, f"{g}: q at each evaluation, IQM with {int(confidence * 100)}% CIs",
-                    os.path.join(results_dir, f"q_trajectory{suffix}.png"))
+            band(
+                ax,
+                steps,
+                arr,
+                f"{k[1]}: {realized or 'mean q in force ' + format(np.mean(ex['q']), '.2f')}",
+                reps,
+                confidence,
+            )
+        save_q_plot(
+            fig,
+            ax,
+            f"{g}: q at each evaluation, IQM with {int(confidence * 100)}% CIs",
+            os.path.join(results_dir, f"q_trajectory{suffix}.png"),
+        )
 
 
 def plot_heatmap(path: str, g: str, policies: list, est: dict, confidence: float):
@@ -512,8 +605,15 @@ def plot_heatmap(path: str, g: str, policies: list, est: dict, confidence: float
     for i, p in enumerate(labels):
         for j, c in enumerate(EVAL_CONDITIONS):
             _, lo, hi, _ = est[(g, p, c)]
-            ax.text(j, i, f"{vals[i, j]:.1f}\n[{lo[0]:.1f}, {hi[0]:.1f}]", ha="center", va="center", fontsize=8,
-                    color="w" if vals[i, j] < vals.mean() else "k")
+            ax.text(
+                j,
+                i,
+                f"{vals[i, j]:.1f}\n[{lo[0]:.1f}, {hi[0]:.1f}]",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="w" if vals[i, j] < vals.mean() else "k",
+            )
     ax.set_xticks(range(len(EVAL_CONDITIONS)), EVAL_CONDITIONS)
     ax.set_yticks(range(len(labels)), labels)
     fig.colorbar(im, ax=ax, label="normalized score, IQM over seeds")
@@ -529,11 +629,16 @@ EVALUATION_FIELDS = ("env_id", "policy", "seed", "eval_condition", "mean_return"
 def per_seed_tables(rows: list, curves: dict, order=lambda policy: policy) -> tuple:
     """The report's inputs as CSV text: (evaluations, curves), one row per (env, policy, seed, condition) and per
     (env, policy, seed, evaluation step); study.py writes them per chain, the report per study."""
-    evaluations = sorted(({k: r[k] for k in EVALUATION_FIELDS} for r in rows), key=lambda r: (
-        r["env_id"], order(r["policy"]), r["seed"], EVAL_CONDITIONS.index(r["eval_condition"])))
-    curve_rows = [{"env_id": g, "policy": pol, "seed": seed, **r}
-                  for (g, pol), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], order(kv[0][1])))
-                  for seed, run in sorted(runs.items()) for r in run]
+    evaluations = sorted(
+        ({k: r[k] for k in EVALUATION_FIELDS} for r in rows),
+        key=lambda r: (r["env_id"], order(r["policy"]), r["seed"], EVAL_CONDITIONS.index(r["eval_condition"])),
+    )
+    curve_rows = [
+        {"env_id": g, "policy": pol, "seed": seed, **r}
+        for (g, pol), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], order(kv[0][1])))
+        for seed, run in sorted(runs.items())
+        for r in run
+    ]
     return to_csv(evaluations), to_csv(curve_rows) if curve_rows else ""
 
 
@@ -541,7 +646,9 @@ def to_csv(rows: list) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()
-    w.writerows([{k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+    w.writerows(
+        [{k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    )
     return buf.getvalue()
 
 
@@ -549,8 +656,12 @@ def to_csv(rows: list) -> str:
 def matrix_section(groups, policies, est, reps, confidence, budgets) -> tuple:
     out, csv_rows = [], []
     for g in groups:
-        out += [f"## T1: policy × evaluation condition, {g} (IQM [{int(confidence * 100)}% CI])", "",
-                "| policy | seeds | " + " | ".join(EVAL_CONDITIONS) + " |", "|---|---|" + "---|" * len(EVAL_CONDITIONS)]
+        out += [
+            f"## T1: policy × evaluation condition, {g} (IQM [{int(confidence * 100)}% CI])",
+            "",
+            "| policy | seeds | " + " | ".join(EVAL_CONDITIONS) + " |",
+            "|---|---|" + "---|" * len(EVAL_CONDITIONS),
+        ]
         for pol in policies:
             if (g, pol, "normal") not in est:
                 continue
@@ -558,43 +669,85 @@ def matrix_section(groups, policies, est, reps, confidence, budgets) -> tuple:
             for c in EVAL_CONDITIONS:
                 (iqm, mean), lo, hi, n = est[(g, pol, c)]
                 cells.append(fmt(iqm, lo[0], hi[0]) + (" †" if pol == OFFLINE and c == "transfer" else ""))
-                csv_rows.append({"group": g, "policy": pol, "eval_condition": c, "seeds": n, "iqm": iqm, "iqm_lo": lo[0],
-                                 "iqm_hi": hi[0], "mean": mean, "mean_lo": lo[1], "mean_hi": hi[1]})
+                csv_rows.append(
+                    {
+                        "group": g,
+                        "policy": pol,
+                        "eval_condition": c,
+                        "seeds": n,
+                        "iqm": iqm,
+                        "iqm_lo": lo[0],
+                        "iqm_hi": hi[0],
+                        "mean": mean,
+                        "mean_lo": lo[1],
+                        "mean_hi": hi[1],
+                    }
+                )
             out.append(f"| {pol} | {est[(g, pol, 'normal')][3]} | " + " | ".join(cells) + " |")
         out.append("")
-    out += ["Columns: normal (no δ); random (the study's random δ draws); adversarial (a fresh DE attack on each policy; "
-            f"budget: {budgets}); transfer (the δ set precomputed against the offline policy, which fine-tuning trained "
-            "on). † For offline-only that set was found against the policy itself: a direct attack at the precomputed "
-            f"budget, not a transfer. rliable, {reps} stratified-bootstrap replications; mean and CIs of every cell: "
-            "`scores.csv`.", ""]
+    out += [
+        "Columns: normal (no δ); random (the study's random δ draws); adversarial (a fresh DE attack on each policy; "
+        f"budget: {budgets}); transfer (the δ set precomputed against the offline policy, which fine-tuning trained "
+        "on). † For offline-only that set was found against the policy itself: a direct attack at the precomputed "
+        f"budget, not a transfer. rliable, {reps} stratified-bootstrap replications; mean and CIs of every cell: "
+        "`scores.csv`.",
+        "",
+    ]
     return out, csv_rows
 
 
 def paired_section(values: dict, envs: list, confidence: float, alpha: float) -> tuple:
     """Every declared comparison, primary and secondary, with unadjusted p-values (the verdicts' Holm step is above)."""
-    out = ["## Paired differences per comparison (X − Y per seed, normalized points)", "",
-           f"| env | role | X | Y | endpoint | seeds | mean difference [{int(confidence * 100)}% CI] | X higher in | p |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "## Paired differences per comparison (X − Y per seed, normalized points)",
+        "",
+        f"| env | role | X | Y | endpoint | seeds | mean difference [{int(confidence * 100)}% CI] | X higher in | p |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     rows = []
-    comps = [(f"claim {c.number}", comp) for c in CLAIMS for comp in c.components] + [("secondary", s) for s in SECONDARY]
+    comps = [(f"claim {c.number}", comp) for c in CLAIMS for comp in c.components] + [
+        ("secondary", s) for s in SECONDARY
+    ]
     for env in envs:
         for role, comp in comps:
             r = compare(values, comp, env, confidence, alpha)
             if r is None:
                 continue
             test = "TOST p" if comp.test == "equivalence" else "sign-flip p"
-            ci = f"{r['mean']:+.1f} {ci_text(r)}" + (f" ({100 * (1 - 2 * alpha):.0f}% CI)" if comp.test == "equivalence" else "")
-            out.append(f"| {env} | {role} | {comp.x} | {comp.y} | {comp.endpoint} | {r['n']} | {ci} | {r['up']} of {r['n']} | "
-                       f"{test} {r['p']:.3f} |")
-            rows.append({"env_id": env, "role": role, "x": comp.x, "y": comp.y, "endpoint": comp.endpoint, "test": comp.test,
-                         "seeds": r["n"], "mean_difference": r["mean"], "lo": r["lo"], "hi": r["hi"], "x_higher": r["up"], "p": r["p"]})
+            ci = f"{r['mean']:+.1f} {ci_text(r)}" + (
+                f" ({100 * (1 - 2 * alpha):.0f}% CI)" if comp.test == "equivalence" else ""
+            )
+            out.append(
+                f"| {env} | {role} | {comp.x} | {comp.y} | {comp.endpoint} | {r['n']} | {ci} | {r['up']} of {r['n']} | "
+                f"{test} {r['p']:.3f} |"
+            )
+            rows.append(
+                {
+                    "env_id": env,
+                    "role": role,
+                    "x": comp.x,
+                    "y": comp.y,
+                    "endpoint": comp.endpoint,
+                    "test": comp.test,
+                    "seeds": r["n"],
+                    "mean_difference": r["mean"],
+                    "lo": r["lo"],
+                    "hi": r["hi"],
+                    "x_higher": r["up"],
+                    "p": r["p"],
+                }
+            )
     return out + ["", "Endpoints: " + "; ".join(f"**{k}**: {v}" for k, v in ENDPOINTS.items()) + ".", ""], rows
 
 
 def curricula_section(envs, est, curves, confidence) -> list:
-    out = ["## T2: the arms' perturbation exposure, and the curricula under adversarial fine-tuning", "",
-           "| env | policy | seeds | normal | robustness | mean q in force | realized exposure: episodes | realized exposure: env steps |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "## T2: the arms' perturbation exposure, and the curricula under adversarial fine-tuning",
+        "",
+        "| env | policy | seeds | normal | robustness | mean q in force | realized exposure: episodes | realized "
+        "exposure: env steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for g in envs:
         for pol in sorted({k[1] for k in curves if k[0] == g}, key=lambda p: ORDER.index(p) if p in ORDER else 99):
             if pol == NORMAL_FT or (g, pol, "normal") not in est:
@@ -602,18 +755,30 @@ def curricula_section(envs, est, curves, confidence) -> list:
             ex = exposure(curves, g, pol)
             (iqm, _), lo, hi, n = est[(g, pol, "normal")]
             rob = est.get((g, pol, "robustness"))
-            out.append(f"| {g} | {pol} | {n} | {fmt(iqm, lo[0], hi[0])} | " + (fmt(rob[0][0], rob[1][0], rob[2][0]) if rob else "–")
-                       + f" | {mean_ci(ex['q'], confidence)} | {mean_ci(ex['episodes'], confidence)} | {mean_ci(ex['steps'], confidence)} |")
-    return out + ["", "Normal and robustness: IQM [CI] over seeds. q in force: the mean over the online steps of the q the "
-                  "curriculum set (from its trajectory); realized exposure: the share of training episodes and of env steps "
-                  "that actually ran under δ ≠ 0 (mean over seeds [t-CI]), logged by td3_adv_finetune.py. The q "
-                  "trajectories: `q_trajectory.png`.", ""]
+            out.append(
+                f"| {g} | {pol} | {n} | {fmt(iqm, lo[0], hi[0])} | "
+                + (fmt(rob[0][0], rob[1][0], rob[2][0]) if rob else "–")
+                + f" | {mean_ci(ex['q'], confidence)} | {mean_ci(ex['episodes'], confidence)} | "
+                f"{mean_ci(ex['steps'], confidence)} |"
+            )
+    return out + [
+        "",
+        "Normal and robustness: IQM [CI] over seeds. q in force: the mean over the online steps of the q the "
+        "curriculum set (from its trajectory); realized exposure: the share of training episodes and of env steps "
+        "that actually ran under δ ≠ 0 (mean over seeds [t-CI]), logged by td3_adv_finetune.py. The q "
+        "trajectories: `q_trajectory.png`.",
+        "",
+    ]
 
 
 def efficiency_section(curves, policies, reps, confidence) -> list:
-    out = ["## T3: sample efficiency", "",
-           "| env | policy | seeds reaching the offline return | median steps (reached) | normal return at the last step, IQM [CI] | online area under the curve, IQM [CI] |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        "## T3: sample efficiency",
+        "",
+        "| env | policy | seeds reaching the offline return | median steps (reached) | normal return at the last "
+        "step, IQM [CI] | online area under the curve, IQM [CI] |",
+        "|---|---|---|---|---|---|",
+    ]
     start = {}  # (env, seed) -> the offline policy's normal return on the fine-tunes' own evaluation episodes (step 0)
     for (g, pol), runs in curves.items():
         if not pol.startswith("scratch"):
@@ -625,24 +790,40 @@ def efficiency_section(curves, policies, reps, confidence) -> list:
         steps, arr = curve_array(runs, "normal_normalized")
         last = interval({"x": arr[:, -1:]}, iqm_and_mean, reps, confidence)["x"]
         area = interval({"x": arr[:, steps > 0].mean(1, keepdims=True)}, iqm_and_mean, reps, confidence)["x"]
-        out.append(f"| {g} | {pol} | {len(hit)} of {len(reach)} | {int(np.median(hit)) if hit else '–'} | "
-                   f"{fmt(last[0][0], last[1][0], last[2][0])} | {fmt(area[0][0], area[1][0], area[2][0])} |")
-    return out + ["", f"Learning curves (`curves.png`): IQM over seeds with {poi_reps(reps)}-replication bootstrap bands. "
-                  "Reaching: the first evaluation after step 0 at which the normal return is at least the same seed's "
-                  "offline policy's on the same evaluation episodes (step 0 of its fine-tunes). The online area under the "
-                  "curve (claim 2's endpoint) averages the evaluations after step 0.", ""]
+        out.append(
+            f"| {g} | {pol} | {len(hit)} of {len(reach)} | {int(np.median(hit)) if hit else '–'} | "
+            f"{fmt(last[0][0], last[1][0], last[2][0])} | {fmt(area[0][0], area[1][0], area[2][0])} |"
+        )
+    return out + [
+        "",
+        f"Learning curves (`curves.png`): IQM over seeds with {poi_reps(reps)}-replication bootstrap bands. "
+        "Reaching: the first evaluation after step 0 at which the normal return is at least the same seed's "
+        "offline policy's on the same evaluation episodes (step 0 of its fine-tunes). The online area under the "
+        "curve (claim 2's endpoint) averages the evaluations after step 0.",
+        "",
+    ]
 
 
 def costs_section(costs: list) -> list:
     if not costs:
         return []
-    return (["## What the stages cost", "",
-             "Wall time of each finished stage, from the study's markers (`runs/_study/`); each stage ran on one core with "
-             "one torch thread, beside other stages on the same machine.", "",
-             "| stage | runs | mean | min | max | total |", "|---|---|---|---|---|---|"]
-            + [f"| {k} | {n} | {m / 60:.1f} min | {lo / 60:.1f} min | {hi / 60:.1f} min | {tot / 3600:.2f} h |"
-               for k, n, m, lo, hi, tot in costs]
-            + ["", f"All stages together: {sum(c[5] for c in costs) / 3600:.2f} core-hours.", ""])
+    return (
+        [
+            "## What the stages cost",
+            "",
+            "Wall time of each finished stage, from the study's markers (`runs/_study/`); each stage ran on one core "
+            "with "
+            "one torch thread, beside other stages on the same machine.",
+            "",
+            "| stage | runs | mean | min | max | total |",
+            "|---|---|---|---|---|---|",
+        ]
+        + [
+            f"| {k} | {n} | {m / 60:.1f} min | {lo / 60:.1f} min | {hi / 60:.1f} min | {tot / 3600:.2f} h |"
+            for k, n, m, lo, hi, tot in costs
+        ]
+        + ["", f"All stages together: {sum(c[5] for c in costs) / 3600:.2f} core-hours.", ""]
+    )
 
 
 def chains_section(results_dir: str) -> list:
@@ -650,23 +831,46 @@ def chains_section(results_dir: str) -> list:
     chains = [read_json(p) for p in sorted(glob.glob(os.path.join(results_dir, "chains", "*.json")))]
     if not chains:
         return []
-    return (["## The chains: what produced each", "",
-             "| env | seed | commit | machine | stages | wall time of its stages | finished (UTC) |", "|---|---|---|---|---|---|---|"]
-            + [f"| {c['env_id']} | {c['seed']} | `{c['commit'][:12]}{'+dirty' if c['commit'].endswith('+dirty') else ''}` | "
-               f"{c['machine']} | {c['stages']} | {c['wall_s'] / 3600:.2f} h | "
-               f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(c['finished']))} |" for c in chains]
-            + ["", f"{len(chains)} chains, {sum(c['wall_s'] for c in chains) / 3600:.2f} core-hours of stages in all "
-               "(each stage on one core).", ""])
+    return (
+        [
+            "## The chains: what produced each",
+            "",
+            "| env | seed | commit | machine | stages | wall time of its stages | finished (UTC) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        + [
+            f"| {c['env_id']} | {c['seed']} | "
+            f"`{c['commit'][:12]}{'+dirty' if c['commit'].endswith('+dirty') else ''}` | "
+            f"{c['machine']} | {c['stages']} | {c['wall_s'] / 3600:.2f} h | "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(c['finished']))} |"
+            for c in chains
+        ]
+        + [
+            "",
+            f"{len(chains)} chains, {sum(c['wall_s'] for c in chains) / 3600:.2f} core-hours of stages in all "
+            "(each stage on one core).",
+            "",
+        ]
+    )
 
 
 def attack_budgets(rows: list, manifest: dict) -> str:
     seen = sorted({r["attack_budget"] for r in rows if r.get("attack_budget")})
     if seen:
         return "; ".join(seen)
-    overrides = sorted({" ".join(c[c.index(f):c.index(f) + 2]) for c in manifest.get("commands", {}).values()
-                        for f in ("--attack-num-perturbations", "--attack-maxiter", "--attack-popsize") if f in c})
-    return ("not recorded per row; the evaluation commands overrode the precomputed attack's " + ", ".join(overrides)
-            if overrides else "the precomputed attack's (not recorded per row)")
+    overrides = sorted(
+        {
+            " ".join(c[c.index(f) : c.index(f) + 2])
+            for c in manifest.get("commands", {}).values()
+            for f in ("--attack-num-perturbations", "--attack-maxiter", "--attack-popsize")
+            if f in c
+        }
+    )
+    return (
+        "not recorded per row; the evaluation commands overrode the precomputed attack's " + ", ".join(overrides)
+        if overrides
+        else "the precomputed attack's (not recorded per row)"
+    )
 
 
 def main(args: Args):
@@ -674,8 +878,10 @@ def main(args: Args):
 
     matplotlib.use("Agg")
     if args.reps < 1 or not 0 < args.confidence < 1 or not 0 < args.alpha < 0.5:
-        raise ReportError(f"--reps must be >= 1, --confidence in (0, 1) and --alpha in (0, 0.5) (got {args.reps}, "
-                          f"{args.confidence} and {args.alpha})")
+        raise ReportError(
+            f"--reps must be >= 1, --confidence in (0, 1) and --alpha in (0, 0.5) (got {args.reps}, "
+            f"{args.confidence} and {args.alpha})"
+        )
     manifest, source, rows, curves, n_done = load(args)
     envs = [e for e in manifest["env_ids"] if any(r["env_id"] == e for r in rows)]
     table = score_table(rows, envs)
@@ -691,35 +897,72 @@ def main(args: Args):
         for g, (p, lo, hi) in interval(dict(arrs), iqm_and_mean, R, C).items():
             est[(g, pol, cond)] = (p, lo, hi, arrs[g].shape[0])
     n_total = len(manifest["policies"])
-    status = ("complete: every policy of the study is evaluated" if n_done >= n_total else
-              f"PARTIAL: {n_done} of {n_total} policies evaluated; the study is still running or failed; do not cite")
+    status = (
+        "complete: every policy of the study is evaluated"
+        if n_done >= n_total
+        else f"PARTIAL: {n_done} of {n_total} policies evaluated; the study is still running or failed; do not cite"
+    )
     judged = judge(values, envs, C, args.alpha)
-    out = [f"# Study `{manifest['study']}` ({manifest['scale']} scale, ε = {manifest['epsilon']})", "",
-           f"Status: {status}.", "",
-           *([f"The study's driver last ran at commit `{manifest['commit']}` on {manifest['machine']}; each chain's own "
-              f"commit and machine are in \"The chains\" below.", ""] if "commit" in manifest else []),
-           f"Read from the {'runs' if source == 'runs' else 'per-seed CSVs in this folder'}. Scores are normalized "
-           f"(0 = uniform random policy, 100 = expert reference). Reproduce with `python study_report.py --results-dir "
-           f"{args.results_dir}`.", ""]
+    out = [
+        f"# Study `{manifest['study']}` ({manifest['scale']} scale, ε = {manifest['epsilon']})",
+        "",
+        f"Status: {status}.",
+        "",
+        *(
+            [
+                f"The study's driver last ran at commit `{manifest['commit']}` on {manifest['machine']}; each chain's "
+                "own "
+                f'commit and machine are in "The chains" below.',
+                "",
+            ]
+            if "commit" in manifest
+            else []
+        ),
+        f"Read from the {'runs' if source == 'runs' else 'per-seed CSVs in this folder'}. Scores are normalized "
+        f"(0 = uniform random policy, 100 = expert reference). Reproduce with `python study_report.py --results-dir "
+        f"{args.results_dir}`.",
+        "",
+    ]
     out += claims_section(judged, C, args.alpha)
     section, paired_rows = paired_section(values, envs, C, args.alpha)
     out += section
     section, csv_rows = matrix_section(groups, policies, est, R, C, attack_budgets(rows, manifest))
     out += section
-    out += ["## Probability of improvement P(X > Y) [CI] (rliable, descriptive)", "",
-            "| X | Y | group | " + " | ".join(EVAL_CONDITIONS) + " |", "|---|---|---|" + "---|" * len(EVAL_CONDITIONS)]
+    out += [
+        "## Probability of improvement P(X > Y) [CI] (rliable, descriptive)",
+        "",
+        "| X | Y | group | " + " | ".join(EVAL_CONDITIONS) + " |",
+        "|---|---|---|" + "---|" * len(EVAL_CONDITIONS),
+    ]
     poi_rows = []
-    for x, y in [(ADV_FIXED, OFFLINE), (ADAPTIVE, OFFLINE), (ADV_FIXED, NORMAL_FT), (ADV_FIXED, RANDOM_FT),
-                 (ADAPTIVE, LINEAR), (ADAPTIVE, SCRATCH)]:
+    for x, y in [
+        (ADV_FIXED, OFFLINE),
+        (ADAPTIVE, OFFLINE),
+        (ADV_FIXED, NORMAL_FT),
+        (ADV_FIXED, RANDOM_FT),
+        (ADAPTIVE, LINEAR),
+        (ADAPTIVE, SCRATCH),
+    ]:
         for g in groups:
             vals = {c: poi(table, x, y, c, g, R, C) for c in EVAL_CONDITIONS}
             if all(v is None for v in vals.values()):
                 continue
-            out.append(f"| {x} | {y} | {g} | " + " | ".join("–" if v is None else fmt(*v, digits=2) for v in vals.values()) + " |")
-            poi_rows += [{"x": x, "y": y, "group": g, "eval_condition": c, "poi": v[0], "lo": v[1], "hi": v[2]}
-                         for c, v in vals.items() if v is not None]
-    out += ["", f"{poi_reps(R)} stratified-bootstrap replications. Descriptive only: the verdicts above rest on the paired "
-            f"tests.", ""]
+            out.append(
+                f"| {x} | {y} | {g} | "
+                + " | ".join("–" if v is None else fmt(*v, digits=2) for v in vals.values())
+                + " |"
+            )
+            poi_rows += [
+                {"x": x, "y": y, "group": g, "eval_condition": c, "poi": v[0], "lo": v[1], "hi": v[2]}
+                for c, v in vals.items()
+                if v is not None
+            ]
+    out += [
+        "",
+        f"{poi_reps(R)} stratified-bootstrap replications. Descriptive only: the verdicts above rest on the paired "
+        f"tests.",
+        "",
+    ]
     out += curricula_section(envs, est, curves, C)
     out += efficiency_section(curves, policies, R, C)
     costs = stage_costs(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
@@ -739,8 +982,15 @@ def main(args: Args):
         write("evaluations.csv", evaluations)
         write("curves.csv", curve_table)
         if costs:
-            write("stage_costs.csv", to_csv([{"stage": k, "runs": n, "mean_s": m, "min_s": lo, "max_s": hi, "total_s": t}
-                                             for k, n, m, lo, hi, t in costs]))
+            write(
+                "stage_costs.csv",
+                to_csv(
+                    [
+                        {"stage": k, "runs": n, "mean_s": m, "min_s": lo, "max_s": hi, "total_s": t}
+                        for k, n, m, lo, hi, t in costs
+                    ]
+                ),
+            )
     if poi_rows:
         write("poi.csv", to_csv(poi_rows))
     write("report.md", "\n".join(out) + "\n")

@@ -15,12 +15,13 @@
   with R_n the normalized score of evaluation n under the normal condition (0 = random, 100 = expert: the one scale
   of every log and file; the /100 makes η a step per random-to-expert span, i.e. η is applied to R on a [0, 1] scale).
 """
+
 import copy
 import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -28,13 +29,26 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, ConditionEvaluator, EpisodeCounters, NonFiniteSentinel, Range,
-                     RingBuffer, Run, UserError, accelerate, adam, check_fast_path_args, check_ranges, check_rendering, cli,
-                     condition_metrics, default_checkpoint, env_state, finished, load_checkpoint, load_module_states,
-                     load_perturbations, module_states, offline_transitions, open_run, reference_scores, rng_state,
-                     save_checkpoint, seed_everything, set_env_state, set_rng_state, sha256_file)
+from robust_o2o.cli import Range, UserError, check_ranges, cli
+from robust_o2o.datasets import offline_transitions
+from robust_o2o.evaluation import ConditionEvaluator, condition_metrics, reference_scores
+from robust_o2o.fast_path import CudaGraph, adam, setup_fast_path
+from robust_o2o.files import save_checkpoint, sha256_file
+from robust_o2o.formats import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    default_checkpoint,
+    load_checkpoint,
+    load_perturbations,
+)
+from robust_o2o.replay import RingBuffer
+from robust_o2o.resume import env_state, load_module_states, module_states, set_env_state, set_rng_state
+from robust_o2o.runs import NonFiniteSentinel, Run, already_complete, open_run, seed_everything
+from robust_o2o.video import check_rendering
 
-STAGE = os.path.splitext(os.path.basename(__file__))[0]  # the checkpoints' stage tag: a fork under a new name has its own
+STAGE = os.path.splitext(os.path.basename(__file__))[
+    0
+]  # the checkpoints' stage tag: a fork under a new name has its own
 
 
 @dataclass
@@ -62,17 +76,18 @@ class Args:
     """r_off: fraction of every batch drawn from the offline dataset (ignored for --init scratch)"""
 
     # inputs
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     """TD3+BC checkpoint (if unset: the first of DEFAULT_CHECKPOINTS that exists: full-scale, then run_pipeline.sh's)"""
-    perturbations: Optional[str] = None
-    """.npz from de_perturbations.py (if unset: perturbations.npz next to the checkpoint); gives {δ_a}, ε and the model"""
+    perturbations: str | None = None
+    """.npz from de_perturbations.py (if unset: perturbations.npz next to the checkpoint); gives {δ_a}, ε and the
+    model"""
 
     # TD3
     total_steps: Annotated[int, Range(1)] = 1_000_000
     """online env steps (the paper fine-tunes for 1M-3M)"""
-    learning_starts: Annotated[Optional[int], Range(0)] = None
+    learning_starts: Annotated[int | None, Range(0)] = None
     """steps before updates begin (if unset: 25k uniform-random steps for scratch; batch size for offline init)"""
-    buffer_size: Annotated[Optional[int], Range(1)] = None
+    buffer_size: Annotated[int | None, Range(1)] = None
     """online replay capacity (if unset: total steps)"""
     batch_size: Annotated[int, Range(1)] = 256
     """minibatch size"""
@@ -101,9 +116,9 @@ class Args:
     """episodes per condition and evaluation (seeds eval_seed + i)"""
     eval_seed: Annotated[int, Range(0)] = 10_000
     """first evaluation seed (the same episodes as the other stages)"""
-    ref_min_score: Annotated[Optional[float], Range()] = None
+    ref_min_score: Annotated[float | None, Range()] = None
     """override the checkpoint's reference return for normalized score 0"""
-    ref_max_score: Annotated[Optional[float], Range()] = None
+    ref_max_score: Annotated[float | None, Range()] = None
     """override the checkpoint's reference return for normalized score 100"""
 
     # fast path (benchmarks/fast_path.py measures it); the defaults are exact fp32 and run anywhere
@@ -112,17 +127,19 @@ class Args:
     cudagraphs: bool = False
     """capture the two halves of the update in CUDA graphs (CUDA only; capturable fused Adam; not with --compile)"""
     matmul_precision: Literal["highest", "high", "medium"] = "highest"
-    """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs with AMX)"""
+    """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs
+    with AMX)"""
 
     # run management
     exp_name: str = STAGE
     """the name of this experiment (the script's file name, so a fork's runs are named after the fork)"""
-    run_name: Optional[str] = None
+    run_name: str | None = None
     """output folder under runs/ (if unset: {env}__{exp_name}__{init}-{condition}-{curriculum}__{seed}__{unix time})"""
     overwrite: bool = False
     """replace an existing run folder of the same name"""
     resume: bool = False
-    """continue the run runs/{run_name}/ (give --run-name) from its last state.pt (same arguments; --total-steps may grow)"""
+    """continue the run runs/{run_name}/ (give --run-name) from its last state.pt (same arguments; --total-steps may
+    grow)"""
     seed: Annotated[int, Range(0)] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
@@ -133,10 +150,11 @@ class Args:
     """log to Weights & Biases (honours WANDB_MODE=offline)"""
     wandb_project_name: str = "robust-o2o"
     """the wandb project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """the wandb entity (team)"""
     capture_video: bool = False
-    """record each evaluation's first adversarial episode (δ_0) into runs/{run_name}/videos/ and W&B (needs MUJOCO_GL=egl)"""
+    """record each evaluation's first adversarial episode (δ_0) into runs/{run_name}/videos/ and W&B (needs
+    MUJOCO_GL=egl)"""
 
 
 # ALGO LOGIC: networks (copies of td3_bc_offline.py's; tests/test_contracts.py proves the copies agree)
@@ -145,8 +163,14 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-                                 nn.Linear(hidden_dim, act_dim), nn.Tanh())
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, act_dim),
+            nn.Tanh(),
+        )
         low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
@@ -160,27 +184,36 @@ class VectorizedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, n: int):
         super().__init__()
-        bound = 1 / in_features ** 0.5  # the same init as nn.Linear
+        bound = 1 / in_features**0.5  # the same init as nn.Linear
         self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [k, B, in] uses the first k of the n layers
-        return torch.baddbmm(self.bias[:x.shape[0]], x, self.weight[:x.shape[0]])
+        return torch.baddbmm(self.bias[: x.shape[0]], x, self.weight[: x.shape[0]])
 
 
 class Critic(nn.Module):
-    """Twin Q-networks Q1, Q2 (2×hidden ReLU MLPs) evaluated as one batched call: returns [2, B] ([heads, B] if given)."""
+    """Twin Q-networks Q1, Q2 (2×hidden ReLU MLPs) evaluated as one batched call."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 256, n: int = 2):
         super().__init__()
         self.n = n
-        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden_dim, n), nn.ReLU(),
-                                 VectorizedLinear(hidden_dim, hidden_dim, n), nn.ReLU(), VectorizedLinear(hidden_dim, 1, n))
+        self.net = nn.Sequential(
+            VectorizedLinear(obs_dim + act_dim, hidden_dim, n),
+            nn.ReLU(),
+            VectorizedLinear(hidden_dim, hidden_dim, n),
+            nn.ReLU(),
+            VectorizedLinear(hidden_dim, 1, n),
+        )
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor, heads: Optional[int] = None) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """[Q1(s, a), Q2(s, a)] as one [2, B] tensor."""
         x = torch.cat([obs, act], -1)
-        x = x.unsqueeze(0).expand(heads or self.n, *x.shape) if x.dim() == 2 else x
-        return self.net(x).squeeze(-1)
+        return self.net(x.expand(self.n, *x.shape)).squeeze(-1)
+
+    def q1(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Q1(s, a) alone [B], through the first of the batched layers only (the actor loss needs no Q2)."""
+        return self.net(torch.cat([obs, act], -1)[None]).squeeze(-1)[0]
 
 
 # ALGO LOGIC: the perturbation model (a verbatim copy of de_perturbations.py's; tests prove the copies agree)
@@ -207,8 +240,15 @@ class ActionPerturbation(gym.ActionWrapper):
     probability 1 − q. The draw uses the wrapper's own RNG (seeded by reset(seed=...)), never the env's, so the
     env's start states do not depend on the condition. `reset` reports δ in info["delta"]."""
 
-    def __init__(self, env: gym.Env, epsilon: float, model: str = "multiplicative", condition: str = "normal",
-                 deltas: Optional[np.ndarray] = None, q: float = 1.0):
+    def __init__(
+        self,
+        env: gym.Env,
+        epsilon: float,
+        model: str = "multiplicative",
+        condition: str = "normal",
+        deltas: np.ndarray | None = None,
+        q: float = 1.0,
+    ):
         super().__init__(env)
         if condition not in CONDITIONS or model not in PERTURBATION_MODELS:
             raise ValueError(f"condition must be one of {CONDITIONS} and model one of {PERTURBATION_MODELS}")
@@ -270,53 +310,77 @@ def sample(data: dict, size: int, k: int) -> tuple:
     return tuple(data[key][idx] for key in ("obs", "actions", "rewards", "next_obs", "terminations"))
 
 
+def mixed_batch(online: "OnlineBuffer", offline: dict | None, batch_size: int, r_off: float) -> tuple:
+    """A batch (s, a, r, s', terminated): batch_split(...) offline rows after the online ones."""
+    n_offline = batch_split(batch_size, r_off, online.size, has_offline=offline is not None)
+    parts = [sample(online.data, online.size, batch_size - n_offline)] if n_offline < batch_size else []
+    if n_offline:
+        parts.append(sample(offline, offline["obs"].shape[0], n_offline))
+    return tuple(torch.cat(column) for column in zip(*parts))
+
+
 class OnlineBuffer(RingBuffer):
-    """Ring buffer of online transitions on the training device: normalized s and s', the action the policy CHOSE
-    (never the executed, perturbed one), r, and terminated (truncations are stored as 0 so they bootstrap).
-    It saves and restores itself (runtime.RingBuffer), also into a larger capacity on a longer resume."""
+    """Online transitions on the training device: normalized s and s', the action the policy CHOSE (never the
+    executed, perturbed one), r, and terminated (truncations are stored as 0 so they bootstrap). Saved with state.pt."""
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device):
-        super().__init__(capacity, {"obs": (obs_dim,), "actions": (act_dim,), "rewards": (), "next_obs": (obs_dim,),
-                                    "terminations": ()}, device)
+        shapes = {"obs": (obs_dim,), "actions": (act_dim,), "rewards": (), "next_obs": (obs_dim,), "terminations": ()}
+        super().__init__("online", capacity, shapes, device)
 
     def add(self, obs, chosen_action, reward, next_obs, terminated):
-        d, i = self.data, self.ptr
-        d["obs"][i], d["next_obs"][i] = obs, next_obs
-        d["actions"][i] = torch.as_tensor(chosen_action, device=d["actions"].device)
-        d["rewards"][i], d["terminations"][i] = float(reward), float(terminated)
+        row, i = self.data, self.ptr
+        row["obs"][i], row["next_obs"][i] = obs, next_obs
+        row["actions"][i] = torch.as_tensor(chosen_action, device=row["actions"].device)
+        row["rewards"][i], row["terminations"][i] = float(reward), float(terminated)
         self.advance()
 
 
-def td_target(critic_target: Critic, actor_target: Actor, next_obs, reward, termination, gamma: float,
-              policy_noise: float, noise_clip: float) -> torch.Tensor:
+# ALGO LOGIC: the TD3 losses
+def td_target(
+    critic_target: Critic,
+    actor_target: Actor,
+    next_obs,
+    reward,
+    termination,
+    gamma: float,
+    policy_noise: float,
+    noise_clip: float,
+) -> torch.Tensor:
     """y = r + γ (1 − terminated) min_i Q'_i(s', clip(π'(s') + clip(ε, −c, c)))  with ε ~ N(0, σ²), in action units.
     Truncated transitions have termination = 0, so they bootstrap."""
     with torch.no_grad():
         scale, bias = actor_target.action_scale, actor_target.action_bias
-        noise = (torch.randn(reward.shape[0], scale.shape[0], device=reward.device) * policy_noise).clamp(-noise_clip, noise_clip)
+        noise = (torch.randn(reward.shape[0], scale.shape[0], device=reward.device) * policy_noise).clamp(
+            -noise_clip, noise_clip
+        )
         next_action = (actor_target(next_obs) + noise * scale).clamp(bias - scale, bias + scale)
         next_q = critic_target(next_obs, next_action).min(0).values
         return reward + gamma * (1.0 - termination) * next_q
 
 
-def td3_actor_loss(actor, critic, obs):
+def td3_actor_loss(actor: Actor, critic: Critic, obs: torch.Tensor) -> torch.Tensor:
     """Plain TD3: −mean Q1(s, π(s)); no behaviour-cloning term."""
-    return -critic(obs, actor(obs), heads=1)[0].mean()
+    return -critic.q1(obs, actor(obs)).mean()
 
 
 def soft_update(targets: list, sources: list, tau: float):
     """θ' ← τ θ + (1 − τ) θ' for every parameter of every target network, in one fused foreach call."""
     with torch.no_grad():
-        torch._foreach_lerp_([p for m in targets for p in m.parameters()], [p for m in sources for p in m.parameters()], tau)
+        torch._foreach_lerp_(
+            [p for m in targets for p in m.parameters()], [p for m in sources for p in m.parameters()], tau
+        )
 
 
 # ALGO LOGIC: one TD3 update, in two halves with static shapes; the actor delay stays outside them
-def make_update(actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer, args):
+def make_update(actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer, args: "Args"):
     """-> update_critic(obs, actions, rewards, next_obs, terminations) -> (critic_loss, q1_mean) and update_actor(obs)
-    -> actor_loss. They return tensors, never Python numbers: nothing waits for the device."""
+    -> actor_loss. They return tensors, never Python numbers: nothing waits for the device. Unlike TD3+BC's update,
+    the critic's half takes its batch: the online buffer grows every step, so its sampling cannot be captured."""
 
     def update_critic(obs, actions, rewards, next_obs, terminations):
-        y = td_target(critic_target, actor_target, next_obs, rewards, terminations, args.gamma, args.policy_noise, args.noise_clip)
+        y = td_target(
+            critic_target, actor_target, next_obs, rewards, terminations, args.gamma, args.policy_noise, args.noise_clip
+        )
         q = critic(obs, actions)
         critic_loss = ((q - y) ** 2).mean(1).sum()  # MSE of Q1 plus MSE of Q2
         critic_optimizer.zero_grad(set_to_none=True)
@@ -332,139 +396,112 @@ def make_update(actor, critic, actor_target, critic_target, actor_optimizer, cri
         soft_update([actor_target, critic_target], [actor, critic], args.tau)
         return actor_loss.detach()
 
-    return accelerate(update_critic, args), accelerate(update_actor, args)
-
-
-def check_args(args: Args):
-    check_ranges(args)  # each field's range is declared next to it in Args
-    if not args.q_min <= args.q_init <= args.q_max:
-        raise UserError("need --q-min <= --q-init <= --q-max")
-    check_fast_path_args(args)
+    if args.compile:  # the fast path (benchmarks/fast_path.py): compile each half, as LeanRL does
+        update_critic, update_actor = torch.compile(update_critic), torch.compile(update_actor)
+    if args.cudagraphs:  # or capture each half in a CUDA graph once, then replay it
+        update_critic, update_actor = CudaGraph(update_critic), CudaGraph(update_actor)
+    return update_critic, update_actor
 
 
 def main(args: Args):
     check_args(args)
-    args.checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
-    ckpt = load_checkpoint(args.checkpoint)
-    pert_path = args.perturbations or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
-    pert = load_perturbations(pert_path, ckpt["env_id"], ckpt["act_dim"])
-    eps, model, deltas = float(pert["epsilon"]), str(pert["perturbation_model"]), pert["perturbations"]
-    env_id, obs_dim, act_dim, max_steps = ckpt["env_id"], ckpt["obs_dim"], ckpt["act_dim"], ckpt.get("max_episode_steps")
-    ref_min, ref_max = reference_scores(ckpt, args.ref_min_score, args.ref_max_score, required=args.curriculum == "adaptive")
+    ckpt, perturbations, perturbations_path = load_inputs(args)
+    env_id, max_steps = ckpt["env_id"], ckpt.get("max_episode_steps")
+    adaptive = args.curriculum == "adaptive"  # it reads normalized returns, so it needs reference scores
+    ref_min, ref_max = reference_scores(ckpt, args.ref_min_score, args.ref_max_score, required=adaptive)
     scratch = args.init == "scratch"
-    learning_starts = args.learning_starts if args.learning_starts is not None else (25_000 if scratch else args.batch_size)
-    run_name = args.run_name or (f"{env_id}__{args.exp_name}__{args.init}-{args.finetune_condition}-{args.curriculum}"
-                                 f"__{args.seed}__{int(time.time())}")
+    learning_starts = resolve_learning_starts(args)
+    run_name = args.run_name or default_run_name(args, env_id)
     run_dir, resumed = open_run(args, run_name, STAGE, "state.pt")
-    if finished(resumed, args.total_steps, run_dir):
+    if already_complete(resumed, args.total_steps, run_dir):
         return
     if args.capture_video:
         check_rendering(env_id, max_steps)
-
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # the networks: from the offline checkpoint (the BC term is gone from here on), or fresh for the scratch baseline
-    low, high = ckpt["action_low"].numpy(), ckpt["action_high"].numpy()
-    actor = Actor(obs_dim, act_dim, low, high, ckpt["hidden_dim"]).to(device)
-    critic = Critic(obs_dim, act_dim, ckpt["hidden_dim"]).to(device)
-    actor_optimizer = adam(actor.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
-    critic_optimizer = adam(critic.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
-    actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
-    modules = {"actor": actor, "critic": critic, "actor_target": actor_target, "critic_target": critic_target,
-               "actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
-    if scratch:  # TD3 from random init, no offline data, raw observations
-        obs_mean, obs_std, offline = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device), None
-    else:
-        fresh = {"none": (), "actor": ("actor_optimizer",), "both": ("actor_optimizer", "critic_optimizer")}[args.reset_optimizers]
-        load_module_states({k: m for k, m in modules.items() if k not in fresh}, ckpt, device, args.cudagraphs)
-        obs_mean, obs_std = ckpt["obs_mean"].to(device), ckpt["obs_std"].to(device)
-        offline = offline_transitions(ckpt["dataset_id"], obs_mean, obs_std, device)
-    update_critic, update_actor = make_update(actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer, args)
-    online = OnlineBuffer(args.buffer_size or args.total_steps, obs_dim, act_dim, device)
+    # the networks from the offline checkpoint (the BC term is gone from here on), or fresh for the scratch baseline
+    modules, obs_mean, obs_std, offline = make_learner(ckpt, args, device)
+    actor = modules["actor"]
+    update_critic, update_actor = make_update(**modules, args=args)
+    online = OnlineBuffer(args.buffer_size or args.total_steps, ckpt["obs_dim"], ckpt["act_dim"], device)
 
     # the training env injects δ per episode with probability q; evaluation plays fixed episodes under every condition
-    env = ActionPerturbation(gym.make(env_id, max_episode_steps=max_steps), eps, model, args.finetune_condition, deltas,
-                             q=args.q if args.curriculum == "fixed" else args.q_init)
-    env.action_space.seed(args.seed)
-    evaluator = ConditionEvaluator(env_id, max_steps, {"normal": np.zeros((1, act_dim)), "random": pert["random_deltas"],
-                                                       "adversarial": deltas}, args.eval_episodes, args.eval_seed, model, perturb_action)
-    run = Run(run_dir, run_name, args, resumed, env_id=env_id, perturbations=pert_path, learning_starts=learning_starts,
-              epsilon=eps, perturbation_model=model)
+    q = args.q if args.curriculum == "fixed" else args.q_init
+    env = make_training_env(args, env_id, max_steps, perturbations, q)
+    evaluator = make_evaluator(args, env_id, max_steps, perturbations)
+    run_info = {"env_id": env_id, "perturbations": perturbations_path, "learning_starts": learning_starts}
+    run = Run(run_dir, run_name, args, resumed, **run_info)
+    header = checkpoint_header(args, ckpt, obs_mean, obs_std, ref_min, ref_max, perturbations_path)
+    low, high = actor.action_bias - actor.action_scale, actor.action_bias + actor.action_scale  # the action bounds
 
-    def evaluate(step: int) -> dict:  # the same episodes under normal, random (the .npz's draws) and adversarial δ
+    def normalize(obs) -> torch.Tensor:
+        return (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean) / obs_std
+
+    def evaluate(step: int) -> dict:
         policy, mean, std = copy.deepcopy(actor).cpu(), obs_mean.cpu(), obs_std.cpu()
         if args.capture_video:
             evaluator.record(run, step, policy, mean, std, "adversarial")
         return condition_metrics(evaluator(policy, mean, std), ref_min, ref_max)
 
-    # what every checkpoint holds besides the networks and the step's results (docs/file_contracts.md)
-    header = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "stage": STAGE, "args": dataclasses.asdict(args),
-              **{k: ckpt[k] for k in ("env_id", "dataset_id", "obs_dim", "act_dim", "hidden_dim", "action_low", "action_high")},
-              "max_episode_steps": max_steps, "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(), "ref_min_score": ref_min,
-              "ref_max_score": ref_max, "init": args.init, "finetune_condition": args.finetune_condition, "epsilon": eps,
-              "curriculum": args.curriculum, "perturbation_model": model, "perturbations_path": pert_path,
-              "perturbations_sha256": sha256_file(pert_path), "initial_checkpoint": args.checkpoint}
-    low_t, high_t = torch.as_tensor(low, device=device), torch.as_tensor(high, device=device)
-
-    def normalize(o) -> torch.Tensor:
-        return (torch.as_tensor(o, dtype=torch.float32, device=device) - obs_mean) / obs_std
+    def save(step: int):  # checkpoint.pt: the policy and this evaluation; state.pt: that and what continuing needs
+        losses = torch.stack([critic_loss, q1_mean, actor_loss]).cpu()
+        results = {"step": step, "eval": eval_metrics, "q": q, "q_ema": ema, **evaluation_summary(eval_metrics)}
+        checkpoint = {**header, **results, **module_states(modules)}
+        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint)
+        loop = {"env": env_state(env), "norm_obs": norm_obs.cpu(), "episode": dataclasses.asdict(counters)}
+        state = {**checkpoint, **loop, **online.state_dict(), "losses": losses, "learning_starts": learning_starts}
+        save_checkpoint(os.path.join(run_dir, "state.pt"), {**state, **run.resume_state()})
 
     # the loop's state: fresh (with evaluation 0 of the starting policy, which seeds the EMA R̄_0 = R_0), or resumed
-    start_step, q = 0, env.q
-    critic_loss = q1_mean = actor_loss = torch.zeros((), device=device)
+    start_step, counters = 0, EpisodeCounters()
+    critic_loss, q1_mean, actor_loss = torch.zeros(3, device=device)
     sentinel = NonFiniteSentinel(device, "step", run_dir)  # remembers the first non-finite loss without a sync per step
     obs, info = env.reset(seed=args.seed)
-    counters = EpisodeCounters()
+    norm_obs = normalize(obs)
     counters.start(info["delta"])
     if resumed is None:
-        row = evaluate(0)
-        ema = row["eval/normal_normalized"]
-        run.log({"step": 0, **row, "curriculum/q": q, "curriculum/ema": ema})
-        obs_n = normalize(obs)
-    else:
-        load_module_states(modules, resumed, device, args.cudagraphs)
+        eval_metrics = evaluate(0)
+        ema = eval_metrics["eval/normal_normalized"]
+        run.log({"step": 0, **eval_metrics, "curriculum/q": q, "curriculum/ema": ema})
+    else:  # continue exactly where state.pt left off
+        load_module_states(modules, resumed, device, capturable=args.cudagraphs)
         online.load_state_dict(resumed)
-        critic_loss, q1_mean, actor_loss = resumed["losses"].to(device)
-        q, ema, row, start_step, obs_n = resumed["q"], resumed["q_ema"], resumed["eval"], resumed["step"], resumed["obs_n"].to(device)
-        counters = EpisodeCounters(**resumed["episode"])
         set_env_state(env, resumed["env"])
         set_rng_state(resumed["rng"])
+        counters, norm_obs = EpisodeCounters(**resumed["episode"]), resumed["norm_obs"].to(device)
+        critic_loss, q1_mean, actor_loss = resumed["losses"].to(device)
+        start_step, q, ema, eval_metrics = resumed["step"], resumed["q"], resumed["q_ema"], resumed["eval"]
         print(f"resuming {run_dir} at step {start_step}")
     start_time = time.time()
-    pbar = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, desc=STAGE, mininterval=2)
+    pbar = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, desc=STAGE)
     for step in pbar:
         # ALGO LOGIC: act. The policy chooses a; the wrapper executes ã = perturb(a, δ); the buffer keeps a.
         if scratch and step <= learning_starts:
             action = env.action_space.sample()
         else:
             with torch.no_grad():
-                a = actor(obs_n)
-                a = (a + torch.randn_like(a) * actor.action_scale * args.exploration_noise).clamp(low_t, high_t)
+                a = actor(norm_obs)
+                a = (a + torch.randn_like(a) * actor.action_scale * args.exploration_noise).clamp(low, high)
             action = a.cpu().numpy()
         next_obs, reward, terminated, truncated, info = env.step(action)
-        next_obs_n = normalize(next_obs)
-        online.add(obs_n, action, reward, next_obs_n, terminated)
+        norm_next_obs = normalize(next_obs)
+        online.add(norm_obs, action, reward, norm_next_obs, terminated)
         counters.step(reward)
-        obs_n = next_obs_n
+        norm_obs = norm_next_obs
         if terminated or truncated:
-            run.log({"step": step, "charts/episodic_return": counters.episode_return,
-                     "charts/episodic_length": counters.episode_len, "charts/perturbed": counters.perturbed, "curriculum/q": q})
+            run.log({"step": step, **counters.episode_metrics(), "curriculum/q": q})
             env.q = q  # the curriculum's current q decides whether the next episode is perturbed
             obs, info = env.reset()
-            obs_n = normalize(obs)
+            norm_obs = normalize(obs)
             counters.start(info["delta"])
 
         # ALGO LOGIC: TD3 update on a batch with r_off offline rows
         if step > learning_starts:
-            k_off = batch_split(args.batch_size, args.r_off, online.size, offline is not None)
-            parts = [sample(online.data, online.size, args.batch_size - k_off)] if k_off < args.batch_size else []
-            if k_off:
-                parts.append(sample(offline, offline["obs"].shape[0], k_off))
-            b_obs, b_act, b_rew, b_next, b_term = (torch.cat(x) for x in zip(*parts))
-            critic_loss, q1_mean = update_critic(b_obs, b_act, b_rew, b_next, b_term)
+            batch = mixed_batch(online, offline, args.batch_size, args.r_off)  # (s, a, r, s', terminated)
+            critic_loss, q1_mean = update_critic(*batch)
             if step % args.policy_frequency == 0:
-                actor_loss = update_actor(b_obs)
+                actor_loss = update_actor(batch[0])
             sentinel.watch(critic_loss + actor_loss, step)
 
         # ALGO LOGIC: the curriculum of q, and evaluation (which the adaptive curriculum reads)
@@ -472,25 +509,171 @@ def main(args: Args):
             q = linear_q(step, args.total_steps, args.q_init, args.q_max)
         if step % args.eval_freq == 0 or step == args.total_steps:
             sentinel.check()
-            row = evaluate(step)
-            if args.curriculum == "adaptive":
-                q, ema = adaptive_q(q, ema, row["eval/normal_normalized"], args.beta, args.eta, args.q_min, args.q_max)
-            losses = {"losses/critic_loss": critic_loss.item(), "losses/q1_mean": q1_mean.item(), "losses/actor_loss": actor_loss.item()}
-            run.log({"step": step, **row, **losses, "curriculum/q": q, "curriculum/ema": ema,
-                     **counters.exposure(), "charts/sps": (step - start_step) / (time.time() - start_time)})
-            pbar.set_postfix(normal=f"{row['eval/normal_return']:.0f}", adv=f"{row['eval/adversarial_return']:.0f}", q=f"{q:.2f}")
-            result = {**header, "step": step, **module_states(modules), "eval_return": row["eval/normal_return"],
-                      "eval_normalized_score": row["eval/normal_normalized"], "eval": row, "q": q, "q_ema": ema}
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), result)
-            # what continuing needs besides: the RNGs, the env mid-episode, the online buffer, the counters
-            save_checkpoint(os.path.join(run_dir, "state.pt"), {
-                **result, "rng": rng_state(), "env": env_state(env), "obs_n": obs_n.cpu(), **online.state_dict(),
-                "episode": dataclasses.asdict(counters), "learning_starts": learning_starts,
-                "metrics_bytes": run.metrics.tell(), "losses": torch.stack([critic_loss, q1_mean, actor_loss]).cpu()})
+            eval_metrics = evaluate(step)
+            if adaptive:
+                R = eval_metrics["eval/normal_normalized"]
+                q, ema = adaptive_q(q, ema, R, args.beta, args.eta, args.q_min, args.q_max)
+            losses = {"critic_loss": critic_loss, "q1_mean": q1_mean, "actor_loss": actor_loss}
+            charts = {**counters.exposure(), "charts/sps": (step - start_step) / (time.time() - start_time)}
+            losses = {f"losses/{name}": value.item() for name, value in losses.items()}
+            run.log({"step": step, **eval_metrics, **losses, "curriculum/q": q, "curriculum/ema": ema, **charts})
+            pbar.set_postfix(normal=f"{eval_metrics['eval/normal_return']:.0f}", q=f"{q:.2f}")
+            save(step)
     pbar.close()
     run.close()
-    print(f"done: {args.total_steps - start_step} steps in {time.time() - start_time:.1f}s; final returns " + ", ".join(
-        f"{c} {row[f'eval/{c}_return']:.1f}" for c in CONDITIONS) + f"; q = {q:.3f}; checkpoint {run_dir}/checkpoint.pt")
+    final = ", ".join(f"{c} {eval_metrics[f'eval/{c}_return']:.1f}" for c in CONDITIONS)
+    print(f"done: {time.time() - start_time:.1f}s; final returns {final}; q = {q:.3f}; {run_dir}/checkpoint.pt")
+
+
+# Setup and bookkeeping (the loop above reads them by name)
+def check_args(args: Args):
+    check_ranges(args)  # each field's range is declared next to it in Args
+    if not args.q_min <= args.q_init <= args.q_max:
+        raise UserError("need --q-min <= --q-init <= --q-max")
+    setup_fast_path(args)
+
+
+def load_inputs(args: Args) -> tuple:
+    """The TD3+BC checkpoint and the DE perturbations made for it -> (checkpoint, perturbations, perturbations path)."""
+    args.checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
+    checkpoint = load_checkpoint(args.checkpoint)
+    path = args.perturbations or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
+    return checkpoint, load_perturbations(path, checkpoint["env_id"], checkpoint["act_dim"]), path
+
+
+def resolve_learning_starts(args: Args) -> int:
+    """--learning-starts, or TD3's 25k uniform-random steps for scratch and one batch for an offline start."""
+    if args.learning_starts is not None:
+        return args.learning_starts
+    return 25_000 if args.init == "scratch" else args.batch_size
+
+
+def make_training_env(args: Args, env_id: str, max_steps: int | None, perturbations: dict, q: float) -> gym.Env:
+    """The env, wrapped to inject δ per episode with probability q under the fine-tuning condition."""
+    epsilon, model = float(perturbations["epsilon"]), str(perturbations["perturbation_model"])
+    env = gym.make(env_id, max_episode_steps=max_steps)
+    env = ActionPerturbation(env, epsilon, model, args.finetune_condition, perturbations["perturbations"], q=q)
+    env.action_space.seed(args.seed)
+    return env
+
+
+def make_evaluator(args: Args, env_id: str, max_steps: int | None, perturbations: dict) -> ConditionEvaluator:
+    """The same episodes under normal (δ = 0), random (the .npz's draws) and adversarial ({δ_a}) conditions."""
+    conditions = {
+        "normal": np.zeros((1, perturbations["perturbations"].shape[1])),
+        "random": perturbations["random_deltas"],
+        "adversarial": perturbations["perturbations"],
+    }
+    return ConditionEvaluator(
+        env_id,
+        max_steps,
+        conditions,
+        episodes=args.eval_episodes,
+        eval_seed=args.eval_seed,
+        perturbation_model=str(perturbations["perturbation_model"]),
+        perturb=perturb_action,
+    )
+
+
+def default_run_name(args: Args, env_id: str) -> str:
+    arm = f"{args.init}-{args.finetune_condition}-{args.curriculum}"
+    return f"{env_id}__{args.exp_name}__{arm}__{args.seed}__{int(time.time())}"
+
+
+def make_learner(ckpt: dict, args: Args, device) -> tuple:
+    """Actor, twin critic, their targets and Adams, loaded from the checkpoint for --init offline (bar the Adam states
+    --reset-optimizers names), with its observation statistics and offline data; fresh, raw and none for scratch.
+    -> (modules by name, obs_mean, obs_std, offline transitions or None)"""
+    obs_dim, act_dim, hidden_dim = ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"]
+    actor = Actor(obs_dim, act_dim, ckpt["action_low"], ckpt["action_high"], hidden_dim).to(device)
+    critic = Critic(obs_dim, act_dim, hidden_dim).to(device)
+    actor_optimizer = adam(actor.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
+    critic_optimizer = adam(critic.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
+    modules = {
+        "actor": actor,
+        "critic": critic,
+        "actor_target": copy.deepcopy(actor),
+        "critic_target": copy.deepcopy(critic),
+        "actor_optimizer": actor_optimizer,
+        "critic_optimizer": critic_optimizer,
+    }
+    if args.init == "scratch":  # TD3 from random init, no offline data, raw observations
+        return modules, torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device), None
+    fresh = {"none": (), "actor": ("actor_optimizer",), "both": ("actor_optimizer", "critic_optimizer")}
+    kept = {name: module for name, module in modules.items() if name not in fresh[args.reset_optimizers]}
+    load_module_states(kept, ckpt, device, capturable=args.cudagraphs)
+    obs_mean, obs_std = ckpt["obs_mean"].to(device), ckpt["obs_std"].to(device)
+    return modules, obs_mean, obs_std, offline_transitions(ckpt["dataset_id"], obs_mean, obs_std, device)
+
+
+def checkpoint_header(args: Args, ckpt: dict, obs_mean, obs_std, ref_min, ref_max, perturbations_path: str) -> dict:
+    """What every fine-tuning checkpoint holds besides the networks and the step's results (docs/file_contracts.md)."""
+    perturbations = load_perturbations(perturbations_path)
+    copied = ("env_id", "dataset_id", "obs_dim", "act_dim", "hidden_dim", "action_low", "action_high")
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "stage": STAGE,
+        "args": dataclasses.asdict(args),
+        **{key: ckpt[key] for key in copied},
+        "max_episode_steps": ckpt.get("max_episode_steps"),
+        "obs_mean": obs_mean.cpu(),
+        "obs_std": obs_std.cpu(),
+        "ref_min_score": ref_min,
+        "ref_max_score": ref_max,
+        "init": args.init,
+        "finetune_condition": args.finetune_condition,
+        "curriculum": args.curriculum,
+        "epsilon": float(perturbations["epsilon"]),
+        "perturbation_model": str(perturbations["perturbation_model"]),
+        "perturbations_path": perturbations_path,
+        "perturbations_sha256": sha256_file(perturbations_path),
+        "initial_checkpoint": args.checkpoint,
+    }
+
+
+def evaluation_summary(eval_metrics: dict) -> dict:
+    """The checkpoint's headline: the normal condition's mean return and normalized score."""
+    return {
+        "eval_return": eval_metrics["eval/normal_return"],
+        "eval_normalized_score": eval_metrics["eval/normal_normalized"],
+    }
+
+
+@dataclass
+class EpisodeCounters:
+    """The training episodes' bookkeeping: the current episode's return, length and whether its δ ≠ 0, and the
+    realized exposure so far (episodes and env steps under a non-zero δ). Saved and restored by name."""
+
+    episode_return: float = 0.0
+    episode_len: int = 0
+    perturbed: bool = False
+    episodes: int = 0
+    perturbed_episodes: int = 0
+    steps: int = 0
+    perturbed_steps: int = 0
+
+    def start(self, delta: np.ndarray):
+        self.episode_return, self.episode_len, self.perturbed = 0.0, 0, bool(np.any(delta))
+        self.episodes, self.perturbed_episodes = self.episodes + 1, self.perturbed_episodes + int(self.perturbed)
+
+    def step(self, reward: float):
+        self.episode_return, self.episode_len = self.episode_return + float(reward), self.episode_len + 1
+        self.steps, self.perturbed_steps = self.steps + 1, self.perturbed_steps + int(self.perturbed)
+
+    def episode_metrics(self) -> dict:
+        return {
+            "charts/episodic_return": self.episode_return,
+            "charts/episodic_length": self.episode_len,
+            "charts/perturbed": self.perturbed,
+        }
+
+    def exposure(self) -> dict:
+        """Fractions of the training episodes (the current one included) and env steps that ran under δ ≠ 0."""
+        return {
+            "charts/perturbed_fraction": self.perturbed_episodes / max(self.episodes, 1),
+            "charts/perturbed_step_fraction": self.perturbed_steps / max(self.steps, 1),
+        }
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ Observations are normalized by the dataset's mean/std (stored in the checkpoint 
 Targets bootstrap through truncations (time limits), not through terminations.
 Outputs in runs/{run_name}/: checkpoint.pt (schema in docs/file_contracts.md), metrics.jsonl, args.json.
 """
+
 import copy
 import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import gymnasium as gym
 import minari
@@ -21,12 +22,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, NonFiniteSentinel, Range, Run, UserError,  # noqa: F401 (re-exports)
-                     accelerate, adam, check_fast_path_args, check_ranges, cli, dataset_to_transitions, finished,
-                     load_checkpoint, load_module_states, module_states, normalized_score, open_run, reading_dataset,
-                     rng_state, save_checkpoint, seed_everything, set_rng_state)
+from robust_o2o.cli import Range, UserError, check_ranges, cli
+from robust_o2o.datasets import dataset_to_transitions, reading_dataset
+from robust_o2o.evaluation import normalized_score
+from robust_o2o.fast_path import CudaGraph, adam, setup_fast_path
+from robust_o2o.files import save_checkpoint
+from robust_o2o.formats import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+from robust_o2o.resume import load_module_states, module_states, set_rng_state
+from robust_o2o.runs import NonFiniteSentinel, Run, already_complete, open_run, seed_everything
 
-STAGE = os.path.splitext(os.path.basename(__file__))[0]  # the checkpoints' stage tag: a fork under a new name has its own
+STAGE = os.path.splitext(os.path.basename(__file__))[
+    0
+]  # the checkpoints' stage tag: a fork under a new name has its own
 
 
 @dataclass
@@ -37,8 +44,9 @@ class Args:
 
     # data
     dataset_id: str = "local/hopper/medium-v0"
-    """Minari dataset id: one made by collect_dataset.py (local/...), or an official one such as mujoco/hopper/medium-v0"""
-    env_id: Optional[str] = None
+    """Minari dataset id: one made by collect_dataset.py (local/...), or an official one such as
+    mujoco/hopper/medium-v0"""
+    env_id: str | None = None
     """evaluation env id (if unset: the dataset's own eval env)"""
     download: bool = True
     """download the dataset from Minari's remote if it is not in the local store (never for the local/ namespace)"""
@@ -81,12 +89,13 @@ class Args:
     cudagraphs: bool = False
     """capture the two halves of the update in CUDA graphs (CUDA only; capturable fused Adam; not with --compile)"""
     matmul_precision: Literal["highest", "high", "medium"] = "highest"
-    """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs with AMX)"""
+    """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs
+    with AMX)"""
 
     # run management
     exp_name: str = STAGE
     """the name of this experiment (the script's file name, so a fork's runs are named after the fork)"""
-    run_name: Optional[str] = None
+    run_name: str | None = None
     """output folder under runs/ (if unset: {dataset}__{exp_name}__{seed})"""
     overwrite: bool = False
     """replace an existing run folder of the same name"""
@@ -102,7 +111,7 @@ class Args:
     """log to Weights & Biases (honours WANDB_MODE=offline)"""
     wandb_project_name: str = "robust-o2o"
     """the wandb project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """the wandb entity (team)"""
 
 
@@ -112,8 +121,14 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-                                 nn.Linear(hidden_dim, act_dim), nn.Tanh())
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, act_dim),
+            nn.Tanh(),
+        )
         low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
@@ -127,37 +142,56 @@ class VectorizedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, n: int):
         super().__init__()
-        bound = 1 / in_features ** 0.5  # the same init as nn.Linear
+        bound = 1 / in_features**0.5  # the same init as nn.Linear
         self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [k, B, in] uses the first k of the n layers
-        return torch.baddbmm(self.bias[:x.shape[0]], x, self.weight[:x.shape[0]])
+        return torch.baddbmm(self.bias[: x.shape[0]], x, self.weight[: x.shape[0]])
 
 
 class Critic(nn.Module):
-    """Twin Q-networks Q1, Q2 (2×hidden ReLU MLPs) evaluated as one batched call: returns [2, B] ([heads, B] if given)."""
+    """Twin Q-networks Q1, Q2 (2×hidden ReLU MLPs) evaluated as one batched call."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 256, n: int = 2):
         super().__init__()
         self.n = n
-        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden_dim, n), nn.ReLU(),
-                                 VectorizedLinear(hidden_dim, hidden_dim, n), nn.ReLU(), VectorizedLinear(hidden_dim, 1, n))
+        self.net = nn.Sequential(
+            VectorizedLinear(obs_dim + act_dim, hidden_dim, n),
+            nn.ReLU(),
+            VectorizedLinear(hidden_dim, hidden_dim, n),
+            nn.ReLU(),
+            VectorizedLinear(hidden_dim, 1, n),
+        )
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor, heads: Optional[int] = None) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """[Q1(s, a), Q2(s, a)] as one [2, B] tensor."""
         x = torch.cat([obs, act], -1)
-        x = x.unsqueeze(0).expand(heads or self.n, *x.shape) if x.dim() == 2 else x
-        return self.net(x).squeeze(-1)
+        return self.net(x.expand(self.n, *x.shape)).squeeze(-1)
+
+    def q1(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """Q1(s, a) alone [B], through the first of the batched layers only (the actor loss needs no Q2)."""
+        return self.net(torch.cat([obs, act], -1)[None]).squeeze(-1)[0]
 
 
 # ALGO LOGIC: the TD3+BC losses, as functions so tests can check them piece by piece
-def td_target(critic_target: Critic, actor_target: Actor, next_obs, reward, termination, gamma: float,
-              policy_noise: float, noise_clip: float) -> torch.Tensor:
+def td_target(
+    critic_target: Critic,
+    actor_target: Actor,
+    next_obs,
+    reward,
+    termination,
+    gamma: float,
+    policy_noise: float,
+    noise_clip: float,
+) -> torch.Tensor:
     """y = r + γ (1 − terminated) min_i Q'_i(s', clip(π'(s') + clip(ε, −c, c)))  with ε ~ N(0, σ²), in action units.
     Truncated transitions have termination = 0, so they bootstrap."""
     with torch.no_grad():
         scale, bias = actor_target.action_scale, actor_target.action_bias
-        noise = (torch.randn(reward.shape[0], scale.shape[0], device=reward.device) * policy_noise).clamp(-noise_clip, noise_clip)
+        noise = (torch.randn(reward.shape[0], scale.shape[0], device=reward.device) * policy_noise).clamp(
+            -noise_clip, noise_clip
+        )
         next_action = (actor_target(next_obs) + noise * scale).clamp(bias - scale, bias + scale)
         next_q = critic_target(next_obs, next_action).min(0).values
         return reward + gamma * (1.0 - termination) * next_q
@@ -166,7 +200,7 @@ def td_target(critic_target: Critic, actor_target: Actor, next_obs, reward, term
 def td3_bc_actor_loss(actor: Actor, critic: Critic, obs, actions, alpha: float):
     """-λ mean Q1(s, π(s)) + mean ‖π(s) − a‖²/Na, λ = α / mean|Q1(s, π(s))| (detached). Returns (loss, λ, bc)."""
     pi = actor(obs)
-    q1 = critic(obs, pi, heads=1)[0]  # Q2 is not needed: do not compute it
+    q1 = critic.q1(obs, pi)  # Q2 is not needed: do not compute it
     lmbda = alpha / q1.abs().mean().detach()
     bc = F.mse_loss(pi, actions)
     return -lmbda * q1.mean() + bc, lmbda, bc
@@ -175,7 +209,9 @@ def td3_bc_actor_loss(actor: Actor, critic: Critic, obs, actions, alpha: float):
 def soft_update(targets: list, sources: list, tau: float):
     """θ' ← τ θ + (1 − τ) θ' for every parameter of every target network, in one fused foreach call."""
     with torch.no_grad():
-        torch._foreach_lerp_([p for m in targets for p in m.parameters()], [p for m in sources for p in m.parameters()], tau)
+        torch._foreach_lerp_(
+            [p for m in targets for p in m.parameters()], [p for m in sources for p in m.parameters()], tau
+        )
 
 
 # ALGO LOGIC: one TD3+BC update, in two halves with static shapes; the actor delay stays outside them
@@ -185,7 +221,9 @@ def make_update(actor, critic, actor_target, critic_target, actor_optimizer, cri
 
     def update_critic():
         obs, actions, rewards, next_obs, terminations = sample_batch()
-        y = td_target(critic_target, actor_target, next_obs, rewards, terminations, args.gamma, args.policy_noise, args.noise_clip)
+        y = td_target(
+            critic_target, actor_target, next_obs, rewards, terminations, args.gamma, args.policy_noise, args.noise_clip
+        )
         q = critic(obs, actions)
         critic_loss = ((q - y) ** 2).mean(1).sum()  # MSE of Q1 plus MSE of Q2
         critic_optimizer.zero_grad(set_to_none=True)
@@ -201,21 +239,31 @@ def make_update(actor, critic, actor_target, critic_target, actor_optimizer, cri
         soft_update([actor_target, critic_target], [actor, critic], args.tau)
         return actor_loss.detach(), lmbda, bc.detach()
 
-    return accelerate(update_critic, args), accelerate(update_actor, args)
+    if args.compile:  # the fast path (benchmarks/fast_path.py): compile each half, as LeanRL does
+        update_critic, update_actor = torch.compile(update_critic), torch.compile(update_actor)
+    if args.cudagraphs:  # or capture each half in a CUDA graph once, then replay it
+        update_critic, update_actor = CudaGraph(update_critic), CudaGraph(update_actor)
+    return update_critic, update_actor
 
 
 # Data: a Minari dataset -> flat transition tensors
 def load_minari_dataset(dataset_id: str, download: bool):
     local = os.path.exists(minari.storage.get_dataset_path(dataset_id))
-    hint = (f"create it with `python collect_dataset.py --env-id <Env>-v5` (ids local/<env>/<level>-v0), or, online, "
-            f"`minari download {dataset_id}`")
+    hint = (
+        f"create it with `python collect_dataset.py --env-id <Env>-v5` (ids local/<env>/<level>-v0), or, online, "
+        f"`minari download {dataset_id}`"
+    )
     if not local and (not download or dataset_id.startswith("local")):  # local*/ ids are ours: never online
-        raise UserError(f"dataset '{dataset_id}' is not in the local Minari store "
-                        f"({minari.storage.get_dataset_path()}); {hint}")
+        raise UserError(
+            f"dataset '{dataset_id}' is not in the local Minari store ({minari.storage.get_dataset_path()}); {hint}"
+        )
     try:
         return minari.load_dataset(dataset_id, download=download and not local)
     except Exception as e:  # unknown remote id, no network, corrupt files: all end in the same advice
-        raise UserError(f"could not load dataset '{dataset_id}' ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); {hint}")
+        raise UserError(
+            f"could not load dataset '{dataset_id}' ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}); {hint}"
+        ) from None
 
 
 def dataset_eval_spec(dataset):
@@ -223,7 +271,7 @@ def dataset_eval_spec(dataset):
     return getattr(dataset, "_eval_env_spec", None) or dataset.env_spec
 
 
-def dataset_env_id(dataset, override: Optional[str]) -> str:
+def dataset_env_id(dataset, override: str | None) -> str:
     if override is not None:
         return override
     spec = dataset_eval_spec(dataset)
@@ -240,7 +288,7 @@ def make_eval_env(dataset, env_id: str) -> gym.Env:
             return gym.make(spec)
         return gym.make(env_id)
     except gym.error.Error as e:
-        raise UserError(f"unknown env id '{env_id}' ({e}); pass a Gymnasium id such as Hopper-v5")
+        raise UserError(f"unknown env id '{env_id}' ({e}); pass a Gymnasium id such as Hopper-v5") from None
 
 
 def evaluate(actor: Actor, env: gym.Env, obs_mean, obs_std, episodes: int, seed: int) -> np.ndarray:
@@ -269,7 +317,7 @@ def actor_from_checkpoint(ckpt: dict, device="cpu") -> Actor:
 
 def main(args: Args):
     check_ranges(args)  # each field's range is declared next to it in Args
-    check_fast_path_args(args)
+    setup_fast_path(args)
     with reading_dataset(args.dataset_id):
         dataset = load_minari_dataset(args.dataset_id, args.download)
         env_id = dataset_env_id(dataset, args.env_id)
@@ -277,16 +325,20 @@ def main(args: Args):
         data = dataset_to_transitions(dataset)
         ref_min, ref_max = dataset.storage.metadata.get("ref_min_score"), dataset.storage.metadata.get("ref_max_score")
     if ref_min is not None and ref_max is not None and not ref_min < ref_max:
-        raise UserError(f"dataset '{args.dataset_id}' has reference scores that cannot normalize a return (ref_min_score "
-                        f"{ref_min}, ref_max_score {ref_max}); re-create it with collect_dataset.py")
+        raise UserError(
+            f"dataset '{args.dataset_id}' has reference scores that cannot normalize a return (ref_min_score "
+            f"{ref_min}, ref_max_score {ref_max}); re-create it with collect_dataset.py"
+        )
     obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
     if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
-        raise UserError(f"env {env_id} (obs {env.observation_space.shape}, act {env.action_space.shape}) does not match "
-                        f"dataset '{args.dataset_id}' (obs ({obs_dim},), act ({act_dim},)); pass the right --env-id")
+        raise UserError(
+            f"env {env_id} (obs {env.observation_space.shape}, act {env.action_space.shape}) does not match "
+            f"dataset '{args.dataset_id}' (obs ({obs_dim},), act ({act_dim},)); pass the right --env-id"
+        )
 
     run_name = args.run_name or f"{args.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}"
     run_dir, resumed = open_run(args, run_name, STAGE, "checkpoint.pt")  # the checkpoint is also the resume state
-    if finished(resumed, args.total_steps, run_dir):
+    if already_complete(resumed, args.total_steps, run_dir):
         return
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     run = Run(run_dir, run_name, args, resumed, env_id=env_id)
@@ -300,15 +352,24 @@ def main(args: Args):
         obs_mean, obs_std = D["obs"].mean(0), D["obs"].std(0) + 1e-3
     else:
         obs_mean, obs_std = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device)
-    D = torch.cat([(D["obs"] - obs_mean) / obs_std, D["actions"], D["rewards"][:, None], (D["next_obs"] - obs_mean) / obs_std,
-                   D["terminations"][:, None]], 1)
+    D = torch.cat(
+        [
+            (D["obs"] - obs_mean) / obs_std,
+            D["actions"],
+            D["rewards"][:, None],
+            (D["next_obs"] - obs_mean) / obs_std,
+            D["terminations"][:, None],
+        ],
+        1,
+    )
     N = D.shape[0]
     low, high = env.action_space.low, env.action_space.high
 
     def sample_batch():
         """A uniform minibatch (s, a, r, s', terminated); the indices are drawn on the device."""
         obs, actions, rewards, next_obs, terminations = D[torch.randint(0, N, (args.batch_size,), device=device)].split(
-            [obs_dim, act_dim, 1, obs_dim, 1], 1)
+            [obs_dim, act_dim, 1, obs_dim, 1], 1
+        )
         return obs, actions, rewards.squeeze(1), next_obs, terminations.squeeze(1)
 
     actor = Actor(obs_dim, act_dim, low, high, args.hidden_dim).to(device)
@@ -316,28 +377,54 @@ def main(args: Args):
     actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
     actor_optimizer = adam(actor.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
     critic_optimizer = adam(critic.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
-    modules = {"actor": actor, "critic": critic, "actor_target": actor_target, "critic_target": critic_target,
-               "actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
-    update_critic, update_actor = make_update(actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer,
-                                              sample_batch, args)
+    modules = {
+        "actor": actor,
+        "critic": critic,
+        "actor_target": actor_target,
+        "critic_target": critic_target,
+        "actor_optimizer": actor_optimizer,
+        "critic_optimizer": critic_optimizer,
+    }
+    update_critic, update_actor = make_update(
+        actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer, sample_batch, args
+    )
 
     def checkpoint(step: int, eval_return: float, eval_score) -> dict:
         return {
-            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "stage": STAGE, "step": step,
-            "env_id": env_id, "max_episode_steps": env.spec.max_episode_steps, "dataset_id": args.dataset_id,
-            "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim,
-            "action_low": torch.as_tensor(low), "action_high": torch.as_tensor(high),
-            "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(),
-            "ref_min_score": ref_min, "ref_max_score": ref_max, "eval_return": eval_return, "eval_normalized_score": eval_score,
-            **module_states(modules), "args": dataclasses.asdict(args),
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "stage": STAGE,
+            "step": step,
+            "env_id": env_id,
+            "max_episode_steps": env.spec.max_episode_steps,
+            "dataset_id": args.dataset_id,
+            "obs_dim": obs_dim,
+            "act_dim": act_dim,
+            "hidden_dim": args.hidden_dim,
+            "action_low": torch.as_tensor(low),
+            "action_high": torch.as_tensor(high),
+            "obs_mean": obs_mean.cpu(),
+            "obs_std": obs_std.cpu(),
+            "ref_min_score": ref_min,
+            "ref_max_score": ref_max,
+            "eval_return": eval_return,
+            "eval_normalized_score": eval_score,
+            **module_states(modules),
+            "args": dataclasses.asdict(args),
             # to resume: random generators, the open loss window, the metrics log's length
-            "rng": rng_state(), "q_loss_sum": q_loss_sum.cpu(), "metrics_bytes": run.metrics.tell(),
+            **run.resume_state(),
+            "q_loss_sum": q_loss_sum.cpu(),
         }
 
-    print(f"{args.dataset_id}: {N} transitions, env {env_id}, obs {obs_dim}, act {act_dim}, device {device}; run dir {run_dir}")
+    print(
+        f"{args.dataset_id}: {N} transitions, env {env_id}, obs {obs_dim}, act {act_dim}, device {device}; run dir "
+        f"{run_dir}"
+    )
     q_loss_sum = torch.zeros((), device=device)
     actor_loss = lmbda = bc = torch.zeros((), device=device)
-    sentinel = NonFiniteSentinel(device, "update", run_dir)  # remembers the first non-finite loss without a sync per step
+    sentinel = NonFiniteSentinel(
+        device, "update", run_dir
+    )  # remembers the first non-finite loss without a sync per step
     start_step = 0
     if resumed is not None:
         load_module_states(modules, resumed, device, args.cudagraphs)
@@ -346,7 +433,13 @@ def main(args: Args):
         start_step = resumed["step"]
         print(f"resuming {run_dir} at update {start_step}")
     start_time, t_last, s_last = time.time(), time.time(), start_step
-    pbar = tqdm(range(start_step + 1, args.total_steps + 1), desc="TD3+BC", mininterval=2, initial=start_step, total=args.total_steps)
+    pbar = tqdm(
+        range(start_step + 1, args.total_steps + 1),
+        desc="TD3+BC",
+        mininterval=2,
+        initial=start_step,
+        total=args.total_steps,
+    )
     for step in pbar:
         # ALGO LOGIC: training (TD3's delayed actor: one actor and target update per policy_frequency critic updates)
         obs, actions, critic_loss, q1_mean = update_critic()
@@ -360,25 +453,44 @@ def main(args: Args):
         if step % args.log_freq == 0:
             sps = (step - s_last) / (time.time() - t_last)
             t_last, s_last = time.time(), step
-            run.log({"step": step, "losses/critic_loss": q_loss_sum.item() / args.log_freq, "losses/actor_loss": actor_loss.item(),
-                     "losses/bc_loss": bc.item(), "losses/lambda": lmbda.item(), "losses/q1_mean": q1_mean.item(),
-                     "charts/updates_per_sec": sps})
+            run.log(
+                {
+                    "step": step,
+                    "losses/critic_loss": q_loss_sum.item() / args.log_freq,
+                    "losses/actor_loss": actor_loss.item(),
+                    "losses/bc_loss": bc.item(),
+                    "losses/lambda": lmbda.item(),
+                    "losses/q1_mean": q1_mean.item(),
+                    "charts/updates_per_sec": sps,
+                }
+            )
             q_loss_sum.zero_()
         if step % args.eval_freq == 0 or step == args.total_steps:
             returns = evaluate(actor, env, obs_mean, obs_std, args.eval_episodes, args.eval_seed)
             score = normalized_score(float(returns.mean()), ref_min, ref_max)
-            run.log({"step": step, "eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
-                     "eval/normalized_score": score, "charts/elapsed_sec": time.time() - start_time})
+            run.log(
+                {
+                    "step": step,
+                    "eval/return_mean": float(returns.mean()),
+                    "eval/return_std": float(returns.std()),
+                    "eval/normalized_score": score,
+                    "charts/elapsed_sec": time.time() - start_time,
+                }
+            )
             pbar.set_postfix(ret=f"{returns.mean():.1f}", score="n/a" if score is None else f"{score:.1f}")
             save_checkpoint(ckpt_path, checkpoint(step, float(returns.mean()), score))
     pbar.close()
     run.close()
     env.close()
     elapsed = time.time() - start_time
-    print(f"done: {args.total_steps - start_step} updates in {elapsed:.1f}s ({(args.total_steps - start_step) / elapsed:.0f} "
-          f"updates/s incl. evaluation); "
-          f"final return {returns.mean():.1f}" + ("" if score is None else f", normalized score {score:.1f}")
-          + f"; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}")
+    print(
+        f"done: {args.total_steps - start_step} updates in {elapsed:.1f}s "
+        f"({(args.total_steps - start_step) / elapsed:.0f} "
+        f"updates/s incl. evaluation); "
+        f"final return {returns.mean():.1f}"
+        + ("" if score is None else f", normalized score {score:.1f}")
+        + f"; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ all in one run:
 
 Runs each stage script in a subprocess against a throwaway Minari store and run folder.
 """
+
 import argparse
 import json
 import os
@@ -55,29 +56,80 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp / "minari")}
     name = a.env_id.split("-")[0].lower()
-    common = [str(ROOT / "collect_dataset.py"), "--env-id", a.env_id, "--namespace", "bench", "--ref-episodes", "20",
-              "--num-transitions", str(a.transitions)]
+    common = [
+        str(ROOT / "collect_dataset.py"),
+        "--env-id",
+        a.env_id,
+        "--namespace",
+        "bench",
+        "--ref-episodes",
+        "20",
+        "--num-transitions",
+        str(a.transitions),
+    ]
     t_random = run(common + ["--levels", "random"], tmp, env)
-    t_medium = run(common + ["--levels", "medium", "--max-train-steps", str(a.train_steps), "--learning-starts",
-                             str(min(5000, a.train_steps // 2)), "--eval-freq", "5000", "--eval-episodes", "5",
-                             "--medium-target-return", "1e9"], tmp, env)
-    run([str(ROOT / "td3_bc_offline.py"), "--dataset-id", f"bench/{name}/medium-v0", "--total-steps", str(a.updates),
-         "--eval-freq", str(10 * a.updates), "--eval-episodes", "1", "--log-freq", str(max(a.updates // 10, 1)),
-         "--run-name", "bench"], tmp, env)
+    t_medium = run(
+        common
+        + [
+            "--levels",
+            "medium",
+            "--max-train-steps",
+            str(a.train_steps),
+            "--learning-starts",
+            str(min(5000, a.train_steps // 2)),
+            "--eval-freq",
+            "5000",
+            "--eval-episodes",
+            "5",
+            "--medium-target-return",
+            "1e9",
+        ],
+        tmp,
+        env,
+    )
+    run(
+        [
+            str(ROOT / "td3_bc_offline.py"),
+            "--dataset-id",
+            f"bench/{name}/medium-v0",
+            "--total-steps",
+            str(a.updates),
+            "--eval-freq",
+            str(10 * a.updates),
+            "--eval-episodes",
+            "1",
+            "--log-freq",
+            str(max(a.updates // 10, 1)),
+            "--run-name",
+            "bench",
+        ],
+        tmp,
+        env,
+    )
     rows = [json.loads(line) for line in open(tmp / "runs" / "bench" / "metrics.jsonl")]
     ups = [r["charts/updates_per_sec"] for r in rows if "charts/updates_per_sec" in r][1:]  # skip the warm-up window
     ups_mean = sum(ups) / len(ups) if ups else float("nan")
     ckpt_path = str(tmp / "runs" / "bench" / "checkpoint.pt")
     de_rows = measure_de(ckpt_path, a.env_id, a.de_steps)
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n"
+    )
     print("| what | figure |\n|---|---|")
-    print(f"| `random` dataset, {a.transitions:,} transitions of {a.env_id} (+20 reference episodes) | {t_random:.1f} s |")
-    print(f"| `medium` dataset: {a.train_steps:,} online TD3 steps + {a.transitions:,}-transition rollout | {t_medium:.1f} s "
-          f"({a.train_steps / t_medium:.0f} training steps/s overall) |")
-    print(f"| TD3+BC updates/s in `td3_bc_offline.py` (default flags), batch 256, device {'cuda' if torch.cuda.is_available() else 'cpu'} "
-          f"(mean of {len(ups)} windows of {max(a.updates // 10, 1)}) | {ups_mean:.0f} |")
+    print(
+        f"| `random` dataset, {a.transitions:,} transitions of {a.env_id} (+20 reference episodes) | {t_random:.1f} s |"
+    )
+    print(
+        f"| `medium` dataset: {a.train_steps:,} online TD3 steps + {a.transitions:,}-transition rollout | "
+        f"{t_medium:.1f} s "
+        f"({a.train_steps / t_medium:.0f} training steps/s overall) |"
+    )
+    print(
+        "| TD3+BC updates/s in `td3_bc_offline.py` (default flags), batch 256, device "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'} "
+        f"(mean of {len(ups)} windows of {max(a.updates // 10, 1)}) | {ups_mean:.0f} |"
+    )
     base = de_rows[0][1]
     for what, sps in de_rows:
         print(f"| {what} | {sps:,.0f} env steps/s ({sps / base:.2f}×) |")
@@ -87,6 +139,7 @@ def measure_de(ckpt_path: str, env_id: str, n: int):
     """Env steps/s: raw stepping with random actions, the serial policy rollout (one unbatched forward per step),
     and de_perturbations' batched population evaluation with 1 worker and with one per core."""
     import de_perturbations as de
+
     rows = []
     env = gym.make(env_id)
     env.reset(seed=0)
@@ -107,7 +160,9 @@ def measure_de(ckpt_path: str, env_id: str, n: int):
         obs, _, te, tr, _ = penv.step(act)
         if te or tr:
             obs, _ = penv.reset()
-    rows.append(("serial policy rollout through the perturbation wrapper (one forward per step)", n / (time.time() - t)))
+    rows.append(
+        ("serial policy rollout through the perturbation wrapper (one forward per step)", n / (time.time() - t))
+    )
     deltas = np.random.default_rng(0).uniform(-0.3, 0.3, (30, ckpt["act_dim"]))  # popsize 10 × Na = 3
     for workers in sorted({1, os.cpu_count() or 1}):
         ev = de.PopulationEvaluator(ckpt, "multiplicative", None, workers)
@@ -115,8 +170,12 @@ def measure_de(ckpt_path: str, env_id: str, n: int):
         ev.env_steps, t = 0, time.time()
         while ev.env_steps < n:
             ev.returns(deltas, np.arange(5))
-        rows.append((f"DE population evaluation: 30 δ × 5 episodes in lockstep, {workers} worker(s)",
-                     ev.env_steps / (time.time() - t)))
+        rows.append(
+            (
+                f"DE population evaluation: 30 δ × 5 episodes in lockstep, {workers} worker(s)",
+                ev.env_steps / (time.time() - t),
+            )
+        )
         ev.close()
     return rows
 

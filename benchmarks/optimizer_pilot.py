@@ -5,13 +5,15 @@ policies (one per seed) three ways, `--reset-optimizers none | actor | both`, wi
 the dip (the lowest normalized normal return in the first 10k online steps) and the return at the last step, paired
 by seed (paired_stats.py: mean difference with a paired-t CI, exact sign-flip p).
 
-    python benchmarks/optimizer_pilot.py --phase prepare      # TD3+BC (20k updates) and DE (K = 3, 10 generations) per seed
+    python benchmarks/optimizer_pilot.py --phase prepare      # TD3+BC (20k updates) and DE (K = 3, 10 generations) per
+    seed
     python benchmarks/optimizer_pilot.py --phase finetune     # 3 variants x seeds, 30k steps each, --jobs at a time
     python benchmarks/optimizer_pilot.py --phase report       # -> results/optimizer-pilot/pilot.csv and pilot.md
 
 It needs the medium dataset of the study (`python study.py --behaviour-seed 2 ...` makes it, or collect_dataset.py
 with the study's medium arguments). Every stage is the stage script's own command, one torch thread each.
 """
+
 import csv
 import io
 import json
@@ -72,7 +74,9 @@ def run_all(commands: list, jobs: int):
         while pending and len(running) < jobs:
             name, cmd = pending.pop(0)
             log = open(f"runs/_pilot_logs/{name}.log", "w")
-            running.append((name, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log, time.time()))
+            running.append(
+                (name, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+            )
         time.sleep(1)
         for item in list(running):
             name, proc, log, t0 = item
@@ -89,23 +93,85 @@ def run_all(commands: list, jobs: int):
 
 def prepare(args: Args):
     py = sys.executable
-    pretrain = [(offline_run(s), [py, "td3_bc_offline.py", "--dataset-id", args.dataset_id, "--seed", str(s), "--run-name",
-                                  offline_run(s), "--total-steps", "20000", "--eval-freq", "5000", "--eval-episodes", "10",
-                                  "--no-cuda", "--overwrite"]) for s in args.seeds]
+    pretrain = [
+        (
+            offline_run(s),
+            [
+                py,
+                "td3_bc_offline.py",
+                "--dataset-id",
+                args.dataset_id,
+                "--seed",
+                str(s),
+                "--run-name",
+                offline_run(s),
+                "--total-steps",
+                "20000",
+                "--eval-freq",
+                "5000",
+                "--eval-episodes",
+                "10",
+                "--no-cuda",
+                "--overwrite",
+            ],
+        )
+        for s in args.seeds
+    ]
     run_all(pretrain, args.jobs)
-    attack = [(f"de__{s}", [py, "de_perturbations.py", "--checkpoint", f"runs/{offline_run(s)}/checkpoint.pt", "--epsilon",
-                            "0.3", "--seed", str(s), "--num-perturbations", "3", "--maxiter", "10", "--num-workers", "1"])
-              for s in args.seeds]
+    attack = [
+        (
+            f"de__{s}",
+            [
+                py,
+                "de_perturbations.py",
+                "--checkpoint",
+                f"runs/{offline_run(s)}/checkpoint.pt",
+                "--epsilon",
+                "0.3",
+                "--seed",
+                str(s),
+                "--num-perturbations",
+                "3",
+                "--maxiter",
+                "10",
+                "--num-workers",
+                "1",
+            ],
+        )
+        for s in args.seeds
+    ]
     run_all(attack, args.jobs)
 
 
 def finetune(args: Args):
     device = ["--cuda", "--cudagraphs"] if args.cuda else ["--no-cuda"]
-    commands = [(finetune_run(v, s), [sys.executable, "td3_adv_finetune.py", "--checkpoint", f"runs/{offline_run(s)}/checkpoint.pt",
-                                      "--seed", str(s), "--run-name", finetune_run(v, s), "--reset-optimizers", v,
-                                      "--total-steps", str(args.total_steps), "--eval-freq", str(args.eval_freq),
-                                      "--eval-episodes", "10", "--overwrite", *device])
-                for s in args.seeds for v in VARIANTS]
+    commands = [
+        (
+            finetune_run(v, s),
+            [
+                sys.executable,
+                "td3_adv_finetune.py",
+                "--checkpoint",
+                f"runs/{offline_run(s)}/checkpoint.pt",
+                "--seed",
+                str(s),
+                "--run-name",
+                finetune_run(v, s),
+                "--reset-optimizers",
+                v,
+                "--total-steps",
+                str(args.total_steps),
+                "--eval-freq",
+                str(args.eval_freq),
+                "--eval-episodes",
+                "10",
+                "--overwrite",
+                *device,
+            ],
+        )
+        for s in args.seeds
+        for v in VARIANTS
+    ]
     run_all(commands, args.jobs)
 
 
@@ -118,22 +184,41 @@ def report(args: Args):
                 evals = [r for r in map(json.loads, f) if "eval/normal_normalized" in r]
             dip = min(r["eval/normal_normalized"] for r in evals if 0 < r["step"] <= args.dip_window)
             final = next(r for r in evals if r["step"] == args.total_steps)
-            rows.append({"seed": s, "reset_optimizers": v, "start": evals[0]["eval/normal_normalized"], "dip": dip,
-                         "final": final["eval/normal_normalized"], "final_adversarial": final["eval/adversarial_normalized"]})
+            rows.append(
+                {
+                    "seed": s,
+                    "reset_optimizers": v,
+                    "start": evals[0]["eval/normal_normalized"],
+                    "dip": dip,
+                    "final": final["eval/normal_normalized"],
+                    "final_adversarial": final["eval/adversarial_normalized"],
+                }
+            )
     value = {(r["reset_optimizers"], r["seed"], k): r[k] for r in rows for k in ("dip", "final", "final_adversarial")}
-    lines = [f"Optimizer-state pilot: {len(args.seeds)} seeds x `--reset-optimizers` {{{', '.join(VARIANTS)}}}, "
-             f"{args.total_steps} online steps, evaluations every {args.eval_freq} (10 episodes each); normalized scores.", "",
-             "| endpoint | " + " | ".join(f"{v}: mean" for v in VARIANTS) + " | actor − none [95% CI], p | both − none [95% CI], p |",
-             "|---|" + "---|" * (len(VARIANTS) + 2)]
-    names = {"dip": f"dip (lowest normal return, steps 1-{args.dip_window})", "final": f"normal return at {args.total_steps}",
-             "final_adversarial": f"adversarial (precomputed set) at {args.total_steps}"}
+    lines = [
+        f"Optimizer-state pilot: {len(args.seeds)} seeds x `--reset-optimizers` {{{', '.join(VARIANTS)}}}, "
+        f"{args.total_steps} online steps, evaluations every {args.eval_freq} (10 episodes each); normalized scores.",
+        "",
+        "| endpoint | "
+        + " | ".join(f"{v}: mean" for v in VARIANTS)
+        + " | actor − none [95% CI], p | both − none [95% CI], p |",
+        "|---|" + "---|" * (len(VARIANTS) + 2),
+    ]
+    names = {
+        "dip": f"dip (lowest normal return, steps 1-{args.dip_window})",
+        "final": f"normal return at {args.total_steps}",
+        "final_adversarial": f"adversarial (precomputed set) at {args.total_steps}",
+    }
     for key, name in names.items():
         means = [np.mean([value[(v, s, key)] for s in args.seeds]) for v in VARIANTS]
         cells = []
         for v in ("actor", "both"):
             d = np.array([value[(v, s, key)] - value[("none", s, key)] for s in args.seeds])
             mean, lo, hi = paired_t_ci(d)
-            cells.append(f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}], p = {sign_flip_p(d):.3f} ({int((d > 0).sum())} of {len(d)} seeds up)")
+            cells.append(
+                f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}], p = {sign_flip_p(d):.3f} ({int((d > 0).sum())} of {len(d)} "
+                "seeds up)"
+            )
         lines.append(f"| {name} | " + " | ".join(f"{m:.1f}" for m in means) + " | " + " | ".join(cells) + " |")
     os.makedirs(args.out_dir, exist_ok=True)
     buf = io.StringIO()

@@ -6,6 +6,7 @@ normal data) reach p <= alpha. With effect 0 the counts are false-positive rates
     python benchmarks/sign_flip_power.py                         # 10 seeds, effect 1 SD, 20,000 studies
     python benchmarks/sign_flip_power.py --seeds 5 --effect 0
 """
+
 import itertools
 import os
 import sys
@@ -38,12 +39,14 @@ def main(args: Args):
     signs = np.array(list(itertools.product((1.0, -1.0), repeat=args.seeds)))
     exact = np.empty(args.studies)
     for i in range(0, args.studies, 1000):  # the same p as sign_flip_p, vectorized over studies
-        chunk = d[i:i + 1000]
-        exact[i:i + 1000] = (np.abs(chunk @ signs.T) >= np.abs(chunk.sum(1))[:, None] - 1e-9).mean(1)
+        chunk = d[i : i + 1000]
+        exact[i : i + 1000] = (np.abs(chunk @ signs.T) >= np.abs(chunk.sum(1))[:, None] - 1e-9).mean(1)
     assert exact[0] == sign_flip_p(d[0])
     t = stats.ttest_1samp(d, 0.0, axis=1).pvalue
-    print(f"{args.studies} simulated studies, {args.seeds} seeds, effect {args.effect} SD, alpha {args.alpha}: "
-          f"exact sign-flip test {np.mean(exact <= args.alpha):.3f}, paired t-test {np.mean(t <= args.alpha):.3f}")
+    print(
+        f"{args.studies} simulated studies, {args.seeds} seeds, effect {args.effect} SD, alpha {args.alpha}: "
+        f"exact sign-flip test {np.mean(exact <= args.alpha):.3f}, paired t-test {np.mean(t <= args.alpha):.3f}"
+    )
 
 
 if __name__ == "__main__":

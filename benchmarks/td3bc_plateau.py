@@ -6,6 +6,7 @@ the last evaluations of each window.
     python benchmarks/td3bc_plateau.py                      # 2 seeds x 100k updates on the study's medium dataset
     python benchmarks/td3bc_plateau.py --no-run             # only the table, from runs/plateau-td3bc__{seed}/
 """
+
 import json
 import os
 import subprocess
@@ -36,16 +37,40 @@ def main(args: Args):
     os.chdir(ROOT)
     if args.run:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        procs = [subprocess.Popen([sys.executable, "td3_bc_offline.py", "--dataset-id", args.dataset_id, "--seed", str(s),
-                                   "--run-name", f"plateau-td3bc__{s}", "--total-steps", str(args.total_steps),
-                                   "--eval-freq", str(args.eval_freq), "--eval-episodes", "10", "--no-cuda", "--overwrite"],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for s in args.seeds]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "td3_bc_offline.py",
+                    "--dataset-id",
+                    args.dataset_id,
+                    "--seed",
+                    str(s),
+                    "--run-name",
+                    f"plateau-td3bc__{s}",
+                    "--total-steps",
+                    str(args.total_steps),
+                    "--eval-freq",
+                    str(args.eval_freq),
+                    "--eval-episodes",
+                    "10",
+                    "--no-cuda",
+                    "--overwrite",
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for s in args.seeds
+        ]
         if any(p.wait() for p in procs):
             sys.exit("error: a TD3+BC run failed; run it alone to see why")
     curves = {}
     for s in args.seeds:
         with open(f"runs/plateau-td3bc__{s}/metrics.jsonl") as f:
-            curves[s] = {r["step"]: r["eval/normalized_score"] for r in map(json.loads, f) if "eval/normalized_score" in r}
+            curves[s] = {
+                r["step"]: r["eval/normalized_score"] for r in map(json.loads, f) if "eval/normalized_score" in r
+            }
     steps = sorted(set.intersection(*[set(c) for c in curves.values()]))
     print("| updates | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean |")
     print("|---|" + "---|" * (len(args.seeds) + 1))

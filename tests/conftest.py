@@ -1,4 +1,5 @@
 """Shared fixtures: a private Minari store for the whole session and small datasets made in it."""
+
 import os
 import subprocess
 import sys
@@ -16,7 +17,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 def run_script(script: str, *args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a stage script's CLI in a subprocess; returns the completed process (never raises on exit code)."""
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str):
@@ -33,6 +36,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str):
 def offline_run(folder: Path, checkpoint: str, perturbations=None) -> Path:
     """A run folder holding a copy of an offline checkpoint (and its perturbations.npz), as TD3+BC and DE leave one."""
     import shutil
+
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(checkpoint, folder / "checkpoint.pt")
     if perturbations:
@@ -43,7 +47,9 @@ def offline_run(folder: Path, checkpoint: str, perturbations=None) -> Path:
 def assert_usage_error(proc: subprocess.CompletedProcess, flag: str):
     """A value tyro rejects (a choice not offered, a non-number): its own message, naming the flag, and exit 2."""
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr and flag in proc.stderr and "invalid choice" in proc.stderr.lower(), proc.stderr
+    assert "Traceback" not in proc.stderr and flag in proc.stderr and "invalid choice" in proc.stderr.lower(), (
+        proc.stderr
+    )
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +57,22 @@ def hopper_datasets(tmp_path_factory):
     """All four levels for Hopper-v5 at a tiny scale (100-step episodes), made once per session."""
     import collect_dataset as cd
 
-    args = cd.Args(env_id="Hopper-v5", namespace="test", num_transitions=1500, max_train_steps=1500, learning_starts=500,
-                   eval_freq=500, eval_episodes=2, ref_episodes=5, max_episode_steps=100, medium_target_return=60.0,
-                   expert_target_return=1e9, overwrite=True, cuda=False, seed=3)
+    args = cd.Args(
+        env_id="Hopper-v5",
+        namespace="test",
+        num_transitions=1500,
+        max_train_steps=1500,
+        learning_starts=500,
+        eval_freq=500,
+        eval_episodes=2,
+        ref_episodes=5,
+        max_episode_steps=100,
+        medium_target_return=60.0,
+        expert_target_return=1e9,
+        overwrite=True,
+        cuda=False,
+        seed=3,
+    )
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("collect"))  # its resume state (runs/collect_dataset__*) stays out of the repo
     try:
@@ -71,8 +90,17 @@ def hopper_checkpoint(hopper_datasets, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("ckpt"))
     try:
-        tb.main(tb.Args(dataset_id=hopper_datasets["medium"], total_steps=300, eval_freq=300, eval_episodes=1,
-                        cuda=False, run_name="hopper", seed=1))
+        tb.main(
+            tb.Args(
+                dataset_id=hopper_datasets["medium"],
+                total_steps=300,
+                eval_freq=300,
+                eval_episodes=1,
+                cuda=False,
+                run_name="hopper",
+                seed=1,
+            )
+        )
         return str(Path("runs/hopper/checkpoint.pt").resolve())
     finally:
         os.chdir(cwd)
@@ -83,6 +111,17 @@ def hopper_perturbations(hopper_checkpoint):
     """A tiny DE perturbation set (K=2, ε=0.4) against hopper_checkpoint, next to it as perturbations.npz."""
     import de_perturbations as de
 
-    de.main(de.Args(checkpoint=hopper_checkpoint, epsilon=0.4, num_perturbations=2, popsize=4, maxiter=2, de_episodes=2,
-                    eval_episodes=2, random_draws=3, num_workers=1))
+    de.main(
+        de.Args(
+            checkpoint=hopper_checkpoint,
+            epsilon=0.4,
+            num_perturbations=2,
+            popsize=4,
+            maxiter=2,
+            de_episodes=2,
+            eval_episodes=2,
+            random_draws=3,
+            num_workers=1,
+        )
+    )
     return str(Path(hopper_checkpoint).parent / "perturbations.npz")

@@ -1,5 +1,6 @@
 """Every input checked at the boundary, by class (issue 13): each bad input of a class is fed to every script that reads
 that input, and each run must end in one `error:` line, exit non-zero, and leave the tree exactly as it was."""
+
 import hashlib
 import os
 import shutil
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import runtime
 from conftest import assert_one_line_error, offline_run, run_script
+from robust_o2o import cli, formats
+from robust_o2o.files import save_npz
 
 
 def tree(root) -> dict:
@@ -37,9 +39,11 @@ def drop(key):
 
 def reshape(key, sub=None):
     """One row more in ckpt[key] (or in the state dict ckpt[key][sub])."""
+
     def f(c):
         holder, name = (c, key) if sub is None else (c[key], sub)
         holder[name] = torch.zeros(holder[name].shape[0] + 1, *holder[name].shape[1:])
+
     return f
 
 
@@ -56,21 +60,25 @@ BAD_CHECKPOINTS = {
 
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
 @pytest.mark.parametrize("script", ["de_perturbations.py", "td3_adv_finetune.py", "evaluate_matrix.py"])
-def test_a_malformed_checkpoint_is_refused_by_every_reader(case, script, hopper_checkpoint, hopper_perturbations, tmp_path):
+def test_a_malformed_checkpoint_is_refused_by_every_reader(
+    case, script, hopper_checkpoint, hopper_perturbations, tmp_path
+):
     ckpt = torch.load(hopper_checkpoint, weights_only=True)
     BAD_CHECKPOINTS[case][0](ckpt)
     (tmp_path / "run").mkdir()
     torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
     shutil.copy(hopper_perturbations, tmp_path / "run" / "perturbations.npz")
     path = str(tmp_path / "run" / "checkpoint.pt")
-    args = {"de_perturbations.py": ["--checkpoint", path, "--num-perturbations", "1", "--maxiter", "1", "--popsize", "4"],
-            "td3_adv_finetune.py": ["--checkpoint", path, "--total-steps", "10", "--eval-freq", "10", "--run-name", "x"],
-            "evaluate_matrix.py": ["--checkpoints", path, "--output-dir", str(tmp_path / "out")]}[script]
+    args = {
+        "de_perturbations.py": ["--checkpoint", path, "--num-perturbations", "1", "--maxiter", "1", "--popsize", "4"],
+        "td3_adv_finetune.py": ["--checkpoint", path, "--total-steps", "10", "--eval-freq", "10", "--run-name", "x"],
+        "evaluate_matrix.py": ["--checkpoints", path, "--output-dir", str(tmp_path / "out")],
+    }[script]
     run_refused(tmp_path, script, args, "malformed", BAD_CHECKPOINTS[case][1])
 
 
 def test_the_project_s_own_checkpoints_pass_the_schema_check(hopper_checkpoint):
-    assert runtime.checkpoint_problem(torch.load(hopper_checkpoint, weights_only=True)) is None
+    assert formats.checkpoint_problem(torch.load(hopper_checkpoint, weights_only=True)) is None
 
 
 # Class 2: perturbation files: keys, a non-empty finite δ set inside [−ε, ε], random draws, an ε the model can take
@@ -81,9 +89,19 @@ def setter(key, value):
 BAD_PERTURBATIONS = {
     "no random draws": (lambda d: d.pop("random_deltas"), "'random_deltas' is missing"),
     "empty δ set": (setter("perturbations", lambda d: d["perturbations"][:0]), "non-empty"),
-    "NaN in δ": (setter("perturbations", lambda d: np.where(np.arange(d["perturbations"].size).reshape(d["perturbations"].shape) == 0,
-                                                            np.nan, d["perturbations"])), "NaN or inf"),
-    "δ outside [−ε, ε]": (setter("random_deltas", lambda d: d["random_deltas"] * 0 + 2 * float(d["epsilon"])), "outside [−ε, ε]"),
+    "NaN in δ": (
+        setter(
+            "perturbations",
+            lambda d: np.where(
+                np.arange(d["perturbations"].size).reshape(d["perturbations"].shape) == 0, np.nan, d["perturbations"]
+            ),
+        ),
+        "NaN or inf",
+    ),
+    "δ outside [−ε, ε]": (
+        setter("random_deltas", lambda d: d["random_deltas"] * 0 + 2 * float(d["epsilon"])),
+        "outside [−ε, ε]",
+    ),
     "ε the model cannot take": (setter("epsilon", 1.5), "does not fit the multiplicative model"),
     "non-finite ε": (setter("epsilon", np.inf), "does not fit"),
     "unknown model": (setter("perturbation_model", "sideways"), "not one of multiplicative, additive"),
@@ -92,34 +110,55 @@ BAD_PERTURBATIONS = {
 
 @pytest.mark.parametrize("case", list(BAD_PERTURBATIONS))
 @pytest.mark.parametrize("script", ["td3_adv_finetune.py", "evaluate_matrix.py"])
-def test_a_malformed_perturbations_file_is_refused_by_every_reader(case, script, hopper_checkpoint, hopper_perturbations, tmp_path):
+def test_a_malformed_perturbations_file_is_refused_by_every_reader(
+    case, script, hopper_checkpoint, hopper_perturbations, tmp_path
+):
     d = dict(np.load(hopper_perturbations, allow_pickle=False))
     BAD_PERTURBATIONS[case][0](d)
     (tmp_path / "run").mkdir()
     shutil.copy(hopper_checkpoint, tmp_path / "run" / "checkpoint.pt")
-    runtime.save_npz(str(tmp_path / "run" / "perturbations.npz"), d)
+    save_npz(str(tmp_path / "run" / "perturbations.npz"), d)
     path = str(tmp_path / "run" / "checkpoint.pt")
-    args = {"td3_adv_finetune.py": ["--checkpoint", path, "--total-steps", "10", "--eval-freq", "10", "--run-name", "x"],
-            "evaluate_matrix.py": ["--checkpoints", path, "--output-dir", str(tmp_path / "out")]}[script]
+    args = {
+        "td3_adv_finetune.py": ["--checkpoint", path, "--total-steps", "10", "--eval-freq", "10", "--run-name", "x"],
+        "evaluate_matrix.py": ["--checkpoints", path, "--output-dir", str(tmp_path / "out")],
+    }[script]
     run_refused(tmp_path, script, args, "malformed", BAD_PERTURBATIONS[case][1])
 
 
 def test_the_project_s_own_perturbations_pass_the_check(hopper_perturbations):
-    assert runtime.perturbations_problem(dict(np.load(hopper_perturbations, allow_pickle=False))) is None
+    assert formats.perturbations_problem(dict(np.load(hopper_perturbations, allow_pickle=False))) is None
 
 
 # Class 8: a run folder belongs to one process at a time (an OS lock that dies with its process)
 def test_a_second_run_of_the_same_name_is_refused_while_the_first_lives_and_kill_9_leaves_no_stale_lock(
-        hopper_checkpoint, hopper_perturbations, tmp_path):
+    hopper_checkpoint, hopper_perturbations, tmp_path
+):
     import signal
     import subprocess
     import sys
     import time
+
     from conftest import ROOT
+
     offline_run(tmp_path / "off", hopper_checkpoint, hopper_perturbations)
-    cmd = [sys.executable, str(ROOT / "td3_adv_finetune.py"), "--checkpoint", str(tmp_path / "off" / "checkpoint.pt"),
-           "--total-steps", "100000", "--eval-freq", "50000", "--eval-episodes", "1", "--batch-size", "16", "--no-cuda",
-           "--run-name", "same"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "td3_adv_finetune.py"),
+        "--checkpoint",
+        str(tmp_path / "off" / "checkpoint.pt"),
+        "--total-steps",
+        "100000",
+        "--eval-freq",
+        "50000",
+        "--eval-episodes",
+        "1",
+        "--batch-size",
+        "16",
+        "--no-cuda",
+        "--run-name",
+        "same",
+    ]
     first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         metrics = tmp_path / "runs" / "same" / "metrics.jsonl"
@@ -133,20 +172,41 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_lives_and_kill
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    again = run_script("td3_adv_finetune.py", *cmd[2:cmd.index("--total-steps")], "--total-steps", "20", "--eval-freq", "10",
-                       "--eval-episodes", "1", "--batch-size", "16", "--no-cuda", "--run-name", "same", "--overwrite",
-                       cwd=tmp_path, timeout=300)
+    again = run_script(
+        "td3_adv_finetune.py",
+        *cmd[2 : cmd.index("--total-steps")],
+        "--total-steps",
+        "20",
+        "--eval-freq",
+        "10",
+        "--eval-episodes",
+        "1",
+        "--batch-size",
+        "16",
+        "--no-cuda",
+        "--run-name",
+        "same",
+        "--overwrite",
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-2000:]  # kill -9 released the lock: no stale lock
 
 
 # Class 6: names that become paths stay inside their stores
-@pytest.mark.parametrize("script,flag", [("td3_bc_offline.py", "--run-name"), ("td3_adv_finetune.py", "--run-name"),
-                                         ("collect_dataset.py", "--namespace")])
+@pytest.mark.parametrize(
+    "script,flag",
+    [("td3_bc_offline.py", "--run-name"), ("td3_adv_finetune.py", "--run-name"), ("collect_dataset.py", "--namespace")],
+)
 @pytest.mark.parametrize("name", ["../escape", "/tmp/escape", "a/../../escape"])
-def test_a_name_that_would_escape_its_store_is_refused(script, flag, name, hopper_checkpoint, hopper_datasets, tmp_path):
-    args = {"td3_bc_offline.py": ["--dataset-id", hopper_datasets["medium"], "--total-steps", "10"],
-            "td3_adv_finetune.py": ["--checkpoint", hopper_checkpoint, "--total-steps", "10"],
-            "collect_dataset.py": ["--levels", "random", "--num-transitions", "10", "--ref-episodes", "1"]}[script]
+def test_a_name_that_would_escape_its_store_is_refused(
+    script, flag, name, hopper_checkpoint, hopper_datasets, tmp_path
+):
+    args = {
+        "td3_bc_offline.py": ["--dataset-id", hopper_datasets["medium"], "--total-steps", "10"],
+        "td3_adv_finetune.py": ["--checkpoint", hopper_checkpoint, "--total-steps", "10"],
+        "collect_dataset.py": ["--levels", "random", "--num-transitions", "10", "--ref-episodes", "1"],
+    }[script]
     store = os.environ["MINARI_DATASETS_PATH"]
     before = tree(store)
     run_refused(tmp_path, script, [*args, flag, name], flag, "would leave")
@@ -155,16 +215,28 @@ def test_a_name_that_would_escape_its_store_is_refused(script, flag, name, hoppe
 
 # Class 7: the matrix checks everything before it writes, and writes its output set only once all of it is made
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "no evaluation"])
-def test_the_matrix_keeps_a_good_table_when_a_later_input_is_bad(damage, hopper_checkpoint, hopper_perturbations, tmp_path):
+def test_the_matrix_keeps_a_good_table_when_a_later_input_is_bad(
+    damage, hopper_checkpoint, hopper_perturbations, tmp_path
+):
     import evaluate_matrix as em
     import td3_adv_finetune as ft
+
     off = offline_run(tmp_path / "runs" / "off", hopper_checkpoint, hopper_perturbations).parent
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
         em.main(em.Args(checkpoints=(str(off),), output_dir="out", eval_episodes=1, num_workers=1))
-        ft.main(ft.Args(checkpoint=str(off / "checkpoint.pt"), total_steps=20, eval_freq=10, eval_episodes=1, batch_size=16,
-                        cuda=False, run_name="ft"))
+        ft.main(
+            ft.Args(
+                checkpoint=str(off / "checkpoint.pt"),
+                total_steps=20,
+                eval_freq=10,
+                eval_episodes=1,
+                batch_size=16,
+                cuda=False,
+                run_name="ft",
+            )
+        )
     finally:
         os.chdir(cwd)
     metrics = tmp_path / "runs" / "ft" / "metrics.jsonl"
@@ -174,22 +246,37 @@ def test_the_matrix_keeps_a_good_table_when_a_later_input_is_bad(damage, hopper_
         metrics.write_text('{"step": 0, "eval/normal_return": 1.0}\n{"step": 1, "eval/no')
     else:
         metrics.write_text('{"step": 3, "charts/episodic_return": 1.0}\n')
-    run_refused(tmp_path, "evaluate_matrix.py", ["--checkpoints", "runs", "--output-dir", "out", "--eval-episodes", "1",
-                                                 "--num-workers", "1"], "metrics file")
+    run_refused(
+        tmp_path,
+        "evaluate_matrix.py",
+        ["--checkpoints", "runs", "--output-dir", "out", "--eval-episodes", "1", "--num-workers", "1"],
+        "metrics file",
+    )
 
 
 # Class 3: numeric flags: each field's range is declared next to it and checked before anything runs
 BAD_NUMBERS = [
-    ("td3_bc_offline.py", "--batch-size", "0"), ("td3_bc_offline.py", "--learning-rate", "-1"),
-    ("td3_bc_offline.py", "--tau", "nan"), ("td3_bc_offline.py", "--log-freq", "0"), ("td3_bc_offline.py", "--hidden-dim", "0"),
-    ("td3_adv_finetune.py", "--eval-freq", "0"), ("td3_adv_finetune.py", "--buffer-size", "0"),
-    ("td3_adv_finetune.py", "--gamma", "1.5"), ("td3_adv_finetune.py", "--ref-max-score", "inf"),
-    ("de_perturbations.py", "--epsilon", "inf"), ("de_perturbations.py", "--num-workers", "-1"),
-    ("de_perturbations.py", "--mutation", "0.5", "2.5"), ("de_perturbations.py", "--tol", "-1"),
-    ("collect_dataset.py", "--num-transitions", "0"), ("collect_dataset.py", "--rollout-noise", "-0.1"),
-    ("collect_dataset.py", "--eval-freq", "0"), ("collect_dataset.py", "--gamma", "-0.5"),
-    ("evaluate_matrix.py", "--eval-episodes", "0"), ("evaluate_matrix.py", "--video-size", "8"),
-    ("evaluate_matrix.py", "--attack-popsize", "2"), ("evaluate_matrix.py", "--num-workers", "-3"),
+    ("td3_bc_offline.py", "--batch-size", "0"),
+    ("td3_bc_offline.py", "--learning-rate", "-1"),
+    ("td3_bc_offline.py", "--tau", "nan"),
+    ("td3_bc_offline.py", "--log-freq", "0"),
+    ("td3_bc_offline.py", "--hidden-dim", "0"),
+    ("td3_adv_finetune.py", "--eval-freq", "0"),
+    ("td3_adv_finetune.py", "--buffer-size", "0"),
+    ("td3_adv_finetune.py", "--gamma", "1.5"),
+    ("td3_adv_finetune.py", "--ref-max-score", "inf"),
+    ("de_perturbations.py", "--epsilon", "inf"),
+    ("de_perturbations.py", "--num-workers", "-1"),
+    ("de_perturbations.py", "--mutation", "0.5", "2.5"),
+    ("de_perturbations.py", "--tol", "-1"),
+    ("collect_dataset.py", "--num-transitions", "0"),
+    ("collect_dataset.py", "--rollout-noise", "-0.1"),
+    ("collect_dataset.py", "--eval-freq", "0"),
+    ("collect_dataset.py", "--gamma", "-0.5"),
+    ("evaluate_matrix.py", "--eval-episodes", "0"),
+    ("evaluate_matrix.py", "--video-size", "8"),
+    ("evaluate_matrix.py", "--attack-popsize", "2"),
+    ("evaluate_matrix.py", "--num-workers", "-3"),
 ]
 
 
@@ -199,42 +286,61 @@ def test_an_out_of_range_number_is_refused_before_anything_runs(case, tmp_path):
     run_refused(tmp_path, script, [flag, *values], flag)
 
 
-@pytest.mark.parametrize("script,args", [
-    ("collect_dataset.py", ["--ref-min-score", "5", "--ref-max-score", "5"]),
-    ("td3_adv_finetune.py", ["--ref-min-score", "1", "--ref-max-score", "1", "--total-steps", "10"]),
-])
-def test_equal_reference_scores_are_refused_not_divided_by(script, args, hopper_checkpoint, hopper_perturbations, tmp_path):
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("collect_dataset.py", ["--ref-min-score", "5", "--ref-max-score", "5"]),
+        ("td3_adv_finetune.py", ["--ref-min-score", "1", "--ref-max-score", "1", "--total-steps", "10"]),
+    ],
+)
+def test_equal_reference_scores_are_refused_not_divided_by(
+    script, args, hopper_checkpoint, hopper_perturbations, tmp_path
+):
     extra = ["--checkpoint", hopper_checkpoint] if script == "td3_adv_finetune.py" else []
     run_refused(tmp_path, script, [*extra, *args], "ref")
 
 
-@pytest.mark.parametrize("script", ["td3_bc_offline", "td3_adv_finetune", "de_perturbations", "collect_dataset", "evaluate_matrix"])
+@pytest.mark.parametrize(
+    "script", ["td3_bc_offline", "td3_adv_finetune", "de_perturbations", "collect_dataset", "evaluate_matrix"]
+)
 def test_every_numeric_field_declares_its_range(script):
     import dataclasses
     import importlib
     import typing
+
     module = importlib.import_module(script)
     hints = typing.get_type_hints(module.Args, include_extras=True)
     for f in dataclasses.fields(module.Args):
-        base = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is typing.Annotated else hints[f.name]
+        base = (
+            typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is typing.Annotated else hints[f.name]
+        )
         leaves = {a for a in typing.get_args(base) if a is not type(None)} or {base}
-        numeric = any(leaf in (int, float) or typing.get_origin(leaf) is tuple and set(typing.get_args(leaf)) <= {int, float}
-                      for leaf in leaves)
+        numeric = any(
+            leaf in (int, float) or typing.get_origin(leaf) is tuple and set(typing.get_args(leaf)) <= {int, float}
+            for leaf in leaves
+        )
         if numeric:
-            assert any(isinstance(m, runtime.Range) for m in getattr(hints[f.name], "__metadata__", ())), f"{script}.{f.name}"
+            assert any(isinstance(m, cli.Range) for m in getattr(hints[f.name], "__metadata__", ())), (
+                f"{script}.{f.name}"
+            )
 
 
 # Class 4: I/O failures (a full disk, a read-only folder) end in one line; the last good checkpoint and state remain
-def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_good_checkpoint(hopper_datasets, tmp_path, monkeypatch):
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_good_checkpoint(
+    hopper_datasets, tmp_path, monkeypatch
+):
     """The save's temporary file is pointed at /dev/full (no mount needed): writing it fails with ENOSPC."""
     import td3_bc_offline as tb
+
     monkeypatch.chdir(tmp_path)
-    base = dict(dataset_id=hopper_datasets["medium"], eval_freq=50, eval_episodes=1, cuda=False, run_name="full", seed=1)
+    base = dict(
+        dataset_id=hopper_datasets["medium"], eval_freq=50, eval_episodes=1, cuda=False, run_name="full", seed=1
+    )
     tb.main(tb.Args(total_steps=50, **base))
     ckpt = tmp_path / "runs" / "full" / "checkpoint.pt"
     good = ckpt.read_bytes()
     os.symlink("/dev/full", f"{ckpt}.{os.getpid()}.tmp")
-    with pytest.raises(runtime.UserError) as err:
+    with pytest.raises(cli.UserError) as err:
         tb.main(tb.Args(total_steps=100, resume=True, **base))
     msg = str(err.value)
     assert "No space left on device" in msg and "--resume" in msg and "\n" not in msg
@@ -245,7 +351,18 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_good_checkpoin
 
 def test_a_read_only_run_folder_is_one_line_from_the_command_line(hopper_datasets, tmp_path):
     import subprocess
-    base = ["--dataset-id", hopper_datasets["medium"], "--eval-freq", "50", "--eval-episodes", "1", "--no-cuda", "--run-name", "ro"]
+
+    base = [
+        "--dataset-id",
+        hopper_datasets["medium"],
+        "--eval-freq",
+        "50",
+        "--eval-episodes",
+        "1",
+        "--no-cuda",
+        "--run-name",
+        "ro",
+    ]
     assert run_script("td3_bc_offline.py", *base, "--total-steps", "50", cwd=tmp_path).returncode == 0
     folder = tmp_path / "runs" / "ro"
     if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
@@ -263,10 +380,20 @@ def test_a_read_only_run_folder_is_one_line_from_the_command_line(hopper_dataset
 # Class 5: a damaged Minari dataset (a truncated hdf5 file) is one line wherever it is read
 @pytest.fixture(scope="module")
 def broken_dataset():
-    import collect_dataset as cd
     import minari
-    args = cd.Args(env_id="Hopper-v5", namespace="broken", levels=("random",), num_transitions=300, ref_episodes=2,
-                   max_episode_steps=50, overwrite=True, cuda=False)
+
+    import collect_dataset as cd
+
+    args = cd.Args(
+        env_id="Hopper-v5",
+        namespace="broken",
+        levels=("random",),
+        num_transitions=300,
+        ref_episodes=2,
+        max_episode_steps=50,
+        overwrite=True,
+        cuda=False,
+    )
     cd.main(args)
     ds_id = cd.dataset_id_for("broken", "Hopper-v5", "random", 0)
     for d, _, files in os.walk(minari.storage.get_dataset_path(ds_id)):
@@ -279,7 +406,9 @@ def broken_dataset():
 
 
 @pytest.mark.parametrize("script", ["td3_bc_offline.py", "td3_adv_finetune.py"])
-def test_a_truncated_dataset_is_one_line_wherever_it_is_read(script, broken_dataset, hopper_checkpoint, hopper_perturbations, tmp_path):
+def test_a_truncated_dataset_is_one_line_wherever_it_is_read(
+    script, broken_dataset, hopper_checkpoint, hopper_perturbations, tmp_path
+):
     if script == "td3_bc_offline.py":
         args = ["--dataset-id", broken_dataset, "--total-steps", "10"]
     else:

@@ -1,4 +1,5 @@
 """collect_dataset.py: Minari-format datasets made locally (shapes, episode boundaries, reference scores, atomicity)."""
+
 import json
 import os
 import subprocess
@@ -82,29 +83,48 @@ def test_existing_dataset_is_refused_and_failures_leave_nothing(hopper_datasets,
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
+
     monkeypatch.setattr(minari, "create_dataset_from_buffers", boom)
     with pytest.raises(RuntimeError):
-        cd.write_minari_dataset("test/invertedpendulum/broken-v0", eps, "InvertedPendulum-v5", 0.0, 1.0, "x", {},
-                                max_episode_steps=20)
+        cd.write_minari_dataset(
+            "test/invertedpendulum/broken-v0", eps, "InvertedPendulum-v5", 0.0, 1.0, "x", {}, max_episode_steps=20
+        )
     root = minari.storage.get_dataset_path()
     assert not os.path.exists(os.path.join(root, "test/invertedpendulum/broken-v0"))
     assert not [d for d in os.listdir(root) if d.startswith(".partial-")]
 
 
 def test_cli_smoke_random_level(tmp_path):
-    proc = run_script("collect_dataset.py", "--env-id", "InvertedPendulum-v5", "--levels", "random", "--namespace",
-                      "smoke", "--num-transitions", "300", "--ref-episodes", "3", "--max-episode-steps", "50",
-                      "--overwrite", cwd=tmp_path)
+    proc = run_script(
+        "collect_dataset.py",
+        "--env-id",
+        "InvertedPendulum-v5",
+        "--levels",
+        "random",
+        "--namespace",
+        "smoke",
+        "--num-transitions",
+        "300",
+        "--ref-episodes",
+        "3",
+        "--max-episode-steps",
+        "50",
+        "--overwrite",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     ds = minari.load_dataset("smoke/invertedpendulum/random-v0")
     assert ds.total_steps == 300 and ds.storage.metadata["ref_max_score"] == 1000.0
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--env-id", "NoSuchEnv-v5"], "unknown env id"),
-    (["--num-transitions", "0"], ">= 1"),
-    (["--env-id", "Swimmer-v5", "--levels", "medium"], "--medium-target-return"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--env-id", "NoSuchEnv-v5"], "unknown env id"),
+        (["--num-transitions", "0"], ">= 1"),
+        (["--env-id", "Swimmer-v5", "--levels", "medium"], "--medium-target-return"),
+    ],
+)
 def test_cli_bad_input_is_one_clear_line(tmp_path, argv, needle):
     assert_one_line_error(run_script("collect_dataset.py", *argv, cwd=tmp_path, timeout=60), needle)
 
@@ -115,19 +135,45 @@ def test_an_unknown_level_is_refused_by_tyro_naming_the_choices(tmp_path):
     assert "medium-replay" in proc.stderr and not list(tmp_path.iterdir())
 
 
-
 def test_strict_targets_refuses_a_behaviour_policy_below_its_target_and_writes_nothing(tmp_path):
     """--strict-targets: a policy that never reaches the medium target is not written as medium (one error line);
     one that reaches it is, and its metadata records the target, that it was reached, and the behaviour seed."""
     store = tmp_path / "store"
     env = {**os.environ, "MINARI_DATASETS_PATH": str(store)}
-    common = ["--env-id", "Hopper-v5", "--namespace", "strict", "--levels", "medium", "--num-transitions", "200",
-              "--max-train-steps", "600", "--learning-starts", "300", "--eval-freq", "300", "--eval-episodes", "1",
-              "--ref-episodes", "2", "--max-episode-steps", "50", "--no-cuda", "--strict-targets"]
+    common = [
+        "--env-id",
+        "Hopper-v5",
+        "--namespace",
+        "strict",
+        "--levels",
+        "medium",
+        "--num-transitions",
+        "200",
+        "--max-train-steps",
+        "600",
+        "--learning-starts",
+        "300",
+        "--eval-freq",
+        "300",
+        "--eval-episodes",
+        "1",
+        "--ref-episodes",
+        "2",
+        "--max-episode-steps",
+        "50",
+        "--no-cuda",
+        "--strict-targets",
+    ]
     for name, target in (("miss", "1e9"), ("reach", "-1e9")):
         (tmp_path / name).mkdir()
-        proc = subprocess.run([sys.executable, str(ROOT / "collect_dataset.py"), *common, "--medium-target-return", target],
-                              cwd=tmp_path / name, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "collect_dataset.py"), *common, "--medium-target-return", target],
+            cwd=tmp_path / name,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if name == "miss":
             assert_one_line_error(proc, "missed the medium target", "--max-train-steps")
             assert not (store / "strict" / "hopper" / "medium-v0").exists()

@@ -1,4 +1,5 @@
 """File contracts between stages: the schema tables in docs/file_contracts.md are exactly what the scripts write."""
+
 import re
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import torch
 
 import td3_bc_offline as tb
 from conftest import ROOT
+from robust_o2o.formats import load_checkpoint
 
 
 def documented_checkpoint_keys(name: str = "checkpoint") -> set:
@@ -22,19 +24,43 @@ def documented_checkpoint_keys(name: str = "checkpoint") -> set:
 
 def test_readme_schema_matches_written_checkpoint(hopper_datasets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    tb.main(tb.Args(dataset_id=hopper_datasets["random"], total_steps=4, eval_freq=4, eval_episodes=1, batch_size=8,
-                    cuda=False, run_name="schema"))
-    ckpt = tb.load_checkpoint("runs/schema/checkpoint.pt")
+    tb.main(
+        tb.Args(
+            dataset_id=hopper_datasets["random"],
+            total_steps=4,
+            eval_freq=4,
+            eval_episodes=1,
+            batch_size=8,
+            cuda=False,
+            run_name="schema",
+        )
+    )
+    ckpt = load_checkpoint("runs/schema/checkpoint.pt")
     assert set(ckpt) == documented_checkpoint_keys() | documented_checkpoint_keys("td3bc-resume")
     assert ckpt["format"] == tb.CHECKPOINT_FORMAT and ckpt["format_version"] == tb.CHECKPOINT_VERSION
     assert ckpt["stage"] == "td3_bc_offline"
 
 
 def test_benchmark_script_runs_at_tiny_size():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "measure_stages.py"), "--env-id",
-                           "InvertedPendulum-v5", "--transitions", "500", "--train-steps", "600", "--updates", "200",
-                           "--de-steps", "300"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "measure_stages.py"),
+            "--env-id",
+            "InvertedPendulum-v5",
+            "--transitions",
+            "500",
+            "--train-steps",
+            "600",
+            "--updates",
+            "200",
+            "--de-steps",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| TD3+BC updates/s" in proc.stdout and "machine:" in proc.stdout
     assert "DE population evaluation" in proc.stdout
@@ -45,12 +71,16 @@ def test_checkpoint_acts_identically_in_every_stage_script(hopper_checkpoint):
     bit-identical actions in all of them."""
     import de_perturbations as de
     import td3_adv_finetune as ft
-    ckpt = tb.load_checkpoint(hopper_checkpoint)
+
+    ckpt = load_checkpoint(hopper_checkpoint)
     obs = (torch.randn(64, ckpt["obs_dim"]) * 3 - ckpt["obs_mean"]) / ckpt["obs_std"]
     reference = tb.actor_from_checkpoint(ckpt)(obs)
     import evaluate_matrix as em
+
     for module in (de, ft, em):
-        other = module.Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
+        other = module.Actor(
+            ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"]
+        )
         other.load_state_dict(module.load_checkpoint(hopper_checkpoint)["actor"])
         assert torch.equal(other(obs), reference), module.__name__
 
@@ -58,21 +88,35 @@ def test_checkpoint_acts_identically_in_every_stage_script(hopper_checkpoint):
 def test_every_script_loads_checkpoints_with_the_one_safe_loader(tmp_path):
     import de_perturbations as de
     import evaluate_matrix as em
-    import runtime
     import td3_adv_finetune as ft
-    for module in (tb, de, ft, em):
-        assert module.load_checkpoint is runtime.load_checkpoint and module.UserError is runtime.UserError
-    with pytest.raises(runtime.UserError, match="not found.*td3_bc_offline.py"):
-        runtime.load_checkpoint(str(tmp_path / "none.pt"))
+    from robust_o2o import cli, formats
+
+    for module in (de, ft, em):
+        assert module.load_checkpoint is formats.load_checkpoint and module.UserError is cli.UserError
+    with pytest.raises(cli.UserError, match="not found.*td3_bc_offline.py"):
+        formats.load_checkpoint(str(tmp_path / "none.pt"))
 
 
 def test_readme_perturbation_schema_matches_written_npz(hopper_checkpoint, tmp_path):
     import numpy as np
 
     import de_perturbations as de
+
     out = tmp_path / "p.npz"
-    de.main(de.Args(checkpoint=hopper_checkpoint, output=str(out), num_perturbations=1, popsize=4, maxiter=1,
-                    de_episodes=1, eval_episodes=1, random_draws=2, max_episode_steps=10, num_workers=1))
+    de.main(
+        de.Args(
+            checkpoint=hopper_checkpoint,
+            output=str(out),
+            num_perturbations=1,
+            popsize=4,
+            maxiter=1,
+            de_episodes=1,
+            eval_episodes=1,
+            random_draws=2,
+            max_episode_steps=10,
+            num_workers=1,
+        )
+    )
     text = (ROOT / "docs" / "file_contracts.md").read_text()
     table = text.split("<!-- perturbations-schema:start -->")[1].split("<!-- perturbations-schema:end -->")[0]
     documented = set()
@@ -88,33 +132,42 @@ def test_network_classes_are_identical_copies():
     import de_perturbations as de
     import evaluate_matrix as em
     import td3_adv_finetune as ft
+
     for cls in ("Actor", "VectorizedLinear", "Critic"):
         for module in (de, ft):
             if hasattr(module, cls):
-                assert inspect.getsource(getattr(module, cls)) == inspect.getsource(getattr(tb, cls)), (module.__name__, cls)
+                assert inspect.getsource(getattr(module, cls)) == inspect.getsource(getattr(tb, cls)), (
+                    module.__name__,
+                    cls,
+                )
     for fn in ("td_target", "soft_update"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(tb, fn)), fn
-    import collect_dataset as cd
-    import runtime  # the plumbing is shared, not copied: every script uses the one module's objects
-    for module in (tb, ft, cd):
-        assert module.UserError is runtime.UserError and module.rng_state is runtime.rng_state
     for fn in ("perturb_action", "ActionPerturbation"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(de, fn)), fn
-    # plumbing shared, not copied: the default checkpoint, the dataset reader, the lockstep evaluator, the run folder
-    assert ft.default_checkpoint is de.default_checkpoint is runtime.default_checkpoint
-    assert tb.dataset_to_transitions is runtime.dataset_to_transitions and ft.offline_transitions is runtime.offline_transitions
-    assert ft.open_run is tb.open_run and ft.Run is tb.Run and ft.NonFiniteSentinel is tb.NonFiniteSentinel
-    assert tb.normalized_score is em.normalized_score is runtime.normalized_score  # one score scale, 0-100 ...
-    assert ft.condition_metrics is runtime.condition_metrics  # ... which fine-tuning's evaluation rows use too
-    assert ft.seed_everything is tb.seed_everything is cd.seed_everything and ft.cli is tb.cli is de.cli is em.cli is cd.cli
-    assert cd.write_minari_dataset is runtime.write_minari_dataset
-    assert ft.PERTURBATION_MODELS == de.PERTURBATION_MODELS == runtime.PERTURBATION_MODELS  # runtime validates files with it
-    assert de.PERTURBATION_FORMAT is runtime.PERTURBATION_FORMAT  # one file format, one loader, one hash
-    assert ft.load_perturbations is em.load_perturbations is runtime.load_perturbations
-    assert de.sha256_file is ft.sha256_file is em.sha256_file is runtime.sha256_file and de.save_npz is runtime.save_npz
     assert inspect.getsource(em.Actor) == inspect.getsource(tb.Actor)
     assert inspect.getsource(em.perturb_action) == inspect.getsource(de.perturb_action)
-    assert de.rollout_batch is runtime.rollout_batch and ft.ConditionEvaluator is em.ConditionEvaluator  # one evaluator
+    from robust_o2o import formats
+
+    assert ft.PERTURBATION_MODELS == de.PERTURBATION_MODELS == formats.PERTURBATION_MODELS  # files are checked with it
+
+
+def test_plumbing_is_shared_not_copied():
+    """Every name a stage script takes from robust_o2o is that module's object (nothing is redefined in a script),
+    and no script defines a top-level name that a plumbing module also defines, bar the guarded copies above."""
+    import importlib
+    import pkgutil
+
+    import robust_o2o
+
+    modules = [importlib.import_module(f"robust_o2o.{m.name}") for m in pkgutil.iter_modules(robust_o2o.__path__)]
+    shared = {name: getattr(m, name) for m in modules for name in vars(m) if not name.startswith("_")}
+    shared = {name: obj for name, obj in shared.items() if getattr(obj, "__module__", "").startswith("robust_o2o")}
+    copies_on_purpose = {"PERTURBATION_MODELS"}  # the stage's own, equal to the checker's (asserted above)
+    for script in ("collect_dataset", "td3_bc_offline", "de_perturbations", "td3_adv_finetune", "evaluate_matrix"):
+        module = importlib.import_module(script)
+        for name, obj in vars(module).items():
+            if name in shared and name not in copies_on_purpose:
+                assert obj is shared[name], (script, name)
 
 
 def test_behaviour_policy_networks_match_the_stages():
@@ -124,6 +177,7 @@ def test_behaviour_policy_networks_match_the_stages():
     import inspect
 
     import collect_dataset as cd
+
     assert inspect.getsource(cd.Actor) == inspect.getsource(tb.Actor)
     torch.manual_seed(0)
     critic, qfs = tb.Critic(11, 3, 64), [cd.QNetwork(11, 3, 64) for _ in range(2)]
@@ -136,12 +190,24 @@ def test_behaviour_policy_networks_match_the_stages():
     torch.testing.assert_close(torch.stack([qf(obs, act) for qf in qfs]), critic(obs, act))
 
 
-def test_readme_finetune_schema_matches_written_checkpoint(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):
+def test_readme_finetune_schema_matches_written_checkpoint(
+    hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch
+):
     import td3_adv_finetune as ft
+
     monkeypatch.chdir(tmp_path)
-    ft.main(ft.Args(checkpoint=hopper_checkpoint, total_steps=4, eval_freq=4, eval_episodes=1, batch_size=8, cuda=False,
-                    run_name="schema"))
-    ckpt = tb.load_checkpoint("runs/schema/checkpoint.pt")
+    ft.main(
+        ft.Args(
+            checkpoint=hopper_checkpoint,
+            total_steps=4,
+            eval_freq=4,
+            eval_episodes=1,
+            batch_size=8,
+            cuda=False,
+            run_name="schema",
+        )
+    )
+    ckpt = load_checkpoint("runs/schema/checkpoint.pt")
     text = (ROOT / "docs" / "file_contracts.md").read_text()
     table = text.split("<!-- finetune-schema:start -->")[1].split("<!-- finetune-schema:end -->")[0]
     added = set()
@@ -153,15 +219,24 @@ def test_readme_finetune_schema_matches_written_checkpoint(hopper_checkpoint, ho
 
 
 def test_stage_scripts_stay_readable():
-    """The paper's algorithm first and whole, the plumbing in runtime.py: each stage script stays near CleanRL's size
+    """The paper's algorithm first and whole, the plumbing in robust_o2o: each stage script stays near CleanRL's size
     (at most 500 lines, main() at most 150), and fine-tuning's training loop starts before line 450."""
     import ast
-    for name in ("collect_dataset.py", "td3_bc_offline.py", "de_perturbations.py", "td3_adv_finetune.py", "evaluate_matrix.py"):
+
+    for name in (
+        "collect_dataset.py",
+        "td3_bc_offline.py",
+        "de_perturbations.py",
+        "td3_adv_finetune.py",
+        "evaluate_matrix.py",
+    ):
         src = (ROOT / name).read_text()
         main = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "main")
         assert len(src.splitlines()) <= 500 and main.end_lineno - main.lineno + 1 <= 150, name
     tree = ast.parse((ROOT / "td3_adv_finetune.py").read_text())
-    loop = next(n for n in ast.walk(tree) if isinstance(n, ast.For) and isinstance(n.iter, ast.Name) and n.iter.id == "pbar")
+    loop = next(
+        n for n in ast.walk(tree) if isinstance(n, ast.For) and isinstance(n.iter, ast.Name) and n.iter.id == "pbar"
+    )
     assert loop.lineno < 450
 
 
@@ -177,13 +252,14 @@ def test_shared_arguments_are_declared_alike():
     import de_perturbations as de
     import evaluate_matrix as em
     import td3_adv_finetune as ft
+
     differ_on_purpose = {
         "exp_name",  # each script's file name
         "eval_freq",  # TD3+BC and the behaviour policy evaluate every 5k steps, fine-tuning every 10k (the paper's)
         "env_id",  # required by collect_dataset.py (default Hopper-v5); optional elsewhere (read from the dataset)
         "learning_starts",  # fine-tuning's depends on --init (unset: 25k for scratch, a batch for offline)
         "eval_episodes",  # the final matrix plays 30 episodes per condition; the stages' own evaluations 10
-        "eval_seed",  # the final matrix's episodes (50,000 + i) are apart from those the stages evaluate on (10,000 + i)
+        "eval_seed",  # the final matrix's episodes (50,000 + i) are apart from the stages' (10,000 + i)
     }
 
     def declared(f):

@@ -4,16 +4,19 @@ Tolerance: after 8 updates from the same weights and the same random draws, loss
 (absolute, on values of order 1). The differences are float32 rounding: one batched matmul vs two, fused vs looped
 Adam. The compiled path is held to the same tolerance.
 """
+
 import copy
 import sys
 
 import numpy as np
 import pytest
 import torch
+
 from conftest import ROOT, assert_one_line_error, assert_usage_error, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import fast_path as fp  # noqa: E402
+
 import td3_adv_finetune as ft  # noqa: E402
 import td3_bc_offline as tb  # noqa: E402
 
@@ -89,11 +92,21 @@ def test_finetune_update_matches_the_eager_td3_reference():
     actor, critic = copy.deepcopy(actor), copy.deepcopy(critic)
     actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
     dev = torch.device("cpu")
-    update_critic, update_actor = ft.make_update(actor, critic, actor_target, critic_target, ft.adam(actor.parameters(), 3e-4, dev),
-                                                 ft.adam(critic.parameters(), 3e-4, dev), args)
+    update_critic, update_actor = ft.make_update(
+        actor,
+        critic,
+        actor_target,
+        critic_target,
+        ft.adam(actor.parameters(), 3e-4, dev),
+        ft.adam(critic.parameters(), 3e-4, dev),
+        args,
+    )
     data = fp.synthetic_data(1000, 11, 3)
     for i in range(1, 9):
-        batch = [data[k][torch.arange(i * 50, i * 50 + 256) % 1000] for k in ("obs", "actions", "rewards", "next_obs", "terminations")]
+        batch = [
+            data[k][torch.arange(i * 50, i * 50 + 256) % 1000]
+            for k in ("obs", "actions", "rewards", "next_obs", "terminations")
+        ]
         torch.manual_seed(i)
         log = ref.update(i, *batch)
         torch.manual_seed(i)
@@ -104,10 +117,10 @@ def test_finetune_update_matches_the_eager_td3_reference():
     assert_same_params(ref, actor, critic)
 
 
-def test_critic_heads_argument_computes_only_the_first_heads():
+def test_critic_q1_is_the_first_of_the_twin_heads():
     _, critic = nets()
     obs, act = torch.randn(5, 11), torch.randn(5, 3)
-    torch.testing.assert_close(critic(obs, act, heads=1), critic(obs, act)[:1])
+    torch.testing.assert_close(critic.q1(obs, act), critic(obs, act)[0])
 
 
 def test_adam_flags_survive_loading_a_state_dict():
@@ -124,17 +137,40 @@ def test_adam_flags_survive_loading_a_state_dict():
 def test_fast_path_flags_are_checked(tmp_path):
     args = ["--dataset-id", "local/none/none-v0", "--total-steps", "1"]
     if not torch.cuda.is_available():
-        assert_one_line_error(run_script("td3_bc_offline.py", *args, "--cudagraphs", cwd=tmp_path), "--cudagraphs", "CUDA")
-    assert_one_line_error(run_script("td3_bc_offline.py", *args, "--compile", "--cudagraphs", cwd=tmp_path), "--compile", "--cudagraphs alone")
-    assert_one_line_error(run_script("td3_adv_finetune.py", "--compile", "--cudagraphs", cwd=tmp_path), "--compile", "--cudagraphs alone")
-    assert_usage_error(run_script("td3_bc_offline.py", *args, "--matmul-precision", "fp8", cwd=tmp_path), "--matmul-precision")
-    assert_usage_error(run_script("td3_adv_finetune.py", "--matmul-precision", "fp8", cwd=tmp_path), "--matmul-precision")
+        assert_one_line_error(
+            run_script("td3_bc_offline.py", *args, "--cudagraphs", cwd=tmp_path), "--cudagraphs", "CUDA"
+        )
+    assert_one_line_error(
+        run_script("td3_bc_offline.py", *args, "--compile", "--cudagraphs", cwd=tmp_path),
+        "--compile",
+        "--cudagraphs alone",
+    )
+    assert_one_line_error(
+        run_script("td3_adv_finetune.py", "--compile", "--cudagraphs", cwd=tmp_path), "--compile", "--cudagraphs alone"
+    )
+    assert_usage_error(
+        run_script("td3_bc_offline.py", *args, "--matmul-precision", "fp8", cwd=tmp_path), "--matmul-precision"
+    )
+    assert_usage_error(
+        run_script("td3_adv_finetune.py", "--matmul-precision", "fp8", cwd=tmp_path), "--matmul-precision"
+    )
     assert not (tmp_path / "runs").exists()
 
 
 def test_fast_path_benchmark_runs_at_tiny_size():
-    proc = run_script("benchmarks/fast_path.py", "--updates", "20", "--finetune-steps", "300", "--learning-starts", "100",
-                      "--de-steps", "300", "--no-extra", timeout=600)
+    proc = run_script(
+        "benchmarks/fast_path.py",
+        "--updates",
+        "20",
+        "--finetune-steps",
+        "300",
+        "--learning-starts",
+        "100",
+        "--de-steps",
+        "300",
+        "--no-extra",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and "×" in ln]
     assert "machine:" in proc.stdout

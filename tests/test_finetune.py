@@ -1,4 +1,5 @@
 """td3_adv_finetune.py: curricula, batch composition, perturbation injection, TD3 loss, start state, CLI."""
+
 import json
 import shutil
 
@@ -8,10 +9,10 @@ import pytest
 import torch
 
 import de_perturbations as de
-import runtime
 import td3_adv_finetune as ft
 import td3_bc_offline as tb
 from conftest import assert_one_line_error, assert_usage_error, run_script
+from robust_o2o.formats import load_checkpoint
 
 
 def test_linear_curriculum_shape():
@@ -28,7 +29,7 @@ def test_adaptive_curriculum_hand_computed_sequence():
     for R, (ema_exp, q_exp) in zip([30.0, 25.0, 50.0], expected):
         q, ema = ft.adaptive_q(q, ema, R, beta=0.9, eta=0.7, q_min=0.0, q_max=1.0)
         assert ema == pytest.approx(ema_exp) and q == pytest.approx(q_exp)
-    assert ft.adaptive_q(0.9, 0.0, 500.0, 0.9, 0.7, 0.0, 1.0)[0] == 1.0   # clipped at q_max
+    assert ft.adaptive_q(0.9, 0.0, 500.0, 0.9, 0.7, 0.0, 1.0)[0] == 1.0  # clipped at q_max
     assert ft.adaptive_q(0.1, 500.0, 0.0, 0.9, 0.7, 0.05, 1.0)[0] == 0.05  # clipped at q_min
     assert ft.adaptive_q(0.3, 20.0, 60.0, 1.0, 0.5, 0.0, 1.0) == pytest.approx((0.5, 60.0))  # β = 1: no smoothing
     assert ft.adaptive_q(0.3, 20.0, 90.0, 0.9, 0.0, 0.0, 1.0)[0] == 0.3  # η = 0: q never moves
@@ -44,8 +45,10 @@ def test_batch_composition_matches_r_off():
     assert ft.batch_split(256, 0.0, 10_000, True) == 0 and ft.batch_split(256, 1.0, 10_000, True) == 256
     assert ft.batch_split(256, 0.1, 100, True) == 256  # too little online data yet: all offline
     assert ft.batch_split(256, 0.1, 10_000, False) == 0  # scratch: no offline data
-    offline = {k: torch.full((500, 2), 1.0) if k in ("obs", "next_obs", "actions") else torch.ones(500)
-               for k in ("obs", "actions", "rewards", "next_obs", "terminations")}
+    offline = {
+        k: torch.full((500, 2), 1.0) if k in ("obs", "next_obs", "actions") else torch.ones(500)
+        for k in ("obs", "actions", "rewards", "next_obs", "terminations")
+    }
     online = {k: torch.zeros_like(v) for k, v in offline.items()}
     fractions = []
     for _ in range(50):
@@ -61,7 +64,9 @@ def test_perturbation_code_is_the_same_in_both_scripts():
     low, high = np.array([-1.0, -2.0, 0.0]), np.array([1.0, 2.0, 4.0])
     for model in ("multiplicative", "additive"):
         a, d = rng.uniform(-3, 5, (50, 3)), rng.uniform(-0.9, 0.9, (50, 3))
-        np.testing.assert_array_equal(ft.perturb_action(a, d, low, high, model), de.perturb_action(a, d, low, high, model))
+        np.testing.assert_array_equal(
+            ft.perturb_action(a, d, low, high, model), de.perturb_action(a, d, low, high, model)
+        )
     bank = rng.uniform(-0.3, 0.3, (4, 3))
     for cond in ("normal", "random", "adversarial"):
         envs = [m.ActionPerturbation(gym.make("Hopper-v5"), 0.3, "multiplicative", cond, bank, q=0.6) for m in (ft, de)]
@@ -93,29 +98,59 @@ def test_finetune_actor_loss_has_no_bc_term():
     assert not torch.allclose(bc_loss, ft.td3_actor_loss(actor, critic, obs))
 
 
-def test_buffer_stores_the_chosen_action_not_the_executed_one(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):
+def test_buffer_stores_the_chosen_action_not_the_executed_one(
+    hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     chosen, executed, stored = [], [], []
     orig_action, orig_add = ft.ActionPerturbation.action, ft.OnlineBuffer.add
 
     def action(self, a):
-        chosen.append(np.array(a)); out = orig_action(self, a); executed.append(out); return out
+        chosen.append(np.array(a))
+        out = orig_action(self, a)
+        executed.append(out)
+        return out
 
     def add(self, obs, a, *rest):
-        stored.append(np.array(a)); return orig_add(self, obs, a, *rest)
+        stored.append(np.array(a))
+        return orig_add(self, obs, a, *rest)
+
     monkeypatch.setattr(ft.ActionPerturbation, "action", action)
     monkeypatch.setattr(ft.OnlineBuffer, "add", add)
-    ft.main(ft.Args(checkpoint=hopper_checkpoint, curriculum="fixed", q=1.0, total_steps=40, eval_freq=40, eval_episodes=1,
-                    batch_size=16, cuda=False, run_name="buf"))
+    ft.main(
+        ft.Args(
+            checkpoint=hopper_checkpoint,
+            curriculum="fixed",
+            q=1.0,
+            total_steps=40,
+            eval_freq=40,
+            eval_episodes=1,
+            batch_size=16,
+            cuda=False,
+            run_name="buf",
+        )
+    )
     assert len(stored) == len(chosen) == 40
     np.testing.assert_array_equal(np.array(stored), np.array(chosen))
     assert np.abs(np.array(executed) - np.array(chosen)).max() > 1e-3  # δ ≠ 0: the executed action differs
 
 
-def test_start_policy_is_the_checkpoint_and_evaluation_matches_de(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):
+def test_start_policy_is_the_checkpoint_and_evaluation_matches_de(
+    hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
-    ft.main(ft.Args(checkpoint=hopper_checkpoint, curriculum="adaptive", total_steps=30, eval_freq=30, eval_episodes=2,
-                    batch_size=16, cuda=False, run_name="start"))
+    ft.main(
+        ft.Args(
+            checkpoint=hopper_checkpoint,
+            curriculum="adaptive",
+            total_steps=30,
+            eval_freq=30,
+            eval_episodes=2,
+            batch_size=16,
+            cuda=False,
+            run_name="start",
+        )
+    )
     rows = [json.loads(line) for line in open("runs/start/metrics.jsonl")]
     first = rows[0]
     assert first["step"] == 0 and first["curriculum/q"] == pytest.approx(0.1)
@@ -123,7 +158,7 @@ def test_start_policy_is_the_checkpoint_and_evaluation_matches_de(hopper_checkpo
     ev = de.PopulationEvaluator(ckpt, "multiplicative", None, 1)
     seeds = 10_000 + np.arange(2)
     assert first["eval/normal_return"] == pytest.approx(ev.returns(np.zeros((1, 3)), seeds)[0], rel=1e-6)
-    per_episode = [ev.returns(pert["perturbations"][i % 2][None], seeds[i:i + 1])[0] for i in range(2)]
+    per_episode = [ev.returns(pert["perturbations"][i % 2][None], seeds[i : i + 1])[0] for i in range(2)]
     assert first["eval/adversarial_return"] == pytest.approx(np.mean(per_episode), rel=1e-6)
     assert first["curriculum/ema"] == pytest.approx(first["eval/normal_normalized"])
     lo, hi = ckpt["ref_min_score"], ckpt["ref_max_score"]  # one scale everywhere: 0 = random, 100 = expert
@@ -132,7 +167,7 @@ def test_start_policy_is_the_checkpoint_and_evaluation_matches_de(hopper_checkpo
     last = [r for r in rows if "eval/normal_return" in r][-1]
     q_exp, _ = ft.adaptive_q(0.1, first["curriculum/ema"], last["eval/normal_normalized"], 0.9, 0.7, 0.0, 1.0)
     assert last["curriculum/q"] == pytest.approx(q_exp)
-    saved = tb.load_checkpoint("runs/start/checkpoint.pt")
+    saved = load_checkpoint("runs/start/checkpoint.pt")
     assert saved["stage"] == "td3_adv_finetune" and saved["q"] == pytest.approx(q_exp) and saved["step"] == 30
     assert saved["eval_normalized_score"] == pytest.approx(last["eval/normal_normalized"])
     assert torch.equal(saved["obs_mean"], ckpt["obs_mean"])
@@ -143,12 +178,24 @@ def test_documented_metrics_are_the_logged_ones(hopper_checkpoint, hopper_pertur
     import re
 
     from conftest import ROOT
+
     table = (ROOT / "docs" / "td3_adv_finetune.md").read_text().split("<!-- finetune-metrics:start -->")[1]
-    first, later, episode = ({k for k in re.findall(r"`([a-z_0-9]+/[a-z_0-9]+)`", line)}
-                             for line in table.split("<!-- finetune-metrics:end -->")[0].strip().splitlines()[2:])
+    first, later, episode = (
+        {k for k in re.findall(r"`([a-z_0-9]+/[a-z_0-9]+)`", line)}
+        for line in table.split("<!-- finetune-metrics:end -->")[0].strip().splitlines()[2:]
+    )
     monkeypatch.chdir(tmp_path)
-    ft.main(ft.Args(checkpoint=hopper_checkpoint, total_steps=60, eval_freq=30, eval_episodes=1, batch_size=16, cuda=False,
-                    run_name="keys"))
+    ft.main(
+        ft.Args(
+            checkpoint=hopper_checkpoint,
+            total_steps=60,
+            eval_freq=30,
+            eval_episodes=1,
+            batch_size=16,
+            cuda=False,
+            run_name="keys",
+        )
+    )
     rows = [json.loads(line) for line in open("runs/keys/metrics.jsonl")]
     evals = [r for r in rows if "eval/normal_return" in r]
     assert set(rows[0]) - {"step"} == first and rows[0]["step"] == 0 and len(evals) == 3
@@ -163,10 +210,16 @@ def test_documented_metrics_are_the_logged_ones(hopper_checkpoint, hopper_pertur
 TINY = ["--total-steps", "60", "--eval-freq", "30", "--eval-episodes", "1", "--batch-size", "16"]
 
 
-@pytest.mark.parametrize("extra", [
-    ["--curriculum", "adaptive"], ["--curriculum", "linear"], ["--curriculum", "fixed", "--finetune-condition", "random"],
-    ["--curriculum", "fixed", "--finetune-condition", "normal"], ["--init", "scratch", "--learning-starts", "20"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--curriculum", "adaptive"],
+        ["--curriculum", "linear"],
+        ["--curriculum", "fixed", "--finetune-condition", "random"],
+        ["--curriculum", "fixed", "--finetune-condition", "normal"],
+        ["--init", "scratch", "--learning-starts", "20"],
+    ],
+)
 def test_cli_smoke(hopper_checkpoint, hopper_perturbations, tmp_path, extra):
     proc = run_script("td3_adv_finetune.py", "--checkpoint", hopper_checkpoint, *TINY, *extra, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -174,35 +227,48 @@ def test_cli_smoke(hopper_checkpoint, hopper_perturbations, tmp_path, extra):
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     evals = [r for r in rows if "eval/adversarial_return" in r]
     assert [r["step"] for r in evals] == [0, 30, 60]
-    ckpt = tb.load_checkpoint(str(run / "checkpoint.pt"))
+    ckpt = load_checkpoint(str(run / "checkpoint.pt"))
     assert ckpt["step"] == 60 and 0 <= ckpt["q"] <= 1
     if "linear" in extra:
-        assert evals[-1]["curriculum/q"] == pytest.approx(1.0) and evals[1]["curriculum/q"] == pytest.approx(0.55, abs=0.02)
+        assert evals[-1]["curriculum/q"] == pytest.approx(1.0) and evals[1]["curriculum/q"] == pytest.approx(
+            0.55, abs=0.02
+        )
 
 
 def test_cli_bad_input_is_one_clear_line(hopper_checkpoint, hopper_perturbations, tmp_path):
     base = ["--checkpoint", hopper_checkpoint]
-    for argv, needle in [(["--q", "1.5"], "--q"), (["--r-off", "-0.1"], "--r-off"), (["--beta", "0"], "--beta"),
-                         (["--beta", "1.2"], "--beta"), (["--eta", "-1"], "--eta")]:
+    for argv, needle in [
+        (["--q", "1.5"], "--q"),
+        (["--r-off", "-0.1"], "--r-off"),
+        (["--beta", "0"], "--beta"),
+        (["--beta", "1.2"], "--beta"),
+        (["--eta", "-1"], "--eta"),
+    ]:
         assert_one_line_error(run_script("td3_adv_finetune.py", *base, *argv, cwd=tmp_path, timeout=60), needle)
     for flag, value in (("--init", "warm"), ("--curriculum", "cosine"), ("--finetune-condition", "hostile")):
         assert_usage_error(run_script("td3_adv_finetune.py", *base, flag, value, cwd=tmp_path, timeout=60), flag)
-    assert_one_line_error(run_script("td3_adv_finetune.py", "--checkpoint", str(tmp_path / "x.pt"), cwd=tmp_path),
-                          "td3_bc_offline.py")
+    assert_one_line_error(
+        run_script("td3_adv_finetune.py", "--checkpoint", str(tmp_path / "x.pt"), cwd=tmp_path), "td3_bc_offline.py"
+    )
     shutil.copy(hopper_checkpoint, tmp_path / "c.pt")
-    assert_one_line_error(run_script("td3_adv_finetune.py", "--checkpoint", str(tmp_path / "c.pt"), cwd=tmp_path),
-                          "de_perturbations.py")
+    assert_one_line_error(
+        run_script("td3_adv_finetune.py", "--checkpoint", str(tmp_path / "c.pt"), cwd=tmp_path), "de_perturbations.py"
+    )
     d = dict(np.load(hopper_perturbations))
     d["perturbations"] = np.zeros((2, 5))
     np.savez(tmp_path / "bad.npz", **d)
-    assert_one_line_error(run_script("td3_adv_finetune.py", *base, "--perturbations", str(tmp_path / "bad.npz"),
-                                     cwd=tmp_path), "action dimension")
+    assert_one_line_error(
+        run_script("td3_adv_finetune.py", *base, "--perturbations", str(tmp_path / "bad.npz"), cwd=tmp_path),
+        "action dimension",
+    )
     assert not (tmp_path / "runs").exists()
 
 
 def test_plain_command_finds_the_pipeline_outputs_and_repeats(hopper_checkpoint, hopper_perturbations, tmp_path):
     """`python td3_adv_finetune.py --curriculum adaptive` after `run_pipeline.sh`: the defaults find its checkpoint."""
-    assert_one_line_error(run_script("td3_adv_finetune.py", "--curriculum", "adaptive", cwd=tmp_path), "run_pipeline.sh")
+    assert_one_line_error(
+        run_script("td3_adv_finetune.py", "--curriculum", "adaptive", cwd=tmp_path), "run_pipeline.sh"
+    )
     assert_one_line_error(run_script("de_perturbations.py", cwd=tmp_path), "run_pipeline.sh")
     quick = tmp_path / "runs" / "local-quick-hopper-medium-v0__td3_bc_offline__1"
     quick.mkdir(parents=True)
@@ -213,16 +279,31 @@ def test_plain_command_finds_the_pipeline_outputs_and_repeats(hopper_checkpoint,
         assert proc.returncode == 0, proc.stderr
         assert "using checkpoint runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt" in proc.stdout
     runs = [d.name for d in (tmp_path / "runs").iterdir() if "td3_adv_finetune" in d.name]
-    assert len(runs) == 2 and all(r.startswith("Hopper-v5__td3_adv_finetune__offline-adversarial-adaptive__1__") for r in runs)
+    assert len(runs) == 2 and all(
+        r.startswith("Hopper-v5__td3_adv_finetune__offline-adversarial-adaptive__1__") for r in runs
+    )
 
 
 @pytest.mark.parametrize("q", [0.0, 1.0])
-def test_realized_exposure_is_logged_and_counts_what_ran(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch, q):
+def test_realized_exposure_is_logged_and_counts_what_ran(
+    hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch, q
+):
     """charts/perturbed_fraction and charts/perturbed_step_fraction: the shares of training episodes and env steps that
     ran under δ ≠ 0. At q = 0 nothing is perturbed, at q = 1 everything; and they agree with the per-episode rows."""
     monkeypatch.chdir(tmp_path)
-    ft.main(ft.Args(checkpoint=hopper_checkpoint, total_steps=120, eval_freq=60, eval_episodes=1, batch_size=16,
-                    cuda=False, run_name="exposure", curriculum="fixed", q=q))
+    ft.main(
+        ft.Args(
+            checkpoint=hopper_checkpoint,
+            total_steps=120,
+            eval_freq=60,
+            eval_episodes=1,
+            batch_size=16,
+            cuda=False,
+            run_name="exposure",
+            curriculum="fixed",
+            q=q,
+        )
+    )
     rows = [json.loads(line) for line in open(tmp_path / "runs" / "exposure" / "metrics.jsonl")]
     last = [r for r in rows if "charts/perturbed_step_fraction" in r][-1]
     assert last["charts/perturbed_fraction"] == q and last["charts/perturbed_step_fraction"] == q
@@ -231,7 +312,7 @@ def test_realized_exposure_is_logged_and_counts_what_ran(hopper_checkpoint, hopp
 
 
 def test_episode_counters_save_and_restore_by_name():
-    c = runtime.EpisodeCounters()
+    c = ft.EpisodeCounters()
     c.start(np.array([0.1, 0.0, 0.0]))
     for r in (1.0, 2.0):
         c.step(r)
@@ -240,7 +321,8 @@ def test_episode_counters_save_and_restore_by_name():
     assert (c.episodes, c.perturbed_episodes, c.steps, c.perturbed_steps, c.episode_return) == (2, 1, 3, 2, 0.5)
     assert c.exposure() == {"charts/perturbed_fraction": 0.5, "charts/perturbed_step_fraction": pytest.approx(2 / 3)}
     import dataclasses
-    assert runtime.EpisodeCounters(**dataclasses.asdict(c)) == c
+
+    assert ft.EpisodeCounters(**dataclasses.asdict(c)) == c
 
 
 def test_reset_optimizers_says_which_states_start_fresh(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):
@@ -248,9 +330,24 @@ def test_reset_optimizers_says_which_states_start_fresh(hopper_checkpoint, hoppe
     checked on the state before the first update (learning starts after the run's only step)."""
     monkeypatch.chdir(tmp_path)
     saved = torch.load(hopper_checkpoint, weights_only=True)
-    for variant, fresh in (("none", ()), ("actor", ("actor_optimizer",)), ("both", ("actor_optimizer", "critic_optimizer"))):
-        ft.main(ft.Args(checkpoint=hopper_checkpoint, total_steps=1, eval_freq=1, eval_episodes=1, batch_size=16,
-                        learning_starts=10, cuda=False, run_name=f"reset-{variant}", reset_optimizers=variant))
+    for variant, fresh in (
+        ("none", ()),
+        ("actor", ("actor_optimizer",)),
+        ("both", ("actor_optimizer", "critic_optimizer")),
+    ):
+        ft.main(
+            ft.Args(
+                checkpoint=hopper_checkpoint,
+                total_steps=1,
+                eval_freq=1,
+                eval_episodes=1,
+                batch_size=16,
+                learning_starts=10,
+                cuda=False,
+                run_name=f"reset-{variant}",
+                reset_optimizers=variant,
+            )
+        )
         ckpt = torch.load(tmp_path / "runs" / f"reset-{variant}" / "checkpoint.pt", weights_only=True)
         for name in ("actor_optimizer", "critic_optimizer"):
             assert (ckpt[name]["state"] == {}) == (name in fresh), (variant, name)

@@ -1,4 +1,5 @@
 """evaluate_matrix.py: the matrix (CSV, table, plots), the fresh attack, bad input, and the whole pipeline."""
+
 import csv
 import os
 import shutil
@@ -11,11 +12,11 @@ import pytest
 import torch
 
 import de_perturbations as de
-import runtime
 import evaluate_matrix as em
 import td3_adv_finetune as ft
 import td3_bc_offline as tb
 from conftest import ROOT, assert_one_line_error, offline_run, run_script
+from robust_o2o.files import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +30,42 @@ def policy_set(hopper_datasets, hopper_checkpoint, hopper_perturbations, tmp_pat
         off1.mkdir(parents=True)
         shutil.copy(hopper_checkpoint, off1 / "checkpoint.pt")
         shutil.copy(hopper_perturbations, off1 / "perturbations.npz")
-        tb.main(tb.Args(dataset_id=hopper_datasets["medium"], total_steps=300, eval_freq=300, eval_episodes=1, cuda=False,
-                        run_name="off2", seed=2))
-        de.main(de.Args(checkpoint="runs/off2/checkpoint.pt", epsilon=0.4, num_perturbations=2, popsize=4, maxiter=2,
-                        de_episodes=2, eval_episodes=2, random_draws=3, num_workers=1))
-        ft.main(ft.Args(checkpoint=str(off1 / "checkpoint.pt"), total_steps=60, eval_freq=30, eval_episodes=1,
-                        batch_size=16, cuda=False, run_name="ft1", curriculum="linear"))
+        tb.main(
+            tb.Args(
+                dataset_id=hopper_datasets["medium"],
+                total_steps=300,
+                eval_freq=300,
+                eval_episodes=1,
+                cuda=False,
+                run_name="off2",
+                seed=2,
+            )
+        )
+        de.main(
+            de.Args(
+                checkpoint="runs/off2/checkpoint.pt",
+                epsilon=0.4,
+                num_perturbations=2,
+                popsize=4,
+                maxiter=2,
+                de_episodes=2,
+                eval_episodes=2,
+                random_draws=3,
+                num_workers=1,
+            )
+        )
+        ft.main(
+            ft.Args(
+                checkpoint=str(off1 / "checkpoint.pt"),
+                total_steps=60,
+                eval_freq=30,
+                eval_episodes=1,
+                batch_size=16,
+                cuda=False,
+                run_name="ft1",
+                curriculum="linear",
+            )
+        )
     finally:
         os.chdir(cwd)
     return root
@@ -49,11 +80,24 @@ def matrix(policy_set):
 
 def test_csv_has_every_policy_seed_and_condition(matrix):
     rows = list(csv.DictReader(open(matrix / "matrix.csv")))
-    assert set(rows[0]) >= {"policy", "seed", "env_id", "eval_condition", "episodes", "mean_return", "std_return",
-                            "normalized_mean", "episode_returns", "checkpoint"}
+    assert set(rows[0]) >= {
+        "policy",
+        "seed",
+        "env_id",
+        "eval_condition",
+        "episodes",
+        "mean_return",
+        "std_return",
+        "normalized_mean",
+        "episode_returns",
+        "checkpoint",
+    }
     cells = {(r["policy"], r["seed"], r["eval_condition"]) for r in rows}
-    expected = {(p, s, c) for p, s in [("offline-only", "1"), ("offline-only", "2"), ("fine-tuned adversarial (linear)", "1")]
-                for c in em.EVAL_CONDITIONS}
+    expected = {
+        (p, s, c)
+        for p, s in [("offline-only", "1"), ("offline-only", "2"), ("fine-tuned adversarial (linear)", "1")]
+        for c in em.EVAL_CONDITIONS
+    }
     assert cells == expected and len(rows) == len(expected)
     for r in rows:
         eps = np.array([float(x) for x in r["episode_returns"].split(";")])
@@ -68,7 +112,9 @@ def test_markdown_table_parses_and_std_is_over_seeds(matrix):
     body = {c[0]: c for c in ([x.strip() for x in ln.strip("|").split("|")] for ln in lines[2:])}
     assert set(body) == {"offline-only", "fine-tuned adversarial (linear)"} and body["offline-only"][1] == "2"
     for j, cond in enumerate(em.EVAL_CONDITIONS):
-        per_seed = [float(r["mean_return"]) for r in rows if r["policy"] == "offline-only" and r["eval_condition"] == cond]
+        per_seed = [
+            float(r["mean_return"]) for r in rows if r["policy"] == "offline-only" and r["eval_condition"] == cond
+        ]
         mean, std = body["offline-only"][2 + j].split(" [")[0].split(" ± ")
         assert float(mean) == pytest.approx(np.mean(per_seed), abs=0.051)
         assert float(std) == pytest.approx(np.std(per_seed), abs=0.051)
@@ -91,13 +137,19 @@ def test_fresh_attack_uses_de_semantics(matrix, policy_set):
     path = str(policy_set / "runs" / "off1" / "checkpoint.pt")
     ckpt = de.load_checkpoint(path)
     attacks = [np.load(f) for f in (matrix / "attacks").glob("*.npz")]
-    mine = [a for a in attacks if str(a["checkpoint_sha256"]) == runtime.sha256_file(path)]
+    mine = [a for a in attacks if str(a["checkpoint_sha256"]) == sha256_file(path)]
     assert len(attacks) == 3 and len(mine) == 1  # one fresh attack per policy
     attack = mine[0]
     ev = de.PopulationEvaluator(ckpt, "multiplicative", ckpt.get("max_episode_steps"), 1)
     K = len(attack["perturbations"])
-    expected = np.mean([ev.returns(attack["perturbations"][i % K][None], np.array([em.EVAL_SEED + i]))[0] for i in range(3)])
-    got = next(float(r["mean_return"]) for r in rows if r["checkpoint"] == os.path.normpath(path) and r["eval_condition"] == "adversarial")
+    expected = np.mean(
+        [ev.returns(attack["perturbations"][i % K][None], np.array([em.EVAL_SEED + i]))[0] for i in range(3)]
+    )
+    got = next(
+        float(r["mean_return"])
+        for r in rows
+        if r["checkpoint"] == os.path.normpath(path) and r["eval_condition"] == "adversarial"
+    )
     assert got == pytest.approx(expected, rel=1e-6)
 
 
@@ -113,28 +165,43 @@ def test_attack_cache_is_reused_only_for_the_same_budget(matrix, policy_set, tmp
 
 
 def test_bad_input_is_one_clear_line(policy_set, tmp_path):
-    assert_one_line_error(run_script("evaluate_matrix.py", "--checkpoints", str(tmp_path / "nothing"), cwd=tmp_path),
-                          "no checkpoints found")
+    assert_one_line_error(
+        run_script("evaluate_matrix.py", "--checkpoints", str(tmp_path / "nothing"), cwd=tmp_path),
+        "no checkpoints found",
+    )
     other = tmp_path / "other"
     other.mkdir()
     ckpt = torch.load(policy_set / "runs" / "off1" / "checkpoint.pt", weights_only=True)
     ckpt["env_id"] = "Walker2d-v5"
     torch.save(ckpt, other / "checkpoint.pt")
-    assert_one_line_error(run_script("evaluate_matrix.py", "--checkpoints", str(policy_set / "runs"), str(other),
-                                     cwd=tmp_path), "--env-id")
+    assert_one_line_error(
+        run_script("evaluate_matrix.py", "--checkpoints", str(policy_set / "runs"), str(other), cwd=tmp_path),
+        "--env-id",
+    )
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     shutil.copy(policy_set / "runs" / "ft1" / "checkpoint.pt", lonely / "checkpoint.pt")
-    proc = run_script("evaluate_matrix.py", "--checkpoints", str(lonely), "--eval-episodes", "1", "--num-workers", "1",
-                      "--output-dir", str(tmp_path / "res"), cwd=tmp_path)
+    proc = run_script(
+        "evaluate_matrix.py",
+        "--checkpoints",
+        str(lonely),
+        "--eval-episodes",
+        "1",
+        "--num-workers",
+        "1",
+        "--output-dir",
+        str(tmp_path / "res"),
+        cwd=tmp_path,
+    )
     assert_one_line_error(proc, "metrics")
 
 
 def test_whole_pipeline_runs_at_tiny_scale(tmp_path):
     """run_pipeline.sh is a one-seed study: every stage, then the report; RESUME=1 redoes nothing."""
     env = {**os.environ, "SCALE": "tiny", "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
-    proc = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "run_pipeline.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = tmp_path / "results" / "demo-tiny-hopper"
     for name in ("report.md", "scores.csv", "heatmap.png", "curves.png", "q_trajectory.png"):
@@ -146,36 +213,74 @@ def test_whole_pipeline_runs_at_tiny_scale(tmp_path):
     ignored = subprocess.run(["git", "check-ignore", "-q", "results/demo-tiny-hopper/report.md"], cwd=ROOT)
     assert ignored.returncode == 0
     policies = {r["policy"] for r in csv.DictReader(open(res / "scores.csv"))}
-    assert policies == {"offline-only", "fine-tuned adversarial (adaptive)", "fine-tuned normal",
-                        "scratch adversarial (adaptive)"}
+    assert policies == {
+        "offline-only",
+        "fine-tuned adversarial (adaptive)",
+        "fine-tuned normal",
+        "scratch adversarial (adaptive)",
+    }
     # RESUME=1 after a complete run: every stage is skipped and every output is unchanged
     before = {p: p.read_bytes() for p in (tmp_path / "runs").rglob("*") if p.is_file()}
-    again = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], cwd=tmp_path, env={**env, "RESUME": "1"},
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        ["bash", str(ROOT / "run_pipeline.sh")],
+        cwd=tmp_path,
+        env={**env, "RESUME": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "10 of 10 stages finished earlier: skipped" in again.stdout + again.stderr
     assert before == {p: p.read_bytes() for p in (tmp_path / "runs").rglob("*") if p.is_file()}
-    bad = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], cwd=tmp_path, env={**env, "SCALE": "huge"},
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        ["bash", str(ROOT / "run_pipeline.sh")],
+        cwd=tmp_path,
+        env={**env, "SCALE": "huge"},
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "SCALE must be" in bad.stderr
 
 
-def test_a_fork_under_a_new_file_name_is_its_own_stage_in_the_matrix_and_the_curves(hopper_checkpoint, hopper_perturbations,
-                                                                                     tmp_path):
+def test_a_fork_under_a_new_file_name_is_its_own_stage_in_the_matrix_and_the_curves(
+    hopper_checkpoint, hopper_perturbations, tmp_path
+):
     """Forking: copy td3_adv_finetune.py to my_idea.py, run it; its runs, stage tag and label carry the new name, and
     evaluate_matrix.py finds it as a fine-tune (learning curves included) by what its checkpoint holds."""
     fork = tmp_path / "my_idea.py"
     shutil.copy(ROOT / "td3_adv_finetune.py", fork)
     off = offline_run(tmp_path / "runs" / "off", hopper_checkpoint, hopper_perturbations).parent
-    proc = subprocess.run([sys.executable, str(fork), "--checkpoint", str(off / "checkpoint.pt"), "--total-steps", "40",
-                           "--eval-freq", "20", "--eval-episodes", "1", "--batch-size", "16", "--no-cuda"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(fork),
+            "--checkpoint",
+            str(off / "checkpoint.pt"),
+            "--total-steps",
+            "40",
+            "--eval-freq",
+            "20",
+            "--eval-episodes",
+            "1",
+            "--batch-size",
+            "16",
+            "--no-cuda",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = next((tmp_path / "runs").glob("Hopper-v5__my_idea__offline-adversarial-adaptive__1__*"))
     assert torch.load(run / "checkpoint.pt", weights_only=True)["stage"] == "my_idea"
     out = tmp_path / "out"
     em.main(em.Args(checkpoints=(str(tmp_path / "runs"),), output_dir=str(out), eval_episodes=1, num_workers=1))
-    assert {r["policy"] for r in csv.DictReader(open(out / "matrix.csv"))} == {"offline-only", "my_idea: fine-tuned adversarial (adaptive)"}
+    assert {r["policy"] for r in csv.DictReader(open(out / "matrix.csv"))} == {
+        "offline-only",
+        "my_idea: fine-tuned adversarial (adaptive)",
+    }
     assert (out / "curves.png").stat().st_size > 0 and (out / "q_trajectory.png").stat().st_size > 0
 
 
@@ -185,16 +290,25 @@ def test_fresh_attack_copies_every_recorded_setting(matrix, policy_set):
     ref = np.load(policy_set / "runs" / "off1" / "perturbations.npz")
     settings = em.attack_settings(ref, em.Args())
     flag = lambda name: settings[settings.index(name) + 1]  # noqa: E731
-    assert flag("--de-seed") == str(int(ref["de_seed"])) and flag("--max-episode-steps") == str(int(ref["max_episode_steps"]))
-    assert flag("--maxiter") == str(int(ref["maxiter"])) and flag("--num-perturbations") == str(len(ref["perturbations"]))
+    assert flag("--de-seed") == str(int(ref["de_seed"])) and flag("--max-episode-steps") == str(
+        int(ref["max_episode_steps"])
+    )
+    assert flag("--maxiter") == str(int(ref["maxiter"])) and flag("--num-perturbations") == str(
+        len(ref["perturbations"])
+    )
     assert ("--polish" if bool(ref["polish"]) else "--no-polish") in settings
     assert flag("--de-episodes") == str(int(ref["de_episodes"])) and flag("--popsize") == str(int(ref["popsize"]))
     assert em.attack_settings(ref, em.Args(attack_maxiter=1))[settings.index("--maxiter") + 1] == "1"
-    attack = next(np.load(f) for f in (matrix / "attacks").glob("*.npz")
-                  if str(np.load(f)["checkpoint_sha256"]) == runtime.sha256_file(policy_set / "runs" / "off1" / "checkpoint.pt"))
+    attack = next(
+        np.load(f)
+        for f in (matrix / "attacks").glob("*.npz")
+        if str(np.load(f)["checkpoint_sha256"]) == sha256_file(policy_set / "runs" / "off1" / "checkpoint.pt")
+    )
     for key in ("de_seed", "max_episode_steps", "maxiter", "popsize", "de_episodes", "polish"):
         assert attack[key] == ref[key], key
     rows = list(csv.DictReader(open(matrix / "matrix.csv")))
-    assert {r["attack_budget"] for r in rows if r["checkpoint"].endswith("off1/checkpoint.pt")} == {em.attack_budget(settings)}
+    assert {r["attack_budget"] for r in rows if r["checkpoint"].endswith("off1/checkpoint.pt")} == {
+        em.attack_budget(settings)
+    }
     table = (matrix / "matrix.md").read_text()
     assert "| offline-only |" in table and "† |" in table and "direct attack" in table

@@ -1,5 +1,6 @@
 """The verdicts' statistics (paired_stats.py, study_report.judge): values computed by hand, the false-positive rate
 on simulated paired data with no true difference, and the power to detect a planted effect."""
+
 import numpy as np
 import pytest
 

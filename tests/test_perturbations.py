@@ -1,4 +1,5 @@
 """de_perturbations.py: perturbation semantics, batched = serial evaluation, the adversary is real, .npz contract."""
+
 import os
 
 import gymnasium as gym
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 import de_perturbations as de
-import runtime
 from conftest import assert_one_line_error, assert_usage_error, run_script
+from robust_o2o.files import sha256_file
 
 LOW, HIGH = np.array([-1.0, -2.0, 0.0]), np.array([1.0, 2.0, 4.0])
 
@@ -157,9 +158,31 @@ def test_de_beats_random_draws_and_equal_budget_random_search(hopper_checkpoint)
 
 def test_cli_writes_npz_with_schema_and_plot(hopper_checkpoint, tmp_path):
     out = tmp_path / "adv" / "deltas.npz"
-    proc = run_script("de_perturbations.py", "--checkpoint", hopper_checkpoint, "--output", str(out), "--epsilon", "0.4",
-                      "--num-perturbations", "2", "--popsize", "4", "--maxiter", "2", "--de-episodes", "2",
-                      "--eval-episodes", "2", "--random-draws", "3", "--max-episode-steps", "40", "--num-workers", "1")
+    proc = run_script(
+        "de_perturbations.py",
+        "--checkpoint",
+        hopper_checkpoint,
+        "--output",
+        str(out),
+        "--epsilon",
+        "0.4",
+        "--num-perturbations",
+        "2",
+        "--popsize",
+        "4",
+        "--maxiter",
+        "2",
+        "--de-episodes",
+        "2",
+        "--eval-episodes",
+        "2",
+        "--random-draws",
+        "3",
+        "--max-episode-steps",
+        "40",
+        "--num-workers",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     d = np.load(out, allow_pickle=False)
     assert str(d["format"]) == de.PERTURBATION_FORMAT and int(d["format_version"]) == de.PERTURBATION_VERSION
@@ -168,24 +191,43 @@ def test_cli_writes_npz_with_schema_and_plot(hopper_checkpoint, tmp_path):
     assert d["random_returns"].shape == (3,) and d["history"].shape[0] == 2
     assert float(d["epsilon"]) == 0.4 and str(d["perturbation_model"]) == "multiplicative"
     assert str(d["env_id"]) == "Hopper-v5" and int(d["act_dim"]) == 3 and int(d["max_episode_steps"]) == 40
-    assert str(d["checkpoint_sha256"]) == runtime.sha256_file(hopper_checkpoint)
+    assert str(d["checkpoint_sha256"]) == sha256_file(hopper_checkpoint)
     assert float(d["random_return_mean"]) == pytest.approx(d["random_returns"].mean())
-    for key in ("nominal_return", "random_return_std", "eval_seeds", "de_seed", "de_episodes", "popsize", "maxiter",
-                "mutation", "recombination", "strategy", "tol", "polish", "env_steps", "wall_time_sec", "de_objective",
-                "checkpoint_path", "num_workers"):
+    for key in (
+        "nominal_return",
+        "random_return_std",
+        "eval_seeds",
+        "de_seed",
+        "de_episodes",
+        "popsize",
+        "maxiter",
+        "mutation",
+        "recombination",
+        "strategy",
+        "tol",
+        "polish",
+        "env_steps",
+        "wall_time_sec",
+        "de_objective",
+        "checkpoint_path",
+        "num_workers",
+    ):
         assert key in d.files, key
     png = out.with_suffix(".png")
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert not [f for f in os.listdir(out.parent) if ".tmp" in f]
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--checkpoint", "nope/checkpoint.pt"], "not found"),
-    (["--epsilon", "0"], "--epsilon"),
-    (["--epsilon", "1.0"], "--epsilon"),
-    (["--num-perturbations", "0"], "--num-perturbations"),
-    (["--popsize", "3"], "--popsize"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--checkpoint", "nope/checkpoint.pt"], "not found"),
+        (["--epsilon", "0"], "--epsilon"),
+        (["--epsilon", "1.0"], "--epsilon"),
+        (["--num-perturbations", "0"], "--num-perturbations"),
+        (["--popsize", "3"], "--popsize"),
+    ],
+)
 def test_cli_bad_input_is_one_clear_line(hopper_checkpoint, tmp_path, argv, needle):
     base = [] if argv[0] == "--checkpoint" else ["--checkpoint", hopper_checkpoint]
     proc = run_script("de_perturbations.py", *base, *argv, "--output", str(tmp_path / "p.npz"), cwd=tmp_path)
@@ -194,21 +236,46 @@ def test_cli_bad_input_is_one_clear_line(hopper_checkpoint, tmp_path, argv, need
 
 
 def test_an_unknown_perturbation_model_is_refused_by_tyro_naming_the_choices(hopper_checkpoint, tmp_path):
-    proc = run_script("de_perturbations.py", "--checkpoint", hopper_checkpoint, "--perturbation-model", "sideways", cwd=tmp_path)
+    proc = run_script(
+        "de_perturbations.py", "--checkpoint", hopper_checkpoint, "--perturbation-model", "sideways", cwd=tmp_path
+    )
     assert_usage_error(proc, "--perturbation-model")
     assert "multiplicative" in proc.stderr and not list(tmp_path.iterdir())
 
 
 def test_additive_model_allows_epsilon_at_or_above_one(hopper_checkpoint, tmp_path):
-    proc = run_script("de_perturbations.py", "--checkpoint", hopper_checkpoint, "--perturbation-model", "additive",
-                      "--epsilon", "1.0", "--num-perturbations", "1", "--popsize", "4", "--maxiter", "1",
-                      "--de-episodes", "1", "--eval-episodes", "1", "--random-draws", "1", "--max-episode-steps", "20",
-                      "--num-workers", "1", "--output", str(tmp_path / "a.npz"))
+    proc = run_script(
+        "de_perturbations.py",
+        "--checkpoint",
+        hopper_checkpoint,
+        "--perturbation-model",
+        "additive",
+        "--epsilon",
+        "1.0",
+        "--num-perturbations",
+        "1",
+        "--popsize",
+        "4",
+        "--maxiter",
+        "1",
+        "--de-episodes",
+        "1",
+        "--eval-episodes",
+        "1",
+        "--random-draws",
+        "1",
+        "--max-episode-steps",
+        "20",
+        "--num-workers",
+        "1",
+        "--output",
+        str(tmp_path / "a.npz"),
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_de_summary_uses_the_evaluators_estimator():
-    """Episode i plays δ_(i mod K), as runtime.ConditionEvaluator does, not every δ on every episode."""
+    """Episode i plays δ_(i mod K), as robust_o2o.evaluation.ConditionEvaluator does, not every δ on every episode."""
     table = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # [K = 2 deltas, M = 3 episodes]
     assert de.as_evaluated(table) == pytest.approx((1.0 + 5.0 + 3.0) / 3)
     assert de.as_evaluated(table) != pytest.approx(table.mean())

@@ -1,4 +1,5 @@
 """Resume after interruption (kill -9 included), determinism, safe loading and bad input, stage by stage."""
+
 import json
 import os
 import signal
@@ -10,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, run_script
 
 import td3_bc_offline as tb
+from conftest import ROOT, assert_one_line_error, run_script
 
 TIMING = {"charts/updates_per_sec", "charts/elapsed_sec", "charts/sps"}  # wall-clock figures: never reproducible
 
@@ -39,8 +40,22 @@ def assert_same_tree(a, b, path="", skip=("args", "metrics_bytes", "initial_chec
 
 
 def td3_bc_args(dataset_id, run_name, total=60, *extra):
-    return ["--dataset-id", dataset_id, "--total-steps", str(total), "--eval-freq", "20", "--log-freq", "10",
-            "--eval-episodes", "1", "--no-cuda", "--run-name", run_name, *extra]
+    return [
+        "--dataset-id",
+        dataset_id,
+        "--total-steps",
+        str(total),
+        "--eval-freq",
+        "20",
+        "--log-freq",
+        "10",
+        "--eval-episodes",
+        "1",
+        "--no-cuda",
+        "--run-name",
+        run_name,
+        *extra,
+    ]
 
 
 def test_td3_bc_is_deterministic_and_resumes_identically_after_kill_9(hopper_datasets, tmp_path):
@@ -74,29 +89,61 @@ def test_td3_bc_is_deterministic_and_resumes_identically_after_kill_9(hopper_dat
 
 def test_td3_bc_resume_refuses_changed_arguments_and_missing_state(hopper_datasets, tmp_path):
     ds = hopper_datasets["medium"]
-    assert_one_line_error(run_script("td3_bc_offline.py", *td3_bc_args(ds, "x", 20, "--resume"), cwd=tmp_path),
-                          "nothing to resume", "without --resume")
+    assert_one_line_error(
+        run_script("td3_bc_offline.py", *td3_bc_args(ds, "x", 20, "--resume"), cwd=tmp_path),
+        "nothing to resume",
+        "without --resume",
+    )
     assert run_script("td3_bc_offline.py", *td3_bc_args(ds, "x", 20), cwd=tmp_path).returncode == 0
-    assert_one_line_error(run_script("td3_bc_offline.py", *td3_bc_args(ds, "x", 40, "--resume", "--batch-size", "64"),
-                                     cwd=tmp_path), "--batch-size", "original value")
+    assert_one_line_error(
+        run_script("td3_bc_offline.py", *td3_bc_args(ds, "x", 40, "--resume", "--batch-size", "64"), cwd=tmp_path),
+        "--batch-size",
+        "original value",
+    )
     assert_one_line_error(run_script("td3_bc_offline.py", *td3_bc_args(ds, "x", 40), cwd=tmp_path), "--resume")
 
 
 def ft_args(ckpt, pert, run_name, total, *extra):
-    return ["--checkpoint", ckpt, "--perturbations", pert, "--total-steps", str(total), "--eval-freq", "150",
-            "--eval-episodes", "1", "--batch-size", "32", "--no-cuda", "--run-name", run_name, "--curriculum", "adaptive",
-            "--r-off", "0.25", *extra]
+    return [
+        "--checkpoint",
+        ckpt,
+        "--perturbations",
+        pert,
+        "--total-steps",
+        str(total),
+        "--eval-freq",
+        "150",
+        "--eval-episodes",
+        "1",
+        "--batch-size",
+        "32",
+        "--no-cuda",
+        "--run-name",
+        run_name,
+        "--curriculum",
+        "adaptive",
+        "--r-off",
+        "0.25",
+        *extra,
+    ]
 
 
 def test_finetune_resumes_mid_episode_identically(hopper_checkpoint, hopper_perturbations, tmp_path):
-    """Interrupted at a save in the middle of an episode, resumed with its buffer, RNGs and MuJoCo state: bit-identical."""
-    full = run_script("td3_adv_finetune.py", *ft_args(hopper_checkpoint, hopper_perturbations, "full", 450), cwd=tmp_path)
+    """Interrupted at a save in the middle of an episode, resumed with its buffer, RNGs and MuJoCo state:
+    bit-identical."""
+    full = run_script(
+        "td3_adv_finetune.py", *ft_args(hopper_checkpoint, hopper_perturbations, "full", 450), cwd=tmp_path
+    )
     assert full.returncode == 0, full.stderr[-2000:]
-    part = run_script("td3_adv_finetune.py", *ft_args(hopper_checkpoint, hopper_perturbations, "part", 300), cwd=tmp_path)
+    part = run_script(
+        "td3_adv_finetune.py", *ft_args(hopper_checkpoint, hopper_perturbations, "part", 300), cwd=tmp_path
+    )
     assert part.returncode == 0, part.stderr[-2000:]
     state = torch.load(tmp_path / "runs/part/state.pt", weights_only=True)
     assert state["episode"]["episode_len"] > 0 and len(state["online"]["obs"]) == 300  # mid-episode, buffer saved
-    more = run_script("td3_adv_finetune.py", *ft_args(hopper_checkpoint, hopper_perturbations, "part", 450, "--resume"), cwd=tmp_path)
+    more = run_script(
+        "td3_adv_finetune.py", *ft_args(hopper_checkpoint, hopper_perturbations, "part", 450, "--resume"), cwd=tmp_path
+    )
     assert more.returncode == 0, more.stderr[-2000:]
     assert metric_rows(tmp_path / "runs/part") == metric_rows(tmp_path / "runs/full")
     load = lambda n, f: torch.load(tmp_path / "runs" / n / f, weights_only=True)  # noqa: E731
@@ -105,8 +152,15 @@ def test_finetune_resumes_mid_episode_identically(hopper_checkpoint, hopper_pert
 
 
 def test_finetune_resume_needs_the_run_name(hopper_checkpoint, hopper_perturbations, tmp_path):
-    proc = run_script("td3_adv_finetune.py", "--checkpoint", hopper_checkpoint, "--perturbations", hopper_perturbations,
-                      "--resume", cwd=tmp_path)
+    proc = run_script(
+        "td3_adv_finetune.py",
+        "--checkpoint",
+        hopper_checkpoint,
+        "--perturbations",
+        hopper_perturbations,
+        "--resume",
+        cwd=tmp_path,
+    )
     assert_one_line_error(proc, "--run-name")
 
 
@@ -122,24 +176,42 @@ def test_a_checkpoint_carrying_code_is_refused_and_nothing_runs(tmp_path, script
     Payload.marker = str(tmp_path / "pwned")
     with open(tmp_path / "evil.pt", "wb") as f:
         torch.save({"format": tb.CHECKPOINT_FORMAT, "x": Payload()}, f)
-    args = {"td3_adv_finetune.py": ["--checkpoint", "evil.pt"], "de_perturbations.py": ["--checkpoint", "evil.pt"],
-            "evaluate_matrix.py": ["--checkpoints", "evil.pt"]}[script]
+    args = {
+        "td3_adv_finetune.py": ["--checkpoint", "evil.pt"],
+        "de_perturbations.py": ["--checkpoint", "evil.pt"],
+        "evaluate_matrix.py": ["--checkpoints", "evil.pt"],
+    }[script]
     proc = run_script(script, *args, cwd=tmp_path)
     assert_one_line_error(proc, "evil.pt")
     assert not (tmp_path / "pwned").exists()
 
 
 def test_an_npz_carrying_a_pickle_is_refused(hopper_checkpoint, tmp_path):
-    np.savez(tmp_path / "evil.npz", format=np.array("o2o-adv-perturbations"), perturbations=np.array([Payload()], dtype=object))
+    np.savez(
+        tmp_path / "evil.npz",
+        format=np.array("o2o-adv-perturbations"),
+        perturbations=np.array([Payload()], dtype=object),
+    )
     Payload.marker = str(tmp_path / "pwned")
-    proc = run_script("td3_adv_finetune.py", "--checkpoint", hopper_checkpoint, "--perturbations", "evil.npz", cwd=tmp_path)
+    proc = run_script(
+        "td3_adv_finetune.py", "--checkpoint", hopper_checkpoint, "--perturbations", "evil.npz", cwd=tmp_path
+    )
     assert_one_line_error(proc, "evil.npz", "de_perturbations.py")
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("flag,value,needle", [
-    ("--q", "1.5", "--q"), ("--r-off", "-0.1", "--r-off"), ("--beta", "0", "--beta"), ("--beta", "1.2", "--beta"),
-    ("--eta", "-1", "--eta"), ("--total-steps", "-5", "--total-steps"), ("--q-max", "2", "--q-max")])
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [
+        ("--q", "1.5", "--q"),
+        ("--r-off", "-0.1", "--r-off"),
+        ("--beta", "0", "--beta"),
+        ("--beta", "1.2", "--beta"),
+        ("--eta", "-1", "--eta"),
+        ("--total-steps", "-5", "--total-steps"),
+        ("--q-max", "2", "--q-max"),
+    ],
+)
 def test_finetune_rejects_out_of_range_values(tmp_path, flag, value, needle):
     proc = run_script("td3_adv_finetune.py", flag, value, cwd=tmp_path)
     assert_one_line_error(proc, needle)
@@ -149,31 +221,50 @@ def test_finetune_rejects_out_of_range_values(tmp_path, flag, value, needle):
 def test_bad_checkpoints_and_perturbation_files(hopper_checkpoint, hopper_perturbations, tmp_path):
     data = Path(hopper_checkpoint).read_bytes()
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
-    proc = run_script("td3_adv_finetune.py", "--checkpoint", "trunc.pt", "--perturbations", hopper_perturbations, cwd=tmp_path)
+    proc = run_script(
+        "td3_adv_finetune.py", "--checkpoint", "trunc.pt", "--perturbations", hopper_perturbations, cwd=tmp_path
+    )
     assert_one_line_error(proc, "trunc.pt", "re-create")
     npz = Path(hopper_perturbations).read_bytes()
     (tmp_path / "trunc.npz").write_bytes(npz[: len(npz) // 2])
-    proc = run_script("td3_adv_finetune.py", "--checkpoint", hopper_checkpoint, "--perturbations", "trunc.npz", cwd=tmp_path)
+    proc = run_script(
+        "td3_adv_finetune.py", "--checkpoint", hopper_checkpoint, "--perturbations", "trunc.npz", cwd=tmp_path
+    )
     assert_one_line_error(proc, "trunc.npz", "de_perturbations.py")
     with np.load(hopper_perturbations, allow_pickle=False) as f:
         arrays = {k: f[k] for k in f.files}
     arrays["perturbations"] = np.zeros((2, 5))  # Hopper has 3 action dimensions
     np.savez(tmp_path / "wrongdim.npz", **arrays)
-    proc = run_script("td3_adv_finetune.py", "--checkpoint", hopper_checkpoint, "--perturbations", "wrongdim.npz", cwd=tmp_path)
+    proc = run_script(
+        "td3_adv_finetune.py", "--checkpoint", hopper_checkpoint, "--perturbations", "wrongdim.npz", cwd=tmp_path
+    )
     assert_one_line_error(proc, "action dimension", "de_perturbations.py")
     # a checkpoint from another env: the perturbations (made for Hopper) no longer fit it
     ckpt = torch.load(hopper_checkpoint, weights_only=True)
     ckpt["env_id"] = "Walker2d-v5"
     tb.save_checkpoint(str(tmp_path / "walker.pt"), ckpt)
-    proc = run_script("td3_adv_finetune.py", "--checkpoint", "walker.pt", "--perturbations", hopper_perturbations, cwd=tmp_path)
+    proc = run_script(
+        "td3_adv_finetune.py", "--checkpoint", "walker.pt", "--perturbations", hopper_perturbations, cwd=tmp_path
+    )
     assert_one_line_error(proc, "Walker2d-v5", "de_perturbations.py")
     assert not (tmp_path / "runs").exists()
 
 
 def test_de_rejects_nonpositive_epsilon(hopper_checkpoint, tmp_path):
     for eps in ("0", "-0.1"):
-        assert_one_line_error(run_script("de_perturbations.py", "--checkpoint", hopper_checkpoint, "--epsilon", eps, "--output",
-                                         str(tmp_path / "p.npz"), cwd=tmp_path), "--epsilon")
+        assert_one_line_error(
+            run_script(
+                "de_perturbations.py",
+                "--checkpoint",
+                hopper_checkpoint,
+                "--epsilon",
+                eps,
+                "--output",
+                str(tmp_path / "p.npz"),
+                cwd=tmp_path,
+            ),
+            "--epsilon",
+        )
     assert not (tmp_path / "p.npz").exists()
 
 
@@ -186,8 +277,11 @@ def test_a_nan_loss_stops_td3_bc_and_keeps_the_last_good_checkpoint(hopper_datas
         data = real(dataset)
         data["rewards"][:] = np.nan
         return data
+
     monkeypatch.chdir(tmp_path)
-    args = dict(dataset_id=hopper_datasets["medium"], eval_freq=20, log_freq=10, eval_episodes=1, cuda=False, run_name="nan")
+    args = dict(
+        dataset_id=hopper_datasets["medium"], eval_freq=20, log_freq=10, eval_episodes=1, cuda=False, run_name="nan"
+    )
     tb.main(tb.Args(total_steps=40, **args))
     before = Path("runs/nan/checkpoint.pt").read_bytes()
     monkeypatch.setattr(tb, "dataset_to_transitions", poisoned)
@@ -201,8 +295,19 @@ def test_de_resumes_mid_run_identically(hopper_checkpoint, tmp_path, monkeypatch
     resumed run writes the same perturbations, returns and histories as an uninterrupted one."""
     import de_perturbations as de
 
-    common = dict(checkpoint=hopper_checkpoint, epsilon=0.4, num_perturbations=3, popsize=4, maxiter=3, de_episodes=1,
-                  eval_episodes=2, random_draws=2, num_workers=1, tol=0.0, max_episode_steps=40)
+    common = dict(
+        checkpoint=hopper_checkpoint,
+        epsilon=0.4,
+        num_perturbations=3,
+        popsize=4,
+        maxiter=3,
+        de_episodes=1,
+        eval_episodes=2,
+        random_draws=2,
+        num_workers=1,
+        tol=0.0,
+        max_episode_steps=40,
+    )
     de.main(de.Args(output=str(tmp_path / "full.npz"), **common))
     real_save, calls = de.save_npz, []
 
@@ -211,6 +316,7 @@ def test_de_resumes_mid_run_identically(hopper_checkpoint, tmp_path, monkeypatch
         calls.append(path)
         if path.endswith(".state.npz") and len(calls) == 5:
             raise KeyboardInterrupt
+
     monkeypatch.setattr(de, "save_npz", interrupting_save)
     with pytest.raises(KeyboardInterrupt):
         de.main(de.Args(output=str(tmp_path / "part.npz"), **common))
@@ -228,14 +334,27 @@ def test_de_resumes_mid_run_identically(hopper_checkpoint, tmp_path, monkeypatch
 
 
 def test_dataset_creation_resumes_behaviour_training_identically(tmp_path, monkeypatch):
-    """Behaviour-policy training interrupted after its first saved evaluation (step 1000 of 1500), then resumed: the four
+    """Behaviour-policy training interrupted after its first saved evaluation (step 1000 of 1500), then resumed: the
+    four
     datasets equal those of an uninterrupted run."""
     import collect_dataset as cd
 
     monkeypatch.chdir(tmp_path)
-    common = dict(env_id="Hopper-v5", num_transitions=600, max_train_steps=1500, learning_starts=500, eval_freq=500,
-                  eval_episodes=1, ref_episodes=2, max_episode_steps=60, medium_target_return=1e9, expert_target_return=1e9,
-                  overwrite=True, cuda=False, seed=5)
+    common = dict(
+        env_id="Hopper-v5",
+        num_transitions=600,
+        max_train_steps=1500,
+        learning_starts=500,
+        eval_freq=500,
+        eval_episodes=1,
+        ref_episodes=2,
+        max_episode_steps=60,
+        medium_target_return=1e9,
+        expert_target_return=1e9,
+        overwrite=True,
+        cuda=False,
+        seed=5,
+    )
     cd.main(cd.Args(namespace="full", **common))
     real, calls = cd.env_state, []
 
@@ -244,6 +363,7 @@ def test_dataset_creation_resumes_behaviour_training_identically(tmp_path, monke
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(env)
+
     monkeypatch.setattr(cd, "env_state", interrupting)
     with pytest.raises(KeyboardInterrupt):
         cd.main(cd.Args(namespace="part", **common))
@@ -255,6 +375,7 @@ def test_dataset_creation_resumes_behaviour_training_identically(tmp_path, monke
     cd.main(cd.Args(namespace="part", resume=True, **common))
     assert not state_path.exists()
     import minari
+
     for level in cd.LEVELS:
         a = minari.load_dataset(cd.dataset_id_for("full", "Hopper-v5", level, 0))
         b = minari.load_dataset(cd.dataset_id_for("part", "Hopper-v5", level, 0))
@@ -265,20 +386,32 @@ def test_dataset_creation_resumes_behaviour_training_identically(tmp_path, monke
 
 
 def test_a_nan_loss_stops_finetuning_naming_the_step(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):
-    """Offline rows with NaN rewards: the first update (step 33, after 32 warm-up steps) gives a NaN critic loss; the run
+    """Offline rows with NaN rewards: the first update (step 33, after 32 warm-up steps) gives a NaN critic loss; the
+    run
     stops at the next check and names step 33; the checkpoint and state of the evaluation at step 30 stay."""
-    import runtime
     import td3_adv_finetune as ft
-    real = runtime.dataset_to_transitions  # what runtime.offline_transitions reads the offline data with
+    from robust_o2o import datasets
+
+    real = datasets.dataset_to_transitions  # what datasets.offline_transitions reads the offline data with
 
     def poisoned(dataset):
         data = real(dataset)
         data["rewards"][:] = np.inf
         return data
-    monkeypatch.setattr(runtime, "dataset_to_transitions", poisoned)
+
+    monkeypatch.setattr(datasets, "dataset_to_transitions", poisoned)
     monkeypatch.chdir(tmp_path)
-    args = ft.Args(checkpoint=hopper_checkpoint, perturbations=hopper_perturbations, total_steps=60, eval_freq=30,
-                   eval_episodes=1, batch_size=32, cuda=False, run_name="nan", r_off=1.0)
+    args = ft.Args(
+        checkpoint=hopper_checkpoint,
+        perturbations=hopper_perturbations,
+        total_steps=60,
+        eval_freq=30,
+        eval_episodes=1,
+        batch_size=32,
+        cuda=False,
+        run_name="nan",
+        r_off=1.0,
+    )
     with pytest.raises(ft.UserError, match=r"non-finite loss at step 33\b"):
         ft.main(args)
     assert torch.load("runs/nan/checkpoint.pt", weights_only=True)["step"] == 30

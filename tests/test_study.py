@@ -1,5 +1,6 @@
 """study.py (the grid on Ray: DAG order, resume after a killed driver, failure isolation) and study_report.py
 (rliable aggregation checked against values computed by hand)."""
+
 import csv
 import json
 import os
@@ -12,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
-
 import study
 import study_report as sr
+from conftest import ROOT
 
 CONDS = ("normal", "random", "adversarial", "transfer")
 
@@ -30,13 +30,33 @@ def fake_study(root: Path, scores: dict, seeds=tuple(range(1, 9)), steps=(0, 500
             (root / run).mkdir(parents=True)
             matrix = root / run / "matrix.csv"
             with open(matrix, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=["policy", "seed", "env_id", "eval_condition", "mean_return",
-                                                  "normalized_mean", "checkpoint", "attack_budget"])
+                w = csv.DictWriter(
+                    f,
+                    fieldnames=[
+                        "policy",
+                        "seed",
+                        "env_id",
+                        "eval_condition",
+                        "mean_return",
+                        "normalized_mean",
+                        "checkpoint",
+                        "attack_budget",
+                    ],
+                )
                 w.writeheader()
                 for c in CONDS:
-                    w.writerow({"policy": label, "seed": seed, "env_id": "Hopper-v5", "eval_condition": c,
-                                "mean_return": 10 * fn(seed, c), "normalized_mean": fn(seed, c), "checkpoint": f"{run}/checkpoint.pt",
-                                "attack_budget": "K=2 maxiter=3 popsize=4 episodes=2"})
+                    w.writerow(
+                        {
+                            "policy": label,
+                            "seed": seed,
+                            "env_id": "Hopper-v5",
+                            "eval_condition": c,
+                            "mean_return": 10 * fn(seed, c),
+                            "normalized_mean": fn(seed, c),
+                            "checkpoint": f"{run}/checkpoint.pt",
+                            "attack_budget": "K=2 maxiter=3 popsize=4 episodes=2",
+                        }
+                    )
             stage = "pretrain" if label == sr.OFFLINE else "finetune"
             if stage == "finetune":
                 with open(root / run / "metrics.jsonl", "w") as f:
@@ -49,12 +69,33 @@ def fake_study(root: Path, scores: dict, seeds=tuple(range(1, 9)), steps=(0, 500
                         if s > 0:  # the realized exposure is logged from the first evaluation after step 0
                             row["charts/perturbed_fraction"] = row["charts/perturbed_step_fraction"] = 0.25
                         f.write(json.dumps(row) + "\n")
-            policies.append({"env_id": "Hopper-v5", "seed": seed, "run_dir": run, "stage": stage, "matrix": str(matrix.relative_to(root)),
-                             "init": init, "finetune_condition": cond, "curriculum": curr})
+            policies.append(
+                {
+                    "env_id": "Hopper-v5",
+                    "seed": seed,
+                    "run_dir": run,
+                    "stage": stage,
+                    "matrix": str(matrix.relative_to(root)),
+                    "init": init,
+                    "finetune_condition": cond,
+                    "curriculum": curr,
+                }
+            )
     res = root / "results"
     res.mkdir()
-    (res / "study.json").write_text(json.dumps({"study": "fake", "scale": "tiny", "env_ids": ["Hopper-v5"], "seeds": list(seeds),
-                                                "epsilon": 0.3, "policies": policies, "runs_root": str(root)}))
+    (res / "study.json").write_text(
+        json.dumps(
+            {
+                "study": "fake",
+                "scale": "tiny",
+                "env_ids": ["Hopper-v5"],
+                "seeds": list(seeds),
+                "epsilon": 0.3,
+                "policies": policies,
+                "runs_root": str(root),
+            }
+        )
+    )
     return res
 
 
@@ -70,7 +111,9 @@ def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp
     res = fake_study(tmp_path, scores)
     (tmp_path / "runs" / "_study").mkdir()  # two finished fine-tunes' markers: the report states what the stages cost
     for i, wall in enumerate((120.0, 240.0)):
-        (tmp_path / "runs" / "_study" / f"finetune__Hopper-v5__{i}.json").write_text(json.dumps({"argv": [], "wall_s": wall}))
+        (tmp_path / "runs" / "_study" / f"finetune__Hopper-v5__{i}.json").write_text(
+            json.dumps({"argv": [], "wall_s": wall})
+        )
     sr.main(sr.Args(results_dir=str(res), reps=2000))
     rows = {(r["policy"], r["eval_condition"]): r for r in csv.DictReader(open(res / "scores.csv"))}
     adv = rows[(sr.ADV_FIXED, "adversarial")]
@@ -90,7 +133,9 @@ def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp
     d = 30 + x
     half = 2.364624 * d.std(ddof=1) / np.sqrt(8)  # t(7, 0.975)
     assert float(c1["mean_difference"]) == pytest.approx(d.mean(), rel=1e-5) and int(c1["seeds"]) == 8
-    assert float(c1["lo"]) == pytest.approx(d.mean() - half, rel=1e-5) and float(c1["p"]) == pytest.approx(2 / 256, rel=1e-4)
+    assert float(c1["lo"]) == pytest.approx(d.mean() - half, rel=1e-5) and float(c1["p"]) == pytest.approx(
+        2 / 256, rel=1e-4
+    )
     report = (res / "report.md").read_text()
     assert "Status: complete" in report
     assert "| finetune | 2 | 3.0 min | 2.0 min | 4.0 min | 0.10 h |" in report and "0.10 core-hours" in report
@@ -98,19 +143,32 @@ def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp
     assert "Holm-adjusted p = 0.016: **supported**" in report  # claims 1 and 2: 2 × 2/256
     verdicts = [ln.rsplit("**", 2)[-2] for ln in report.splitlines() if ln[:2] in ("1.", "2.") and "**" in ln]
     assert verdicts == ["supported", "supported"] and "not measured: no paired fine-tuned random (fixed)" in report
-    assert "| Hopper-v5 | fine-tuned adversarial (fixed) | 8 |" in report and "| 0.25 [0.25, 0.25] | 0.25 [0.25, 0.25] |" in report
+    assert (
+        "| Hopper-v5 | fine-tuned adversarial (fixed) | 8 |" in report
+        and "| 0.25 [0.25, 0.25] | 0.25 [0.25, 0.25] |" in report
+    )
     assert "budget: K=2 maxiter=3 popsize=4 episodes=2" in report
     for name in ("curves.png", "q_trajectory.png", "heatmap.png", "poi.csv"):
         assert (res / name).stat().st_size > 0
     per_seed = list(csv.DictReader(open(res / "evaluations.csv")))  # the inputs, one row per (policy, seed, condition)
     assert len(per_seed) == len(scores) * 8 * len(sr.EVAL_CONDITIONS)
-    assert {float(r["normalized_mean"]) for r in per_seed if r["policy"] == sr.ADV_FIXED and r["eval_condition"] == "adversarial"} == set(60 + x)
-    assert {r["policy"] for r in csv.DictReader(open(res / "curves.csv"))} == {sr.ADV_FIXED, sr.ADAPTIVE, sr.NORMAL_FT, sr.SCRATCH}
+    assert {
+        float(r["normalized_mean"])
+        for r in per_seed
+        if r["policy"] == sr.ADV_FIXED and r["eval_condition"] == "adversarial"
+    } == set(60 + x)
+    assert {r["policy"] for r in csv.DictReader(open(res / "curves.csv"))} == {
+        sr.ADV_FIXED,
+        sr.ADAPTIVE,
+        sr.NORMAL_FT,
+        sr.SCRATCH,
+    }
     first = {p.name: p.read_bytes() for p in res.iterdir() if p.suffix in (".md", ".csv")}
     sr.main(sr.Args(results_dir=str(res), reps=2000))  # the same files, the same tables
     assert first == {p.name: p.read_bytes() for p in res.iterdir() if p.suffix in (".md", ".csv")}
     # the committed files alone rebuild the same report: the runs gone, the per-seed CSVs read instead
     import shutil
+
     shutil.rmtree(tmp_path / "runs")
     sr.main(sr.Args(results_dir=str(res), reps=2000))
     again = {p.name: p.read_bytes() for p in res.iterdir() if p.suffix in (".md", ".csv")}
@@ -119,7 +177,10 @@ def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp
 
 
 def test_one_seed_judges_no_claim(tmp_path, capsys):
-    scores = {sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0), sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 90.0)}
+    scores = {
+        sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0),
+        sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 90.0),
+    }
     res = fake_study(tmp_path, scores, seeds=(1,))
     sr.main(sr.Args(results_dir=str(res), reps=200))
     printed, report = capsys.readouterr().out, (res / "report.md").read_text()
@@ -130,13 +191,19 @@ def test_one_seed_judges_no_claim(tmp_path, capsys):
 
 
 def test_report_labels_a_partial_study_and_refuses_an_empty_one(tmp_path):
-    scores = {sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0), sr.ADAPTIVE: ("offline", "adversarial", "adaptive", lambda s, c: 55.0)}
+    scores = {
+        sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0),
+        sr.ADAPTIVE: ("offline", "adversarial", "adaptive", lambda s, c: 55.0),
+    }
     res = fake_study(tmp_path, scores, seeds=(1, 2))
     os.remove(tmp_path / "runs" / f"{sr.ADAPTIVE.replace(' ', '_')}_2" / "matrix.csv")
     sr.main(sr.Args(results_dir=str(res), reps=200))
     assert "PARTIAL: 3 of 4 policies evaluated" in (res / "report.md").read_text()
-    proc = subprocess.run([sys.executable, str(ROOT / "study_report.py"), "--results-dir", str(tmp_path / "nothing")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "study_report.py"), "--results-dir", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and proc.stderr.strip().startswith("error:") and "study.py" in proc.stderr
 
 
@@ -147,15 +214,25 @@ def test_the_grid_expands_to_the_paper_conditions_in_dag_order(tmp_path):
     for i, s in enumerate(stages):  # every dependency comes earlier in the list
         assert all(ids.index(d) < i for d in s.deps), s.id
     ft = sorted(s.id.split(":")[-1] for s in stages if s.kind == "finetune" and s.seed == 1)
-    assert ft == ["offline-adversarial-adaptive", "offline-adversarial-fixed", "offline-adversarial-linear",
-                  "offline-normal-fixed", "offline-random-fixed", "scratch-adversarial-adaptive"]
+    assert ft == [
+        "offline-adversarial-adaptive",
+        "offline-adversarial-fixed",
+        "offline-adversarial-linear",
+        "offline-normal-fixed",
+        "offline-random-fixed",
+        "scratch-adversarial-adaptive",
+    ]
     for s in stages:  # claim 3's arms differ only in the condition: the same fixed q
         if s.kind == "finetune" and s.id.endswith("-fixed"):
             assert s.argv[s.argv.index("--q") + 1] == "0.5"
     assert sum(s.kind == "dataset" for s in stages) == 1 and sum(s.kind == "pretrain" for s in stages) == 5
     assert sum(s.kind == "evaluate" for s in stages) == 5 * 7  # offline-only + six fine-tunes, per seed
-    proc = subprocess.run([sys.executable, str(ROOT / "study.py"), "--scale", "tiny", "--seeds", "1", "--dry-run"],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "study.py"), "--scale", "tiny", "--seeds", "1", "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0 and "td3_adv_finetune.py" in proc.stdout and not (tmp_path / "runs").exists()
 
 
@@ -163,7 +240,9 @@ def _outputs(stage, root: Path) -> list:
     """The files a finished stage wrote."""
     if stage.kind == "dataset":
         return [p for p in Path(stage.done_file).rglob("*") if p.is_file()]
-    flag = {"pretrain": "--run-name", "finetune": "--run-name", "attack": "--output", "evaluate": "--output-dir"}[stage.kind]
+    flag = {"pretrain": "--run-name", "finetune": "--run-name", "attack": "--output", "evaluate": "--output-dir"}[
+        stage.kind
+    ]
     path = stage.argv[stage.argv.index(flag) + 1]
     path = root / "runs" / path if flag == "--run-name" else root / path
     return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
@@ -181,10 +260,27 @@ def test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage
     bad = tmp_path / "runs" / "local-tiny-hopper-medium-v0__td3_bc_offline__2"
     bad.mkdir(parents=True)
     (bad / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    cmd = [sys.executable, str(ROOT / "study.py"), "--scale", "tiny", "--seeds", "1", "2", "--finetune-conditions", "normal",
-           "--curricula", "adaptive", "--no-scratch", "--results-dir", "results/t", "--reps", "200"]
-    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    cmd = [
+        sys.executable,
+        str(ROOT / "study.py"),
+        "--scale",
+        "tiny",
+        "--seeds",
+        "1",
+        "2",
+        "--finetune-conditions",
+        "normal",
+        "--curricula",
+        "adaptive",
+        "--no-scratch",
+        "--results-dir",
+        "results/t",
+        "--reps",
+        "200",
+    ]
+    driver = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     deadline = time.time() + 240
     while len(_markers(tmp_path)) < 3 and time.time() < deadline and driver.poll() is None:
         time.sleep(0.5)
@@ -192,9 +288,15 @@ def test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage
     driver.wait()
     first = _markers(tmp_path)
     assert len(first) >= 3, driver.stdout.read()
-    stages = {os.path.basename(study.marker_path(s)): s for s in study.build_stages(
-        study.Args(scale="tiny", seeds=(1, 2), finetune_conditions=("normal",), curricula=("adaptive",),
-                   scratch=False), str(tmp_path / "minari"))}
+    stages = {
+        os.path.basename(study.marker_path(s)): s
+        for s in study.build_stages(
+            study.Args(
+                scale="tiny", seeds=(1, 2), finetune_conditions=("normal",), curricula=("adaptive",), scratch=False
+            ),
+            str(tmp_path / "minari"),
+        )
+    }
     outputs = {p: p.stat().st_mtime_ns for name in first for p in _outputs(stages[name], tmp_path)}
     assert outputs
 
@@ -210,14 +312,21 @@ def test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage
     assert sorted(markers) == sorted(n for n, s in stages.items() if s.seed in (None, 1))
     for name, m in markers.items():  # nothing started before its inputs were finished
         for d in stages[name].deps:
-            assert m["started"] >= markers[os.path.basename(study.marker_path(
-                next(s for s in stages.values() if s.id == d)))]["finished"], (name, d)
+            assert (
+                m["started"]
+                >= markers[os.path.basename(study.marker_path(next(s for s in stages.values() if s.id == d)))][
+                    "finished"
+                ]
+            ), (name, d)
     report = (tmp_path / "results" / "t" / "report.md").read_text()
     assert "PARTIAL: 3 of 6 policies evaluated" in report
     # seed 1's chain finished: its per-seed rows and provenance are in the results folder, ready to commit
     chains = tmp_path / "results" / "t" / "chains"
-    assert sorted(p.name for p in chains.iterdir()) == ["Hopper-v5__seed1.json", "Hopper-v5__seed1__curves.csv",
-                                                        "Hopper-v5__seed1__evaluations.csv"]
+    assert sorted(p.name for p in chains.iterdir()) == [
+        "Hopper-v5__seed1.json",
+        "Hopper-v5__seed1__curves.csv",
+        "Hopper-v5__seed1__evaluations.csv",
+    ]
     meta = json.loads((chains / "Hopper-v5__seed1.json").read_text())
     assert meta["stages"] == 7 and meta["wall_s"] > 0 and len(meta["commit"]) >= 40 and "cores" in meta["machine"]
     assert len(list(csv.DictReader(open(chains / "Hopper-v5__seed1__evaluations.csv")))) == 3 * 4
@@ -241,13 +350,22 @@ def test_run_stage_resumes_where_state_is_left_reports_the_error_line_and_flags_
 
 
 def test_a_medium_dataset_below_its_target_is_refused_and_one_above_it_is_taken(tmp_path):
-    stage = next(s for s in study.build_stages(study.Args(scale="medium", seeds=(1,)), str(tmp_path)) if s.kind == "dataset")
+    stage = next(
+        s for s in study.build_stages(study.Args(scale="medium", seeds=(1,)), str(tmp_path)) if s.kind == "dataset"
+    )
     meta = Path(stage.done_file) / "data" / "metadata.json"
     meta.parent.mkdir(parents=True)
     cmd = [sys.executable, stage.script, *stage.argv]
     for ret, ok in ((700.0, False), (1549.3, True)):  # Minari's own fields are plain strings, ours JSON-encoded
-        meta.write_text(json.dumps({"dataset_id": "local-medium/hopper/medium-v0", "policy_eval_return": json.dumps(ret),
-                                    "collect_args": json.dumps({"medium_target_return": None})}))
+        meta.write_text(
+            json.dumps(
+                {
+                    "dataset_id": "local-medium/hopper/medium-v0",
+                    "policy_eval_return": json.dumps(ret),
+                    "collect_args": json.dumps({"medium_target_return": None}),
+                }
+            )
+        )
         if ok:
             assert study.is_done(stage, cmd)
         else:

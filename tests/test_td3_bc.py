@@ -1,4 +1,5 @@
 """td3_bc_offline.py: loss pieces, data handling, checkpoint contract, CLI, and that learning happens."""
+
 import json
 import os
 import pickle
@@ -13,6 +14,7 @@ import torch.nn as nn
 import collect_dataset as cd
 import td3_bc_offline as tb
 from conftest import assert_one_line_error, run_script
+from robust_o2o.formats import load_checkpoint
 
 
 class ConstCritic(nn.Module):
@@ -41,7 +43,7 @@ def test_vectorized_critic_equals_two_separate_mlps():
     x = torch.cat([obs, act], -1)
     for i in range(2):
         h = x
-        for j, layer in enumerate(critic.net):
+        for layer in critic.net:
             h = h @ layer.weight[i] + layer.bias[i, 0] if isinstance(layer, tb.VectorizedLinear) else torch.relu(h)
         torch.testing.assert_close(q[i], h.squeeze(-1))
 
@@ -50,7 +52,9 @@ def test_td_target_bootstraps_truncations_not_terminations():
     actor = small_actor()
     reward, next_obs = torch.tensor([1.0, 1.0]), torch.randn(2, 3)
     termination = torch.tensor([1.0, 0.0])  # row 0 terminated; row 1 truncated (or mid-episode): bootstrap
-    y = tb.td_target(ConstCritic(5.0, 3.0), actor, next_obs, reward, termination, gamma=0.9, policy_noise=0.2, noise_clip=0.5)
+    y = tb.td_target(
+        ConstCritic(5.0, 3.0), actor, next_obs, reward, termination, gamma=0.9, policy_noise=0.2, noise_clip=0.5
+    )
     torch.testing.assert_close(y, torch.tensor([1.0, 1.0 + 0.9 * 3.0]))  # min(Q1', Q2') = 3
 
 
@@ -84,7 +88,9 @@ def test_actor_loss_lambda_normalization_and_bc_term():
     g = [p.grad.clone() for p in actor.parameters()]
     actor.zero_grad()
     pi = actor(obs)
-    (-(2.5 / critic(obs, pi)[0].abs().mean().item()) * critic(obs, pi)[0].mean() + ((pi - actions) ** 2).mean()).backward()
+    (
+        -(2.5 / critic(obs, pi)[0].abs().mean().item()) * critic(obs, pi)[0].mean() + ((pi - actions) ** 2).mean()
+    ).backward()
     for a, b in zip(g, [p.grad for p in actor.parameters()]):
         torch.testing.assert_close(a, b)
     # α = 0 is pure behaviour cloning; actions equal to π(s) cost nothing
@@ -103,17 +109,42 @@ def test_transitions_keep_truncated_next_observation(hopper_datasets):
         T = len(ep.rewards)
         np.testing.assert_allclose(data["next_obs"][i + T - 1], ep.observations[-1], rtol=1e-6)
         assert data["terminations"][i + T - 1] == float(ep.terminations[-1])  # truncation -> 0: bootstraps
-        assert not data["terminations"][i:i + T - 1].any()
+        assert not data["terminations"][i : i + T - 1].any()
         i += T
 
 
 def test_checkpoint_round_trip_acts_identically(hopper_datasets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    tb.main(tb.Args(dataset_id=hopper_datasets["medium"], total_steps=60, eval_freq=30, eval_episodes=2, log_freq=20,
-                    batch_size=32, cuda=False, run_name="rt"))
-    ckpt = tb.load_checkpoint("runs/rt/checkpoint.pt")
-    for key in ("actor", "critic", "actor_target", "critic_target", "actor_optimizer", "critic_optimizer", "obs_mean",
-                "obs_std", "env_id", "dataset_id", "action_low", "action_high", "args", "step", "ref_min_score"):
+    tb.main(
+        tb.Args(
+            dataset_id=hopper_datasets["medium"],
+            total_steps=60,
+            eval_freq=30,
+            eval_episodes=2,
+            log_freq=20,
+            batch_size=32,
+            cuda=False,
+            run_name="rt",
+        )
+    )
+    ckpt = load_checkpoint("runs/rt/checkpoint.pt")
+    for key in (
+        "actor",
+        "critic",
+        "actor_target",
+        "critic_target",
+        "actor_optimizer",
+        "critic_optimizer",
+        "obs_mean",
+        "obs_std",
+        "env_id",
+        "dataset_id",
+        "action_low",
+        "action_high",
+        "args",
+        "step",
+        "ref_min_score",
+    ):
         assert key in ckpt, key
     assert ckpt["step"] == 60 and ckpt["env_id"] == "Hopper-v5" and ckpt["dataset_id"] == hopper_datasets["medium"]
     data = tb.dataset_to_transitions(minari.load_dataset(hopper_datasets["medium"]))
@@ -130,51 +161,88 @@ def test_checkpoint_round_trip_acts_identically(hopper_datasets, tmp_path, monke
 
 def test_load_checkpoint_refuses_bad_files_without_running_code(tmp_path):
     with pytest.raises(tb.UserError, match="not found"):
-        tb.load_checkpoint(str(tmp_path / "missing.pt"))
+        load_checkpoint(str(tmp_path / "missing.pt"))
     (tmp_path / "garbage.pt").write_bytes(b"\x00not a checkpoint")
     with pytest.raises(tb.UserError, match="unreadable"):
-        tb.load_checkpoint(str(tmp_path / "garbage.pt"))
+        load_checkpoint(str(tmp_path / "garbage.pt"))
     marker = tmp_path / "pwned"
 
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"format": tb.CHECKPOINT_FORMAT, "x": Evil()}, f)
     with pytest.raises(tb.UserError, match="unreadable"):
-        tb.load_checkpoint(str(tmp_path / "evil.pt"))
+        load_checkpoint(str(tmp_path / "evil.pt"))
     assert not marker.exists()
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(tb.UserError, match="not a checkpoint of this project"):
-        tb.load_checkpoint(str(tmp_path / "other.pt"))
+        load_checkpoint(str(tmp_path / "other.pt"))
 
 
 def test_cli_smoke(hopper_datasets, tmp_path):
-    proc = run_script("td3_bc_offline.py", "--dataset-id", hopper_datasets["expert"], "--total-steps", "40",
-                      "--eval-freq", "20", "--eval-episodes", "1", "--batch-size", "32", "--log-freq", "10", cwd=tmp_path)
+    proc = run_script(
+        "td3_bc_offline.py",
+        "--dataset-id",
+        hopper_datasets["expert"],
+        "--total-steps",
+        "40",
+        "--eval-freq",
+        "20",
+        "--eval-episodes",
+        "1",
+        "--batch-size",
+        "32",
+        "--log-freq",
+        "10",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "runs" / f"{hopper_datasets['expert'].replace('/', '-')}__td3_bc_offline__1"
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows if "eval/return_mean" in r] == [20, 40]
     assert all(r["eval/normalized_score"] is not None for r in rows if "eval/return_mean" in r)
-    assert tb.load_checkpoint(str(run / "checkpoint.pt"))["step"] == 40
-    again = run_script("td3_bc_offline.py", "--dataset-id", hopper_datasets["expert"], "--total-steps", "1", cwd=tmp_path)
+    assert load_checkpoint(str(run / "checkpoint.pt"))["step"] == 40
+    again = run_script(
+        "td3_bc_offline.py", "--dataset-id", hopper_datasets["expert"], "--total-steps", "1", cwd=tmp_path
+    )
     assert_one_line_error(again, "--overwrite")
 
 
 def test_cli_bad_input_is_one_clear_line(hopper_datasets, tmp_path):
-    assert_one_line_error(run_script("td3_bc_offline.py", "--dataset-id", "local/hopper/nothing-v0", cwd=tmp_path),
-                          "collect_dataset.py", "minari download")
+    assert_one_line_error(
+        run_script("td3_bc_offline.py", "--dataset-id", "local/hopper/nothing-v0", cwd=tmp_path),
+        "collect_dataset.py",
+        "minari download",
+    )
     quick = run_script("td3_bc_offline.py", "--dataset-id", "local-quick/hopper/nothing-v0", cwd=tmp_path, timeout=20)
     assert_one_line_error(quick, "not in the local Minari store")  # never looked up online: fails at once
-    assert_one_line_error(run_script("td3_bc_offline.py", "--dataset-id", hopper_datasets["medium"], "--env-id",
-                                     "InvertedPendulum-v5", cwd=tmp_path), "does not match")
-    assert_one_line_error(run_script("td3_bc_offline.py", "--dataset-id", hopper_datasets["medium"], "--env-id",
-                                     "NoSuchEnv-v0", cwd=tmp_path), "unknown env id")
-    assert_one_line_error(run_script("td3_bc_offline.py", "--dataset-id", hopper_datasets["medium"], "--total-steps", "-5",
-                                     cwd=tmp_path), ">= 1")
+    assert_one_line_error(
+        run_script(
+            "td3_bc_offline.py",
+            "--dataset-id",
+            hopper_datasets["medium"],
+            "--env-id",
+            "InvertedPendulum-v5",
+            cwd=tmp_path,
+        ),
+        "does not match",
+    )
+    assert_one_line_error(
+        run_script(
+            "td3_bc_offline.py", "--dataset-id", hopper_datasets["medium"], "--env-id", "NoSuchEnv-v0", cwd=tmp_path
+        ),
+        "unknown env id",
+    )
+    assert_one_line_error(
+        run_script("td3_bc_offline.py", "--dataset-id", hopper_datasets["medium"], "--total-steps", "-5", cwd=tmp_path),
+        ">= 1",
+    )
     cd.write_minari_dataset("test/hopper/empty-v0", [], "Hopper-v5", 0.0, 1.0, "empty", {}, overwrite=True)
-    assert_one_line_error(run_script("td3_bc_offline.py", "--dataset-id", "test/hopper/empty-v0", cwd=tmp_path), "empty")
+    assert_one_line_error(
+        run_script("td3_bc_offline.py", "--dataset-id", "test/hopper/empty-v0", cwd=tmp_path), "empty"
+    )
     assert not (tmp_path / "runs").exists()  # refused runs leave no output folder
 
 
@@ -186,16 +254,23 @@ def test_learning_happens_on_a_competent_behaviour_dataset(seed, tmp_path, monke
     env = gym.make("InvertedPendulum-v5", max_episode_steps=200)
     rng = np.random.default_rng(seed)
     gains = np.array([1.0, 10.0, 1.0, 1.0])
-    eps, behaviour = cd.rollout(env, lambda o: np.clip([gains @ o + rng.normal(0, 0.3)], -3, 3).astype(np.float32), 4000, seed)
+    eps, behaviour = cd.rollout(
+        env, lambda o: np.clip([gains @ o + rng.normal(0, 0.3)], -3, 3).astype(np.float32), 4000, seed
+    )
     random_return = np.mean(cd.random_returns(env, 20, seed))
     ds_id = f"test/invertedpendulum/pd{seed}-v0"
-    cd.write_minari_dataset(ds_id, eps, "InvertedPendulum-v5", float(random_return), 200.0, "pd", {}, overwrite=True,
-                            max_episode_steps=200)
-    args = tb.Args(dataset_id=ds_id, total_steps=1000, eval_freq=1000, eval_episodes=5, seed=seed, cuda=False, run_name="l")
+    cd.write_minari_dataset(
+        ds_id, eps, "InvertedPendulum-v5", float(random_return), 200.0, "pd", {}, overwrite=True, max_episode_steps=200
+    )
+    args = tb.Args(
+        dataset_id=ds_id, total_steps=1000, eval_freq=1000, eval_episodes=5, seed=seed, cuda=False, run_name="l"
+    )
     torch.manual_seed(seed)
     untrained = tb.Actor(4, 1, env.action_space.low, env.action_space.high)
     before = tb.evaluate(untrained, env, torch.zeros(4), torch.ones(4), 5, args.eval_seed).mean()
     tb.main(args)
-    after = [r for r in map(json.loads, open("runs/l/metrics.jsonl")) if "eval/return_mean" in r][-1]["eval/return_mean"]
+    after = [r for r in map(json.loads, open("runs/l/metrics.jsonl")) if "eval/return_mean" in r][-1][
+        "eval/return_mean"
+    ]
     assert np.mean(behaviour) == 200.0 and random_return < 20 and before < 50
     assert after >= 0.9 * np.mean(behaviour), (before, after)

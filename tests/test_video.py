@@ -1,5 +1,7 @@
 """--capture-video: recorded episodes return exactly what unrecorded ones do, the files decode with the right frame
-counts, the side-by-side GIF has one panel per policy, and a missing GL backend ends in one line with nothing written."""
+counts, the side-by-side GIF has one panel per policy, and a missing GL backend ends in one line with nothing
+written."""
+
 import os
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import de_perturbations as de
 import evaluate_matrix as em
 import td3_adv_finetune as ft
 from conftest import ROOT, assert_one_line_error, offline_run
-from runtime import record_episode
+from robust_o2o.video import record_episode
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -27,11 +29,23 @@ def expected_frames(steps: int, skip: int) -> int:
 def test_recorded_episode_returns_exactly_the_unrecorded_evaluation(hopper_checkpoint, delta):
     ckpt = de.load_checkpoint(hopper_checkpoint)
     actor = de.actor_from_checkpoint(ckpt)
-    ep = record_episode(ckpt["env_id"], ckpt["max_episode_steps"], actor, ckpt["obs_mean"], ckpt["obs_std"], delta,
-                        de.perturb_action, "multiplicative", 10_000, size=48, frame_skip=3)
+    ep = record_episode(
+        ckpt["env_id"],
+        ckpt["max_episode_steps"],
+        actor,
+        ckpt["obs_mean"],
+        ckpt["obs_std"],
+        delta,
+        de.perturb_action,
+        "multiplicative",
+        10_000,
+        size=48,
+        frame_skip=3,
+    )
     env = gym.make(ckpt["env_id"], max_episode_steps=ckpt["max_episode_steps"])
-    returns, steps = de.rollout_batch([env], actor, ckpt["obs_mean"], ckpt["obs_std"], delta[None], [10_000], "multiplicative",
-                                      de.perturb_action)
+    returns, steps = de.rollout_batch(
+        [env], actor, ckpt["obs_mean"], ckpt["obs_std"], delta[None], [10_000], "multiplicative", de.perturb_action
+    )
     assert ep.ret == returns[0] and ep.steps == steps  # bit for bit: rendering only reads the simulation
     assert ep.frames.shape == (expected_frames(steps, 3), 48, 48, 3) and ep.frames.dtype == np.uint8
     assert ep.running_return[-1] == ep.ret and ep.frames.std() > 0
@@ -45,8 +59,19 @@ def video_runs(hopper_checkpoint, hopper_perturbations, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        ft.main(ft.Args(checkpoint=str(off / "checkpoint.pt"), total_steps=60, eval_freq=30, eval_episodes=1, batch_size=16,
-                        cuda=False, run_name="ft1", curriculum="linear", capture_video=True))
+        ft.main(
+            ft.Args(
+                checkpoint=str(off / "checkpoint.pt"),
+                total_steps=60,
+                eval_freq=30,
+                eval_episodes=1,
+                batch_size=16,
+                cuda=False,
+                run_name="ft1",
+                curriculum="linear",
+                capture_video=True,
+            )
+        )
     finally:
         os.chdir(cwd)
     return root
@@ -61,17 +86,41 @@ def test_finetune_records_one_playable_video_per_evaluation(video_runs):
 
 def test_evaluate_matrix_records_each_condition_and_a_side_by_side_gif(video_runs):
     out = video_runs / "results"
-    em.main(em.Args(checkpoints=(str(video_runs / "runs"),), output_dir=str(out), eval_episodes=2, num_workers=1,
-                    capture_video=True, video_size=64, video_frame_skip=5))
+    em.main(
+        em.Args(
+            checkpoints=(str(video_runs / "runs"),),
+            output_dir=str(out),
+            eval_episodes=2,
+            num_workers=1,
+            capture_video=True,
+            video_size=64,
+            video_frame_skip=5,
+        )
+    )
     videos = out / "videos"
     names = sorted(os.listdir(videos))
     per_policy = [n for n in names if "__" in n]
-    assert len(per_policy) == 2 * 3 and {n.split("__")[1] for n in per_policy} == {"normal.mp4", "random.mp4", "adversarial.mp4"}
+    assert len(per_policy) == 2 * 3 and {n.split("__")[1] for n in per_policy} == {
+        "normal.mp4",
+        "random.mp4",
+        "adversarial.mp4",
+    }
     assert {"side_by_side.mp4", "side_by_side.gif"} <= set(names) and not [n for n in names if ".tmp" in n]
     # the normal episode of the offline policy decodes to exactly the frames the recorder produced
     ckpt = de.load_checkpoint(str(video_runs / "runs" / "off1" / "checkpoint.pt"))
-    ep = record_episode(ckpt["env_id"], ckpt["max_episode_steps"], de.actor_from_checkpoint(ckpt), ckpt["obs_mean"],
-                        ckpt["obs_std"], np.zeros(3), de.perturb_action, "multiplicative", 10_000, size=64, frame_skip=5)
+    ep = record_episode(
+        ckpt["env_id"],
+        ckpt["max_episode_steps"],
+        de.actor_from_checkpoint(ckpt),
+        ckpt["obs_mean"],
+        ckpt["obs_std"],
+        np.zeros(3),
+        de.perturb_action,
+        "multiplicative",
+        10_000,
+        size=64,
+        frame_skip=5,
+    )
     mp4 = iio.imread(videos / "offline-only_s1__normal.mp4")
     assert mp4.shape == (expected_frames(ep.steps, 5), 64, 64, 3)
     gif = iio.imread(videos / "side_by_side.gif")
@@ -83,9 +132,18 @@ def test_evaluate_matrix_records_each_condition_and_a_side_by_side_gif(video_run
 
 @pytest.mark.parametrize("script", ["evaluate_matrix.py", "td3_adv_finetune.py"])
 def test_no_gl_backend_is_one_line_and_writes_nothing(script, hopper_checkpoint, hopper_perturbations, tmp_path):
-    args = (["--checkpoints", hopper_checkpoint, "--output-dir", str(tmp_path / "out")] if script == "evaluate_matrix.py" else
-            ["--checkpoint", hopper_checkpoint, "--total-steps", "20", "--eval-freq", "10", "--run-name", "x"])
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args, "--capture-video"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "MUJOCO_GL": "no-such-backend"})
+    args = (
+        ["--checkpoints", hopper_checkpoint, "--output-dir", str(tmp_path / "out")]
+        if script == "evaluate_matrix.py"
+        else ["--checkpoint", hopper_checkpoint, "--total-steps", "20", "--eval-freq", "10", "--run-name", "x"]
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args, "--capture-video"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MUJOCO_GL": "no-such-backend"},
+    )
     assert_one_line_error(proc, "MUJOCO_GL=no-such-backend", "MUJOCO_GL=egl")
     assert os.listdir(tmp_path) == []

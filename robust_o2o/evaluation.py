@@ -1,0 +1,122 @@
+"""The method's evaluation protocol: the one score scale (0 = random, 100 = expert), and a policy's deterministic
+returns
+on fixed episodes under each perturbation condition (normal, random, adversarial), played in lockstep. Fine-tuning's
+evaluations (which the adaptive curriculum reads), DE's and the final matrix all use it."""
+
+import os
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from robust_o2o.cli import UserError
+from robust_o2o.runs import Run
+from robust_o2o.video import captioned, record_episode, write_video
+
+
+def normalized_score(ret: float, ref_min, ref_max) -> float | None:
+    """D4RL-style score, the one scale of every log and file: 0 = random, 100 = expert (None without reference
+    scores)."""
+    return None if ref_min is None or ref_max is None else 100.0 * (ret - ref_min) / (ref_max - ref_min)
+
+
+def reference_scores(ckpt: dict, ref_min=None, ref_max=None, required: bool = False) -> tuple:
+    """The returns that normalize scores: the flags' (when given), else the checkpoint's; refuses a pair that cannot
+    normalize, and a missing pair when `required` (the adaptive curriculum reads normalized returns)."""
+    ref_min = ref_min if ref_min is not None else ckpt.get("ref_min_score")
+    ref_max = ref_max if ref_max is not None else ckpt.get("ref_max_score")
+    if required and (ref_min is None or ref_max is None):
+        raise UserError(
+            "the adaptive curriculum needs normalized returns but the checkpoint has no reference scores; "
+            "pass --ref-min-score and --ref-max-score"
+        )
+    if ref_min is not None and ref_max is not None and not ref_min < ref_max:
+        raise UserError(
+            f"the reference scores must satisfy min < max to normalize returns (got {ref_min} and {ref_max}); "
+            f"pass --ref-min-score and --ref-max-score"
+        )
+    return ref_min, ref_max
+
+
+def condition_metrics(returns: dict, ref_min, ref_max) -> dict:
+    """{condition: returns} -> eval/{condition}_return, _return_std and _normalized (None without reference scores)."""
+    return {
+        f"eval/{c}_{stat}": value
+        for c, r in returns.items()
+        for stat, value in (
+            ("return", float(r.mean())),
+            ("return_std", float(r.std())),
+            ("normalized", normalized_score(float(r.mean()), ref_min, ref_max)),
+        )
+    }
+
+
+class ConditionEvaluator:
+    """A policy's deterministic returns on the same `episodes` episodes (seeds eval_seed + i) under each condition
+    (name -> δ set; episode i plays δ_{i mod len}), all in lockstep through `rollout_batch`. `perturb` is the calling
+    script's perturbation model (its perturb_action)."""
+
+    def __init__(
+        self,
+        env_id: str,
+        max_episode_steps: int | None,
+        conditions: dict,
+        episodes: int,
+        eval_seed: int,
+        perturbation_model: str,
+        perturb,
+    ):
+        self.env_id, self.max_episode_steps, self.conditions, self.episodes = (
+            env_id,
+            max_episode_steps,
+            conditions,
+            episodes,
+        )
+        self.eval_seed, self.perturbation_model, self.perturb = eval_seed, perturbation_model, perturb
+        self.envs = [gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(len(conditions) * episodes)]
+        self.deltas = np.vstack([d[np.arange(episodes) % len(d)] for d in conditions.values()])
+        self.seeds = np.tile(eval_seed + np.arange(episodes), len(conditions))
+
+    def __call__(self, actor, obs_mean, obs_std) -> dict:
+        """-> {condition: per-episode returns [episodes]}"""
+        returns, _ = rollout_batch(
+            self.envs, actor, obs_mean, obs_std, self.deltas, self.seeds, self.perturbation_model, self.perturb
+        )
+        return {name: returns[i * self.episodes : (i + 1) * self.episodes] for i, name in enumerate(self.conditions)}
+
+    def record(self, run: Run, step: int, actor, obs_mean, obs_std, condition: str):
+        """The condition's first episode (its δ_0, the first evaluation seed), rendered and captioned, into
+        {run dir}/videos/eval_step{step}.mp4 and, with --track, to W&B."""
+        delta, path = self.conditions[condition][0], os.path.join(run.dir, "videos", f"eval_step{step:08d}.mp4")
+        ep = record_episode(
+            self.env_id,
+            self.max_episode_steps,
+            actor,
+            obs_mean,
+            obs_std,
+            delta,
+            self.perturb,
+            self.perturbation_model,
+            self.eval_seed,
+        )
+        write_video(path, captioned(ep, f"step {step}, {condition}", delta), ep.fps)
+        run.video(path, f"videos/eval_{condition}", step)
+
+
+def rollout_batch(envs, actor, obs_mean, obs_std, deltas: np.ndarray, seeds, model: str, perturb):
+    """Run one episode per (δ_j, seed_j) in lockstep, one batched policy call per step; `perturb` is the calling
+    script's perturbation model (its perturb_action). Returns (returns [B], env steps taken)."""
+    low, high = envs[0].action_space.low, envs[0].action_space.high
+    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
+    returns, alive, steps = np.zeros(len(seeds)), np.ones(len(seeds), bool), 0
+    while alive.any():
+        idx = np.flatnonzero(alive)
+        with torch.no_grad():
+            actions = actor((torch.as_tensor(obs[idx], dtype=torch.float32) - obs_mean) / obs_std).numpy()
+        executed = perturb(actions, deltas[idx], low, high, model)
+        for j, i in enumerate(idx):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(executed[j])
+            returns[i] += reward
+            alive[i] = not (terminated or truncated)
+        steps += len(idx)
+    return returns, steps

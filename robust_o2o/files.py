@@ -1,0 +1,57 @@
+"""Atomic writes (a temporary file beside the target, fsync, rename), so a crash or a full disk never leaves half a
+file."""
+
+import hashlib
+import os
+
+import numpy as np
+import torch
+
+from robust_o2o.cli import UserError, io_failure
+
+
+def _atomic(path: str, write):
+    """write(file) into a temporary file beside `path` (unique to this process), fsync, then rename over `path`. A
+    failure
+    (a full disk, a read-only folder) leaves `path` as it was and ends in one line (UserError)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        e.filename = e.filename or tmp
+        raise UserError(f"could not write {path}: {io_failure(e)}") from None
+    finally:
+        try:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        except OSError:
+            pass
+
+
+def save_checkpoint(path: str, ckpt: dict):
+    """Atomic: a temporary file next to `path`, fsync, then rename over it."""
+    _atomic(path, lambda f: torch.save(ckpt, f))
+
+
+def write_text(path: str, text: str):
+    """Atomic text write (tables, CSV)."""
+    _atomic(path, lambda f: f.write(text.encode()))
+
+
+def save_npz(path: str, arrays: dict):
+    """Atomic write: a temporary file beside `path` (unique to this process), fsync, then rename. Strings are stored as
+    unicode arrays, so the file loads with allow_pickle=False."""
+    _atomic(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
+
+
+def sha256_file(path: str) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

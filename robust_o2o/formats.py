@@ -1,0 +1,182 @@
+"""The files the stages hand to each other, checked on load against their schema (docs/file_contracts.md): the
+checkpoint (TD3+BC's and fine-tuning's) and the perturbations file (DE's)."""
+
+import os
+
+import numpy as np
+import torch
+
+from robust_o2o.cli import UserError
+
+CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
+
+
+CHECKPOINT_VERSION = 1
+
+
+PERTURBATION_FORMAT = "o2o-adv-perturbations"
+
+
+PERTURBATION_MODELS = ("multiplicative", "additive")
+
+
+DEFAULT_CHECKPOINTS = (
+    "runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
+    "runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
+)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint of this project without running any code (torch.load(weights_only=True)) and check its
+    format."""
+    if not os.path.isfile(path):
+        raise UserError(
+            f"checkpoint {path} not found; train one with `python td3_bc_offline.py` (or run "
+            f"`bash run_pipeline.sh`), or pass the right path"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(
+            f"checkpoint {path} is unreadable or not a plain-tensor checkpoint ({type(e).__name__}); "
+            f"re-create it with `python td3_bc_offline.py`"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this project (format '{CHECKPOINT_FORMAT}' expected)")
+    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise UserError(
+            f"{path} has checkpoint format version {ckpt['format_version']} > {CHECKPOINT_VERSION}; update this code"
+        )
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise UserError(f"checkpoint {path} is malformed: {problem}; re-create it with the stage that wrote it")
+    return ckpt
+
+
+def checkpoint_problem(ckpt: dict) -> str | None:
+    """The first way `ckpt` breaks the schema every stage relies on (docs/file_contracts.md), or None: the keys and
+    types
+    that acting needs, and every tensor's shape against the checkpoint's own obs, action and hidden sizes."""
+    for key, kind in (
+        ("env_id", str),
+        ("obs_dim", int),
+        ("act_dim", int),
+        ("hidden_dim", int),
+        ("action_low", torch.Tensor),
+        ("action_high", torch.Tensor),
+        ("obs_mean", torch.Tensor),
+        ("obs_std", torch.Tensor),
+        ("actor", dict),
+    ):
+        if not isinstance(ckpt.get(key), kind):
+            return f"'{key}' is missing or not a {kind.__name__}"
+    no, na, h = ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"]
+    if min(no, na, h) < 1:
+        return f"obs_dim, act_dim and hidden_dim must be >= 1 (got {no}, {na}, {h})"
+    shapes = {
+        "action_low": (na,),
+        "action_high": (na,),
+        "obs_mean": (no,),
+        "obs_std": (no,),
+        "actor/net.0.weight": (h, no),
+        "actor/net.0.bias": (h,),
+        "actor/net.2.weight": (h, h),
+        "actor/net.2.bias": (h,),
+        "actor/net.4.weight": (na, h),
+        "actor/net.4.bias": (na,),
+    }
+    for net in ("critic", "critic_target"):
+        if net in ckpt:
+            shapes.update(
+                {
+                    f"{net}/net.0.weight": (2, no + na, h),
+                    f"{net}/net.2.weight": (2, h, h),
+                    f"{net}/net.4.weight": (2, h, 1),
+                }
+            )
+    for name, shape in shapes.items():
+        parent, _, key = name.rpartition("/")
+        holder = ckpt.get(parent) if parent else ckpt
+        t = holder.get(key) if isinstance(holder, dict) else None
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            return f"'{name}' has shape {tuple(t.shape) if isinstance(t, torch.Tensor) else None}, expected {shape}"
+    if not (
+        torch.isfinite(ckpt["obs_mean"]).all() and torch.isfinite(ckpt["obs_std"]).all() and (ckpt["obs_std"] > 0).all()
+    ):
+        return "obs_mean/obs_std hold NaN, inf or a non-positive std"
+    if not (ckpt["action_low"] < ckpt["action_high"]).all():
+        return "action_low must be below action_high"
+    lo, hi = ckpt.get("ref_min_score"), ckpt.get("ref_max_score")
+    if lo is not None and hi is not None and not lo < hi:
+        return f"its reference scores cannot normalize a return (ref_min_score {lo} is not below ref_max_score {hi})"
+    return None
+
+
+def load_perturbations(path: str, env_id: str | None = None, act_dim: int | None = None, require=()) -> dict:
+    """A perturbations file of this project (allow_pickle=False), checked before any use: its keys (and `require`), a
+    non-empty δ set and random draws of finite values inside [−ε, ε], an ε its model can take, and the env and action
+    size it must fit."""
+    if not os.path.isfile(path):
+        raise UserError(
+            f"perturbations {path} not found; make them with "
+            f"`python de_perturbations.py --checkpoint <checkpoint>` (or run `bash run_pipeline.sh`)"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            npz = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise UserError(
+            f"perturbations {path} are unreadable ({type(e).__name__}); re-create them with de_perturbations.py"
+        ) from None
+    if str(npz.get("format", "")) != PERTURBATION_FORMAT:
+        raise UserError(f"{path} is not a perturbations file of this project; re-create it with de_perturbations.py")
+    problem = perturbations_problem(npz, require)
+    if problem:
+        raise UserError(f"perturbations {path} are malformed: {problem}; re-create them with de_perturbations.py")
+    if (env_id is not None and str(npz["env_id"]) != env_id) or (
+        act_dim is not None and npz["perturbations"].shape[1:] != (act_dim,)
+    ):
+        raise UserError(
+            f"{path} was made for {npz['env_id']} with action dimension {npz['perturbations'].shape[1:]}, "
+            f"but the checkpoint is {env_id} with {act_dim}; run de_perturbations.py on this checkpoint"
+        )
+    return npz
+
+
+def perturbations_problem(npz: dict, require=()) -> str | None:
+    """The first way a perturbations file breaks its schema (docs/file_contracts.md), or None."""
+    missing = [
+        k
+        for k in ("env_id", "epsilon", "perturbation_model", "perturbations", "random_deltas", *require)
+        if k not in npz
+    ]
+    if missing:
+        return f"'{missing[0]}' is missing"
+    model, eps = str(npz["perturbation_model"]), np.asarray(npz["epsilon"], dtype=float)
+    if model not in PERTURBATION_MODELS:
+        return f"perturbation model '{model}' is not one of {', '.join(PERTURBATION_MODELS)}"
+    if eps.shape != () or not (np.isfinite(eps) and eps > 0 and (model == "additive" or eps < 1)):
+        return f"ε = {eps} does not fit the {model} model (0 < ε{' < 1' if model == 'multiplicative' else ''})"
+    for key in ("perturbations", "random_deltas"):
+        d = np.asarray(npz[key])
+        if d.ndim != 2 or len(d) == 0 or d.shape[1] == 0:
+            return f"'{key}' must be a non-empty [K, Na] set (shape {d.shape})"
+        if not np.isfinite(d).all():
+            return f"'{key}' holds NaN or inf"
+        if np.abs(d).max() > float(eps) * (1 + 1e-6):
+            return f"'{key}' reaches |δ| = {np.abs(d).max():.3g}, outside [−ε, ε] with ε = {float(eps)}"
+    if npz["perturbations"].shape[1] != npz["random_deltas"].shape[1]:
+        return "'perturbations' and 'random_deltas' disagree on the action dimension"
+    return None
+
+
+def default_checkpoint() -> str:
+    """The first of DEFAULT_CHECKPOINTS that exists: the full-scale run's, then run_pipeline.sh's."""
+    found = [p for p in DEFAULT_CHECKPOINTS if os.path.isfile(p)]
+    if not found:
+        raise UserError(
+            f"no --checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; make one with "
+            f"`bash run_pipeline.sh`, or with `python collect_dataset.py` and `python td3_bc_offline.py`"
+        )
+    print(f"using checkpoint {found[0]}")
+    return found[0]
