@@ -37,14 +37,8 @@ from robust_o2o.runs import check_resume_args, seed_everything
 LEVELS = ("random", "medium", "medium-replay", "expert")
 # D4RL's expert reference returns (d4rl/infos.py REF_MAX_SCORE, measured on mujoco-py v2 envs; an
 # approximation for v5 envs). Medium targets default to a third of these.
-EXPERT_RETURN = {
-    "Hopper": 3234.3,
-    "HalfCheetah": 12135.0,
-    "Walker2d": 4592.3,
-    "Ant": 3879.7,
-    "InvertedPendulum": 1000.0,
-    "InvertedDoublePendulum": 9350.0,
-}
+EXPERT_RETURN = {"Hopper": 3234.3, "HalfCheetah": 12135.0, "Walker2d": 4592.3, "Ant": 3879.7}
+EXPERT_RETURN.update(InvertedPendulum=1000.0, InvertedDoublePendulum=9350.0)
 
 
 @dataclass
@@ -65,8 +59,7 @@ class Args:
     expert_target_return: Annotated[float | None, Range()] = None
     """eval return at which training stops and the policy counts as expert (if unset: the expert reference)"""
     max_train_steps: Annotated[int, Range(1)] = 1_000_000
-    """budget of online TD3 env steps for the behaviour policy; if a target is not reached, the best policy is used
-    (warned, recorded)"""
+    """online TD3 env steps the behaviour policy may train for (a missed target: the best policy, warned, recorded)"""
     strict_targets: bool = False
     """refuse to write a medium/expert dataset whose behaviour policy missed its target, instead of using the best
     policy seen"""
@@ -118,8 +111,7 @@ class Args:
     cuda: bool = True
     """use CUDA for the behaviour policy's training when available"""
     resume: bool = False
-    """continue an interrupted behaviour-policy training from
-    runs/collect_dataset__{namespace}-{env}-v{version}/state.pt"""
+    """continue an interrupted behaviour-policy training (its runs/collect_dataset__{namespace}-{env}-v{version}/)"""
     save_policies: str | None = None
     """directory to save the medium/expert behaviour policies (actor state dicts) into"""
 
@@ -131,14 +123,8 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(obs_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, act_dim),
-            nn.Tanh(),
-        )
+        hidden = [nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU()]
+        self.net = nn.Sequential(*hidden, nn.Linear(hidden_dim, act_dim), nn.Tanh())
         low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
@@ -150,17 +136,11 @@ class Actor(nn.Module):
 class QNetwork(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(obs_dim + act_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
-        )
+        layers = [nn.Linear(obs_dim + act_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(hidden, 1))
 
     def forward(self, obs, act):
         return self.net(torch.cat([obs, act], -1)).squeeze(-1)
-
-
-def make_env(env_id: str, max_episode_steps: int | None = None) -> gym.Env:
-    kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-    return gym.make(env_id, **kwargs)
 
 
 def rollout(env: gym.Env, policy, num_transitions: int, seed: int):
@@ -168,22 +148,20 @@ def rollout(env: gym.Env, policy, num_transitions: int, seed: int):
     the returns of the complete episodes. The last episode is cut at the budget and marked truncated."""
     episodes, returns = [], []
     obs, _ = env.reset(seed=seed)
-    o, a, r, term, trunc = [obs], [], [], [], []
+    observations, steps = [obs], []  # steps: (action, reward, terminated, truncated)
     for t in range(num_transitions):
         action = policy(obs)
         obs, reward, terminated, truncated, _ = env.step(action)
         last = t == num_transitions - 1
-        o.append(obs)
-        a.append(action)
-        r.append(reward)
-        term.append(terminated)
-        trunc.append(truncated or (last and not terminated))
+        observations.append(obs)
+        steps.append((action, reward, terminated, truncated or (last and not terminated)))
         if terminated or truncated or last:
-            episodes.append(episode_buffer(o, a, r, term, trunc))
+            actions, rewards, terminations, truncations = (list(column) for column in zip(*steps))
+            episodes.append(episode_buffer(observations, actions, rewards, terminations, truncations))
             if terminated or truncated:
-                returns.append(float(np.sum(r)))
+                returns.append(float(np.sum(rewards)))
             obs, _ = env.reset()
-            o, a, r, term, trunc = [obs], [], [], [], []
+            observations, steps = [obs], []
     return episodes, returns
 
 
@@ -197,29 +175,23 @@ def episode_buffer(o, a, r, term, trunc) -> EpisodeBuffer:
     )
 
 
-def split_episodes(obs, actions, rewards, next_obs, terms, truncs, n: int):
+def split_episodes(obs, actions, rewards, next_obs, terminations, truncations, n: int):
     """Turn the first n transitions of a replay buffer (in time order) into episode buffers; a trailing
     unfinished episode is kept and marked truncated (its next observation is stored, so it bootstraps)."""
     episodes, start = [], 0
     for t in range(n):
-        if terms[t] or truncs[t] or t == n - 1:
-            tr = truncs[start : t + 1].copy()
-            tr[-1] = tr[-1] or not terms[t]
-            episodes.append(
-                episode_buffer(
-                    np.concatenate([obs[start : t + 1], next_obs[t : t + 1]]),
-                    actions[start : t + 1],
-                    rewards[start : t + 1],
-                    terms[start : t + 1],
-                    tr,
-                )
-            )
+        if terminations[t] or truncations[t] or t == n - 1:
+            cut = slice(start, t + 1)
+            truncated = truncations[cut].copy()
+            truncated[-1] = truncated[-1] or not terminations[t]
+            observations = np.concatenate([obs[cut], next_obs[t : t + 1]])
+            episodes.append(episode_buffer(observations, actions[cut], rewards[cut], terminations[cut], truncated))
             start = t + 1
     return episodes
 
 
 def evaluate(actor: Actor, env_id: str, episodes: int, seed: int, device, max_episode_steps=None) -> np.ndarray:
-    env = make_env(env_id, max_episode_steps)
+    env = gym.make(env_id, max_episode_steps=max_episode_steps)
     returns = []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
@@ -235,103 +207,48 @@ def evaluate(actor: Actor, env_id: str, episodes: int, seed: int, device, max_ep
     return np.asarray(returns)
 
 
-def train_behaviour_policy(
-    args: Args,
-    medium_target: float,
-    expert_target: float | None,
-    device,
-    state_path: str | None = None,
-    resumed: dict | None = None,
-):
-    """Online TD3 (CleanRL's td3_continuous_action, compacted). Returns the medium and expert actors,
-    the number of steps at which medium was reached, the replay contents, and a training log.
-    After every evaluation the whole training state goes to `state_path`; `resumed` (such a state) continues it."""
-    env = make_env(args.env_id, args.max_episode_steps)
+def train_behaviour_policy(args: Args, targets: dict, device, state_path: str, resumed: dict | None = None):
+    """Online TD3 (CleanRL's td3_continuous_action, compacted) until the eval return reaches targets["medium"] (and
+    targets["expert"] if that level is wanted). After every evaluation the whole training state goes to `state_path`;
+    `resumed` (such a state) continues it. -> ({level: actor}, the step medium was reached at, replay arrays, log)"""
+    env = gym.make(args.env_id, max_episode_steps=args.max_episode_steps)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
     env.action_space.seed(args.seed)
-    actor = Actor(obs_dim, act_dim, low, high).to(device)
-    qf1, qf2 = QNetwork(obs_dim, act_dim).to(device), QNetwork(obs_dim, act_dim).to(device)
-    actor_target, qf1_target, qf2_target = copy.deepcopy(actor), copy.deepcopy(qf1), copy.deepcopy(qf2)
-    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.learning_rate)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
+    nets = make_td3(obs_dim, act_dim, low, high, args, device)
+    actor, bounds = nets["actor"], (torch.as_tensor(low, device=device), torch.as_tensor(high, device=device))
     scale = torch.as_tensor((high - low) / 2.0, device=device)
-    low_t, high_t = torch.as_tensor(low, device=device), torch.as_tensor(high, device=device)
-
-    n = args.max_train_steps
-    b_obs = np.zeros((n, obs_dim), np.float64)
-    b_next = np.zeros((n, obs_dim), np.float64)
-    b_act = np.zeros((n, act_dim), np.float32)
-    b_rew = np.zeros(n, np.float64)
-    b_term = np.zeros(n, bool)
-    b_trunc = np.zeros(n, bool)
-
-    need_expert = "expert" in args.levels
-    medium_actor = expert_actor = None
-    medium_step, best_return, best_actor, log = None, -np.inf, None, []
+    n, need_expert = args.max_train_steps, "expert" in args.levels
+    columns = {"obs": ((obs_dim,), np.float64), "actions": ((act_dim,), np.float32), "rewards": ((), np.float64)}
+    columns.update(next_obs=((obs_dim,), np.float64), terminations=((), bool), truncations=((), bool))
+    replay = {key: np.zeros((n, *shape), dtype) for key, (shape, dtype) in columns.items()}
+    kept = {"medium": None, "expert": None, "best": None}  # the actors kept: at each target, and the best seen
+    medium_step, best_return, log = None, -np.inf, []
     obs, _ = env.reset(seed=args.seed)
-    nets = {
-        "actor": actor,
-        "qf1": qf1,
-        "qf2": qf2,
-        "actor_target": actor_target,
-        "qf1_target": qf1_target,
-        "qf2_target": qf2_target,
-        "q_optimizer": q_optimizer,
-        "actor_optimizer": actor_optimizer,
-    }
-    buffers = {
-        "obs": b_obs,
-        "actions": b_act,
-        "rewards": b_rew,
-        "next_obs": b_next,
-        "terminations": b_term,
-        "truncations": b_trunc,
-    }
-
-    def copy_of_actor(state_dict):
-        if state_dict is None:
-            return None
-        a = copy.deepcopy(actor)
-        a.load_state_dict(state_dict)
-        return a
 
     def save_state(steps_done: int):
-        state = {k: m.state_dict() for k, m in nets.items()}
-        state.update(
-            steps_done=steps_done,
-            rng=rng_state(),
-            env=env_state(env),
-            obs=torch.from_numpy(np.array(obs)),
-            buffers={k: torch.from_numpy(b[:steps_done].copy()) for k, b in buffers.items()},
-            actors={
-                k: None if a is None else a.state_dict()
-                for k, a in (("medium", medium_actor), ("expert", expert_actor), ("best", best_actor))
-            },
-            medium_step=medium_step,
-            best_return=best_return,
-            log=log,
-            args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
-        )
+        state = {key: module.state_dict() for key, module in nets.items()}
+        state.update(steps_done=steps_done, rng=rng_state(), env=env_state(env), obs=torch.from_numpy(np.array(obs)))
+        state["buffers"] = {key: torch.from_numpy(column[:steps_done].copy()) for key, column in replay.items()}
+        state["actors"] = {key: None if a is None else a.state_dict() for key, a in kept.items()}
+        state.update(medium_step=medium_step, best_return=best_return, log=log)
+        state["args"] = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
         os.makedirs(os.path.dirname(state_path), exist_ok=True)
         save_checkpoint(state_path, state)
 
     start = step = 0
     if resumed is not None:
-        for k, m in nets.items():
-            m.load_state_dict(resumed[k])
+        for key, module in nets.items():
+            module.load_state_dict(resumed[key])
         start = resumed["steps_done"]
-        for k, b in buffers.items():
-            b[:start] = resumed["buffers"][k].numpy()
-        medium_actor, expert_actor, best_actor = (
-            copy_of_actor(resumed["actors"][k]) for k in ("medium", "expert", "best")
-        )
-        medium_step, best_return, log, obs = (
-            resumed["medium_step"],
-            resumed["best_return"],
-            resumed["log"],
-            resumed["obs"].numpy(),
-        )
+        for key, column in replay.items():
+            column[:start] = resumed["buffers"][key].numpy()
+        kept = {key: None if saved is None else copy.deepcopy(actor) for key, saved in resumed["actors"].items()}
+        for key, saved in resumed["actors"].items():
+            if saved is not None:
+                kept[key].load_state_dict(saved)
+        medium_step, best_return, log = resumed["medium_step"], resumed["best_return"], resumed["log"]
+        obs = resumed["obs"].numpy()
         set_env_state(env, resumed["env"])
         set_rng_state(resumed["rng"])
         tqdm.write(f"resuming the behaviour policy's training at step {start}")
@@ -344,91 +261,108 @@ def train_behaviour_policy(
             with torch.no_grad():
                 a = actor(torch.as_tensor(obs, dtype=torch.float32, device=device))
                 a = a + torch.randn_like(a) * scale * args.exploration_noise
-                action = a.clamp(low_t, high_t).cpu().numpy()
+                action = a.clamp(*bounds).cpu().numpy()
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        b_obs[step], b_act[step], b_rew[step], b_next[step] = obs, action, reward, next_obs
-        b_term[step], b_trunc[step] = terminated, truncated
+        for key, value in zip(replay, (obs, action, reward, next_obs, terminated, truncated)):
+            replay[key][step] = value
         obs = next_obs if not (terminated or truncated) else env.reset()[0]
-
         if step >= args.learning_starts:
-            idx = torch.randint(0, step + 1, (args.batch_size,))
-            s = torch.as_tensor(b_obs[idx], dtype=torch.float32, device=device)
-            s2 = torch.as_tensor(b_next[idx], dtype=torch.float32, device=device)
-            a = torch.as_tensor(b_act[idx], device=device)
-            r = torch.as_tensor(b_rew[idx], dtype=torch.float32, device=device)
-            d = torch.as_tensor(b_term[idx], dtype=torch.float32, device=device)  # bootstrap through truncations
-            with torch.no_grad():
-                noise = (torch.randn_like(a) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip) * scale
-                a2 = (actor_target(s2) + noise).clamp(low_t, high_t)
-                y = r + args.gamma * (1 - d) * torch.min(qf1_target(s2, a2), qf2_target(s2, a2))
-            q_loss = F.mse_loss(qf1(s, a), y) + F.mse_loss(qf2(s, a), y)
-            q_optimizer.zero_grad()
-            q_loss.backward()
-            q_optimizer.step()
-            if step % args.policy_frequency == 0:
-                actor_loss = -qf1(s, actor(s)).mean()
-                actor_optimizer.zero_grad()
-                actor_loss.backward()
-                actor_optimizer.step()
-                with torch.no_grad():
-                    for net, tgt in ((actor, actor_target), (qf1, qf1_target), (qf2, qf2_target)):
-                        for p, tp in zip(net.parameters(), tgt.parameters()):
-                            tp.lerp_(p, args.tau)
+            td3_update(nets, replay, step, args, scale, bounds, device)
 
         if (step + 1) % args.eval_freq == 0 and step >= args.learning_starts:
-            ret = float(
-                evaluate(
-                    actor, args.env_id, args.eval_episodes, args.seed + 10_000, device, args.max_episode_steps
-                ).mean()
-            )
+            limit = args.max_episode_steps
+            evaluation = evaluate(actor, args.env_id, args.eval_episodes, args.seed + 10_000, device, limit)
+            ret = float(evaluation.mean())
             log.append({"step": step + 1, "eval_return": ret})
             pbar.set_postfix(eval_return=f"{ret:.1f}")
             if ret > best_return:
-                best_return, best_actor = ret, copy.deepcopy(actor)
-            if medium_actor is None and ret >= medium_target:
-                medium_actor, medium_step = copy.deepcopy(actor), step + 1
-                tqdm.write(f"medium reached at step {medium_step}: eval return {ret:.1f} >= {medium_target:.1f}")
-            if expert_target is not None and ret >= expert_target:
-                expert_actor = copy.deepcopy(actor)
-                tqdm.write(f"expert reached at step {step + 1}: eval return {ret:.1f} >= {expert_target:.1f}")
-            if medium_actor is not None and (not need_expert or expert_actor is not None):
+                best_return, kept["best"] = ret, copy.deepcopy(actor)
+            for level in ("medium", "expert"):
+                if kept[level] is None and targets[level] is not None and ret >= targets[level]:
+                    kept[level], medium_step = copy.deepcopy(actor), medium_step if level == "expert" else step + 1
+                    tqdm.write(f"{level} reached at step {step + 1}: eval return {ret:.1f} >= {targets[level]:.1f}")
+            if kept["medium"] is not None and (not need_expert or kept["expert"] is not None):
                 break
-            if state_path is not None:
-                save_state(step + 1)
-    steps_done = step + 1
+            save_state(step + 1)
     pbar.close()
-    if best_actor is None:  # no evaluation ran (budget below learning_starts + eval_freq)
-        best_actor = copy.deepcopy(actor)
-    missed = "medium" if medium_actor is None else "expert" if need_expert and expert_actor is None else None
+    actors, medium_step = settle_targets(args, kept, medium_step, best_return, step + 1, state_path, actor)
+    return actors, medium_step, replay, log
+
+
+def make_td3(obs_dim: int, act_dim: int, low, high, args: Args, device) -> dict:
+    """The actor, two Q-networks, their targets and Adams, by the names the training state stores them under."""
+    actor = Actor(obs_dim, act_dim, low, high).to(device)
+    qf1, qf2 = QNetwork(obs_dim, act_dim).to(device), QNetwork(obs_dim, act_dim).to(device)
+    targets = {"actor_target": copy.deepcopy(actor), "qf1_target": copy.deepcopy(qf1), "qf2_target": copy.deepcopy(qf2)}
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.learning_rate)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
+    return {
+        "actor": actor,
+        "qf1": qf1,
+        "qf2": qf2,
+        **targets,
+        "q_optimizer": q_optimizer,
+        "actor_optimizer": actor_optimizer,
+    }
+
+
+def td3_update(nets: dict, replay: dict, step: int, args: Args, scale, bounds: tuple, device):
+    """One TD3 update on a uniform batch of the first step + 1 transitions; targets bootstrap through truncations."""
+    idx = torch.randint(0, step + 1, (args.batch_size,))
+    keys = ("obs", "actions", "rewards", "next_obs", "terminations")
+    s, a, r, s2, d = (torch.as_tensor(replay[key][idx], dtype=torch.float32, device=device) for key in keys)
+    actor, qf1, qf2 = nets["actor"], nets["qf1"], nets["qf2"]
+    with torch.no_grad():
+        noise = (torch.randn_like(a) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip) * scale
+        a2 = (nets["actor_target"](s2) + noise).clamp(*bounds)
+        y = r + args.gamma * (1 - d) * torch.min(nets["qf1_target"](s2, a2), nets["qf2_target"](s2, a2))
+    q_loss = F.mse_loss(qf1(s, a), y) + F.mse_loss(qf2(s, a), y)
+    nets["q_optimizer"].zero_grad()
+    q_loss.backward()
+    nets["q_optimizer"].step()
+    if step % args.policy_frequency == 0:
+        actor_loss = -qf1(s, actor(s)).mean()
+        nets["actor_optimizer"].zero_grad()
+        actor_loss.backward()
+        nets["actor_optimizer"].step()
+        with torch.no_grad():
+            for name in ("actor", "qf1", "qf2"):
+                for p, tp in zip(nets[name].parameters(), nets[f"{name}_target"].parameters()):
+                    tp.lerp_(p, args.tau)
+
+
+def settle_targets(args, kept: dict, medium_step, best_return: float, steps_done: int, state_path: str, actor):
+    """The medium (and expert) actors: those that reached their targets; for a missed target the best policy seen, with
+    a warning (or, with --strict-targets, an error). -> ({level: actor}, medium step)"""
+    best = kept["best"] if kept["best"] is not None else copy.deepcopy(actor)  # no evaluation ran: the last policy
+    wanted = ["medium"] + (["expert"] if "expert" in args.levels else [])
+    missed = [level for level in wanted if kept[level] is None]
+    best_seen, fix = f"best eval return {best_return:.1f}", "raise --max-train-steps or pass another --seed"
     if args.strict_targets and missed:
-        raise UserError(
-            f"the behaviour policy missed the {missed} target in {steps_done} steps (best eval return "
-            f"{best_return:.1f}); delete {state_path}, then raise --max-train-steps or pass another --seed"
-        )
-    if medium_actor is None:
-        tqdm.write(
-            f"WARNING: medium target {medium_target:.1f} not reached in {steps_done} steps; "
-            f"using the best policy seen (eval return {best_return:.1f}) as medium"
-        )
-        medium_actor, medium_step = best_actor, steps_done
-    if need_expert and expert_actor is None:
-        tqdm.write(
-            f"WARNING: expert target not reached in {steps_done} steps; using the best policy seen "
-            f"(eval return {best_return:.1f}) as expert"
-        )
-        expert_actor = best_actor
-    replay = (b_obs, b_act, b_rew, b_next, b_term, b_trunc)
-    return medium_actor, expert_actor, medium_step, replay, log
+        missed_first = f"the behaviour policy missed the {missed[0]} target in {steps_done} steps ({best_seen})"
+        raise UserError(f"{missed_first}; delete {state_path}, then {fix}")
+    for level in missed:
+        tqdm.write(f"WARNING: {level} target not reached in {steps_done} steps; using the best policy ({best_seen})")
+        kept[level] = best
+    return {level: kept[level] for level in ("medium", "expert")}, medium_step if "medium" not in missed else steps_done
 
 
 def training_state_path(args: Args) -> str:
-    return os.path.join(
-        "runs", f"collect_dataset__{args.namespace}-{args.env_id.split('-')[0].lower()}-v{args.version}", "state.pt"
-    )
+    env_name = args.env_id.split("-")[0].lower()
+    return os.path.join("runs", f"collect_dataset__{args.namespace}-{env_name}-v{args.version}", "state.pt")
 
 
-def load_training_state(path: str, args: Args) -> dict:
-    """The interrupted behaviour-policy training to continue (weights_only load), refused if the arguments differ."""
+def load_training_state(path: str, args: Args) -> dict | None:
+    """With --resume, the interrupted behaviour-policy training to continue (weights_only load), refused if the
+    arguments differ; without, None (refused if an interrupted training is there, which would be lost)."""
+    if args.resume and not os.path.isfile(path):
+        raise UserError(f"nothing to resume: {path} does not exist; run without --resume")
+    if not args.resume:
+        if os.path.isfile(path):
+            raise UserError(
+                f"{path} holds an interrupted behaviour-policy training; pass --resume to continue it, or delete it"
+            )
+        return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -451,17 +385,6 @@ def random_returns(env: gym.Env, episodes: int, seed: int) -> list:
     return returns
 
 
-def noisy_policy(actor: Actor, noise: float, rng: np.random.Generator, low, high, device):
-    scale = (high - low) / 2.0
-
-    def act(obs):
-        with torch.no_grad():
-            a = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
-        return np.clip(a + rng.normal(size=a.shape) * noise * scale, low, high).astype(np.float32)
-
-    return act
-
-
 def dataset_id_for(namespace: str, env_id: str, level: str, version: int) -> str:
     return f"{namespace}/{env_id.split('-')[0].lower()}/{level}-v{version}"
 
@@ -469,12 +392,9 @@ def dataset_id_for(namespace: str, env_id: str, level: str, version: int) -> str
 def check_args(args: Args):
     check_ranges(args)  # each field's range is declared next to it in Args
     check_name(args.namespace, "--namespace", "the Minari store")
-    if (
-        args.ref_min_score is not None
-        and args.ref_max_score is not None
-        and not args.ref_min_score < args.ref_max_score
-    ):
-        raise UserError(f"need --ref-min-score < --ref-max-score (got {args.ref_min_score} and {args.ref_max_score})")
+    lo, hi = args.ref_min_score, args.ref_max_score
+    if lo is not None and hi is not None and not lo < hi:
+        raise UserError(f"need --ref-min-score < --ref-max-score (got {lo} and {hi})")
     if not args.levels:
         raise UserError(f"--levels needs at least one of {' '.join(LEVELS)}")
     try:
@@ -483,20 +403,17 @@ def check_args(args: Args):
         raise UserError(f"unknown env id '{args.env_id}' ({e}); use a Gymnasium id such as Hopper-v5") from None
     name = args.env_id.split("-")[0]
     trained = set(args.levels) - {"random"}
-    if name not in EXPERT_RETURN and (
-        (trained and args.medium_target_return is None) or (args.ref_max_score is None and "expert" not in args.levels)
-    ):
+    needs_medium_target = trained and args.medium_target_return is None
+    if name not in EXPERT_RETURN and (needs_medium_target or (hi is None and "expert" not in args.levels)):
         raise UserError(
             f"no expert reference return known for {args.env_id}: pass --medium-target-return, "
             f"--expert-target-return and --ref-max-score (or collect the expert level)"
         )
-    for lv in args.levels:
-        path = minari.storage.get_dataset_path(dataset_id_for(args.namespace, args.env_id, lv, args.version))
+    for level in args.levels:
+        dataset_id = dataset_id_for(args.namespace, args.env_id, level, args.version)
+        path = minari.storage.get_dataset_path(dataset_id)
         if os.path.exists(path) and not args.overwrite:
-            raise UserError(
-                f"dataset {dataset_id_for(args.namespace, args.env_id, lv, args.version)} already exists "
-                f"at {path}; pass --overwrite to replace it"
-            )
+            raise UserError(f"dataset {dataset_id} already exists at {path}; pass --overwrite to replace it")
     return spec
 
 
@@ -504,7 +421,7 @@ def main(args: Args):
     check_args(args)
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    env = make_env(args.env_id, args.max_episode_steps)
+    env = gym.make(args.env_id, max_episode_steps=args.max_episode_steps)
     if not isinstance(env.action_space, gym.spaces.Box) or not isinstance(env.observation_space, gym.spaces.Box):
         raise UserError(f"{args.env_id} needs Box observation and action spaces")
     low, high = env.action_space.low, env.action_space.high
@@ -518,83 +435,59 @@ def main(args: Args):
     name = args.env_id.split("-")[0]
     medium_target = args.medium_target_return if args.medium_target_return is not None else EXPERT_RETURN[name] / 3
     expert_target = args.expert_target_return if args.expert_target_return is not None else EXPERT_RETURN.get(name)
+    ref_max = args.ref_max_score if args.ref_max_score is not None else EXPERT_RETURN.get(name)
 
     episodes, meta = {}, {}
     if "random" in args.levels:
-        eps, rets = rollout(env, lambda _: env.action_space.sample(), args.num_transitions, args.seed + 1)
-        episodes["random"], meta["random"] = (
-            eps,
-            {"behaviour": "uniform random", "episode_return_mean": float(np.mean(rets)) if rets else None},
-        )
-    trained = [lv for lv in args.levels if lv != "random"]
-    ref_max = args.ref_max_score if args.ref_max_score is not None else EXPERT_RETURN.get(name)
+        uniform = env.action_space.sample
+        episodes["random"], returns = rollout(env, lambda _: uniform(), args.num_transitions, args.seed + 1)
+        meta["random"] = {
+            "behaviour": "uniform random",
+            "episode_return_mean": float(np.mean(returns)) if returns else None,
+        }
     state_path = training_state_path(args)
-    if trained:
-        if args.resume and not os.path.isfile(state_path):
-            raise UserError(f"nothing to resume: {state_path} does not exist; run without --resume")
-        if not args.resume and os.path.isfile(state_path):
-            raise UserError(
-                f"{state_path} holds an interrupted behaviour-policy training; pass --resume to continue it, "
-                f"or delete it"
-            )
-        resumed = load_training_state(state_path, args) if args.resume else None
-        medium_actor, expert_actor, medium_step, replay, log = train_behaviour_policy(
-            args, medium_target, expert_target, device, state_path, resumed
-        )
-        rng = np.random.default_rng(args.seed + 2)
-        for lv, actor in (("medium", medium_actor), ("expert", expert_actor)):
-            if lv not in args.levels:
+    if set(args.levels) - {"random"}:
+        resumed = load_training_state(state_path, args)
+        targets = {"medium": medium_target, "expert": expert_target}
+        actors, medium_step, replay, log = train_behaviour_policy(args, targets, device, state_path, resumed)
+        rng, half_range = np.random.default_rng(args.seed + 2), (high - low) / 2.0
+        for level in ("medium", "expert"):
+            if level not in args.levels:
                 continue
-            ev = evaluate(actor, args.env_id, args.eval_episodes, args.seed + 10_000, device, args.max_episode_steps)
-            eps, rets = rollout(
-                env,
-                noisy_policy(actor, args.rollout_noise, rng, low, high, device),
-                args.num_transitions,
-                args.seed + 3,
-            )
-            episodes[lv] = eps
-            target = medium_target if lv == "medium" else expert_target
-            meta[lv] = {
-                "behaviour": f"TD3 policy, rollout noise {args.rollout_noise}",
-                "policy_eval_return": float(ev.mean()),
-                "target_return": target,
-                "target_reached": target is not None and float(ev.mean()) >= target,
-                "behaviour_seed": args.seed,
-                "episode_return_mean": float(np.mean(rets)) if rets else None,
-                "training_log": log,
-            }
-            if lv == "expert" and ref_max is None:
+            actor = actors[level]
+            limit = args.max_episode_steps
+            evaluation = evaluate(actor, args.env_id, args.eval_episodes, args.seed + 10_000, device, limit)
+
+            def policy(obs, actor=actor):  # the actor with Gaussian noise of std rollout_noise × the half-range
+                with torch.no_grad():
+                    a = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+                noise = rng.normal(size=a.shape) * args.rollout_noise * half_range
+                return np.clip(a + noise, low, high).astype(np.float32)
+
+            episodes[level], returns = rollout(env, policy, args.num_transitions, args.seed + 3)
+            reached = targets[level] is not None and float(evaluation.mean()) >= targets[level]
+            meta[level] = {"behaviour": f"TD3 policy, rollout noise {args.rollout_noise}"}
+            meta[level].update(policy_eval_return=float(evaluation.mean()), target_return=targets[level])
+            meta[level].update(target_reached=reached, behaviour_seed=args.seed)
+            meta[level].update(episode_return_mean=float(np.mean(returns)) if returns else None, training_log=log)
+            if level == "expert" and ref_max is None:
                 ref_max = float(
-                    evaluate(
-                        actor, args.env_id, args.ref_episodes, args.seed + 30_000, device, args.max_episode_steps
-                    ).mean()
+                    evaluate(actor, args.env_id, args.ref_episodes, args.seed + 30_000, device, limit).mean()
                 )
             if args.save_policies:
                 os.makedirs(args.save_policies, exist_ok=True)
-                torch.save(actor.state_dict(), os.path.join(args.save_policies, f"{lv}_actor.pt"))
+                torch.save(actor.state_dict(), os.path.join(args.save_policies, f"{level}_actor.pt"))
         if "medium-replay" in args.levels:
-            episodes["medium-replay"] = split_episodes(*replay, n=medium_step)
-            meta["medium-replay"] = {
-                "behaviour": "TD3 training transitions until medium",
-                "medium_step": medium_step,
-                "training_log": log,
-            }
-    for lv in args.levels:
-        ds_id = dataset_id_for(args.namespace, args.env_id, lv, args.version)
-        extra = {"level": lv, "collect_args": vars(args), **meta[lv]}
-        path = write_minari_dataset(
-            ds_id,
-            episodes[lv],
-            args.env_id,
-            ref_min,
-            ref_max,
-            f"{lv} data for {args.env_id}, D4RL-style, made by collect_dataset.py",
-            extra,
-            args.overwrite,
-            args.max_episode_steps,
-        )
-        steps = sum(len(e.rewards) for e in episodes[lv])
-        print(f"wrote {ds_id}: {len(episodes[lv])} episodes, {steps} steps -> {path}")
+            episodes["medium-replay"] = split_episodes(**replay, n=medium_step)
+            meta["medium-replay"] = {"behaviour": "TD3 training transitions until medium", "medium_step": medium_step}
+            meta["medium-replay"]["training_log"] = log
+    options = {"overwrite": args.overwrite, "max_episode_steps": args.max_episode_steps}
+    for level in args.levels:
+        dataset_id, data = dataset_id_for(args.namespace, args.env_id, level, args.version), episodes[level]
+        description = f"{level} data for {args.env_id}, D4RL-style, made by collect_dataset.py"
+        extra = {"level": level, "collect_args": vars(args), **meta[level]}
+        path = write_minari_dataset(dataset_id, data, args.env_id, ref_min, ref_max, description, extra, **options)
+        print(f"wrote {dataset_id}: {len(data)} episodes, {sum(len(e.rewards) for e in data)} steps -> {path}")
     if os.path.isfile(state_path):  # every dataset is written: the training state has served its purpose
         os.remove(state_path)
         if not os.listdir(os.path.dirname(state_path)):

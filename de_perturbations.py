@@ -17,9 +17,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import gymnasium as gym
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn as nn
@@ -30,6 +31,7 @@ from robust_o2o.cli import Range, UserError, check_ranges, cli
 from robust_o2o.evaluation import rollout_batch
 from robust_o2o.files import save_npz, sha256_file
 from robust_o2o.formats import PERTURBATION_FORMAT, default_checkpoint, load_checkpoint
+from robust_o2o.plots import save_figure
 from robust_o2o.runs import check_resume_args
 
 PERTURBATION_VERSION = 1
@@ -115,14 +117,8 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(obs_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, act_dim),
-            nn.Tanh(),
-        )
+        hidden = [nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU()]
+        self.net = nn.Sequential(*hidden, nn.Linear(hidden_dim, act_dim), nn.Tanh())
         low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
@@ -137,10 +133,9 @@ def actor_from_checkpoint(ckpt: dict) -> Actor:
     return actor.eval()
 
 
-# ALGO LOGIC: the perturbation model (copied verbatim into td3_adv_finetune.py; perturb_action also into
-# evaluate_matrix.py)
+# ALGO LOGIC: the perturbation model (copied verbatim into td3_adv_finetune.py and evaluate_matrix.py; fine-tuning
+# also wraps it as an env wrapper that draws δ per episode)
 PERTURBATION_MODELS = ("multiplicative", "additive")
-CONDITIONS = ("normal", "random", "adversarial")
 
 
 def perturb_action(action: np.ndarray, delta: np.ndarray, low: np.ndarray, high: np.ndarray, model: str) -> np.ndarray:
@@ -154,92 +149,74 @@ def perturb_action(action: np.ndarray, delta: np.ndarray, low: np.ndarray, high:
     return np.clip(executed, low, high).astype(action.dtype, copy=False)
 
 
-class ActionPerturbation(gym.ActionWrapper):
-    """Injects a per-episode perturbation δ into executed actions.
+# ALGO LOGIC: one DE run, the paper's adversary
+class DERun(NamedTuple):
+    delta: np.ndarray  # the best δ found [Na]
+    objective: float  # its mean return on the run's own DE episodes
+    history: list  # the best return of each generation
 
-    At each reset: `reset(options={"delta": δ})` pins δ for that episode; otherwise, with probability q, δ is drawn by
-    the condition (random: U([−ε, ε]^Na); adversarial: uniformly from `deltas`; normal: 0), and δ = 0 with
-    probability 1 − q. The draw uses the wrapper's own RNG (seeded by reset(seed=...)), never the env's, so the
-    env's start states do not depend on the condition. `reset` reports δ in info["delta"]."""
 
-    def __init__(
-        self,
-        env: gym.Env,
-        epsilon: float,
-        model: str = "multiplicative",
-        condition: str = "normal",
-        deltas: np.ndarray | None = None,
-        q: float = 1.0,
-    ):
-        super().__init__(env)
-        if condition not in CONDITIONS or model not in PERTURBATION_MODELS:
-            raise ValueError(f"condition must be one of {CONDITIONS} and model one of {PERTURBATION_MODELS}")
-        if condition == "adversarial" and (deltas is None or len(deltas) == 0):
-            raise ValueError("the adversarial condition needs a non-empty set of deltas")
-        self.epsilon, self.model, self.condition, self.q = epsilon, model, condition, q
-        self.deltas = None if deltas is None else np.asarray(deltas, dtype=np.float64)
-        self.low, self.high = env.action_space.low, env.action_space.high
-        self.delta = np.zeros(env.action_space.shape, dtype=np.float64)
-        self.rng = np.random.default_rng()
+def run_de(evaluate, bounds: list, seeds: np.ndarray, de_seed: int, args: Args, on_generation=None, resume_from=None):
+    """Differential evolution over δ ∈ [−ε, ε]^Na minimising the policy's mean return on the episodes `seeds` (the same
+    for every candidate: common random numbers), the whole population evaluated at once. After every generation,
+    on_generation(solver state) is called; `resume_from` (such a state) continues a run where it stopped. -> DERun"""
+    history = [] if resume_from is None else list(resume_from["history"])
 
-    def draw_delta(self) -> np.ndarray:
-        if self.condition == "normal" or self.rng.random() >= self.q:
-            return np.zeros_like(self.delta)
-        if self.condition == "random":
-            return self.rng.uniform(-self.epsilon, self.epsilon, size=self.delta.shape)
-        return self.deltas[self.rng.integers(len(self.deltas))].copy()
+    def objective(x):  # x: [Na, S] (scipy's vectorized layout) -> mean returns [S]
+        return evaluate(np.ascontiguousarray(x.T), seeds)
 
-    def reset(self, *, seed=None, options=None):
-        options = dict(options or {})
-        if seed is not None:
-            self.rng = np.random.default_rng([seed, 0x5EED])
-        pinned = options.pop("delta", None)
-        self.delta = np.asarray(pinned, dtype=np.float64) if pinned is not None else self.draw_delta()
-        obs, info = self.env.reset(seed=seed, options=options or None)
-        return obs, {**info, "delta": self.delta.copy()}
+    def callback(intermediate_result):
+        history.append(float(intermediate_result.fun))
+        if on_generation is not None:
+            on_generation(solver_state(solver, history))
 
-    def action(self, action):
-        return perturb_action(np.asarray(action), self.delta, self.low, self.high, self.model)
+    # scipy's own solver object (what scipy.optimize.differential_evolution runs), so that its state can be saved
+    with DifferentialEvolutionSolver(
+        objective,
+        bounds,
+        strategy=args.strategy,
+        maxiter=args.maxiter,
+        popsize=args.popsize,
+        tol=args.tol,
+        mutation=args.mutation,
+        recombination=args.recombination,
+        rng=de_seed,
+        polish=args.polish,
+        vectorized=True,
+        updating="deferred",
+        callback=callback,
+    ) as solver:
+        if resume_from is not None:
+            restore_solver(solver, resume_from, generations_done=len(history), maxiter=args.maxiter)
+        result = solver.solve()
+    return DERun(np.asarray(result.x), float(result.fun), history)
 
 
 # Batched evaluation: many (δ, episode seed) pairs step together, one policy forward per step
-def make_env(env_id: str, max_episode_steps: int | None) -> gym.Env:
-    return gym.make(env_id, max_episode_steps=max_episode_steps)
-
-
 _WORKER = {}
 
 
 def _init_worker(ckpt_small: dict, env_id: str, max_episode_steps, model: str):
     torch.set_num_threads(1)
-    _WORKER.update(
-        actor=actor_from_checkpoint(ckpt_small),
-        obs_mean=ckpt_small["obs_mean"],
-        obs_std=ckpt_small["obs_std"],
-        env_id=env_id,
-        max_episode_steps=max_episode_steps,
-        model=model,
-        envs=[],
-    )
+    _WORKER.update(actor=actor_from_checkpoint(ckpt_small), obs_stats=(ckpt_small["obs_mean"], ckpt_small["obs_std"]))
+    _WORKER.update(env_spec=(env_id, max_episode_steps), model=model, envs=[])
 
 
 def _worker_rollout(deltas: np.ndarray, seeds: np.ndarray):
     w = _WORKER
     while len(w["envs"]) < len(seeds):
-        w["envs"].append(make_env(w["env_id"], w["max_episode_steps"]))
-    return rollout_batch(
-        w["envs"][: len(seeds)], w["actor"], w["obs_mean"], w["obs_std"], deltas, seeds, w["model"], perturb_action
-    )
+        env_id, max_episode_steps = w["env_spec"]
+        w["envs"].append(gym.make(env_id, max_episode_steps=max_episode_steps))
+    envs, (obs_mean, obs_std) = w["envs"][: len(seeds)], w["obs_stats"]
+    return rollout_batch(envs, w["actor"], obs_mean, obs_std, deltas, seeds, w["model"], perturb_action)
 
 
 class PopulationEvaluator:
     """Evaluates returns of many (δ, seed) pairs, split across `num_workers` processes (in-process for 1)."""
 
     def __init__(self, ckpt: dict, model: str, max_episode_steps: int | None, num_workers: int = 1):
-        small = {
-            k: ckpt[k]
-            for k in ("obs_dim", "act_dim", "action_low", "action_high", "hidden_dim", "actor", "obs_mean", "obs_std")
-        }
+        acting = ("obs_dim", "act_dim", "action_low", "action_high", "hidden_dim", "actor", "obs_mean", "obs_std")
+        small = {key: ckpt[key] for key in acting}  # what a worker needs to act
         env_id = ckpt["env_id"]
         self.num_workers, self.env_steps = max(1, num_workers), 0
         if self.num_workers == 1:
@@ -264,9 +241,8 @@ class PopulationEvaluator:
         if self.pool is None:
             chunks = [_worker_rollout(pair_deltas, pair_seeds)]
         else:
-            parts = [
-                p for p in np.array_split(np.arange(S * M), self.num_workers) if len(p)
-            ]  # fewer pairs than workers
+            # fewer pairs than workers
+            parts = [p for p in np.array_split(np.arange(S * M), self.num_workers) if len(p)]
             chunks = list(
                 self.pool.map(_worker_rollout, [pair_deltas[p] for p in parts], [pair_seeds[p] for p in parts])
             )
@@ -278,81 +254,39 @@ class PopulationEvaluator:
             self.pool.shutdown()
 
 
-def rng_to_json(rng) -> str:
-    if isinstance(rng, np.random.RandomState):  # scipy turns an integer seed into a legacy RandomState
-        name, keys, pos, has_gauss, cached = rng.get_state()
-        return json.dumps([name, keys.tolist(), pos, has_gauss, cached])
-    return json.dumps(rng.bit_generator.state)
+# Resuming scipy's solver. It relies on two private fields of scipy's DifferentialEvolutionSolver besides its public
+# population, population_energies and random_number_generator: _nfev (evaluations so far, which maxfun caps) and
+# _random_population_index (the order in which candidates are drawn, shuffled in place every generation); and on its
+# generator being a legacy RandomState (what it makes from an integer seed). tests/test_perturbations.py fails if a
+# scipy version changes any of these.
+SOLVER_PRIVATE_FIELDS = ("_nfev", "_random_population_index")
 
 
-def rng_from_json(rng, text: str):
-    state = json.loads(text)
-    if isinstance(rng, np.random.RandomState):
-        rng.set_state((state[0], np.asarray(state[1], dtype=np.uint32), *state[2:]))
-    else:
-        rng.bit_generator.state = state
+def solver_state(solver: DifferentialEvolutionSolver, history: list) -> dict:
+    """Everything that continues a DE run exactly, as plain arrays (saved with allow_pickle=False)."""
+    return {
+        "history": np.asarray(history),
+        "population": solver.population,
+        "energies": solver.population_energies,
+        "nfev": solver._nfev,
+        "sample_order": solver._random_population_index,
+        "rng": json.dumps(legacy_rng_state(solver.random_number_generator)),
+    }
 
 
-def run_de(
-    evaluate,
-    act_dim: int,
-    epsilon: float,
-    seeds: np.ndarray,
-    de_seed: int,
-    args: Args,
-    pbar=None,
-    saved: dict | None = None,
-    save=None,
-):
-    """One DE run minimising the mean return over `seeds`. Returns (best δ, best objective, best per generation).
-    After every generation save(solver state) is called; `saved` (such a state) continues a run where it stopped."""
-    history = [] if saved is None else list(saved["history"])
+def legacy_rng_state(rng: np.random.RandomState) -> list:
+    name, keys, position, has_gauss, cached_gaussian = rng.get_state()
+    return [name, keys.tolist(), position, has_gauss, cached_gaussian]
 
-    def objective(x):  # x: [Na, S] (scipy's vectorized layout) -> mean returns [S]
-        return evaluate(np.ascontiguousarray(x.T), seeds)
 
-    def callback(intermediate_result):
-        history.append(float(intermediate_result.fun))
-        if pbar is not None:
-            pbar.update(1)
-            pbar.set_postfix(best_return=f"{intermediate_result.fun:.1f}")
-        if save is not None:
-            save(
-                {
-                    "history": np.asarray(history),
-                    "population": solver.population,
-                    "energies": solver.population_energies,
-                    "nfev": solver._nfev,
-                    "rng": rng_to_json(solver.random_number_generator),
-                    "sample_order": solver._random_population_index,
-                }
-            )  # scipy shuffles this in place, generation after generation
-
-    # scipy's own solver object (what differential_evolution runs), so that its state can be saved and restored
-    with DifferentialEvolutionSolver(
-        objective,
-        [(-epsilon, epsilon)] * act_dim,
-        strategy=args.strategy,
-        maxiter=args.maxiter,
-        popsize=args.popsize,
-        tol=args.tol,
-        mutation=args.mutation,
-        recombination=args.recombination,
-        rng=de_seed,
-        polish=args.polish,
-        vectorized=True,
-        updating="deferred",
-        callback=callback,
-    ) as solver:
-        if saved is not None:
-            solver.population, solver.population_energies = saved["population"].copy(), saved["energies"].copy()
-            solver._nfev, solver._random_population_index = int(saved["nfev"]), saved["sample_order"].copy()
-            rng_from_json(solver.random_number_generator, str(saved["rng"]))
-            # the generations left (maxfun, set from maxiter at construction, stays the uninterrupted run's); none if it
-            # had converged right after this save: only the ending (and the polish) is left
-            solver.maxiter = 0 if solver.converged() else args.maxiter - len(history)
-        result = solver.solve()
-    return np.asarray(result.x), float(result.fun), history
+def restore_solver(solver: DifferentialEvolutionSolver, state: dict, generations_done: int, maxiter: int):
+    solver.population, solver.population_energies = state["population"].copy(), state["energies"].copy()
+    solver._nfev, solver._random_population_index = int(state["nfev"]), state["sample_order"].copy()
+    name, keys, *rest = json.loads(str(state["rng"]))
+    solver.random_number_generator.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    # the generations left (maxfun, set from maxiter at construction, stays the uninterrupted run's); none if it had
+    # converged right after this save: only the ending (and the polish) is left
+    solver.maxiter = 0 if solver.converged() else maxiter - generations_done
 
 
 def check_args(args: Args):
@@ -367,39 +301,27 @@ def check_args(args: Args):
 
 
 def as_evaluated(pair_returns: np.ndarray) -> float:
-    """The evaluators' estimator (runtime.ConditionEvaluator) from a [S, M] table of (δ, episode) returns: episode i
-    plays δ_{i mod S}, and the condition's return is the mean over the M episodes."""
+    """The evaluators' estimator (robust_o2o.evaluation.ConditionEvaluator) from a [S, M] table of (δ, episode)
+    returns: episode i plays δ_{i mod S}, and the condition's return is the mean over the M episodes."""
     S, M = pair_returns.shape
     return float(pair_returns[np.arange(M) % S, np.arange(M)].mean())
 
 
-def plot_convergence(
-    path: str, history: np.ndarray, nominal: float, random_mean: float, adversarial: np.ndarray, title: str
-):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_convergence(path: str, history: np.ndarray, nominal: float, random_mean: float, adversarial, title: str):
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for k, h in enumerate(history):
         h = h[~np.isnan(h)]
         ax.plot(np.arange(1, len(h) + 1), h, marker=".", label=f"DE run {k} (best of population)")
     ax.axhline(nominal, color="k", ls="--", label=f"normal (δ = 0): {nominal:.1f}")
     ax.axhline(random_mean, color="gray", ls=":", label=f"random δ, mean: {random_mean:.1f}")
-    ax.axhline(
-        adversarial.mean(), color="tab:red", ls="-.", label=f"found δ on eval episodes, mean: {adversarial.mean():.1f}"
-    )
+    found = f"found δ on eval episodes, mean: {adversarial.mean():.1f}"
+    ax.axhline(adversarial.mean(), color="tab:red", ls="-.", label=found)
     ax.set_xlabel("DE generation")
     ax.set_ylabel("mean episodic return (DE episodes)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def padded(histories: list) -> np.ndarray:
@@ -410,8 +332,15 @@ def padded(histories: list) -> np.ndarray:
     return out
 
 
-def load_state(path: str, args: Args) -> dict:
-    """An interrupted run's state (allow_pickle=False), refused if it was made with other arguments."""
+def load_state(path: str, args: Args) -> dict | None:
+    """With --resume, the interrupted run's state (allow_pickle=False), refused if it was made with other arguments;
+    without, None (refused if an interrupted run is there, which a fresh run would overwrite)."""
+    if args.resume and not os.path.isfile(path):
+        raise UserError(f"nothing to resume: {path} does not exist; run without --resume")
+    if not args.resume:
+        if os.path.isfile(path):
+            raise UserError(f"{path} holds an interrupted run; pass --resume to continue it, or delete the file")
+        return None
     try:
         with np.load(path, allow_pickle=False) as f:
             state = {k: f[k] for k in f.files}
@@ -421,188 +350,142 @@ def load_state(path: str, args: Args) -> dict:
     check_resume_args(saved, json.loads(json.dumps(asdict(args))), ("resume", "track", "num_workers"))
     if np.ndim(state["baseline"]) != 2:  # before the per-(δ, episode) baseline: its summary cannot be continued
         raise UserError(f"{path} was written by an older version of this script; delete it and run without --resume")
-    state["histories"] = [h[~np.isnan(h)].tolist() for h in state["histories"]]
+    histories = [h[~np.isnan(h)].tolist() for h in state["histories"]]  # the runs it had finished:
+    state["runs"] = [DERun(state["deltas"][k], float(state["objective"][k]), histories[k]) for k in range(state["k"])]
     return state
 
 
 def main(args: Args):
     check_args(args)
+    ckpt, env_id, max_steps, output = resolve_inputs(args)
+    act_dim, eps = int(ckpt["act_dim"]), args.epsilon
+    state_path = output + ".state.npz"  # written after every DE generation; removed when the run is complete
+    saved = load_state(state_path, args)
+    wandb = start_wandb(args, env_id) if args.track else None
+    workers = args.num_workers or os.cpu_count() or 1
+    evaluator = PopulationEvaluator(ckpt, args.perturbation_model, max_steps, workers)
+    eval_seeds = args.eval_seed + np.arange(args.eval_episodes)
+    random_deltas = np.random.default_rng(args.seed).uniform(-eps, eps, size=(args.random_draws, act_dim))
+    t0 = time.time()
+    try:
+        # the baselines on the evaluation episodes: δ = 0 (row 0) and each random draw
+        if saved is None:
+            baseline = evaluator.episode_returns(np.vstack([np.zeros((1, act_dim)), random_deltas]), eval_seeds)
+        else:
+            baseline, evaluator.env_steps = saved["baseline"], int(saved["env_steps"])
+            t0 -= float(saved["wall_time_sec"])
+        nominal, random_returns = float(baseline[0].mean()), baseline[1:].mean(1)
+        print(
+            f"{env_id}: nominal return {nominal:.1f}; random δ (ε={eps}, {args.perturbation_model}): "
+            f"{as_evaluated(baseline[1:]):.1f} (episode i under draw i mod {args.random_draws}, as evaluators play it)"
+        )
+        # ALGO LOGIC: K independent DE runs, each on its own episode seeds; their best δ form the set {δ_a}
+        runs = [] if saved is None else saved["runs"]
+        generations_done = args.maxiter * len(runs) + (0 if saved is None else len(saved["history"]))
+        pbar = tqdm(total=args.num_perturbations * args.maxiter, desc="DE generations", initial=generations_done)
+        for k in range(len(runs), args.num_perturbations):
+            seeds = args.de_seed + 1000 * k + np.arange(args.de_episodes)
+
+            def on_generation(solver_state: dict, k=k):
+                pbar.update(1)
+                pbar.set_postfix(best_return=f"{solver_state['history'][-1]:.1f}")
+                runs_so_far = {"k": k, "baseline": baseline, **stacked(runs, act_dim), **solver_state}
+                spent = {"env_steps": evaluator.env_steps, "wall_time_sec": time.time() - t0}
+                save_npz(state_path, {"args": json.dumps(asdict(args)), **runs_so_far, **spent})
+
+            resume_from = saved if saved is not None and k == int(saved["k"]) else None
+            bounds = [(-eps, eps)] * act_dim  # δ ∈ [−ε, ε]^Na
+            run = run_de(evaluator.returns, bounds, seeds, args.de_seed + k, args, on_generation, resume_from)
+            pbar.update(args.maxiter - len(run.history))  # a run that converged early
+            runs.append(run)
+            if wandb is not None:
+                wandb.log({f"de/run{k}_best_return": run.objective})
+        pbar.close()
+        deltas = np.stack([run.delta for run in runs])
+        adversarial_pairs = evaluator.episode_returns(deltas, eval_seeds)
+        env_steps, wall = evaluator.env_steps, time.time() - t0
+    finally:
+        evaluator.close()
+    adversarial_returns, history = adversarial_pairs.mean(1), padded([run.history for run in runs])
+    results = {"perturbations": deltas, "perturbation_returns": adversarial_returns, "history": history}
+    results.update(de_objective=np.asarray([run.objective for run in runs]), nominal_return=nominal)
+    results.update(random_deltas=random_deltas, random_returns=random_returns, eval_seeds=eval_seeds)
+    results.update(random_return_mean=random_returns.mean(), random_return_std=random_returns.std())
+    cost = {"env_steps": env_steps, "wall_time_sec": wall, "num_workers": workers}
+    save_npz(output, {**file_header(args, env_id, max_steps, act_dim), **results, **cost})
+    if os.path.exists(state_path):
+        os.remove(state_path)
+    png = output[:-4] + ".png"
+    policy = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
+    title = f"DE against {policy}\n{env_id}, ε={eps}, {args.perturbation_model}, K={len(deltas)}"
+    plot_convergence(png, history, nominal, float(random_returns.mean()), adversarial_returns, title)
+    print(
+        f"adversarial δ_a (K={len(deltas)}): return {as_evaluated(adversarial_pairs):.1f} on the {args.eval_episodes} "
+        f"eval episodes, episode i under δ_(i mod {len(deltas)}) as the evaluators play it (nominal {nominal:.1f}, "
+        f"random {as_evaluated(baseline[1:]):.1f}); per δ over all eval episodes: "
+        + ", ".join(f"{r:.1f}" for r in adversarial_returns)
+    )
+    print(f"{env_steps} env steps in {wall:.1f}s ({env_steps / wall:.0f}/s, {workers} workers); wrote {output}, {png}")
+    if wandb is not None:
+        summary = {"nominal_return": nominal, "random_return": float(random_returns.mean())}
+        summary.update(adversarial_return=float(adversarial_returns.mean()), steps_per_sec=env_steps / wall)
+        wandb.log({**{f"de/{key}": value for key, value in summary.items()}, "de/convergence": wandb.Image(png)})
+        wandb.finish()
+
+
+# Setup, the files, the plot (main reads these by name)
+def resolve_inputs(args: Args) -> tuple:
+    """The checkpoint (loaded and checked), its env (made once, to fail early), the episode limit and the output path.
+    -> (checkpoint, env_id, max_episode_steps, output)"""
     if args.checkpoint is None:
         args.checkpoint = default_checkpoint()
     ckpt = load_checkpoint(args.checkpoint)
-    env_id, act_dim = ckpt["env_id"], int(ckpt["act_dim"])
+    env_id = ckpt["env_id"]
     max_steps = args.max_episode_steps if args.max_episode_steps is not None else ckpt.get("max_episode_steps")
     try:
-        make_env(env_id, max_steps).close()
+        gym.make(env_id, max_episode_steps=max_steps).close()
     except gym.error.Error as e:
         raise UserError(f"the checkpoint's env '{env_id}' cannot be made here ({e})") from None
     output = args.output or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
     if not output.endswith(".npz"):
         raise UserError(f"--output must end in .npz (got {output})")
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-    if args.track:
-        import wandb
+    return ckpt, env_id, max_steps, output
 
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            config=asdict(args),
-            name=f"{env_id}__de_perturbations__{args.seed}",
-        )
-    state_path = output + ".state.npz"  # written after every DE generation; removed when the run is complete
-    if args.resume and not os.path.isfile(state_path):
-        raise UserError(f"nothing to resume: {state_path} does not exist; run without --resume")
-    if not args.resume and os.path.isfile(state_path):
-        raise UserError(f"{state_path} holds an interrupted run; pass --resume to continue it, or delete the file")
-    saved = load_state(state_path, args) if args.resume else None
-    workers = args.num_workers or os.cpu_count() or 1
-    evaluator = PopulationEvaluator(ckpt, args.perturbation_model, max_steps, workers)
-    rng = np.random.default_rng(args.seed)
-    eps = args.epsilon
-    eval_seeds = args.eval_seed + np.arange(args.eval_episodes)
-    t0 = time.time()
-    try:
-        random_deltas = rng.uniform(-eps, eps, size=(args.random_draws, act_dim))
-        if saved is None:
-            baseline = evaluator.episode_returns(np.vstack([np.zeros((1, act_dim)), random_deltas]), eval_seeds)
-        else:
-            baseline, evaluator.env_steps, t0 = (
-                saved["baseline"],
-                int(saved["env_steps"]),
-                t0 - float(saved["wall_time_sec"]),
-            )
-        nominal, random_returns = float(baseline[0].mean()), baseline[1:].mean(1)
-        print(
-            f"{env_id}: nominal return {nominal:.1f}; random δ (ε={eps}, {args.perturbation_model}): "
-            f"{as_evaluated(baseline[1:]):.1f} (episode i under draw i mod {args.random_draws}, as the evaluators "
-            "play it)"
-        )
-        done = (
-            []
-            if saved is None
-            else [
-                (saved["deltas"][k], float(saved["objective"][k]), list(saved["histories"][k]))
-                for k in range(int(saved["k"]))
-            ]
-        )
-        pbar = tqdm(
-            total=args.num_perturbations * args.maxiter,
-            desc="DE generations",
-            mininterval=1,
-            initial=sum(args.maxiter for _ in done) + (0 if saved is None else len(saved["history"])),
-        )
-        for k in range(len(done), args.num_perturbations):
-            seeds = args.de_seed + 1000 * k + np.arange(args.de_episodes)
 
-            def save(solver_state: dict, k=k):
-                save_npz(
-                    state_path,
-                    {
-                        "args": json.dumps(asdict(args)),
-                        "k": k,
-                        "baseline": baseline,
-                        "deltas": np.asarray([d[0] for d in done]).reshape(-1, act_dim),
-                        "objective": np.asarray([d[1] for d in done]),
-                        "histories": padded([d[2] for d in done]),
-                        "env_steps": evaluator.env_steps,
-                        "wall_time_sec": time.time() - t0,
-                        **solver_state,
-                    },
-                )
+def start_wandb(args: Args, env_id: str):
+    import wandb  # only with --track
 
-            delta, fun, hist = run_de(
-                evaluator.returns,
-                act_dim,
-                eps,
-                seeds,
-                args.de_seed + k,
-                args,
-                pbar,
-                saved if saved is not None and k == int(saved["k"]) else None,
-                save,
-            )
-            pbar.update(args.maxiter - len(hist))  # a run that converged early
-            done.append((delta, fun, hist))
-            if args.track:
-                wandb.log({f"de/run{k}_best_return": fun})
-        pbar.close()
-        deltas, objective, histories = np.stack([d[0] for d in done]), [d[1] for d in done], [d[2] for d in done]
-        adversarial_pairs = evaluator.episode_returns(deltas, eval_seeds)
-        adversarial_returns = adversarial_pairs.mean(1)
-        env_steps, wall = evaluator.env_steps, time.time() - t0
-    finally:
-        evaluator.close()
-    history = padded(histories)
-    save_npz(
-        output,
-        {
-            "format": PERTURBATION_FORMAT,
-            "format_version": PERTURBATION_VERSION,
-            "perturbations": deltas,
-            "perturbation_returns": adversarial_returns,
-            "de_objective": np.asarray(objective),
-            "nominal_return": nominal,
-            "random_deltas": random_deltas,
-            "random_returns": random_returns,
-            "random_return_mean": random_returns.mean(),
-            "random_return_std": random_returns.std(),
-            "epsilon": eps,
-            "perturbation_model": args.perturbation_model,
-            "env_id": env_id,
-            "max_episode_steps": -1 if max_steps is None else int(max_steps),
-            "act_dim": act_dim,
-            "checkpoint_path": args.checkpoint,
-            "checkpoint_sha256": sha256_file(args.checkpoint),
-            "eval_seeds": eval_seeds,
-            "de_seed": args.de_seed,
-            "de_episodes": args.de_episodes,
-            "popsize": args.popsize,
-            "maxiter": args.maxiter,
-            "mutation": np.asarray(args.mutation),
-            "recombination": args.recombination,
-            "strategy": args.strategy,
-            "tol": args.tol,
-            "polish": args.polish,
-            "history": history,
-            "env_steps": env_steps,
-            "wall_time_sec": wall,
-            "num_workers": workers,
-        },
-    )
-    if os.path.exists(state_path):
-        os.remove(state_path)
-    png = output[:-4] + ".png"
-    plot_convergence(
-        png,
-        history,
-        nominal,
-        float(random_returns.mean()),
-        adversarial_returns,
-        f"DE against {os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}\n"
-        f"{env_id}, ε={eps}, {args.perturbation_model}, K={len(deltas)}",
-    )
-    print(
-        f"adversarial δ_a (K={len(deltas)}): return {as_evaluated(adversarial_pairs):.1f} on the {args.eval_episodes} "
-        "eval "
-        f"episodes, episode i under δ_(i mod {len(deltas)}) as the evaluators play it (nominal {nominal:.1f}, random "
-        f"{as_evaluated(baseline[1:]):.1f}); per δ over all eval episodes: "
-        + ", ".join(f"{r:.1f}" for r in adversarial_returns)
-    )
-    print(
-        f"{env_steps} env steps in {wall:.1f}s = {env_steps / wall:.0f} steps/s with {workers} worker(s); wrote "
-        f"{output} and {png}"
-    )
-    if args.track:
-        wandb.log(
-            {
-                "de/nominal_return": nominal,
-                "de/random_return": float(random_returns.mean()),
-                "de/adversarial_return": float(adversarial_returns.mean()),
-                "de/steps_per_sec": env_steps / wall,
-                "de/convergence": wandb.Image(png),
-            }
-        )
-        wandb.finish()
+    name = f"{env_id}__de_perturbations__{args.seed}"
+    wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=name)
+    return wandb
+
+
+def stacked(runs: list, act_dim: int) -> dict:
+    """Finished runs as arrays for the state file."""
+    deltas = np.asarray([run.delta for run in runs]).reshape(-1, act_dim)
+    objective = np.asarray([run.objective for run in runs])
+    return {"deltas": deltas, "objective": objective, "histories": padded([run.history for run in runs])}
+
+
+def file_header(args: Args, env_id: str, max_steps: int | None, act_dim: int) -> dict:
+    """What the perturbations file says besides the results: its format, the threat model, the env, the policy and
+    the DE settings (docs/file_contracts.md); evaluate_matrix.py's fresh attack repeats them."""
+    de_settings = {key: getattr(args, key) for key in ("de_seed", "de_episodes", "popsize", "maxiter", "strategy")}
+    de_settings.update(mutation=np.asarray(args.mutation), recombination=args.recombination, tol=args.tol)
+    return {
+        "format": PERTURBATION_FORMAT,
+        "format_version": PERTURBATION_VERSION,
+        "epsilon": args.epsilon,
+        "perturbation_model": args.perturbation_model,
+        "env_id": env_id,
+        "max_episode_steps": -1 if max_steps is None else int(max_steps),
+        "act_dim": act_dim,
+        "checkpoint_path": args.checkpoint,
+        "checkpoint_sha256": sha256_file(args.checkpoint),
+        **de_settings,
+        "polish": args.polish,
+    }
 
 
 if __name__ == "__main__":

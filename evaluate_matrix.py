@@ -29,8 +29,9 @@ import sys
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn as nn
@@ -40,23 +41,13 @@ from robust_o2o.cli import Range, UserError, check_ranges, cli
 from robust_o2o.evaluation import ConditionEvaluator, normalized_score
 from robust_o2o.files import sha256_file, write_text
 from robust_o2o.formats import load_checkpoint, load_perturbations
-from robust_o2o.plots import save_curve_panels, save_q_plot
+from robust_o2o.plots import save_curve_panels, save_figure, save_q_plot
 from robust_o2o.video import captioned, check_rendering, record_episode, side_by_side, write_video
 
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
-REFERENCE_KEYS = (
-    "perturbation_returns",
-    "maxiter",
-    "popsize",
-    "de_episodes",
-    "mutation",
-    "recombination",
-    "strategy",
-    "tol",
-    "de_seed",
-    "polish",
-    "max_episode_steps",
-)
+# what a fresh attack repeats from the precomputed file besides ε, the model and the δ set
+REFERENCE_KEYS = ("perturbation_returns", "maxiter", "popsize", "de_episodes", "mutation", "recombination", "strategy")
+REFERENCE_KEYS += ("tol", "de_seed", "polish", "max_episode_steps")
 # the final evaluation's first episode seed: disjoint from fine-tuning's (10,000 + i) and DE's (20,000 + ...)
 EVAL_SEED = 50_000
 
@@ -109,14 +100,8 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(obs_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, act_dim),
-            nn.Tanh(),
-        )
+        hidden = [nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU()]
+        self.net = nn.Sequential(*hidden, nn.Linear(hidden_dim, act_dim), nn.Tanh())
         low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
@@ -166,72 +151,49 @@ def reference_npz_path(path: str, ckpt: dict) -> str:
     return ckpt.get("perturbations_path") or os.path.join(os.path.dirname(path), "perturbations.npz")
 
 
-def attack_settings(ref: dict, args: Args) -> list:
-    """de_perturbations.py's flags for a fresh attack: every setting the precomputed attack recorded, bar the flags'
-    overrides (K, generations, popsize)."""
-    k = args.attack_num_perturbations or len(ref["perturbations"])
-    maxiter, popsize = args.attack_maxiter or int(ref["maxiter"]), args.attack_popsize or int(ref["popsize"])
-    episode_limit = int(ref["max_episode_steps"])  # -1: the checkpoint's own limit
+def attack_settings(ref: dict, args: Args) -> dict:
+    """de_perturbations.py's flags for a fresh attack (flag -> value): every setting the precomputed attack recorded,
+    bar the flags' overrides (K, generations, popsize)."""
+    settings = {
+        "--epsilon": float(ref["epsilon"]),
+        "--perturbation-model": str(ref["perturbation_model"]),
+        "--num-perturbations": args.attack_num_perturbations or len(ref["perturbations"]),
+        "--maxiter": args.attack_maxiter or int(ref["maxiter"]),
+        "--popsize": args.attack_popsize or int(ref["popsize"]),
+        "--de-episodes": int(ref["de_episodes"]),
+        "--mutation": [float(m) for m in ref["mutation"]],
+        "--recombination": float(ref["recombination"]),
+        "--strategy": str(ref["strategy"]),
+        "--tol": float(ref["tol"]),
+        "--de-seed": int(ref["de_seed"]),
+        "--polish" if bool(ref["polish"]) else "--no-polish": [],
+    }
+    if int(ref["max_episode_steps"]) > 0:  # -1: the checkpoint's own limit
+        settings["--max-episode-steps"] = int(ref["max_episode_steps"])
+    return {**settings, "--eval-episodes": 1, "--random-draws": 1}
+
+
+def as_argv(settings: dict) -> list:
     return [
-        "--epsilon",
-        str(float(ref["epsilon"])),
-        "--perturbation-model",
-        str(ref["perturbation_model"]),
-        "--num-perturbations",
-        str(k),
-        "--maxiter",
-        str(maxiter),
-        "--popsize",
-        str(popsize),
-        "--de-episodes",
-        str(int(ref["de_episodes"])),
-        "--mutation",
-        *[str(float(m)) for m in ref["mutation"]],
-        "--recombination",
-        str(float(ref["recombination"])),
-        "--strategy",
-        str(ref["strategy"]),
-        "--tol",
-        str(float(ref["tol"])),
-        "--de-seed",
-        str(int(ref["de_seed"])),
-        "--polish" if bool(ref["polish"]) else "--no-polish",
-        *(["--max-episode-steps", str(episode_limit)] if episode_limit > 0 else []),
-        "--eval-episodes",
-        "1",
-        "--random-draws",
-        "1",
+        str(x) for flag, value in settings.items() for x in [flag, *(value if isinstance(value, list) else [value])]
     ]
 
 
-def attack_budget(settings: list) -> str:
+def attack_budget(settings: dict) -> str:
     """The fresh attack's budget in one cell: K runs × generations × population × episodes per candidate."""
-    flag = {
-        k: settings[settings.index(k) + 1] for k in ("--num-perturbations", "--maxiter", "--popsize", "--de-episodes")
-    }
-    return (
-        f"K={flag['--num-perturbations']} maxiter={flag['--maxiter']} popsize={flag['--popsize']} "
-        f"episodes={flag['--de-episodes']}"
-    )
+    k, maxiter, popsize = settings["--num-perturbations"], settings["--maxiter"], settings["--popsize"]
+    return f"K={k} maxiter={maxiter} popsize={popsize} episodes={settings['--de-episodes']}"
 
 
-def fresh_attack(path: str, settings: list, args: Args, out_dir: str) -> dict:
+def fresh_attack(path: str, settings: dict, args: Args, out_dir: str) -> dict:
     """Run de_perturbations.py against this policy with `settings` (attack_settings). Cached under a key made of
     the checkpoint's hash and the settings, so a different budget never reuses an old attack."""
-    key = hashlib.sha256(" ".join([sha256_file(path), *settings]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(" ".join([sha256_file(path), *as_argv(settings)]).encode()).hexdigest()[:16]
     out = os.path.join(out_dir, "attacks", f"{key}.npz")
     if not os.path.exists(out):
-        cmd = [
-            sys.executable,
-            os.path.join(os.path.dirname(os.path.abspath(__file__)), "de_perturbations.py"),
-            "--checkpoint",
-            path,
-            "--output",
-            out,
-            *settings,
-            "--num-workers",
-            str(args.num_workers),
-        ]
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "de_perturbations.py")
+        cmd = [sys.executable, script, "--checkpoint", path, "--output", out, *as_argv(settings)]
+        cmd += ["--num-workers", str(args.num_workers)]
         if os.path.exists(out + ".state.npz"):  # an attack interrupted with this evaluation continues where it stopped
             cmd.append("--resume")
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -241,19 +203,66 @@ def fresh_attack(path: str, settings: list, args: Args, out_dir: str) -> dict:
     return load_perturbations(out)
 
 
-def evaluate_policy(ckpt: dict, conditions: dict, episodes: int, eval_seed: int, model: str) -> dict:
-    """Per-episode returns under each condition (name -> δ set); episode i of a condition uses δ_{i mod len}."""
+def actor_from_checkpoint(ckpt: dict) -> Actor:
     actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
     actor.load_state_dict(ckpt["actor"])
+    return actor.eval()
+
+
+def evaluate_policy(ckpt: dict, conditions: dict, episodes: int, eval_seed: int, perturbation_model: str) -> dict:
+    """Per-episode returns under each condition (name -> δ set); episode i of a condition uses δ_{i mod len}."""
     evaluator = ConditionEvaluator(
-        ckpt["env_id"], ckpt.get("max_episode_steps"), conditions, episodes, eval_seed, model, perturb_action
+        ckpt["env_id"],
+        ckpt.get("max_episode_steps"),
+        conditions,
+        episodes=episodes,
+        eval_seed=eval_seed,
+        perturbation_model=perturbation_model,
+        perturb=perturb_action,
     )
-    return evaluator(actor.eval(), ckpt["obs_mean"], ckpt["obs_std"])
+    return evaluator(actor_from_checkpoint(ckpt), ckpt["obs_mean"], ckpt["obs_std"])
+
+
+def matrix_rows(path: str, ckpt: dict, returns: dict, attack_budget: str) -> list:
+    """One matrix.csv row per evaluation condition."""
+    ref_min, ref_max = ckpt.get("ref_min_score"), ckpt.get("ref_max_score")
+    rows = []
+    for cond in EVAL_CONDITIONS:
+        r = returns[cond]
+        rows.append(
+            {
+                "policy": policy_label(ckpt),
+                "seed": ckpt["args"]["seed"],
+                "env_id": ckpt["env_id"],
+                "init": ckpt.get("init", "offline"),
+                "finetune_condition": ckpt.get("finetune_condition", ""),
+                "curriculum": ckpt.get("curriculum", ""),
+                "eval_condition": cond,
+                "episodes": len(r),
+                "mean_return": float(r.mean()),
+                "std_return": float(r.std()),
+                "normalized_mean": normalized_score(float(r.mean()), ref_min, ref_max),
+                "episode_returns": ";".join(f"{x:.3f}" for x in r),
+                "checkpoint": path,
+                "attack_budget": attack_budget,
+            }
+        )
+    return rows
+
+
+class Cell(NamedTuple):
+    """One (policy, condition) cell over seeds: raw returns' mean, std and seeds; normalized mean and std (or None)."""
+
+    mean: float
+    std: float
+    n: int
+    norm_mean: float | None
+    norm_std: float | None
 
 
 def summarize(rows: list) -> dict:
     """(label, condition) -> (mean, std, n) over seeds of the raw returns, then mean and std of the normalized ones
-    (None without reference scores)."""
+    (None without reference scores) -> {(label, condition): Cell}"""
     by = defaultdict(list)
     for r in rows:
         by[(r["policy"], r["eval_condition"])].append(r)
@@ -262,13 +271,8 @@ def summarize(rows: list) -> dict:
         means = np.array([r["mean_return"] for r in rs])
         norms = [r["normalized_mean"] for r in rs]
         norm = None if any(n is None for n in norms) else np.array(norms, dtype=float)
-        out[key] = (
-            means.mean(),
-            means.std(),
-            len(rs),
-            None if norm is None else norm.mean(),
-            None if norm is None else norm.std(),
-        )
+        normalized = (None, None) if norm is None else (norm.mean(), norm.std())
+        out[key] = Cell(means.mean(), means.std(), len(rs), *normalized)
     return out
 
 
@@ -283,12 +287,11 @@ def markdown_table(summary: dict, labels: list, env_id: str, episodes: int) -> s
     for label in labels:
         cells = []
         for c in EVAL_CONDITIONS:
-            m, s, n, nm, ns = summary[(label, c)]
-            direct = c == "transfer" and label.endswith("offline-only")
-            cells.append(
-                f"{m:.1f} ± {s:.1f}" + ("" if nm is None else f" [{nm:.1f} ± {ns:.1f}]") + (" †" if direct else "")
-            )
-        lines.append(f"| {label} | {summary[(label, 'normal')][2]} | " + " | ".join(cells) + " |")
+            cell = summary[(label, c)]
+            normalized = "" if cell.norm_mean is None else f" [{cell.norm_mean:.1f} ± {cell.norm_std:.1f}]"
+            direct = " †" if c == "transfer" and label.endswith("offline-only") else ""
+            cells.append(f"{cell.mean:.1f} ± {cell.std:.1f}{normalized}{direct}")
+        lines.append(f"| {label} | {summary[(label, 'normal')].n} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "† offline-only, transfer: the precomputed set was found against this very policy, so this cell is a "
@@ -298,33 +301,22 @@ def markdown_table(summary: dict, labels: list, env_id: str, episodes: int) -> s
 
 
 def plot_heatmap(path, summary, labels, env_id):
-    import matplotlib.pyplot as plt
-
-    use_norm = all(summary[(lb, c)][3] is not None for lb in labels for c in EVAL_CONDITIONS)
+    use_norm = all(summary[(lb, c)].norm_mean is not None for lb in labels for c in EVAL_CONDITIONS)
     vals = np.array([[summary[(lb, c)][3 if use_norm else 0] for c in EVAL_CONDITIONS] for lb in labels])
     fig, ax = plt.subplots(figsize=(8, max(3.2, 1.4 + 0.55 * len(labels))), dpi=110)
     im = ax.imshow(vals, cmap="viridis", aspect="auto")
     for i in range(len(labels)):
         for j in range(len(EVAL_CONDITIONS)):
-            ax.text(
-                j,
-                i,
-                f"{vals[i, j]:.1f}",
-                ha="center",
-                va="center",
-                color="w" if vals[i, j] < vals.mean() else "k",
-                fontsize=9,
-            )
+            color = "w" if vals[i, j] < vals.mean() else "k"
+            ax.text(j, i, f"{vals[i, j]:.1f}", ha="center", va="center", color=color, fontsize=9)
     ax.set_xticks(range(len(EVAL_CONDITIONS)), EVAL_CONDITIONS)
     ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel(
-        "evaluation condition (adversarial: fresh DE attack on each policy; transfer: the precomputed set)", fontsize=8
-    )
+    xlabel = "evaluation condition (adversarial: fresh DE attack on each policy; transfer: the precomputed set)"
+    ax.set_xlabel(xlabel, fontsize=8)
     fig.colorbar(im, ax=ax, label="normalized score (0 random, 100 expert)" if use_norm else "episodic return")
     ax.set_title(f"{env_id}: training condition × evaluation condition (mean over seeds)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def load_curves(paths_by_label: dict) -> dict:
@@ -332,24 +324,19 @@ def load_curves(paths_by_label: dict) -> dict:
     curves = defaultdict(list)
     for label, paths in paths_by_label.items():
         for p in paths:
-            mpath = os.path.join(os.path.dirname(p), "metrics.jsonl")
+            mpath, fix = (
+                os.path.join(os.path.dirname(p), "metrics.jsonl"),
+                f"restore it or leave {p} out of --checkpoints",
+            )
             if not os.path.exists(mpath):
-                raise UserError(
-                    f"no metrics file {mpath} for the learning curve of {p}; restore it or leave that "
-                    f"checkpoint out of --checkpoints"
-                )
+                raise UserError(f"no metrics file {mpath} for the learning curve of {p}; {fix}")
             try:
                 with open(mpath) as f:
                     evals = [r for r in map(json.loads, f) if "eval/normal_return" in r]
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(
-                    f"metrics file {mpath} is corrupt ({type(e).__name__}); restore it or leave {p} out of "
-                    "--checkpoints"
-                ) from None
+                raise UserError(f"metrics file {mpath} is corrupt ({type(e).__name__}); {fix}") from None
             if not evals:
-                raise UserError(
-                    f"metrics file {mpath} holds no evaluation; restore it or leave {p} out of --checkpoints"
-                )
+                raise UserError(f"metrics file {mpath} holds no evaluation; {fix}")
             curves[label].append(evals)
     return curves
 
@@ -361,8 +348,6 @@ def mean_curve(runs: list, key: str):
 
 
 def plot_curves(path, curves, summary, env_id):
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=100, sharey=True)
     conds = ("normal", "random", "adversarial")
     for ax, cond in zip(axes, conds):
@@ -371,20 +356,12 @@ def plot_curves(path, curves, summary, env_id):
             ax.plot(x, m, marker=".", ls="--" if label.startswith("scratch") else "-", label=f"{label} (n={len(runs)})")
             ax.fill_between(x, m - s, m + s, alpha=0.15)
         if ("offline-only", cond) in summary:
-            ax.axhline(summary[("offline-only", cond)][0], color="k", ls=":", label="offline-only")
-    save_curve_panels(
-        fig,
-        axes,
-        conds,
-        "mean episodic return",
-        f"{env_id}: learning curves during fine-tuning (mean ± std over seeds)",
-        path,
-    )
+            ax.axhline(summary[("offline-only", cond)].mean, color="k", ls=":", label="offline-only")
+    title = f"{env_id}: learning curves during fine-tuning (mean ± std over seeds)"
+    save_curve_panels(fig, axes, conds, "mean episodic return", title, path)
 
 
 def plot_q(path, curves, env_id):
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for label, runs in sorted(curves.items()):
         x, m, s = mean_curve(runs, "curriculum/q")
@@ -399,31 +376,15 @@ def capture_videos(args: Args, ckpts: dict, sets: dict) -> list:
     out, paths = os.path.join(args.output_dir, "videos"), []
 
     def episode(ckpt, delta, model):
-        actor = Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["action_low"], ckpt["action_high"], ckpt["hidden_dim"])
-        actor.load_state_dict(ckpt["actor"])
-        return record_episode(
-            ckpt["env_id"],
-            ckpt.get("max_episode_steps"),
-            actor.eval(),
-            ckpt["obs_mean"],
-            ckpt["obs_std"],
-            delta,
-            perturb_action,
-            model,
-            args.eval_seed,
-            args.video_size,
-            args.video_frame_skip,
-        )
+        policy = actor_from_checkpoint(ckpt), ckpt["obs_mean"], ckpt["obs_std"]
+        env_spec, size = (ckpt["env_id"], ckpt.get("max_episode_steps")), (args.video_size, args.video_frame_skip)
+        return record_episode(*env_spec, *policy, delta, perturb_action, model, args.eval_seed, *size)
 
     for path, ckpt in tqdm(ckpts.items(), desc="videos"):
         ref, attack = sets[path]
         model, name = str(ref["perturbation_model"]), f"{policy_label(ckpt)} s{ckpt['args']['seed']}"
         worst = attack["perturbations"][int(np.argmin(attack["perturbation_returns"]))]
-        for cond, delta in (
-            ("normal", np.zeros(ckpt["act_dim"])),
-            ("random", ref["random_deltas"][0]),
-            ("adversarial", worst),
-        ):
+        for cond, delta in zip(EVAL_CONDITIONS[:3], (np.zeros(ckpt["act_dim"]), ref["random_deltas"][0], worst)):
             ep = episode(ckpt, delta, model)
             paths.append(os.path.join(out, f"{name.replace(' ', '_').replace('(', '').replace(')', '')}__{cond}.mp4"))
             write_video(paths[-1], captioned(ep, f"{name}, {cond}", delta), ep.fps)
@@ -431,9 +392,8 @@ def capture_videos(args: Args, ckpts: dict, sets: dict) -> list:
     ref = sets[first][0]
     delta = ref["perturbations"][int(np.argmin(ref["perturbation_returns"]))]
     eps = {p: episode(c, delta, str(ref["perturbation_model"])) for p, c in ckpts.items()}
-    frames = side_by_side(
-        [captioned(ep, f"{policy_label(ckpts[p])} s{ckpts[p]['args']['seed']}", delta) for p, ep in eps.items()]
-    )
+    captions = {p: f"{policy_label(ckpts[p])} s{ckpts[p]['args']['seed']}" for p in eps}
+    frames = side_by_side([captioned(ep, captions[p], delta) for p, ep in eps.items()])
     fps = next(iter(eps.values())).fps
     paths += [os.path.join(out, "side_by_side.mp4"), os.path.join(out, "side_by_side.gif")]
     write_video(paths[-2], frames, fps)
@@ -443,21 +403,7 @@ def capture_videos(args: Args, ckpts: dict, sets: dict) -> list:
 
 def main(args: Args):
     check_ranges(args)  # each field's range is declared next to it in Args
-    paths = find_checkpoints(args.checkpoints)
-    if not paths:
-        raise UserError(
-            f"no checkpoints found in {' '.join(args.checkpoints)}; train some first (`bash run_pipeline.sh`) "
-            f"or pass --checkpoints PATH|GLOB|DIR"
-        )
-    ckpts = {p: load_checkpoint(p) for p in paths}
-    if args.env_id is not None:
-        ckpts = {p: c for p, c in ckpts.items() if c["env_id"] == args.env_id}
-        if not ckpts:
-            raise UserError(f"none of the {len(paths)} checkpoints is for {args.env_id}")
-    envs = sorted({c["env_id"] for c in ckpts.values()})
-    if len(envs) > 1:
-        raise UserError(f"the checkpoints mix envs ({', '.join(envs)}); pass --env-id to evaluate one env at a time")
-    env_id = envs[0]
+    ckpts, env_id = load_policies(args)
     if args.capture_video:
         check_rendering(env_id)
     # every input is checked before anything is written: the perturbation sets, and each fine-tune's learning curve
@@ -471,9 +417,6 @@ def main(args: Args):
             finetuned[policy_label(c)].append(p)
     curves = load_curves(finetuned)
     os.makedirs(os.path.join(args.output_dir, "attacks"), exist_ok=True)
-    import matplotlib
-
-    matplotlib.use("Agg")
 
     rows, sets = [], {}
     for path, ckpt in tqdm(ckpts.items(), desc="policies (fresh attack + evaluation)"):
@@ -481,48 +424,19 @@ def main(args: Args):
         settings = attack_settings(ref, args)
         attack = fresh_attack(path, settings, args, args.output_dir)
         sets[path] = ref, attack
-        conditions = {
-            "normal": np.zeros((1, ckpt["act_dim"])),
-            "random": ref["random_deltas"],
-            "adversarial": attack["perturbations"],
-            "transfer": ref["perturbations"],
-        }
+        conditions = {"normal": np.zeros((1, ckpt["act_dim"])), "random": ref["random_deltas"]}
+        conditions.update(adversarial=attack["perturbations"], transfer=ref["perturbations"])
         returns = evaluate_policy(ckpt, conditions, args.eval_episodes, args.eval_seed, str(ref["perturbation_model"]))
         if not all(np.isfinite(r).all() for r in returns.values()):
-            raise UserError(
-                f"{path} produced a non-finite return; nothing was written (a NaN is an error, not a table cell)"
-            )
-        for cond in EVAL_CONDITIONS:
-            r = returns[cond]
-            rows.append(
-                {
-                    "policy": policy_label(ckpt),
-                    "seed": ckpt["args"]["seed"],
-                    "env_id": env_id,
-                    "init": ckpt.get("init", "offline"),
-                    "finetune_condition": ckpt.get("finetune_condition", ""),
-                    "curriculum": ckpt.get("curriculum", ""),
-                    "eval_condition": cond,
-                    "episodes": len(r),
-                    "mean_return": float(r.mean()),
-                    "std_return": float(r.std()),
-                    "normalized_mean": normalized_score(
-                        float(r.mean()), ckpt.get("ref_min_score"), ckpt.get("ref_max_score")
-                    ),
-                    "episode_returns": ";".join(f"{x:.3f}" for x in r),
-                    "checkpoint": path,
-                    "attack_budget": attack_budget(settings),
-                }
-            )
+            raise UserError(f"{path} produced a non-finite return; nothing was written (a NaN is an error, not a cell)")
+        rows += matrix_rows(path, ckpt, returns, attack_budget(settings))
     fields, buf = list(rows[0]), io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     w.writerows(rows)
     summary = summarize(rows)
-    order = ["offline-only"] + sorted(
-        {r["policy"] for r in rows} - {"offline-only"}, key=lambda s: (s.startswith("scratch"), s)
-    )
-    labels = [lb for lb in order if (lb, "normal") in summary]
+    others = sorted({r["policy"] for r in rows} - {"offline-only"}, key=lambda s: (s.startswith("scratch"), s))
+    labels = [label for label in ["offline-only", *others] if (label, "normal") in summary]
     table = markdown_table(summary, labels, env_id, args.eval_episodes)
     tmp = tempfile.mkdtemp(prefix=".partial-", dir=args.output_dir)  # the output set: all made, then moved in together
     try:
@@ -544,25 +458,41 @@ def main(args: Args):
         + (f" and {len(videos)} videos in {args.output_dir}/videos/" if videos else "")
     )
     if args.track:
-        import wandb
+        log_to_wandb(args, env_id, fields, rows, videos)
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=f"{env_id}__evaluate_matrix")
-        wandb.log(
-            {
-                "matrix": wandb.Table(columns=fields, data=[[r[k] for k in fields] for r in rows]),
-                **{
-                    f"videos/{os.path.basename(v)[:-4]}": wandb.Video(v, format="mp4")
-                    for v in videos
-                    if v.endswith(".mp4")
-                },
-                **{
-                    name: wandb.Image(os.path.join(args.output_dir, f"{name}.png"))
-                    for name in ("heatmap", "curves", "q_trajectory")
-                    if os.path.exists(os.path.join(args.output_dir, f"{name}.png"))
-                },
-            }
+
+def load_policies(args: Args) -> tuple:
+    """The checkpoints --checkpoints names, loaded and checked, of one env. -> ({path: checkpoint}, env_id)"""
+    paths = find_checkpoints(args.checkpoints)
+    if not paths:
+        raise UserError(
+            f"no checkpoints found in {' '.join(args.checkpoints)}; train some first (`bash run_pipeline.sh`) "
+            f"or pass --checkpoints PATH|GLOB|DIR"
         )
-        wandb.finish()
+    ckpts = {p: load_checkpoint(p) for p in paths}
+    if args.env_id is not None:
+        ckpts = {p: c for p, c in ckpts.items() if c["env_id"] == args.env_id}
+        if not ckpts:
+            raise UserError(f"none of the {len(paths)} checkpoints is for {args.env_id}")
+    envs = sorted({c["env_id"] for c in ckpts.values()})
+    if len(envs) > 1:
+        raise UserError(f"the checkpoints mix envs ({', '.join(envs)}); pass --env-id to evaluate one env at a time")
+    return ckpts, envs[0]
+
+
+def log_to_wandb(args: Args, env_id: str, fields: list, rows: list, videos: list):
+    import wandb  # only with --track
+
+    wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=f"{env_id}__evaluate_matrix")
+    logged = {"matrix": wandb.Table(columns=fields, data=[[r[k] for k in fields] for r in rows])}
+    for v in videos:
+        if v.endswith(".mp4"):
+            logged[f"videos/{os.path.basename(v)[:-4]}"] = wandb.Video(v, format="mp4")
+    for name in ("heatmap", "curves", "q_trajectory"):
+        if os.path.exists(os.path.join(args.output_dir, f"{name}.png")):
+            logged[name] = wandb.Image(os.path.join(args.output_dir, f"{name}.png"))
+    wandb.log(logged)
+    wandb.finish()
 
 
 if __name__ == "__main__":

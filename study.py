@@ -581,9 +581,8 @@ def main(args: Args) -> int:
         if all(s.id in done for s in chain_stages(stages, env_id, seed)) and not os.path.exists(
             os.path.join(results_dir, "chains", f"{env_id}__seed{seed}.json")
         ):
-            export_chain(
-                results_dir, env_id, seed, stages, cwd
-            )  # finished by a driver that was stopped before exporting
+            # finished by a driver that was stopped before exporting
+            export_chain(results_dir, env_id, seed, stages, cwd)
     remote = ray.remote(run_stage)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // args.cpus_per_task))
     failed, skipped, running = {}, set(), {}

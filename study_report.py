@@ -34,11 +34,12 @@ from robust_o2o.files import write_text
 from robust_o2o.plots import save_curve_panels, save_q_plot
 
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
+# evaluated during fine-tuning (adversarial: the precomputed set)
 CURVE_CONDITIONS = (
     "normal",
     "random",
     "adversarial",
-)  # evaluated during fine-tuning (adversarial: the precomputed set)
+)
 OFFLINE = "offline-only"
 NORMAL_FT = "fine-tuned normal"
 RANDOM_FT = "fine-tuned random (fixed)"

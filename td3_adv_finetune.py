@@ -46,9 +46,8 @@ from robust_o2o.resume import env_state, load_module_states, module_states, set_
 from robust_o2o.runs import NonFiniteSentinel, Run, already_complete, open_run, seed_everything
 from robust_o2o.video import check_rendering
 
-STAGE = os.path.splitext(os.path.basename(__file__))[
-    0
-]  # the checkpoints' stage tag: a fork under a new name has its own
+# the checkpoints' stage tag: a fork under a new name has its own
+STAGE = os.path.splitext(os.path.basename(__file__))[0]
 
 
 @dataclass
@@ -163,14 +162,8 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(obs_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, act_dim),
-            nn.Tanh(),
-        )
+        hidden = [nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU()]
+        self.net = nn.Sequential(*hidden, nn.Linear(hidden_dim, act_dim), nn.Tanh())
         low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
@@ -198,13 +191,9 @@ class Critic(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 256, n: int = 2):
         super().__init__()
         self.n = n
-        self.net = nn.Sequential(
-            VectorizedLinear(obs_dim + act_dim, hidden_dim, n),
-            nn.ReLU(),
-            VectorizedLinear(hidden_dim, hidden_dim, n),
-            nn.ReLU(),
-            VectorizedLinear(hidden_dim, 1, n),
-        )
+        hidden = [VectorizedLinear(obs_dim + act_dim, hidden_dim, n), nn.ReLU()]
+        hidden += [VectorizedLinear(hidden_dim, hidden_dim, n), nn.ReLU()]
+        self.net = nn.Sequential(*hidden, VectorizedLinear(hidden_dim, 1, n))
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """[Q1(s, a), Q2(s, a)] as one [2, B] tensor."""

@@ -31,9 +31,8 @@ from robust_o2o.formats import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from robust_o2o.resume import load_module_states, module_states, set_rng_state
 from robust_o2o.runs import NonFiniteSentinel, Run, already_complete, open_run, seed_everything
 
-STAGE = os.path.splitext(os.path.basename(__file__))[
-    0
-]  # the checkpoints' stage tag: a fork under a new name has its own
+# the checkpoints' stage tag: a fork under a new name has its own
+STAGE = os.path.splitext(os.path.basename(__file__))[0]
 
 
 @dataclass
@@ -121,14 +120,8 @@ class Actor(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, action_low, action_high, hidden_dim: int = 256):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(obs_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, act_dim),
-            nn.Tanh(),
-        )
+        hidden = [nn.Linear(obs_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU()]
+        self.net = nn.Sequential(*hidden, nn.Linear(hidden_dim, act_dim), nn.Tanh())
         low, high = torch.as_tensor(action_low, dtype=torch.float32), torch.as_tensor(action_high, dtype=torch.float32)
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
@@ -156,13 +149,9 @@ class Critic(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int = 256, n: int = 2):
         super().__init__()
         self.n = n
-        self.net = nn.Sequential(
-            VectorizedLinear(obs_dim + act_dim, hidden_dim, n),
-            nn.ReLU(),
-            VectorizedLinear(hidden_dim, hidden_dim, n),
-            nn.ReLU(),
-            VectorizedLinear(hidden_dim, 1, n),
-        )
+        hidden = [VectorizedLinear(obs_dim + act_dim, hidden_dim, n), nn.ReLU()]
+        hidden += [VectorizedLinear(hidden_dim, hidden_dim, n), nn.ReLU()]
+        self.net = nn.Sequential(*hidden, VectorizedLinear(hidden_dim, 1, n))
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """[Q1(s, a), Q2(s, a)] as one [2, B] tensor."""
@@ -217,7 +206,9 @@ def soft_update(targets: list, sources: list, tau: float):
 # ALGO LOGIC: one TD3+BC update, in two halves with static shapes; the actor delay stays outside them
 def make_update(actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer, sample_batch, args):
     """-> update_critic() -> (obs, actions, critic_loss, q1_mean) and update_actor(obs, actions) -> (actor_loss, λ, bc).
-    They return tensors, never Python numbers: nothing waits for the device."""
+    They return tensors, never Python numbers: nothing waits for the device. The critic's half samples its own batch
+    from the fixed dataset, so with --compile or --cudagraphs the sampling is compiled or captured with the update
+    (fine-tuning's cannot: its online buffer grows every step)."""
 
     def update_critic():
         obs, actions, rewards, next_obs, terminations = sample_batch()
@@ -318,113 +309,44 @@ def actor_from_checkpoint(ckpt: dict, device="cpu") -> Actor:
 def main(args: Args):
     check_ranges(args)  # each field's range is declared next to it in Args
     setup_fast_path(args)
-    with reading_dataset(args.dataset_id):
-        dataset = load_minari_dataset(args.dataset_id, args.download)
-        env_id = dataset_env_id(dataset, args.env_id)
-        env = make_eval_env(dataset, env_id)
-        data = dataset_to_transitions(dataset)
-        ref_min, ref_max = dataset.storage.metadata.get("ref_min_score"), dataset.storage.metadata.get("ref_max_score")
-    if ref_min is not None and ref_max is not None and not ref_min < ref_max:
-        raise UserError(
-            f"dataset '{args.dataset_id}' has reference scores that cannot normalize a return (ref_min_score "
-            f"{ref_min}, ref_max_score {ref_max}); re-create it with collect_dataset.py"
-        )
-    obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
-    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
-        raise UserError(
-            f"env {env_id} (obs {env.observation_space.shape}, act {env.action_space.shape}) does not match "
-            f"dataset '{args.dataset_id}' (obs ({obs_dim},), act ({act_dim},)); pass the right --env-id"
-        )
-
+    env_id, env, transitions, ref_min, ref_max = load_data(args)
     run_name = args.run_name or f"{args.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}"
     run_dir, resumed = open_run(args, run_name, STAGE, "checkpoint.pt")  # the checkpoint is also the resume state
     if already_complete(resumed, args.total_steps, run_dir):
         return
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     run = Run(run_dir, run_name, args, resumed, env_id=env_id)
-
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # the whole dataset lives on the training device as one [N, obs + act + 1 + obs + 1] tensor: one gather per batch
-    D = {k: torch.as_tensor(v, device=device) for k, v in data.items()}
-    if args.normalize_obs:
-        obs_mean, obs_std = D["obs"].mean(0), D["obs"].std(0) + 1e-3
-    else:
-        obs_mean, obs_std = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device)
-    D = torch.cat(
-        [
-            (D["obs"] - obs_mean) / obs_std,
-            D["actions"],
-            D["rewards"][:, None],
-            (D["next_obs"] - obs_mean) / obs_std,
-            D["terminations"][:, None],
-        ],
-        1,
-    )
-    N = D.shape[0]
-    low, high = env.action_space.low, env.action_space.high
+    # the whole dataset lives on the training device as one [n, obs + act + 1 + obs + 1] tensor: one gather per batch
+    data, obs_mean, obs_std = pack_transitions(transitions, args.normalize_obs, device)
+    n_transitions, obs_dim, act_dim = len(data), transitions["obs"].shape[1], transitions["actions"].shape[1]
 
     def sample_batch():
         """A uniform minibatch (s, a, r, s', terminated); the indices are drawn on the device."""
-        obs, actions, rewards, next_obs, terminations = D[torch.randint(0, N, (args.batch_size,), device=device)].split(
-            [obs_dim, act_dim, 1, obs_dim, 1], 1
-        )
+        rows = data[torch.randint(0, n_transitions, (args.batch_size,), device=device)]
+        obs, actions, rewards, next_obs, terminations = rows.split([obs_dim, act_dim, 1, obs_dim, 1], 1)
         return obs, actions, rewards.squeeze(1), next_obs, terminations.squeeze(1)
 
-    actor = Actor(obs_dim, act_dim, low, high, args.hidden_dim).to(device)
-    critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
-    actor_target, critic_target = copy.deepcopy(actor), copy.deepcopy(critic)
-    actor_optimizer = adam(actor.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
-    critic_optimizer = adam(critic.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
-    modules = {
-        "actor": actor,
-        "critic": critic,
-        "actor_target": actor_target,
-        "critic_target": critic_target,
-        "actor_optimizer": actor_optimizer,
-        "critic_optimizer": critic_optimizer,
-    }
-    update_critic, update_actor = make_update(
-        actor, critic, actor_target, critic_target, actor_optimizer, critic_optimizer, sample_batch, args
-    )
+    modules = make_learner(obs_dim, act_dim, env.action_space, args, device)
+    actor = modules["actor"]
+    update_critic, update_actor = make_update(**modules, sample_batch=sample_batch, args=args)
+    header = checkpoint_header(args, env, obs_mean, obs_std, ref_min, ref_max)
 
-    def checkpoint(step: int, eval_return: float, eval_score) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": CHECKPOINT_VERSION,
-            "stage": STAGE,
-            "step": step,
-            "env_id": env_id,
-            "max_episode_steps": env.spec.max_episode_steps,
-            "dataset_id": args.dataset_id,
-            "obs_dim": obs_dim,
-            "act_dim": act_dim,
-            "hidden_dim": args.hidden_dim,
-            "action_low": torch.as_tensor(low),
-            "action_high": torch.as_tensor(high),
-            "obs_mean": obs_mean.cpu(),
-            "obs_std": obs_std.cpu(),
-            "ref_min_score": ref_min,
-            "ref_max_score": ref_max,
-            "eval_return": eval_return,
-            "eval_normalized_score": eval_score,
-            **module_states(modules),
-            "args": dataclasses.asdict(args),
-            # to resume: random generators, the open loss window, the metrics log's length
-            **run.resume_state(),
-            "q_loss_sum": q_loss_sum.cpu(),
-        }
+    def save(step: int, eval_return: float, eval_score):  # the checkpoint is also what resuming needs
+        results = {"step": step, "eval_return": eval_return, "eval_normalized_score": eval_score}
+        resume = {**run.resume_state(), "q_loss_sum": q_loss_sum.cpu()}  # the open loss window too
+        save_checkpoint(
+            os.path.join(run_dir, "checkpoint.pt"), {**header, **results, **module_states(modules), **resume}
+        )
 
     print(
-        f"{args.dataset_id}: {N} transitions, env {env_id}, obs {obs_dim}, act {act_dim}, device {device}; run dir "
-        f"{run_dir}"
+        f"{args.dataset_id}: {n_transitions} transitions, env {env_id}, obs {obs_dim}, act {act_dim}, device {device}"
     )
     q_loss_sum = torch.zeros((), device=device)
-    actor_loss = lmbda = bc = torch.zeros((), device=device)
-    sentinel = NonFiniteSentinel(
-        device, "update", run_dir
-    )  # remembers the first non-finite loss without a sync per step
+    actor_loss, lmbda, bc = torch.zeros(3, device=device)
+    # remembers the first non-finite loss without a sync per step
+    sentinel = NonFiniteSentinel(device, "update", run_dir)
     start_step = 0
     if resumed is not None:
         load_module_states(modules, resumed, device, args.cudagraphs)
@@ -433,13 +355,7 @@ def main(args: Args):
         start_step = resumed["step"]
         print(f"resuming {run_dir} at update {start_step}")
     start_time, t_last, s_last = time.time(), time.time(), start_step
-    pbar = tqdm(
-        range(start_step + 1, args.total_steps + 1),
-        desc="TD3+BC",
-        mininterval=2,
-        initial=start_step,
-        total=args.total_steps,
-    )
+    pbar = tqdm(range(start_step + 1, args.total_steps + 1), desc="TD3+BC", initial=start_step, total=args.total_steps)
     for step in pbar:
         # ALGO LOGIC: training (TD3's delayed actor: one actor and target update per policy_frequency critic updates)
         obs, actions, critic_loss, q1_mean = update_critic()
@@ -453,44 +369,97 @@ def main(args: Args):
         if step % args.log_freq == 0:
             sps = (step - s_last) / (time.time() - t_last)
             t_last, s_last = time.time(), step
-            run.log(
-                {
-                    "step": step,
-                    "losses/critic_loss": q_loss_sum.item() / args.log_freq,
-                    "losses/actor_loss": actor_loss.item(),
-                    "losses/bc_loss": bc.item(),
-                    "losses/lambda": lmbda.item(),
-                    "losses/q1_mean": q1_mean.item(),
-                    "charts/updates_per_sec": sps,
-                }
-            )
+            losses = {"actor_loss": actor_loss, "bc_loss": bc, "lambda": lmbda, "q1_mean": q1_mean}
+            losses = {f"losses/{name}": value.item() for name, value in losses.items()}
+            critic_loss_mean = q_loss_sum.item() / args.log_freq  # over the window since the last log
+            run.log({"step": step, "losses/critic_loss": critic_loss_mean, **losses, "charts/updates_per_sec": sps})
             q_loss_sum.zero_()
         if step % args.eval_freq == 0 or step == args.total_steps:
             returns = evaluate(actor, env, obs_mean, obs_std, args.eval_episodes, args.eval_seed)
             score = normalized_score(float(returns.mean()), ref_min, ref_max)
-            run.log(
-                {
-                    "step": step,
-                    "eval/return_mean": float(returns.mean()),
-                    "eval/return_std": float(returns.std()),
-                    "eval/normalized_score": score,
-                    "charts/elapsed_sec": time.time() - start_time,
-                }
-            )
+            returns_row = {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std())}
+            elapsed = time.time() - start_time
+            run.log({"step": step, **returns_row, "eval/normalized_score": score, "charts/elapsed_sec": elapsed})
             pbar.set_postfix(ret=f"{returns.mean():.1f}", score="n/a" if score is None else f"{score:.1f}")
-            save_checkpoint(ckpt_path, checkpoint(step, float(returns.mean()), score))
+            save(step, float(returns.mean()), score)
     pbar.close()
     run.close()
     env.close()
-    elapsed = time.time() - start_time
-    print(
-        f"done: {args.total_steps - start_step} updates in {elapsed:.1f}s "
-        f"({(args.total_steps - start_step) / elapsed:.0f} "
-        f"updates/s incl. evaluation); "
-        f"final return {returns.mean():.1f}"
-        + ("" if score is None else f", normalized score {score:.1f}")
-        + f"; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}"
-    )
+    updates_per_sec = (args.total_steps - start_step) / (time.time() - start_time)
+    summary = f"final return {returns.mean():.1f}" + ("" if score is None else f", normalized score {score:.1f}")
+    print(f"done: {updates_per_sec:.0f} updates/s incl. evaluation; {summary}; checkpoint {run_dir}/checkpoint.pt")
+
+
+# Setup (main reads these by name)
+def load_data(args: Args) -> tuple:
+    """The dataset's transitions, its env (the dataset's own eval env unless --env-id names another) and reference
+    scores, checked against each other. -> (env_id, env, transitions, ref_min, ref_max)"""
+    with reading_dataset(args.dataset_id):
+        dataset = load_minari_dataset(args.dataset_id, args.download)
+        env_id = dataset_env_id(dataset, args.env_id)
+        env = make_eval_env(dataset, env_id)
+        transitions = dataset_to_transitions(dataset)
+        ref_min, ref_max = dataset.storage.metadata.get("ref_min_score"), dataset.storage.metadata.get("ref_max_score")
+    if ref_min is not None and ref_max is not None and not ref_min < ref_max:
+        raise UserError(
+            f"dataset '{args.dataset_id}' has reference scores that cannot normalize a return (ref_min_score "
+            f"{ref_min}, ref_max_score {ref_max}); re-create it with collect_dataset.py"
+        )
+    obs_dim, act_dim = transitions["obs"].shape[1], transitions["actions"].shape[1]
+    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
+        raise UserError(
+            f"env {env_id} (obs {env.observation_space.shape}, act {env.action_space.shape}) does not match "
+            f"dataset '{args.dataset_id}' (obs ({obs_dim},), act ({act_dim},)); pass the right --env-id"
+        )
+    return env_id, env, transitions, ref_min, ref_max
+
+
+def pack_transitions(transitions: dict, normalize_obs: bool, device) -> tuple:
+    """The transitions as one [n, obs + act + 1 + obs + 1] tensor (normalized s, a, r, normalized s', terminated).
+    -> (that tensor, obs_mean, obs_std)"""
+    columns = {key: torch.as_tensor(value, device=device) for key, value in transitions.items()}
+    obs_dim = columns["obs"].shape[1]
+    if normalize_obs:
+        obs_mean, obs_std = columns["obs"].mean(0), columns["obs"].std(0) + 1e-3
+    else:
+        obs_mean, obs_std = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device)
+    obs, next_obs = (columns["obs"] - obs_mean) / obs_std, (columns["next_obs"] - obs_mean) / obs_std
+    rewards, terminations = columns["rewards"][:, None], columns["terminations"][:, None]
+    return torch.cat([obs, columns["actions"], rewards, next_obs, terminations], 1), obs_mean, obs_std
+
+
+def make_learner(obs_dim: int, act_dim: int, action_space, args: Args, device) -> dict:
+    """Actor, twin critic, their targets and Adams, by the names the checkpoint stores them under."""
+    actor = Actor(obs_dim, act_dim, action_space.low, action_space.high, args.hidden_dim).to(device)
+    critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+    actor_optimizer = adam(actor.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
+    critic_optimizer = adam(critic.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
+    targets = {"actor_target": copy.deepcopy(actor), "critic_target": copy.deepcopy(critic)}
+    optimizers = {"actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
+    return {"actor": actor, "critic": critic, **targets, **optimizers}
+
+
+def checkpoint_header(args: Args, env: gym.Env, obs_mean, obs_std, ref_min, ref_max) -> dict:
+    """What every TD3+BC checkpoint holds besides the networks and the step's results (docs/file_contracts.md)."""
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "stage": STAGE,
+        "env_id": env.spec.id,
+        "max_episode_steps": env.spec.max_episode_steps,
+        "dataset_id": args.dataset_id,
+        "obs_dim": obs_dim,
+        "act_dim": act_dim,
+        "hidden_dim": args.hidden_dim,
+        "action_low": torch.as_tensor(env.action_space.low),
+        "action_high": torch.as_tensor(env.action_space.high),
+        "obs_mean": obs_mean.cpu(),
+        "obs_std": obs_std.cpu(),
+        "ref_min_score": ref_min,
+        "ref_max_score": ref_max,
+        "args": dataclasses.asdict(args),
+    }
 
 
 if __name__ == "__main__":

@@ -274,9 +274,8 @@ def reference_online(env_id: str, steps: int, learning_starts: int, seed: int = 
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     torch.manual_seed(seed)
     low, high = env.action_space.low, env.action_space.high
-    device = torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu"
-    )  # as CleanRL (and td3_adv_finetune.py) pick it
+    # as CleanRL (and td3_adv_finetune.py) pick it
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ref = ReferenceTD3(bc.Actor(obs_dim, act_dim, low, high), bc.Critic(obs_dim, act_dim), device=device)
     buf = {
         "obs": np.zeros((steps, obs_dim), np.float32),

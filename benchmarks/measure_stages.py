@@ -139,6 +139,7 @@ def measure_de(ckpt_path: str, env_id: str, n: int):
     """Env steps/s: raw stepping with random actions, the serial policy rollout (one unbatched forward per step),
     and de_perturbations' batched population evaluation with 1 worker and with one per core."""
     import de_perturbations as de
+    import td3_adv_finetune as ft
 
     rows = []
     env = gym.make(env_id)
@@ -151,7 +152,7 @@ def measure_de(ckpt_path: str, env_id: str, n: int):
     rows.append((f"raw single-env stepping, random actions ({env_id})", n / (time.time() - t)))
     ckpt = de.load_checkpoint(ckpt_path)
     actor = de.actor_from_checkpoint(ckpt)
-    penv = de.ActionPerturbation(env, 0.3, "multiplicative", "random")
+    penv = ft.ActionPerturbation(env, 0.3, "multiplicative", "random")
     obs, _ = penv.reset(seed=0)
     t = time.time()
     for _ in range(n):

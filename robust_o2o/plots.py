@@ -1,5 +1,7 @@
 """Plot finishing shared by evaluate_matrix.py and study_report.py."""
 
+import os
+
 import matplotlib.pyplot as plt
 
 
@@ -30,3 +32,16 @@ def save_q_plot(fig, ax, title: str, path: str):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def save_figure(fig, path: str):
+    """Save and close `fig`, atomically: through a temporary file unique to this process, then a rename."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.{os.getpid()}.tmp{ext}"
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)

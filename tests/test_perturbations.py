@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import de_perturbations as de
+import td3_adv_finetune as ft
 from conftest import assert_one_line_error, assert_usage_error, run_script
 from robust_o2o.files import sha256_file
 
@@ -42,7 +43,7 @@ class Recorder(gym.Wrapper):
 
 def wrapped(condition, q=1.0, deltas=None, eps=0.3, model="multiplicative"):
     rec = Recorder(gym.make("Hopper-v5", max_episode_steps=5))
-    return de.ActionPerturbation(rec, eps, model, condition, deltas, q), rec
+    return ft.ActionPerturbation(rec, eps, model, condition, deltas, q), rec
 
 
 def test_delta_fixed_within_episode_and_redrawn_between_episodes():
@@ -97,7 +98,7 @@ def serial_returns(ckpt, deltas, seeds, model, max_steps):
     actor = de.actor_from_checkpoint(ckpt)
     out = []
     for d in deltas:
-        env = de.ActionPerturbation(gym.make(ckpt["env_id"], max_episode_steps=max_steps), 0.5, model)
+        env = ft.ActionPerturbation(gym.make(ckpt["env_id"], max_episode_steps=max_steps), 0.5, model)
         rets = []
         for s in seeds:
             obs, _ = env.reset(seed=int(s), options={"delta": d})
@@ -144,7 +145,7 @@ def test_de_beats_random_draws_and_equal_budget_random_search(hopper_checkpoint)
     ev = de.PopulationEvaluator(ckpt, "multiplicative", 60, 1)
     seeds, eps = np.array([1, 2, 3]), 0.5
     args = de.Args(popsize=5, maxiter=6, tol=0.0, epsilon=eps)
-    delta, best, history = de.run_de(ev.returns, 3, eps, seeds, 0, args)
+    delta, best, history = de.run_de(ev.returns, [(-eps, eps)] * 3, seeds, 0, args)
     budget = args.popsize * 3 * (len(history) + 1)  # initial population + one per generation
     rng = np.random.default_rng(0)
     search = ev.returns(rng.uniform(-eps, eps, (budget, 3)), seeds)
@@ -279,3 +280,27 @@ def test_de_summary_uses_the_evaluators_estimator():
     table = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # [K = 2 deltas, M = 3 episodes]
     assert de.as_evaluated(table) == pytest.approx((1.0 + 5.0 + 3.0) / 3)
     assert de.as_evaluated(table) != pytest.approx(table.mean())
+
+
+def test_resuming_relies_on_scipy_solver_internals_that_still_exist():
+    """DE's resume (de_perturbations.solver_state / restore_solver) reads and writes private fields of scipy's
+    DifferentialEvolutionSolver and its legacy generator: if a scipy version renames them, this fails loudly, and a
+    saved state round-trips into a fresh solver that then draws the same next generation."""
+    from scipy.optimize._differentialevolution import DifferentialEvolutionSolver
+
+    def make():
+        return DifferentialEvolutionSolver(
+            lambda x: (x**2).sum(0), [(-1, 1)] * 3, rng=7, maxiter=5, popsize=4, vectorized=True, updating="deferred"
+        )
+
+    solver = make()
+    for field in de.SOLVER_PRIVATE_FIELDS:
+        assert hasattr(solver, field), f"scipy renamed DifferentialEvolutionSolver.{field}: update de.restore_solver"
+    assert isinstance(solver.random_number_generator, np.random.RandomState)
+    next(solver)  # one generation
+    state = de.solver_state(solver, history=[float(solver.population_energies.min())])
+    restored = make()
+    de.restore_solver(restored, state, generations_done=1, maxiter=5)
+    next(solver), next(restored)
+    np.testing.assert_array_equal(restored.population, solver.population)
+    assert restored._nfev == solver._nfev
