@@ -138,14 +138,14 @@ def actor_from_checkpoint(ckpt: dict) -> Actor:
 PERTURBATION_MODELS = ("multiplicative", "additive")
 
 
-def perturb_action(action: np.ndarray, delta: np.ndarray, low: np.ndarray, high: np.ndarray, model: str) -> np.ndarray:
+def perturb_action(action: np.ndarray, delta: np.ndarray, low, high, perturbation_model: str) -> np.ndarray:
     """Executed action ã for the chosen action a under perturbation δ; works row-wise on batches [..., Na]."""
-    if model == "multiplicative":
+    if perturbation_model == "multiplicative":
         executed = action * (1.0 + delta)
-    elif model == "additive":
+    elif perturbation_model == "additive":
         executed = action + delta * (high - low) / 2.0
     else:
-        raise ValueError(f"unknown perturbation model {model!r}")
+        raise ValueError(f"unknown perturbation model {perturbation_model!r}")
     return np.clip(executed, low, high).astype(action.dtype, copy=False)
 
 
@@ -196,10 +196,10 @@ def run_de(evaluate, bounds: list, seeds: np.ndarray, de_seed: int, args: Args, 
 _WORKER = {}
 
 
-def _init_worker(ckpt_small: dict, env_id: str, max_episode_steps, model: str):
+def _init_worker(ckpt_small: dict, env_id: str, max_episode_steps, perturbation_model: str):
     torch.set_num_threads(1)
     _WORKER.update(actor=actor_from_checkpoint(ckpt_small), obs_stats=(ckpt_small["obs_mean"], ckpt_small["obs_std"]))
-    _WORKER.update(env_spec=(env_id, max_episode_steps), model=model, envs=[])
+    _WORKER.update(env_spec=(env_id, max_episode_steps), perturbation_model=perturbation_model, envs=[])
 
 
 def _worker_rollout(deltas: np.ndarray, seeds: np.ndarray):
@@ -208,26 +208,26 @@ def _worker_rollout(deltas: np.ndarray, seeds: np.ndarray):
         env_id, max_episode_steps = w["env_spec"]
         w["envs"].append(gym.make(env_id, max_episode_steps=max_episode_steps))
     envs, (obs_mean, obs_std) = w["envs"][: len(seeds)], w["obs_stats"]
-    return rollout_batch(envs, w["actor"], obs_mean, obs_std, deltas, seeds, w["model"], perturb_action)
+    return rollout_batch(envs, w["actor"], obs_mean, obs_std, deltas, seeds, w["perturbation_model"], perturb_action)
 
 
 class PopulationEvaluator:
     """Evaluates returns of many (δ, seed) pairs, split across `num_workers` processes (in-process for 1)."""
 
-    def __init__(self, ckpt: dict, model: str, max_episode_steps: int | None, num_workers: int = 1):
+    def __init__(self, ckpt: dict, perturbation_model: str, max_episode_steps: int | None, num_workers: int = 1):
         acting = ("obs_dim", "act_dim", "action_low", "action_high", "hidden_dim", "actor", "obs_mean", "obs_std")
         small = {key: ckpt[key] for key in acting}  # what a worker needs to act
         env_id = ckpt["env_id"]
         self.num_workers, self.env_steps = max(1, num_workers), 0
         if self.num_workers == 1:
-            _init_worker(small, env_id, max_episode_steps, model)
+            _init_worker(small, env_id, max_episode_steps, perturbation_model)
             self.pool = None
         else:
             self.pool = ProcessPoolExecutor(
                 self.num_workers,
                 mp_context=get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(small, env_id, max_episode_steps, model),
+                initargs=(small, env_id, max_episode_steps, perturbation_model),
             )
 
     def returns(self, deltas: np.ndarray, seeds: np.ndarray) -> np.ndarray:

@@ -110,14 +110,14 @@ class Actor(nn.Module):
         return self.net(obs) * self.action_scale + self.action_bias
 
 
-def perturb_action(action: np.ndarray, delta: np.ndarray, low: np.ndarray, high: np.ndarray, model: str) -> np.ndarray:
+def perturb_action(action: np.ndarray, delta: np.ndarray, low, high, perturbation_model: str) -> np.ndarray:
     """Executed action ã for the chosen action a under perturbation δ; works row-wise on batches [..., Na]."""
-    if model == "multiplicative":
+    if perturbation_model == "multiplicative":
         executed = action * (1.0 + delta)
-    elif model == "additive":
+    elif perturbation_model == "additive":
         executed = action + delta * (high - low) / 2.0
     else:
-        raise ValueError(f"unknown perturbation model {model!r}")
+        raise ValueError(f"unknown perturbation model {perturbation_model!r}")
     return np.clip(executed, low, high).astype(action.dtype, copy=False)
 
 
@@ -375,10 +375,10 @@ def capture_videos(args: Args, ckpts: dict, sets: dict) -> list:
     one δ: the precomputed δ that hurts the first offline-only policy most (else the first policy's). -> file paths."""
     out, paths = os.path.join(args.output_dir, "videos"), []
 
-    def episode(ckpt, delta, model):
+    def episode(ckpt, delta, perturbation_model):
         policy = actor_from_checkpoint(ckpt), ckpt["obs_mean"], ckpt["obs_std"]
         env_spec, size = (ckpt["env_id"], ckpt.get("max_episode_steps")), (args.video_size, args.video_frame_skip)
-        return record_episode(*env_spec, *policy, delta, perturb_action, model, args.eval_seed, *size)
+        return record_episode(*env_spec, *policy, delta, perturb_action, perturbation_model, args.eval_seed, *size)
 
     for path, ckpt in tqdm(ckpts.items(), desc="videos"):
         ref, attack = sets[path]

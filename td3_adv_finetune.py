@@ -210,14 +210,14 @@ PERTURBATION_MODELS = ("multiplicative", "additive")
 CONDITIONS = ("normal", "random", "adversarial")
 
 
-def perturb_action(action: np.ndarray, delta: np.ndarray, low: np.ndarray, high: np.ndarray, model: str) -> np.ndarray:
+def perturb_action(action: np.ndarray, delta: np.ndarray, low, high, perturbation_model: str) -> np.ndarray:
     """Executed action ã for the chosen action a under perturbation δ; works row-wise on batches [..., Na]."""
-    if model == "multiplicative":
+    if perturbation_model == "multiplicative":
         executed = action * (1.0 + delta)
-    elif model == "additive":
+    elif perturbation_model == "additive":
         executed = action + delta * (high - low) / 2.0
     else:
-        raise ValueError(f"unknown perturbation model {model!r}")
+        raise ValueError(f"unknown perturbation model {perturbation_model!r}")
     return np.clip(executed, low, high).astype(action.dtype, copy=False)
 
 
@@ -233,17 +233,17 @@ class ActionPerturbation(gym.ActionWrapper):
         self,
         env: gym.Env,
         epsilon: float,
-        model: str = "multiplicative",
+        perturbation_model: str = "multiplicative",
         condition: str = "normal",
         deltas: np.ndarray | None = None,
         q: float = 1.0,
     ):
         super().__init__(env)
-        if condition not in CONDITIONS or model not in PERTURBATION_MODELS:
+        if condition not in CONDITIONS or perturbation_model not in PERTURBATION_MODELS:
             raise ValueError(f"condition must be one of {CONDITIONS} and model one of {PERTURBATION_MODELS}")
         if condition == "adversarial" and (deltas is None or len(deltas) == 0):
             raise ValueError("the adversarial condition needs a non-empty set of deltas")
-        self.epsilon, self.model, self.condition, self.q = epsilon, model, condition, q
+        self.epsilon, self.perturbation_model, self.condition, self.q = epsilon, perturbation_model, condition, q
         self.deltas = None if deltas is None else np.asarray(deltas, dtype=np.float64)
         self.low, self.high = env.action_space.low, env.action_space.high
         self.delta = np.zeros(env.action_space.shape, dtype=np.float64)
@@ -266,7 +266,7 @@ class ActionPerturbation(gym.ActionWrapper):
         return obs, {**info, "delta": self.delta.copy()}
 
     def action(self, action):
-        return perturb_action(np.asarray(action), self.delta, self.low, self.high, self.model)
+        return perturb_action(np.asarray(action), self.delta, self.low, self.high, self.perturbation_model)
 
 
 # ALGO LOGIC: the curricula for q
@@ -539,9 +539,10 @@ def resolve_learning_starts(args: Args) -> int:
 
 def make_training_env(args: Args, env_id: str, max_steps: int | None, perturbations: dict, q: float) -> gym.Env:
     """The env, wrapped to inject δ per episode with probability q under the fine-tuning condition."""
-    epsilon, model = float(perturbations["epsilon"]), str(perturbations["perturbation_model"])
+    epsilon, perturbation_model = float(perturbations["epsilon"]), str(perturbations["perturbation_model"])
     env = gym.make(env_id, max_episode_steps=max_steps)
-    env = ActionPerturbation(env, epsilon, model, args.finetune_condition, perturbations["perturbations"], q=q)
+    deltas = perturbations["perturbations"]
+    env = ActionPerturbation(env, epsilon, perturbation_model, args.finetune_condition, deltas, q=q)
     env.action_space.seed(args.seed)
     return env
 

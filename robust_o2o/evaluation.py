@@ -103,7 +103,7 @@ class ConditionEvaluator:
         run.video(path, f"videos/eval_{condition}", step)
 
 
-def rollout_batch(envs, actor, obs_mean, obs_std, deltas: np.ndarray, seeds, model: str, perturb):
+def rollout_batch(envs, actor, obs_mean, obs_std, deltas: np.ndarray, seeds, perturbation_model: str, perturb):
     """Run one episode per (δ_j, seed_j) in lockstep, one batched policy call per step; `perturb` is the calling
     script's perturbation model (its perturb_action). Returns (returns [B], env steps taken)."""
     low, high = envs[0].action_space.low, envs[0].action_space.high
@@ -113,7 +113,7 @@ def rollout_batch(envs, actor, obs_mean, obs_std, deltas: np.ndarray, seeds, mod
         idx = np.flatnonzero(alive)
         with torch.no_grad():
             actions = actor((torch.as_tensor(obs[idx], dtype=torch.float32) - obs_mean) / obs_std).numpy()
-        executed = perturb(actions, deltas[idx], low, high, model)
+        executed = perturb(actions, deltas[idx], low, high, perturbation_model)
         for j, i in enumerate(idx):
             obs[i], reward, terminated, truncated, _ = envs[i].step(executed[j])
             returns[i] += reward

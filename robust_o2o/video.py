@@ -58,7 +58,7 @@ def record_episode(
     obs_std,
     delta: np.ndarray,
     perturb,
-    model: str,
+    perturbation_model: str,
     seed: int,
     size: int = 160,
     frame_skip: int = 4,
@@ -73,7 +73,9 @@ def record_episode(
     while not done:
         with torch.no_grad():
             action = actor((torch.as_tensor(obs, dtype=torch.float32) - obs_mean) / obs_std).numpy()
-        obs[0], reward, terminated, truncated, _ = env.step(perturb(action, delta[None], low, high, model)[0])
+        obs[0], reward, terminated, truncated, _ = env.step(
+            perturb(action, delta[None], low, high, perturbation_model)[0]
+        )
         ret, steps, done = ret + reward, steps + 1, terminated or truncated
         if steps % frame_skip == 0 or done:
             frames.append(env.render())
