@@ -367,9 +367,8 @@ def make_update(actor, critic, actor_target, critic_target, actor_optimizer, cri
     the critic's half takes its batch: the online buffer grows every step, so its sampling cannot be captured."""
 
     def update_critic(obs, actions, rewards, next_obs, terminations):
-        y = td_target(
-            critic_target, actor_target, next_obs, rewards, terminations, args.gamma, args.policy_noise, args.noise_clip
-        )
+        smoothing = {"policy_noise": args.policy_noise, "noise_clip": args.noise_clip}  # target policy smoothing
+        y = td_target(critic_target, actor_target, next_obs, rewards, terminations, gamma=args.gamma, **smoothing)
         q = critic(obs, actions)
         critic_loss = ((q - y) ** 2).mean(1).sum()  # MSE of Q1 plus MSE of Q2
         critic_optimizer.zero_grad(set_to_none=True)
@@ -495,13 +494,13 @@ def main(args: Args):
 
         # ALGO LOGIC: the curriculum of q, and evaluation (which the adaptive curriculum reads)
         if args.curriculum == "linear":
-            q = linear_q(step, args.total_steps, args.q_init, args.q_max)
+            q = linear_q(step, args.total_steps, q_init=args.q_init, q_max=args.q_max)
         if step % args.eval_freq == 0 or step == args.total_steps:
             sentinel.check()
             eval_metrics = evaluate(step)
             if adaptive:
                 R = eval_metrics["eval/normal_normalized"]
-                q, ema = adaptive_q(q, ema, R, args.beta, args.eta, args.q_min, args.q_max)
+                q, ema = adaptive_q(q, ema, R, beta=args.beta, eta=args.eta, q_min=args.q_min, q_max=args.q_max)
             losses = {"critic_loss": critic_loss, "q1_mean": q1_mean, "actor_loss": actor_loss}
             charts = {**counters.exposure(), "charts/sps": (step - start_step) / (time.time() - start_time)}
             losses = {f"losses/{name}": value.item() for name, value in losses.items()}

@@ -212,9 +212,8 @@ def make_update(actor, critic, actor_target, critic_target, actor_optimizer, cri
 
     def update_critic():
         obs, actions, rewards, next_obs, terminations = sample_batch()
-        y = td_target(
-            critic_target, actor_target, next_obs, rewards, terminations, args.gamma, args.policy_noise, args.noise_clip
-        )
+        smoothing = {"policy_noise": args.policy_noise, "noise_clip": args.noise_clip}  # target policy smoothing
+        y = td_target(critic_target, actor_target, next_obs, rewards, terminations, gamma=args.gamma, **smoothing)
         q = critic(obs, actions)
         critic_loss = ((q - y) ** 2).mean(1).sum()  # MSE of Q1 plus MSE of Q2
         critic_optimizer.zero_grad(set_to_none=True)
