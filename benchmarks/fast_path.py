@@ -10,11 +10,9 @@ Prints the machine and a Markdown table with the ratios (docs/fast_path.md):
     python benchmarks/fast_path.py --profile    # where an update's time goes: the GEMM share and GEMM GFLOP/s
 
 The reference is written the way common implementations write TD3 (CORL's td3_bc.py, CleanRL's
-td3_continuous_action.py):
-separate critic modules, default Adam, the actor loss backpropagated into every parameter, Polyak averaging in a Python
-loop, `.item()` logging, and a NumPy replay buffer for the online loop. tests/test_fast_path.py checks that it computes
-the same update as the project's code.
-"""
+td3_continuous_action.py): separate critic modules, default Adam, the actor loss backpropagated into every parameter,
+Polyak averaging in a Python loop, `.item()` logging, and a NumPy replay buffer for the online loop.
+tests/test_fast_path.py checks that it computes the same update as the project's code."""
 
 import argparse
 import copy

@@ -1,7 +1,7 @@
 """Measure the stages on this machine; prints a Markdown table (docs/measurements.md).
 
-Dataset creation time, TD3+BC updates/s, and DE's population evaluation against raw single-env stepping,
-all in one run:
+Dataset creation time, TD3+BC updates/s, and DE's population evaluation against raw single-env stepping, all in
+one run:
     python benchmarks/measure_stages.py            # default sizes (about 4 minutes on 2 CPU cores)
     python benchmarks/measure_stages.py --updates 500 --transitions 2000 --train-steps 3000   # quick
 

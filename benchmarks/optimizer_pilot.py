@@ -5,8 +5,7 @@ policies (one per seed) three ways, `--reset-optimizers none | actor | both`, wi
 the dip (the lowest normalized normal return in the first 10k online steps) and the return at the last step, paired
 by seed (paired_stats.py: mean difference with a paired-t CI, exact sign-flip p).
 
-    python benchmarks/optimizer_pilot.py --phase prepare      # TD3+BC (20k updates) and DE (K = 3, 10 generations) per
-    seed
+    python benchmarks/optimizer_pilot.py --phase prepare      # per seed: TD3+BC (20k updates), DE (K = 3, 10 gens)
     python benchmarks/optimizer_pilot.py --phase finetune     # 3 variants x seeds, 30k steps each, --jobs at a time
     python benchmarks/optimizer_pilot.py --phase report       # -> results/optimizer-pilot/pilot.csv and pilot.md
 

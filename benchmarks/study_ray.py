@@ -1,7 +1,6 @@
 """Wall time of a small study through Ray (study.py) against the same stage commands run one after another.
 
-    python benchmarks/study_ray.py                  # tiny scale, 2 seeds, normal + adversarial + scratch: ~6 min on 2
-    cores
+    python benchmarks/study_ray.py    # tiny scale, 2 seeds, normal + adversarial + scratch: ~6 min (2 cores)
     python benchmarks/study_ray.py --seeds 1 2 3    # a bigger grid
 
 Both runs start from nothing in their own throwaway folder and Minari store, and run the identical commands (the

@@ -24,8 +24,7 @@ def io_failure(e: OSError) -> str:
 
 class Range:
     """A field's valid values, declared next to it: `x: Annotated[float, Range(0, 1)] = 0.5`. Bounds are inclusive
-    unless
-    `open` names them ("lo", "hi"); every number must also be finite; a tuple is checked element by element."""
+    unless `open` names them ("lo", "hi"); every number must also be finite; a tuple is checked element by element."""
 
     def __init__(self, lo=None, hi=None, open: str = ""):
         self.lo, self.hi, self.open = lo, hi, open

@@ -1,7 +1,6 @@
 """The method's evaluation protocol: the one score scale (0 = random, 100 = expert), and a policy's deterministic
-returns
-on fixed episodes under each perturbation condition (normal, random, adversarial), played in lockstep. Fine-tuning's
-evaluations (which the adaptive curriculum reads), DE's and the final matrix all use it."""
+returns on fixed episodes under each perturbation condition (normal, random, adversarial), played in lockstep.
+Fine-tuning's evaluations (which the adaptive curriculum reads), DE's and the final matrix all use it."""
 
 import os
 

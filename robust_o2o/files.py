@@ -12,8 +12,7 @@ from robust_o2o.cli import UserError, io_failure
 
 def _atomic(path: str, write):
     """write(file) into a temporary file beside `path` (unique to this process), fsync, then rename over `path`. A
-    failure
-    (a full disk, a read-only folder) leaves `path` as it was and ends in one line (UserError)."""
+    failure (a full disk, a read-only folder) leaves `path` as it was and ends in one line (UserError)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:

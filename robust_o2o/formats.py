@@ -55,8 +55,7 @@ def load_checkpoint(path: str) -> dict:
 
 def checkpoint_problem(ckpt: dict) -> str | None:
     """The first way `ckpt` breaks the schema every stage relies on (docs/file_contracts.md), or None: the keys and
-    types
-    that acting needs, and every tensor's shape against the checkpoint's own obs, action and hidden sizes."""
+    types that acting needs, and every tensor's shape against the checkpoint's own obs, action and hidden sizes."""
     for key, kind in (
         ("env_id", str),
         ("obs_dim", int),

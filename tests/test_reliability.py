@@ -335,8 +335,7 @@ def test_de_resumes_mid_run_identically(hopper_checkpoint, tmp_path, monkeypatch
 
 def test_dataset_creation_resumes_behaviour_training_identically(tmp_path, monkeypatch):
     """Behaviour-policy training interrupted after its first saved evaluation (step 1000 of 1500), then resumed: the
-    four
-    datasets equal those of an uninterrupted run."""
+    four datasets equal those of an uninterrupted run."""
     import collect_dataset as cd
 
     monkeypatch.chdir(tmp_path)
@@ -387,8 +386,7 @@ def test_dataset_creation_resumes_behaviour_training_identically(tmp_path, monke
 
 def test_a_nan_loss_stops_finetuning_naming_the_step(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):
     """Offline rows with NaN rewards: the first update (step 33, after 32 warm-up steps) gives a NaN critic loss; the
-    run
-    stops at the next check and names step 33; the checkpoint and state of the evaluation at step 30 stay."""
+    run stops at the next check and names step 33; the checkpoint and state of the evaluation at step 30 stay."""
     import td3_adv_finetune as ft
     from robust_o2o import datasets
 
