@@ -406,6 +406,8 @@ def main(args: Args):
         env_steps, wall = evaluator.env_steps, time.time() - t0
     finally:
         evaluator.close()
+    if not (np.isfinite(baseline).all() and np.isfinite(adversarial_pairs).all()):
+        raise UserError(f"a return against {args.checkpoint} is NaN or inf; {output} was not written")
     adversarial_returns, history = adversarial_pairs.mean(1), padded([run.history for run in runs])
     results = {"perturbations": deltas, "perturbation_returns": adversarial_returns, "history": history}
     results.update(de_objective=np.asarray([run.objective for run in runs]), nominal_return=nominal)

@@ -103,8 +103,14 @@ def checkpoint_problem(ckpt: dict) -> str | None:
         torch.isfinite(ckpt["obs_mean"]).all() and torch.isfinite(ckpt["obs_std"]).all() and (ckpt["obs_std"] > 0).all()
     ):
         return "obs_mean/obs_std hold NaN, inf or a non-positive std"
+    if not (torch.isfinite(ckpt["action_low"]).all() and torch.isfinite(ckpt["action_high"]).all()):
+        return "action_low/action_high hold NaN or inf"
     if not (ckpt["action_low"] < ckpt["action_high"]).all():
         return "action_low must be below action_high"
+    for net in ("actor", "critic", "critic_target"):  # a NaN weight acts as NaN actions: refused, never evaluated
+        for key, tensor in (ckpt.get(net) or {}).items():
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                return f"'{net}/{key}' holds NaN or inf"
     lo, hi = ckpt.get("ref_min_score"), ckpt.get("ref_max_score")
     if lo is not None and hi is not None and not lo < hi:
         return f"its reference scores cannot normalize a return (ref_min_score {lo} is not below ref_max_score {hi})"

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -96,6 +97,19 @@ def already_complete(resumed: dict | None, total_steps: int, run_dir: str) -> bo
 _LOCKED = {}  # run folder -> its open, locked .lock file (held for the life of this process)
 
 
+def clear_run_dir(run_dir: str):
+    """Remove everything in `run_dir` but the lock this process holds (--overwrite: the earlier run's checkpoint,
+    state, logs, and files made beside it such as its perturbations.npz)."""
+    for name in os.listdir(run_dir):
+        path = os.path.join(run_dir, name)
+        if name == ".lock":
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
 def lock_run_dir(run_dir: str):
     """Create `run_dir` and own it while this process lives: an OS lock (flock) on run_dir/.lock, which the kernel
     releases when the process dies, kill -9 included, so no stale lock survives. Another process asking for the same
@@ -128,6 +142,8 @@ class Run:
 
     def __init__(self, run_dir: str, run_name: str, args, resumed: dict | None, **extra):
         lock_run_dir(run_dir)  # refuses a second process on the same folder
+        if resumed is None and args.overwrite:
+            clear_run_dir(run_dir)  # the replaced run goes whole: nothing of it can mix with this run's files
         self.dir = run_dir
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump({**dataclasses.asdict(args), **extra, "run_name": run_name}, f, indent=2)

@@ -55,6 +55,9 @@ BAD_CHECKPOINTS = {
     "critic of the wrong input size": (reshape("critic", "net.0.weight"), "'critic/net.0.weight' has shape"),
     "zero std": (lambda c: c["obs_std"].zero_(), "non-positive std"),
     "act_dim a string": (lambda c: c.__setitem__("act_dim", "3"), "'act_dim' is missing or not a int"),
+    # DE once ran on such a checkpoint and replaced the valid perturbations.npz beside it with NaNs
+    "a NaN actor weight": (lambda c: c["actor"]["net.2.weight"].__setitem__((0, 0), float("nan")), "holds NaN or inf"),
+    "an infinite action bound": (lambda c: c["action_high"].__setitem__(0, float("inf")), "hold NaN or inf"),
 }
 
 

@@ -414,3 +414,25 @@ def test_a_nan_loss_stops_finetuning_naming_the_step(hopper_checkpoint, hopper_p
         ft.main(args)
     assert torch.load("runs/nan/checkpoint.pt", weights_only=True)["step"] == 30
     assert torch.load("runs/nan/state.pt", weights_only=True)["step"] == 30
+
+
+def test_overwrite_replaces_the_whole_run_even_when_the_new_run_dies_before_its_first_save(
+    hopper_datasets, tmp_path, monkeypatch
+):
+    """--overwrite once truncated the log and rewrote args.json, so a crash before the first save left the old
+    checkpoint beside the new arguments; now the old run goes whole, files made beside it included."""
+    import td3_bc_offline as tb
+
+    monkeypatch.chdir(tmp_path)
+    common = dict(dataset_id=hopper_datasets["medium"], total_steps=4, eval_freq=4, eval_episodes=1, batch_size=8)
+    tb.main(tb.Args(**common, cuda=False, run_name="r"))
+    (tmp_path / "runs" / "r" / "perturbations.npz").write_bytes(b"made against the old policy")
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed before the first save")
+
+    monkeypatch.setattr(tb, "evaluate", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        tb.main(tb.Args(**common, cuda=False, run_name="r", overwrite=True, seed=2))
+    assert set(os.listdir("runs/r")) <= {".lock", "args.json", "metrics.jsonl"}
+    assert json.load(open("runs/r/args.json"))["seed"] == 2
