@@ -289,16 +289,20 @@ def test_fresh_attack_copies_every_recorded_setting(matrix, policy_set):
     matrix.csv states the budget; a flag overrides only what it names."""
     ref = np.load(policy_set / "runs" / "off1" / "perturbations.npz")
     settings = em.attack_settings(ref, em.Args())
-    flag = lambda name: settings[settings.index(name) + 1]  # noqa: E731
-    assert flag("--de-seed") == str(int(ref["de_seed"])) and flag("--max-episode-steps") == str(
-        int(ref["max_episode_steps"])
-    )
+    argv = em.as_argv(settings)  # what de_perturbations.py is run with
+
+    def flag(name):
+        return argv[argv.index(name) + 1]
+
+    assert flag("--de-seed") == str(int(ref["de_seed"]))
+    assert flag("--max-episode-steps") == str(int(ref["max_episode_steps"]))
     assert flag("--maxiter") == str(int(ref["maxiter"])) and flag("--num-perturbations") == str(
         len(ref["perturbations"])
     )
-    assert ("--polish" if bool(ref["polish"]) else "--no-polish") in settings
+    assert ("--polish" if bool(ref["polish"]) else "--no-polish") in argv
     assert flag("--de-episodes") == str(int(ref["de_episodes"])) and flag("--popsize") == str(int(ref["popsize"]))
-    assert em.attack_settings(ref, em.Args(attack_maxiter=1))[settings.index("--maxiter") + 1] == "1"
+    assert argv[argv.index("--mutation") + 1 : argv.index("--mutation") + 3] == [str(float(m)) for m in ref["mutation"]]
+    assert em.attack_settings(ref, em.Args(attack_maxiter=1))["--maxiter"] == 1
     attack = next(
         np.load(f)
         for f in (matrix / "attacks").glob("*.npz")
