@@ -198,7 +198,9 @@ def test_bad_input_is_one_clear_line(policy_set, tmp_path):
 
 def test_whole_pipeline_runs_at_tiny_scale(tmp_path):
     """run_pipeline.sh is a one-seed study: every stage, then the report; RESUME=1 redoes nothing."""
-    env = {**os.environ, "SCALE": "tiny", "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
+    # the script runs `python`: the interpreter running these tests, not whichever python comes first on PATH
+    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "SCALE": "tiny", "MINARI_DATASETS_PATH": str(tmp_path / "minari")}
     proc = subprocess.run(
         ["bash", str(ROOT / "run_pipeline.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
