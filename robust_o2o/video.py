@@ -2,7 +2,10 @@
 for GIF)."""
 
 import dataclasses
+import gc
 import os
+import sys
+import warnings
 
 import gymnasium as gym
 import imageio.v2 as imageio
@@ -17,7 +20,13 @@ from robust_o2o.cli import UserError
 def check_rendering(env_id: str, max_episode_steps: int | None = None):
     """Fail in one line, before anything is written, where off-screen rendering or the MP4 writer is missing. A
     headless machine renders through EGL (Mesa's on a CPU), so MUJOCO_GL defaults to egl."""
-    os.environ.setdefault("MUJOCO_GL", "egl")
+    backend = os.environ.setdefault("MUJOCO_GL", "egl")
+    fix = "set MUJOCO_GL=egl (needs libEGL, e.g. Mesa's libegl1) or MUJOCO_GL=osmesa (needs libosmesa6)"
+    fix += ", or drop --capture-video"
+    if backend not in ("egl", "osmesa", "glfw"):
+        raise UserError(
+            f"--capture-video needs MuJoCo's off-screen renderer, but MUJOCO_GL={backend} names none; {fix}"
+        )
     try:
         import imageio_ffmpeg  # imported here: its absence is what this checks
 
@@ -27,18 +36,25 @@ def check_rendering(env_id: str, max_episode_steps: int | None = None):
             f"--capture-video writes MP4 through imageio-ffmpeg, which is missing ({type(e).__name__}); "
             f"pip install -r requirements.txt"
         ) from None
+    # a renderer that fails half-built raises again from its destructor ("Exception ignored in ... __del__"), and GLFW
+    # warns as it fails: noise beside the one line below, so both are dropped while the probe runs
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
     try:
-        env = gym.make(env_id, render_mode="rgb_array", width=32, height=32, max_episode_steps=max_episode_steps)
-        env.reset(seed=0)
-        env.render()
-        env.close()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            env = gym.make(env_id, render_mode="rgb_array", width=32, height=32, max_episode_steps=max_episode_steps)
+            env.reset(seed=0)
+            env.render()
+            env.close()
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"--capture-video needs MuJoCo's off-screen renderer, which failed with MUJOCO_GL="
-            f"{os.environ['MUJOCO_GL']} ({type(e).__name__}: {msg}); set MUJOCO_GL=egl (needs libEGL, e.g. "
-            f"Mesa's libegl1) or MUJOCO_GL=osmesa (needs libosmesa6), or drop --capture-video"
+            f"--capture-video needs MuJoCo's off-screen renderer, which failed with MUJOCO_GL={backend} "
+            f"({type(e).__name__}: {msg}); {fix}"
         ) from None
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
 
 
 @dataclasses.dataclass
