@@ -65,11 +65,11 @@ SCALES = {
         evaluate=[],
     ),
     "decisive": dict(  # the 100k study's budgets (docs/protocol.md §4): TD3+BC past its plateau, 100k fine-tuning
-        namespace="local-medium",  # steps, the final matrix at its defaults (30 episodes, fresh attacks at the
-        tag="decisive",  # precomputed budget); the medium dataset, its own runs
+        namespace="local-medium",  # steps, the final matrix at its defaults (30 episodes, fresh attacks with every
+        tag="decisive",  # setting of the precomputed one); the medium dataset, its own runs
         collect="--levels medium --num-transitions 200000 --max-train-steps 400000 --strict-targets".split(),
         pretrain="--total-steps 50000 --eval-freq 5000 --eval-episodes 10".split(),
-        de=[],
+        de="--de-episodes 2".split(),  # K, popsize and generations at their defaults; episodes cut for cost (§6)
         finetune="--total-steps 100000 --eval-freq 5000 --eval-episodes 10".split(),
         scratch_starts=10000,
         evaluate=[],

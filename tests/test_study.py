@@ -371,3 +371,18 @@ def test_a_medium_dataset_below_its_target_is_refused_and_one_above_it_is_taken(
         else:
             with pytest.raises(SystemExit, match="below the medium target 1078.1"):
                 study.is_done(stage, cmd)
+
+
+def test_the_decisive_scale_is_the_protocol_s_budgets():
+    """docs/protocol.md §4 in force: a change to these budgets is an amendment there first."""
+    import study
+
+    sc = study.SCALES["decisive"]
+
+    def flag(stage, name):
+        return sc[stage][sc[stage].index(name) + 1]
+
+    assert (flag("pretrain", "--total-steps"), flag("finetune", "--total-steps")) == ("50000", "100000")
+    assert (flag("finetune", "--eval-freq"), flag("finetune", "--eval-episodes")) == ("5000", "10")
+    assert sc["de"] == ["--de-episodes", "2"] and sc["evaluate"] == [] and sc["scratch_starts"] == 10000
+    assert sc["namespace"] == "local-medium" and sc["tag"] == "decisive"
