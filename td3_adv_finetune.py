@@ -421,7 +421,7 @@ def main(args: Args):
     run_info = {"env_id": env_id, "perturbations": perturbations_path, "learning_starts": learning_starts}
     run = Run(run_dir, run_name, args, resumed, **run_info)
     header = checkpoint_header(args, ckpt, obs_mean, obs_std, ref_min, ref_max, perturbations_path)
-    low, high = actor.action_bias - actor.action_scale, actor.action_bias + actor.action_scale  # the action bounds
+    low, high = ckpt["action_low"].to(device), ckpt["action_high"].to(device)  # the action bounds
 
     def normalize(obs) -> torch.Tensor:
         return (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean) / obs_std
@@ -461,8 +461,8 @@ def main(args: Args):
         critic_loss, q1_mean, actor_loss = resumed["losses"].to(device)
         start_step, q, ema, eval_metrics = resumed["step"], resumed["q"], resumed["q_ema"], resumed["eval"]
         print(f"resuming {run_dir} at step {start_step}")
-    start_time = time.time()
-    pbar = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps, desc=STAGE)
+    start_time, steps = time.time(), range(start_step + 1, args.total_steps + 1)
+    pbar = tqdm(steps, initial=start_step, total=args.total_steps, desc=STAGE, mininterval=2)
     for step in pbar:
         # ALGO LOGIC: act. The policy chooses a; the wrapper executes ã = perturb(a, δ); the buffer keeps a.
         if scratch and step <= learning_starts:

@@ -354,7 +354,8 @@ def main(args: Args):
         start_step = resumed["step"]
         print(f"resuming {run_dir} at update {start_step}")
     start_time, t_last, s_last = time.time(), time.time(), start_step
-    pbar = tqdm(range(start_step + 1, args.total_steps + 1), desc="TD3+BC", initial=start_step, total=args.total_steps)
+    steps = range(start_step + 1, args.total_steps + 1)
+    pbar = tqdm(steps, desc="TD3+BC", initial=start_step, total=args.total_steps, mininterval=2)
     for step in pbar:
         # ALGO LOGIC: training (TD3's delayed actor: one actor and target update per policy_frequency critic updates)
         obs, actions, critic_loss, q1_mean = update_critic()
