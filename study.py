@@ -463,7 +463,19 @@ def main(args: Args) -> int:
         raise SystemExit(
             "error: --epsilon must be in (0, 1], --q in [0, 1], --cpus-per-task >= 1 and --max-retries >= 0"
         )
+    if len(set(args.seeds)) < len(args.seeds) or len(set(args.env_ids)) < len(args.env_ids):
+        raise SystemExit(
+            "error: --seeds and --env-ids must not repeat a value (two chains would share one set of runs)"
+        )
+    cpus = args.num_cpus if args.num_cpus is not None else os.cpu_count() or 1
+    if not args.ray_address and not 1 <= args.cpus_per_task <= cpus:
+        raise SystemExit(
+            f"error: each stage declares --cpus-per-task {args.cpus_per_task} but Ray would have {cpus} CPUs here, so "
+            f"no stage could start; pass --num-cpus >= --cpus-per-task >= 1"
+        )
     results_dir = args.results_dir or f"results/study-{args.scale}"
+    if os.path.exists(results_dir) and not os.path.isdir(results_dir):
+        raise SystemExit(f"error: --results-dir {results_dir} is a file; pass a folder for the report")
     name = args.study_name or os.path.basename(os.path.normpath(results_dir))
     cwd = os.getcwd()
     store = os.environ.get("MINARI_DATASETS_PATH") or os.path.expanduser("~/.minari/datasets")

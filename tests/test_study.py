@@ -386,3 +386,24 @@ def test_the_decisive_scale_is_the_protocol_s_budgets():
     assert (flag("finetune", "--eval-freq"), flag("finetune", "--eval-episodes")) == ("5000", "10")
     assert sc["de"] == ["--de-episodes", "2"] and sc["evaluate"] == [] and sc["scratch_starts"] == 10000
     assert sc["namespace"] == "local-medium" and sc["tag"] == "decisive"
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"seeds": (1, 1)}, "must not repeat"),
+        ({"num_cpus": 0}, "no stage could start"),
+        ({"num_cpus": 1, "cpus_per_task": 2}, "no stage could start"),
+        ({"results_dir": "a-file"}, "is a file"),
+    ],
+)
+def test_an_impossible_grid_is_refused_up_front(bad, message, tmp_path, monkeypatch):
+    """A grid that would hang (no CPU for any stage), mix two chains (a repeated seed) or write into a file ends in
+    one line before Ray starts or anything is written."""
+    import study
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(SystemExit, match=message):
+        study.main(study.Args(**{"scale": "tiny", "seeds": (1,), **bad}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
