@@ -6,6 +6,7 @@
 - runs: the run folder, its lock, logs, seeding and resume point
 - resume: the generator, env, network and optimizer states a resume restores
 - fast_path: fused Adam and CUDA-graph capture
+- replay: a replay ring on the training device that saves and restores itself
 - datasets: Minari datasets, written and read as flat transitions
 - evaluation: the method's evaluation protocol (score scale, returns under the perturbation conditions)
 - video and plots: --capture-video and the figures

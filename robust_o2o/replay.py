@@ -21,10 +21,10 @@ class RingBuffer:
 
     def load_state_dict(self, saved: dict):
         rows, self.ptr = saved[self.name], saved[f"{self.name}_ptr"]
-        if saved[f"{self.name}_capacity"] != self.capacity:
-            first = next(iter(rows))
-            rows = {key: column.roll(-self.ptr, 0)[-self.capacity :] for key, column in rows.items()}
-            self.ptr = len(rows[first]) % self.capacity
         self.size = len(next(iter(rows.values())))
+        if saved[f"{self.name}_capacity"] != self.capacity:  # the rows oldest first, as many of the newest as fit
+            rows = {key: column.roll(-self.ptr, 0)[-self.capacity :] for key, column in rows.items()}
+            self.size = min(self.size, self.capacity)
+            self.ptr = self.size % self.capacity
         for key, column in rows.items():
             self.data[key][: self.size] = column.to(self.data[key].device)

@@ -152,7 +152,7 @@ def test_network_classes_are_identical_copies():
 
 def test_plumbing_is_shared_not_copied():
     """Every name a stage script takes from robust_o2o is that module's object (nothing is redefined in a script),
-    and no script defines a top-level name that a plumbing module also defines, bar the guarded copies above."""
+    and no script defines a top-level name that a plumbing module also defines."""
     import importlib
     import pkgutil
 
@@ -161,11 +161,10 @@ def test_plumbing_is_shared_not_copied():
     modules = [importlib.import_module(f"robust_o2o.{m.name}") for m in pkgutil.iter_modules(robust_o2o.__path__)]
     shared = {name: getattr(m, name) for m in modules for name in vars(m) if not name.startswith("_")}
     shared = {name: obj for name, obj in shared.items() if getattr(obj, "__module__", "").startswith("robust_o2o")}
-    copies_on_purpose = {"PERTURBATION_MODELS"}  # the stage's own, equal to the checker's (asserted above)
     for script in ("collect_dataset", "td3_bc_offline", "de_perturbations", "td3_adv_finetune", "evaluate_matrix"):
         module = importlib.import_module(script)
         for name, obj in vars(module).items():
-            if name in shared and name not in copies_on_purpose:
+            if name in shared:
                 assert obj is shared[name], (script, name)
 
 
