@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from robust_o2o.cli import Range, UserError, check_name, check_ranges, cli
 from robust_o2o.datasets import write_minari_dataset
+from robust_o2o.envs import make_env
 from robust_o2o.files import save_checkpoint
 from robust_o2o.resume import env_state, rng_state, set_env_state, set_rng_state
 from robust_o2o.runs import check_resume_args, seed_everything
@@ -397,10 +398,8 @@ def check_args(args: Args):
         raise UserError(f"need --ref-min-score < --ref-max-score (got {lo} and {hi})")
     if not args.levels:
         raise UserError(f"--levels needs at least one of {' '.join(LEVELS)}")
-    try:
-        spec = gym.spec(args.env_id)
-    except gym.error.Error as e:
-        raise UserError(f"unknown env id '{args.env_id}' ({e}); use a Gymnasium id such as Hopper-v5") from None
+    make_env(args.env_id).close()  # a Gymnasium MuJoCo env with Box spaces, or one line
+    spec = gym.spec(args.env_id)
     name = args.env_id.split("-")[0]
     trained = set(args.levels) - {"random"}
     needs_medium_target = trained and args.medium_target_return is None
@@ -421,9 +420,7 @@ def main(args: Args):
     check_args(args)
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    env = gym.make(args.env_id, max_episode_steps=args.max_episode_steps)
-    if not isinstance(env.action_space, gym.spaces.Box) or not isinstance(env.observation_space, gym.spaces.Box):
-        raise UserError(f"{args.env_id} needs Box observation and action spaces")
+    env = make_env(args.env_id, max_episode_steps=args.max_episode_steps)
     low, high = env.action_space.low, env.action_space.high
     env.action_space.seed(args.seed)
     t0 = time.time()

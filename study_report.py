@@ -14,6 +14,7 @@ declared in CLAIMS below before any study ran; the arms of a seed share that see
 is a paired difference X − Y per seed. A claim gets a verdict only from at least MIN_SEEDS paired seeds.
 """
 
+import contextlib
 import csv
 import glob
 import io
@@ -165,6 +166,61 @@ def read_json(path: str) -> dict:
         raise ReportError(f"{path} is unreadable ({type(e).__name__}); run the study again to rewrite it") from None
 
 
+@contextlib.contextmanager
+def reading(path: str, fix: str):
+    """Any read of one input file (a missing file, a torn line, a missing column, a value that is not a number) ends
+    in one line that names the file and `fix`, instead of a traceback."""
+    try:
+        yield
+    except (OSError, KeyError, ValueError, TypeError, IndexError, csv.Error, UnicodeDecodeError) as e:
+        detail = f"{type(e).__name__}: {str(e).strip()[:120]}" if str(e).strip() else type(e).__name__
+        raise ReportError(f"{path} is missing or damaged ({detail}); {fix}") from None
+
+
+MANIFEST_KEYS = {
+    "study": str,
+    "scale": str,
+    "env_ids": list,
+    "epsilon": (int, float),
+    "policies": list,
+    "runs_root": str,
+}
+POLICY_KEYS = ("env_id", "seed", "run_dir", "stage", "matrix")
+
+
+def check_manifest(manifest, path: str):
+    """study.json holds what the report reads: its keys, and each policy's."""
+    fix = "run the study's command again to rewrite it (finished stages are skipped)"
+    if not isinstance(manifest, dict):
+        raise ReportError(f"{path} is not a study manifest; {fix}")
+    for key, kind in MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise ReportError(f"{path} lacks '{key}' or it is malformed; {fix}")
+    for p in manifest["policies"]:
+        if not isinstance(p, dict) or any(k not in p for k in POLICY_KEYS):
+            raise ReportError(f"{path} lists a policy without {', '.join(POLICY_KEYS)}; {fix}")
+
+
+def check_finite(rows: list, curves: dict):
+    """A NaN or inf among the inputs is not a result: refused, naming the policy and seed, never aggregated."""
+    for r in rows:
+        if not (np.isfinite(r["mean_return"]) and np.isfinite(r["normalized_mean"])):
+            raise ReportError(
+                f"non-finite score for {r['policy']}, seed {r['seed']}, {r['eval_condition']}; re-evaluate that "
+                f"policy: a NaN is not a result"
+            )
+    for (env, policy), by_seed in curves.items():
+        for seed, run in by_seed.items():
+            for row in run:
+                bad = [k for k, v in row.items() if v is not None and not np.isfinite(v)]
+                if bad:
+                    raise ReportError(
+                        f"non-finite {bad[0]} in the learning curve of {policy} on {env}, seed {seed}, at step "
+                        f"{row['step']}; "
+                        f"that fine-tune's log is not a result: rerun it"
+                    )
+
+
 def load_runs(manifest: dict, root: str):
     """The runs' files -> (evaluation rows, curves {(env, policy): {seed: [eval rows]}}, policies not evaluated yet)."""
     rows, curves, missing = [], defaultdict(dict), []
@@ -173,7 +229,7 @@ def load_runs(manifest: dict, root: str):
         if not os.path.isfile(path):
             missing.append(p)
             continue
-        with open(path) as f:
+        with reading(path, "re-run evaluate_matrix.py on that policy (or the study's command)"), open(path) as f:
             mine = [
                 {
                     "env_id": r["env_id"],
@@ -188,12 +244,19 @@ def load_runs(manifest: dict, root: str):
             ]
         rows += mine
         if p["stage"] == "finetune":
-            with open(os.path.join(root, p["run_dir"], "metrics.jsonl")) as f:
+            log = os.path.join(root, p["run_dir"], "metrics.jsonl")
+            with reading(log, "the fine-tune's log is its learning curve: rerun that fine-tune"), open(log) as f:
                 evals = [r for r in map(json.loads, f) if "eval/normal_return" in r]
-            curves[(p["env_id"], mine[0]["policy"])][p["seed"]] = [
-                {"step": r["step"], **{col: r.get(key) for col, key in CURVE_KEYS.items()}} for r in evals
-            ]
+                curves[(p["env_id"], mine[0]["policy"])][p["seed"]] = [
+                    {"step": int(r["step"]), **{col: number(r.get(key)) for col, key in CURVE_KEYS.items()}}
+                    for r in evals
+                ]
     return rows, curves, missing
+
+
+def number(value) -> float | None:
+    """A logged value as a float (None stays None: a key that row does not log); a string that is no number raises."""
+    return None if value is None else float(value)
 
 
 def csv_inputs(results_dir: str) -> tuple:
@@ -210,8 +273,9 @@ def load_csvs(results_dir: str):
     columns get them from the linear map that the evaluations show between returns and normalized scores (exact)."""
     rows = []
     evaluation_files, curve_files = csv_inputs(results_dir)
+    fix = "restore it from git (`git checkout -- <file>`) or rebuild it from the runs (--source runs)"
     for path in evaluation_files:
-        with open(path) as f:
+        with reading(path, fix), open(path) as f:
             for r in csv.DictReader(f):
                 rows.append(
                     {
@@ -229,7 +293,7 @@ def load_csvs(results_dir: str):
 
     curves = defaultdict(dict)
     for path in (p for p in curve_files if os.path.isfile(p)):
-        with open(path) as f:
+        with reading(path, fix), open(path) as f:
             for r in csv.DictReader(f):
                 row = {"step": int(r["step"])}
                 for col in CURVE_KEYS:
@@ -246,6 +310,7 @@ def load(args: Args):
     if not os.path.isfile(path):
         raise ReportError(f"{path} not found; run `python study.py --results-dir {args.results_dir}` first")
     manifest = read_json(path)
+    check_manifest(manifest, path)
     root = args.runs_root or manifest["runs_root"]
     on_disk = any(os.path.isfile(os.path.join(root, p["matrix"])) for p in manifest["policies"])
     source = args.source if args.source != "auto" else ("runs" if on_disk else "csv")
@@ -264,12 +329,7 @@ def load(args: Args):
         raise ReportError(
             f"no evaluated policy yet among the {len(manifest['policies'])} in {path}; let the study finish"
         )
-    bad = [r for r in rows if not np.isfinite(r["normalized_mean"])]
-    if bad:
-        raise ReportError(
-            f"non-finite score for {bad[0]['policy']}, seed {bad[0]['seed']}, {bad[0]['eval_condition']}; "
-            f"re-evaluate that policy: a NaN is not a result"
-        )
+    check_finite(rows, curves)
     return manifest, source, rows, curves, n_done
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from robust_o2o.cli import Range, UserError, check_ranges, cli
 from robust_o2o.datasets import dataset_to_transitions, reading_dataset
+from robust_o2o.envs import make_env
 from robust_o2o.evaluation import normalized_score
 from robust_o2o.fast_path import CudaGraph, adam, setup_fast_path
 from robust_o2o.files import save_checkpoint
@@ -272,13 +273,9 @@ def dataset_env_id(dataset, override: str | None) -> str:
 
 def make_eval_env(dataset, env_id: str) -> gym.Env:
     """The dataset's own eval env (same time limit and kwargs) unless --env-id names another."""
+    make_env(env_id).close()  # a MuJoCo env with Box spaces, or one line
     spec = dataset_eval_spec(dataset)
-    try:
-        if spec is not None and spec.id == env_id:
-            return gym.make(spec)
-        return gym.make(env_id)
-    except gym.error.Error as e:
-        raise UserError(f"unknown env id '{env_id}' ({e}); pass a Gymnasium id such as Hopper-v5") from None
+    return gym.make(spec) if spec is not None and spec.id == env_id else gym.make(env_id)
 
 
 def evaluate(actor: Actor, env: gym.Env, obs_mean, obs_std, episodes: int, seed: int) -> np.ndarray:

@@ -22,9 +22,13 @@ def io_failure(e: OSError) -> str:
     )
 
 
+INT_MAX = 2**31 - 1  # every int flag stays below it: seeds (plus their offsets) must fit numpy's 32-bit seeds
+
+
 class Range:
     """A field's valid values, declared next to it: `x: Annotated[float, Range(0, 1)] = 0.5`. Bounds are inclusive
-    unless `open` names them ("lo", "hi"); every number must also be finite; a tuple is checked element by element."""
+    unless `open` names them ("lo", "hi"); every number must also be finite, every int at most INT_MAX; a tuple is
+    checked element by element."""
 
     def __init__(self, lo=None, hi=None, open: str = ""):
         self.lo, self.hi, self.open = lo, hi, open
@@ -33,6 +37,8 @@ class Range:
         if isinstance(x, (tuple, list)):
             return all(self.ok(v) for v in x)
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            return False
+        if isinstance(x, int) and abs(x) > INT_MAX:
             return False
         lo_ok = self.lo is None or (x > self.lo if "lo" in self.open else x >= self.lo)
         hi_ok = self.hi is None or (x < self.hi if "hi" in self.open else x <= self.hi)
@@ -55,6 +61,8 @@ def check_ranges(args):
             value = getattr(args, f.name)
             if isinstance(meta, Range) and value is not None and not meta.ok(value):
                 flag = f"--{f.name.replace('_', '-')}"
+                if isinstance(value, int) and abs(value) > INT_MAX:
+                    raise UserError(f"{flag} must be at most {INT_MAX} in size (got {value})")
                 if not Range().ok(value):
                     raise UserError(f"{flag} must be a finite number (got {value})")
                 raise UserError(f"{flag} must be {meta} (got {value})")

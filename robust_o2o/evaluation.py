@@ -72,7 +72,8 @@ class ConditionEvaluator:
             episodes,
         )
         self.eval_seed, self.perturbation_model, self.perturb = eval_seed, perturbation_model, perturb
-        self.envs = [gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(len(conditions) * episodes)]
+        n_envs = min(len(conditions) * episodes, MAX_LOCKSTEP_ENVS)
+        self.envs = [gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(n_envs)]
         self.deltas = np.vstack([d[np.arange(episodes) % len(d)] for d in conditions.values()])
         self.seeds = np.tile(eval_seed + np.arange(episodes), len(conditions))
 
@@ -102,9 +103,25 @@ class ConditionEvaluator:
         run.video(path, f"videos/eval_{condition}", step)
 
 
+MAX_LOCKSTEP_ENVS = 256  # envs stepped together (about 1 MB each for Hopper): bounds an evaluation's memory
+
+
 def rollout_batch(envs, actor, obs_mean, obs_std, deltas: np.ndarray, seeds, perturbation_model: str, perturb):
     """Run one episode per (δ_j, seed_j) in lockstep, one batched policy call per step; `perturb` is the calling
-    script's perturbation model (its perturb_action). Returns (returns [B], env steps taken)."""
+    script's perturbation model (its perturb_action). More pairs than envs play in successive chunks of len(envs), so
+    memory is bounded by the envs given, whatever the episode count. Returns (returns [B], env steps taken)."""
+    returns, steps = np.zeros(len(seeds)), 0
+    for start in range(0, len(seeds), len(envs)):
+        chunk = slice(start, start + len(envs))
+        returns[chunk], chunk_steps = lockstep(
+            envs, actor, obs_mean, obs_std, deltas[chunk], seeds[chunk], perturbation_model, perturb
+        )
+        steps += chunk_steps
+    return returns, steps
+
+
+def lockstep(envs, actor, obs_mean, obs_std, deltas: np.ndarray, seeds, perturbation_model: str, perturb):
+    """One episode per (δ_j, seed_j) on envs[j], all stepped together. -> (returns [B], env steps taken)"""
     low, high = envs[0].action_space.low, envs[0].action_space.high
     obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
     returns, alive, steps = np.zeros(len(seeds)), np.ones(len(seeds), bool), 0

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from robust_o2o.cli import UserError
+from robust_o2o.envs import env_mismatch
 
 CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
 
@@ -50,25 +51,50 @@ def load_checkpoint(path: str) -> dict:
     problem = checkpoint_problem(ckpt)
     if problem:
         raise UserError(f"checkpoint {path} is malformed: {problem}; re-create it with the stage that wrote it")
+    try:
+        problem = env_mismatch(ckpt)
+    except UserError as e:
+        raise UserError(f"checkpoint {path}: {e}") from None
+    if problem:
+        raise UserError(f"checkpoint {path} does not fit its env: {problem}; re-create it with the stage that wrote it")
     return ckpt
 
 
+REQUIRED_KEYS = {
+    "env_id": str,
+    "dataset_id": str,
+    "obs_dim": int,
+    "act_dim": int,
+    "hidden_dim": int,
+    "action_low": torch.Tensor,
+    "action_high": torch.Tensor,
+    "obs_mean": torch.Tensor,
+    "obs_std": torch.Tensor,
+    "actor": dict,
+    "args": dict,
+}
+
+
+FINETUNE_KEYS = {"init": str, "finetune_condition": str, "curriculum": str}  # a fine-tune's record of how it was made
+
+
 def checkpoint_problem(ckpt: dict) -> str | None:
-    """The first way `ckpt` breaks the schema every stage relies on (docs/file_contracts.md), or None: the keys and
-    types that acting needs, and every tensor's shape against the checkpoint's own obs, action and hidden sizes."""
-    for key, kind in (
-        ("env_id", str),
-        ("obs_dim", int),
-        ("act_dim", int),
-        ("hidden_dim", int),
-        ("action_low", torch.Tensor),
-        ("action_high", torch.Tensor),
-        ("obs_mean", torch.Tensor),
-        ("obs_std", torch.Tensor),
-        ("actor", dict),
-    ):
-        if not isinstance(ckpt.get(key), kind):
+    """The first way `ckpt` breaks the schema every stage relies on (docs/file_contracts.md), or None: presence and
+    type of every key a stage reads, every tensor's dtype (float32) and shape against the checkpoint's own obs, action
+    and hidden sizes, and finite values. Agreement with the env it names is checked by load_checkpoint."""
+    required = {**REQUIRED_KEYS, **(FINETUNE_KEYS if "finetune_condition" in ckpt else {})}
+    for key, kind in required.items():
+        if not isinstance(ckpt.get(key), kind) or (kind is int and isinstance(ckpt[key], bool)):
             return f"'{key}' is missing or not a {kind.__name__}"
+    seed, limit = ckpt["args"].get("seed"), ckpt.get("max_episode_steps")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return "'args' records no integer seed"
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        return f"'max_episode_steps' must be a positive int or None (got {limit!r})"
+    for key in ("ref_min_score", "ref_max_score"):
+        value = ckpt.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or not np.isfinite(value)):
+            return f"'{key}' must be a finite number or None (got {value!r})"
     no, na, h = ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"]
     if min(no, na, h) < 1:
         return f"obs_dim, act_dim and hidden_dim must be >= 1 (got {no}, {na}, {h})"
@@ -99,6 +125,8 @@ def checkpoint_problem(ckpt: dict) -> str | None:
         t = holder.get(key) if isinstance(holder, dict) else None
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
             return f"'{name}' has shape {tuple(t.shape) if isinstance(t, torch.Tensor) else None}, expected {shape}"
+        if t.dtype != torch.float32:
+            return f"'{name}' is {t.dtype}, expected torch.float32"
     if not (
         torch.isfinite(ckpt["obs_mean"]).all() and torch.isfinite(ckpt["obs_std"]).all() and (ckpt["obs_std"] > 0).all()
     ):
@@ -109,7 +137,9 @@ def checkpoint_problem(ckpt: dict) -> str | None:
         return "action_low must be below action_high"
     for net in ("actor", "critic", "critic_target"):  # a NaN weight acts as NaN actions: refused, never evaluated
         for key, tensor in (ckpt.get(net) or {}).items():
-            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32:
+                return f"'{net}/{key}' is not a float32 tensor"
+            if not torch.isfinite(tensor).all():
                 return f"'{net}/{key}' holds NaN or inf"
     lo, hi = ckpt.get("ref_min_score"), ckpt.get("ref_max_score")
     if lo is not None and hi is not None and not lo < hi:
@@ -157,15 +187,20 @@ def perturbations_problem(npz: dict, require=()) -> str | None:
     ]
     if missing:
         return f"'{missing[0]}' is missing"
-    model, eps = str(npz["perturbation_model"]), np.asarray(npz["epsilon"], dtype=float)
+    model, eps = str(npz["perturbation_model"]), np.asarray(npz["epsilon"])
     if model not in PERTURBATION_MODELS:
         return f"perturbation model '{model}' is not one of {', '.join(PERTURBATION_MODELS)}"
+    if eps.dtype.kind not in "fiu":
+        return f"ε must be a real number (got {eps.dtype} {eps!r})"
+    eps = eps.astype(float)
     if eps.shape != () or not (np.isfinite(eps) and eps > 0 and (model == "additive" or eps < 1)):
         return f"ε = {eps} does not fit the {model} model (0 < ε{' < 1' if model == 'multiplicative' else ''})"
     for key in ("perturbations", "random_deltas"):
         d = np.asarray(npz[key])
         if d.ndim != 2 or len(d) == 0 or d.shape[1] == 0:
             return f"'{key}' must be a non-empty [K, Na] set (shape {d.shape})"
+        if d.dtype.kind not in "fiu":
+            return f"'{key}' must hold real numbers (dtype {d.dtype})"
         if not np.isfinite(d).all():
             return f"'{key}' holds NaN or inf"
         if np.abs(d).max() > float(eps) * (1 + 1e-6):

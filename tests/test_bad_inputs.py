@@ -5,6 +5,7 @@ import hashlib
 import os
 import shutil
 
+import gymnasium
 import numpy as np
 import pytest
 import torch
@@ -58,26 +59,60 @@ BAD_CHECKPOINTS = {
     # DE once ran on such a checkpoint and replaced the valid perturbations.npz beside it with NaNs
     "a NaN actor weight": (lambda c: c["actor"]["net.2.weight"].__setitem__((0, 0), float("nan")), "holds NaN or inf"),
     "an infinite action bound": (lambda c: c["action_high"].__setitem__(0, float("inf")), "hold NaN or inf"),
+    "a float64 normalization": (lambda c: c.__setitem__("obs_mean", c["obs_mean"].double()), "expected torch.float32"),
+    "a float16 critic": (lambda c: c["critic"].__setitem__("net.2.bias", c["critic"]["net.2.bias"].half()), "float32"),
+    "no dataset_id": (drop("dataset_id"), "'dataset_id' is missing"),
+    "no seed in args": (lambda c: c["args"].pop("seed"), "no integer seed"),
+    "a fine-tune without its init": (lambda c: c.update(finetune_condition="normal", curriculum="fixed"), "'init'"),
+    "a string time limit": (lambda c: c.__setitem__("max_episode_steps", "1000"), "'max_episode_steps'"),
+    "a NaN reference score": (lambda c: c.__setitem__("ref_min_score", float("nan")), "'ref_min_score'"),
+    # self-consistent, but for another env's widths: Walker2d-v5 observes 17 and acts in 6 dimensions, Hopper 11 and 3
+    "Hopper's networks named Walker2d-v5": (lambda c: c.__setitem__("env_id", "Walker2d-v5"), "does not fit its env"),
+    "a non-MuJoCo env": (lambda c: c.__setitem__("env_id", "Pendulum-v1"), "not a Gymnasium MuJoCo env"),
+    "an unknown env": (lambda c: c.__setitem__("env_id", "NoSuchEnv-v5"), "unknown env id"),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
-@pytest.mark.parametrize("script", ["de_perturbations.py", "td3_adv_finetune.py", "evaluate_matrix.py"])
-def test_a_malformed_checkpoint_is_refused_by_every_reader(
-    case, script, hopper_checkpoint, hopper_perturbations, tmp_path
-):
+def bad_checkpoint(case: str, hopper_checkpoint, hopper_perturbations, folder) -> str:
+    """A run folder with the fixture checkpoint, BAD_CHECKPOINTS[case] applied, and a good δ set beside it."""
     ckpt = torch.load(hopper_checkpoint, weights_only=True)
     BAD_CHECKPOINTS[case][0](ckpt)
-    (tmp_path / "run").mkdir()
-    torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
-    shutil.copy(hopper_perturbations, tmp_path / "run" / "perturbations.npz")
-    path = str(tmp_path / "run" / "checkpoint.pt")
-    args = {
-        "de_perturbations.py": ["--checkpoint", path, "--num-perturbations", "1", "--maxiter", "1", "--popsize", "4"],
-        "td3_adv_finetune.py": ["--checkpoint", path, "--total-steps", "10", "--eval-freq", "10", "--run-name", "x"],
-        "evaluate_matrix.py": ["--checkpoints", path, "--output-dir", str(tmp_path / "out")],
-    }[script]
-    run_refused(tmp_path, script, args, "malformed", BAD_CHECKPOINTS[case][1])
+    (folder / "run").mkdir()
+    torch.save(ckpt, folder / "run" / "checkpoint.pt")
+    shutil.copy(hopper_perturbations, folder / "run" / "perturbations.npz")
+    return str(folder / "run" / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_a_malformed_checkpoint_is_refused_by_the_loader(case, hopper_checkpoint, hopper_perturbations, tmp_path):
+    """Every class instance against the one loader every reader calls (in-process: a subprocess adds nothing here)."""
+    path = bad_checkpoint(case, hopper_checkpoint, hopper_perturbations, tmp_path)
+    with pytest.raises(cli.UserError, match="checkpoint") as refused:
+        formats.load_checkpoint(path)
+    assert BAD_CHECKPOINTS[case][1] in str(refused.value)
+
+
+CHECKPOINT_READERS = {
+    "de_perturbations.py": ["--num-perturbations", "1", "--maxiter", "1", "--popsize", "4"],
+    "td3_adv_finetune.py": ["--total-steps", "10", "--eval-freq", "10", "--run-name", "x"],
+    "evaluate_matrix.py": ["--output-dir", "out"],
+}
+
+
+@pytest.mark.parametrize(
+    "script,case",
+    [
+        ("de_perturbations.py", "a NaN actor weight"),  # DE once replaced a valid perturbations.npz with NaNs on it
+        ("td3_adv_finetune.py", "Hopper's networks named Walker2d-v5"),
+        ("evaluate_matrix.py", "a float64 normalization"),
+    ],
+)
+def test_every_checkpoint_reader_refuses_through_the_loader_in_one_line(
+    script, case, hopper_checkpoint, hopper_perturbations, tmp_path
+):
+    path = bad_checkpoint(case, hopper_checkpoint, hopper_perturbations, tmp_path)
+    flag = "--checkpoints" if script == "evaluate_matrix.py" else "--checkpoint"
+    run_refused(tmp_path, script, [flag, path, *CHECKPOINT_READERS[script]], "checkpoint", BAD_CHECKPOINTS[case][1])
 
 
 def test_the_project_s_own_checkpoints_pass_the_schema_check(hopper_checkpoint):
@@ -108,25 +143,37 @@ BAD_PERTURBATIONS = {
     "ε the model cannot take": (setter("epsilon", 1.5), "does not fit the multiplicative model"),
     "non-finite ε": (setter("epsilon", np.inf), "does not fit"),
     "unknown model": (setter("perturbation_model", "sideways"), "not one of multiplicative, additive"),
+    "a string ε": (setter("epsilon", np.asarray("0.1")), "ε must be a real number"),
+    "complex δ": (setter("perturbations", lambda d: d["perturbations"] + 0j), "real numbers"),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_PERTURBATIONS))
-@pytest.mark.parametrize("script", ["td3_adv_finetune.py", "evaluate_matrix.py"])
-def test_a_malformed_perturbations_file_is_refused_by_every_reader(
-    case, script, hopper_checkpoint, hopper_perturbations, tmp_path
-):
+def bad_perturbations(case: str, hopper_checkpoint, hopper_perturbations, folder) -> str:
     d = dict(np.load(hopper_perturbations, allow_pickle=False))
     BAD_PERTURBATIONS[case][0](d)
-    (tmp_path / "run").mkdir()
-    shutil.copy(hopper_checkpoint, tmp_path / "run" / "checkpoint.pt")
-    save_npz(str(tmp_path / "run" / "perturbations.npz"), d)
-    path = str(tmp_path / "run" / "checkpoint.pt")
-    args = {
-        "td3_adv_finetune.py": ["--checkpoint", path, "--total-steps", "10", "--eval-freq", "10", "--run-name", "x"],
-        "evaluate_matrix.py": ["--checkpoints", path, "--output-dir", str(tmp_path / "out")],
-    }[script]
-    run_refused(tmp_path, script, args, "malformed", BAD_PERTURBATIONS[case][1])
+    (folder / "run").mkdir()
+    shutil.copy(hopper_checkpoint, folder / "run" / "checkpoint.pt")
+    save_npz(str(folder / "run" / "perturbations.npz"), d)
+    return str(folder / "run" / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("case", list(BAD_PERTURBATIONS))
+def test_a_malformed_perturbations_file_is_refused_by_the_loader(
+    case, hopper_checkpoint, hopper_perturbations, tmp_path
+):
+    bad_perturbations(case, hopper_checkpoint, hopper_perturbations, tmp_path)
+    with pytest.raises(cli.UserError, match="malformed") as refused:
+        formats.load_perturbations(str(tmp_path / "run" / "perturbations.npz"))
+    assert BAD_PERTURBATIONS[case][1] in str(refused.value)
+
+
+@pytest.mark.parametrize("script,case", [("td3_adv_finetune.py", "complex δ"), ("evaluate_matrix.py", "a string ε")])
+def test_every_perturbations_reader_refuses_through_the_loader_in_one_line(
+    script, case, hopper_checkpoint, hopper_perturbations, tmp_path
+):
+    path = bad_perturbations(case, hopper_checkpoint, hopper_perturbations, tmp_path)
+    flag = "--checkpoints" if script == "evaluate_matrix.py" else "--checkpoint"
+    run_refused(tmp_path, script, [flag, path, *CHECKPOINT_READERS[script]], "malformed", BAD_PERTURBATIONS[case][1])
 
 
 def test_the_project_s_own_perturbations_pass_the_check(hopper_perturbations):
@@ -280,11 +327,31 @@ BAD_NUMBERS = [
     ("evaluate_matrix.py", "--video-size", "8"),
     ("evaluate_matrix.py", "--attack-popsize", "2"),
     ("evaluate_matrix.py", "--num-workers", "-3"),
+    # no upper bound once let a seed >= 2**32 fail inside numpy after the run folder existed
+    ("td3_bc_offline.py", "--seed", str(2**32)),
+    ("td3_adv_finetune.py", "--eval-seed", str(2**40)),
+    ("de_perturbations.py", "--de-seed", str(-(2**33))),
+    ("collect_dataset.py", "--seed", str(2**31)),
 ]
 
 
 @pytest.mark.parametrize("case", BAD_NUMBERS, ids=[" ".join(c) for c in BAD_NUMBERS])
-def test_an_out_of_range_number_is_refused_before_anything_runs(case, tmp_path):
+def test_an_out_of_range_number_is_refused_by_the_range_check(case):
+    """In-process: each script's own argument check (its check_args, else check_ranges) on the parsed flags."""
+    import importlib
+
+    import tyro
+
+    script, flag, *values = case
+    module = importlib.import_module(script.removesuffix(".py"))
+    args = tyro.cli(module.Args, args=[flag, *values])
+    with pytest.raises(cli.UserError, match=flag):
+        getattr(module, "check_args", cli.check_ranges)(args)
+
+
+@pytest.mark.parametrize("case", BAD_NUMBERS[-5:], ids=[c[0] for c in BAD_NUMBERS[-5:]])  # one per script
+def test_an_out_of_range_number_stops_each_script_before_anything_runs(case, tmp_path):
+    """The command-line path, once per script: one error line, a non-zero exit and an unchanged tree."""
     script, flag, *values = case
     run_refused(tmp_path, script, [flag, *values], flag)
 
@@ -422,3 +489,47 @@ def test_a_truncated_dataset_is_one_line_wherever_it_is_read(
         shutil.copy(hopper_perturbations, tmp_path / "run" / "perturbations.npz")
         args = ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--total-steps", "10"]
     run_refused(tmp_path, script, args, broken_dataset, "collect_dataset.py")
+
+
+# Gymnasium envs that are not MuJoCo (a resumed run restores MuJoCo's physics state) are refused up front, in one line
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1", "NoSuchEnv-v5"])
+def test_an_env_this_project_cannot_run_is_refused_by_make_env(env_id):
+    from robust_o2o.envs import make_env
+
+    with pytest.raises(cli.UserError, match="not a Gymnasium MuJoCo env|unknown env id"):
+        make_env(env_id)
+
+
+def test_a_non_mujoco_env_is_refused_before_a_dataset_or_run_is_made(hopper_datasets, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(store))
+    pendulum = ["--env-id", "Pendulum-v1", "--ref-min-score", "-1500", "--ref-max-score", "-150"]
+    run_refused(tmp_path, "collect_dataset.py", [*pendulum, "--medium-target-return", "-500"], "Pendulum-v1")
+    monkeypatch.delenv("MINARI_DATASETS_PATH")
+    run_refused(tmp_path, "td3_bc_offline.py", ["--dataset-id", hopper_datasets["medium"], "--env-id", "Pendulum-v1"])
+
+
+def test_an_evaluation_of_any_size_steps_at_most_a_bounded_number_of_envs():
+    """10,000 episodes once meant 10,000 envs built up front (about 1 MB each): now they play in chunks, with the same
+    returns as one lockstep batch (a constant policy, so no batch can change an action by rounding)."""
+    from robust_o2o import evaluation
+
+    def constant_policy(x):
+        return torch.full((len(x), 3), 0.3)
+
+    def perturb(actions, deltas, low, high, model):
+        return np.clip(actions * (1 + deltas), low, high)
+
+    conditions = {"normal": np.zeros((1, 3)), "random": np.linspace(-0.1, 0.1, 12).reshape(4, 3)}
+    evaluator = evaluation.ConditionEvaluator(
+        "Hopper-v5", 20, conditions, episodes=200, eval_seed=0, perturbation_model="multiplicative", perturb=perturb
+    )
+    assert len(evaluator.envs) == evaluation.MAX_LOCKSTEP_ENVS < 2 * 200
+    chunked = evaluator(constant_policy, torch.zeros(11), torch.ones(11))
+    deltas, seeds = evaluator.deltas, evaluator.seeds
+    envs = [gymnasium.make("Hopper-v5", max_episode_steps=20) for _ in range(len(seeds))]
+    whole, _ = evaluation.rollout_batch(
+        envs, constant_policy, torch.zeros(11), torch.ones(11), deltas, seeds, "", perturb
+    )
+    assert np.array_equal(np.concatenate([chunked["normal"], chunked["random"]]), whole)
+    assert len(set(np.round(whole, 6))) > 10  # the episodes differ (seeds and δ), so a mixed-up order would show

@@ -4,6 +4,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -407,3 +408,91 @@ def test_an_impossible_grid_is_refused_up_front(bad, message, tmp_path, monkeypa
     with pytest.raises(SystemExit, match=message):
         study.main(study.Args(**{"scale": "tiny", "seeds": (1,), **bad}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def small_study(root: Path):
+    scores = {
+        sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0 + s),
+        sr.ADAPTIVE: ("offline", "adversarial", "adaptive", lambda s, c: 55.0 + s),
+    }
+    return fake_study(root, scores, seeds=(1, 2))
+
+
+def first_finetune(root: Path) -> Path:
+    return root / "runs" / f"{sr.ADAPTIVE.replace(' ', '_')}_1"
+
+
+def edit(path: Path, old: str, new: str):
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1))
+
+
+BAD_STUDY_FILES = {  # what a user's disk or editor can do to a study's files -> a word the error line must hold
+    "a fine-tune's log missing": (lambda r: os.remove(first_finetune(r) / "metrics.jsonl"), "metrics.jsonl"),
+    "a torn log line": (lambda r: edit(first_finetune(r) / "metrics.jsonl", '"step": 10000', '"st'), "metrics.jsonl"),
+    "a NaN in a learning curve": (
+        lambda r: edit(
+            first_finetune(r) / "metrics.jsonl", '"eval/normal_normalized": 56.0', '"eval/normal_normalized": NaN'
+        ),
+        "non-finite",
+    ),
+    "a string in a learning curve": (
+        lambda r: edit(first_finetune(r) / "metrics.jsonl", '"curriculum/q": 0.5', '"curriculum/q": "half"'),
+        "metrics.jsonl",
+    ),
+    "a matrix without its score column": (
+        lambda r: edit(first_finetune(r) / "matrix.csv", "normalized_mean", "normalised"),
+        "matrix.csv",
+    ),
+    "a word for a return": (lambda r: edit(first_finetune(r) / "matrix.csv", ",560.0,", ",lots,"), "matrix.csv"),
+    "a NaN return": (lambda r: edit(first_finetune(r) / "matrix.csv", ",560.0,", ",nan,"), "non-finite score"),
+    "an infinite score": (lambda r: edit(first_finetune(r) / "matrix.csv", ",56.0,", ",inf,"), "non-finite score"),
+    "a truncated manifest": (
+        lambda r: (r / "results" / "study.json").write_text((r / "results" / "study.json").read_text()[:100]),
+        "study.json",
+    ),
+    "a manifest without its policies": (
+        lambda r: edit(r / "results" / "study.json", '"policies"', '"pols"'),
+        "'policies'",
+    ),
+    "a policy entry without its matrix": (lambda r: edit(r / "results" / "study.json", '"matrix"', '"m"'), "matrix"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STUDY_FILES))
+def test_the_report_refuses_damaged_inputs_in_one_line_and_writes_nothing(case, tmp_path):
+    res = small_study(tmp_path)
+    BAD_STUDY_FILES[case][0](tmp_path)
+    before = sorted(os.listdir(res))
+    with pytest.raises(sr.ReportError, match=BAD_STUDY_FILES[case][1]):
+        sr.main(sr.Args(results_dir=str(res), reps=200))
+    assert sorted(os.listdir(res)) == before  # nothing written, so nothing says "complete"
+
+
+@pytest.mark.parametrize("flags", [["--reps", "0"], ["--confidence", "1.5"], ["--alpha", "0.7"]])
+def test_the_report_refuses_impossible_settings_in_one_line(flags, tmp_path):
+    res = small_study(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "study_report.py"), "--results-dir", str(res), *flags],
+        capture_output=True,
+        text=True,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and flags[0] in lines[0]
+    assert os.listdir(res) == ["study.json"]
+
+
+def test_damaged_committed_tables_are_refused_too(tmp_path):
+    """The per-seed CSVs a report reads when the runs are gone: a NaN or a torn row is refused, never aggregated."""
+    res = small_study(tmp_path)
+    sr.main(sr.Args(results_dir=str(res), reps=200))
+    shutil.rmtree(tmp_path / "runs")
+    edit(res / "evaluations.csv", ",570,57,", ",570,nan,")
+    with pytest.raises(sr.ReportError, match="non-finite score"):
+        sr.main(sr.Args(results_dir=str(res), reps=200))
+    edit(res / "evaluations.csv", ",570,nan,", ",570,57,")
+    text = (res / "curves.csv").read_text().splitlines()
+    (res / "curves.csv").write_text("\n".join([*text[:-1], text[-1][: len(text[-1]) // 2]]) + "\n")
+    with pytest.raises(sr.ReportError, match="curves.csv"):
+        sr.main(sr.Args(results_dir=str(res), reps=200))
