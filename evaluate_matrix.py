@@ -18,7 +18,6 @@ Outputs in --output-dir: matrix.csv, matrix.md, heatmap.png, curves.png, q_traje
 """
 
 import csv
-import glob
 import hashlib
 import io
 import json
@@ -40,7 +39,7 @@ from tqdm import tqdm
 from robust_o2o.cli import Range, UserError, check_ranges, cli
 from robust_o2o.evaluation import ConditionEvaluator, normalized_score
 from robust_o2o.files import sha256_file, write_text
-from robust_o2o.formats import load_checkpoint, load_perturbations
+from robust_o2o.formats import find_checkpoints, load_checkpoint, load_perturbations
 from robust_o2o.plots import save_curve_panels, save_figure, save_q_plot
 from robust_o2o.video import captioned, check_rendering, record_episode, side_by_side, write_video
 
@@ -119,16 +118,6 @@ def perturb_action(action: np.ndarray, delta: np.ndarray, low, high, perturbatio
     else:
         raise ValueError(f"unknown perturbation model {perturbation_model!r}")
     return np.clip(executed, low, high).astype(action.dtype, copy=False)
-
-
-def find_checkpoints(patterns) -> list:
-    paths = []
-    for p in patterns:
-        if os.path.isdir(p):
-            paths += glob.glob(os.path.join(p, "**", "checkpoint.pt"), recursive=True)
-        else:
-            paths += [m for m in glob.glob(p) if os.path.isfile(m)]
-    return sorted(set(os.path.normpath(p) for p in paths))
 
 
 def is_finetuned(ckpt: dict) -> bool:
@@ -324,10 +313,8 @@ def load_curves(paths_by_label: dict) -> dict:
     curves = defaultdict(list)
     for label, paths in paths_by_label.items():
         for p in paths:
-            mpath, fix = (
-                os.path.join(os.path.dirname(p), "metrics.jsonl"),
-                f"restore it or leave {p} out of --checkpoints",
-            )
+            mpath = os.path.join(os.path.dirname(p), "metrics.jsonl")
+            fix = f"restore it or leave {p} out of --checkpoints"
             if not os.path.exists(mpath):
                 raise UserError(f"no metrics file {mpath} for the learning curve of {p}; {fix}")
             try:
@@ -428,7 +415,7 @@ def main(args: Args):
         conditions.update(adversarial=attack["perturbations"], transfer=ref["perturbations"])
         returns = evaluate_policy(ckpt, conditions, args.eval_episodes, args.eval_seed, str(ref["perturbation_model"]))
         if not all(np.isfinite(r).all() for r in returns.values()):
-            raise UserError(f"{path} produced a non-finite return; nothing was written (a NaN is an error, not a cell)")
+            raise UserError(f"{path} produced a non-finite return: no table written (a NaN is an error, not a cell)")
         rows += matrix_rows(path, ckpt, returns, attack_budget(settings))
     fields, buf = list(rows[0]), io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields)
@@ -474,6 +461,11 @@ def load_policies(args: Args) -> tuple:
         ckpts = {p: c for p, c in ckpts.items() if c["env_id"] == args.env_id}
         if not ckpts:
             raise UserError(f"none of the {len(paths)} checkpoints is for {args.env_id}")
+    seen = {}  # (policy, seed) -> path: a copied run is not another seed
+    for p, c in ckpts.items():
+        other = seen.setdefault((policy_label(c), c["args"]["seed"]), p)
+        if other != p:
+            raise UserError(f"{other} and {p} are both {policy_label(c)}, seed {c['args']['seed']}: pass one of them")
     envs = sorted({c["env_id"] for c in ckpts.values()})
     if len(envs) > 1:
         raise UserError(f"the checkpoints mix envs ({', '.join(envs)}); pass --env-id to evaluate one env at a time")

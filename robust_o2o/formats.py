@@ -1,6 +1,7 @@
 """The files the stages hand to each other, checked on load against their schema (docs/file_contracts.md): the
 checkpoint (TD3+BC's and fine-tuning's) and the perturbations file (DE's)."""
 
+import glob
 import os
 
 import numpy as np
@@ -220,3 +221,16 @@ def default_checkpoint() -> str:
         )
     print(f"using checkpoint {found[0]}")
     return found[0]
+
+
+def find_checkpoints(patterns) -> list:
+    """Each checkpoint file once: folders are walked without following links (a link loop adds nothing), and a file
+    reached by two names (a link, a copy's link) counts once."""
+    paths = []
+    for p in patterns:
+        if os.path.isdir(p):
+            paths += [os.path.join(d, "checkpoint.pt") for d, _, files in os.walk(p) if "checkpoint.pt" in files]
+        else:
+            paths += [m for m in glob.glob(p) if os.path.isfile(m)]
+    by_file = {os.path.realpath(p): os.path.normpath(p) for p in sorted(paths, reverse=True)}
+    return sorted(by_file.values())

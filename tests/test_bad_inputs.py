@@ -533,3 +533,24 @@ def test_an_evaluation_of_any_size_steps_at_most_a_bounded_number_of_envs():
     )
     assert np.array_equal(np.concatenate([chunked["normal"], chunked["random"]]), whole)
     assert len(set(np.round(whole, 6))) > 10  # the episodes differ (seeds and δ), so a mixed-up order would show
+
+
+# Duplicates are not seeds: a file reached by two names counts once, and a copied run stops the matrix naming both
+def test_a_link_loop_or_a_linked_checkpoint_counts_once(hopper_checkpoint, hopper_perturbations, tmp_path):
+    run = offline_run(tmp_path / "runs" / "a", hopper_checkpoint, hopper_perturbations).parent
+    os.symlink("..", run / "loop")  # runs/a/loop -> runs/: walking it would find runs/a/checkpoint.pt again and again
+    os.symlink(run / "checkpoint.pt", tmp_path / "linked.pt")
+    found = formats.find_checkpoints([str(tmp_path / "runs"), str(tmp_path / "linked.pt"), str(run / "*.pt")])
+    assert len(found) == 1 and os.path.realpath(found[0]) == os.path.realpath(run / "checkpoint.pt")
+
+
+def test_a_copied_run_is_refused_not_counted_as_another_seed(hopper_checkpoint, hopper_perturbations, tmp_path):
+    import evaluate_matrix
+
+    offline_run(tmp_path / "runs" / "a", hopper_checkpoint, hopper_perturbations)
+    shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / "a copy")
+    args = evaluate_matrix.Args(checkpoints=(str(tmp_path / "runs"),), output_dir=str(tmp_path / "out"))
+    with pytest.raises(cli.UserError, match="are both offline-only, seed 1") as refused:
+        evaluate_matrix.load_policies(args)
+    assert "runs/a/checkpoint.pt" in str(refused.value) and "runs/a copy/checkpoint.pt" in str(refused.value)
+    assert not (tmp_path / "out").exists()
