@@ -461,14 +461,14 @@ def load_policies(args: Args) -> tuple:
         ckpts = {p: c for p, c in ckpts.items() if c["env_id"] == args.env_id}
         if not ckpts:
             raise UserError(f"none of the {len(paths)} checkpoints is for {args.env_id}")
+    envs = sorted({c["env_id"] for c in ckpts.values()})
+    if len(envs) > 1:
+        raise UserError(f"the checkpoints mix envs ({', '.join(envs)}); pass --env-id to evaluate one env at a time")
     seen = {}  # (policy, seed) -> path: a copied run is not another seed
     for p, c in ckpts.items():
         other = seen.setdefault((policy_label(c), c["args"]["seed"]), p)
         if other != p:
             raise UserError(f"{other} and {p} are both {policy_label(c)}, seed {c['args']['seed']}: pass one of them")
-    envs = sorted({c["env_id"] for c in ckpts.values()})
-    if len(envs) > 1:
-        raise UserError(f"the checkpoints mix envs ({', '.join(envs)}); pass --env-id to evaluate one env at a time")
     return ckpts, envs[0]
 
 

@@ -336,7 +336,7 @@ def synthetic_run_files(folder: Path, env_id: str) -> tuple:
         "critic": critic.state_dict(),
         "actor_target": actor.state_dict(),
         "critic_target": critic.state_dict(),
-        "args": {},
+        "args": {"seed": 0},
     }
     folder.mkdir(parents=True, exist_ok=True)
     bc.save_checkpoint(str(folder / "checkpoint.pt"), ckpt)

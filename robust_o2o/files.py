@@ -2,6 +2,7 @@
 file."""
 
 import hashlib
+import io
 import os
 
 import numpy as np
@@ -32,8 +33,11 @@ def _atomic(path: str, write):
 
 
 def save_checkpoint(path: str, ckpt: dict):
-    """Atomic: a temporary file next to `path`, fsync, then rename over it."""
-    _atomic(path, lambda f: torch.save(ckpt, f))
+    """Atomic: a temporary file next to `path`, fsync, then rename over it. Serialized in memory first, so that a full
+    disk fails in the file write (an OSError, one line) and not inside torch's zip writer (a RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    _atomic(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def write_text(path: str, text: str):

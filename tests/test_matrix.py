@@ -172,7 +172,7 @@ def test_bad_input_is_one_clear_line(policy_set, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     ckpt = torch.load(policy_set / "runs" / "off1" / "checkpoint.pt", weights_only=True)
-    ckpt["env_id"] = "Walker2d-v5"
+    ckpt["env_id"] = "Hopper-v4"  # the same widths and bounds, so it fits that env, but it is another env
     torch.save(ckpt, other / "checkpoint.pt")
     assert_one_line_error(
         run_script("evaluate_matrix.py", "--checkpoints", str(policy_set / "runs"), str(other), cwd=tmp_path),
