@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -456,6 +457,52 @@ def write_json_atomic(path: str, obj):
     os.replace(tmp, path)
 
 
+CONNECT_TIMEOUT_S = 10  # a cluster address that does not accept a connection within this is refused
+
+
+def start_ray(args: Args):
+    """A private Ray on this machine (address "local": never a head that happens to run here, such as a user's own
+    `ray start --head`), or the cluster at --ray-address, which must answer within CONNECT_TIMEOUT_S. Ray 2.60's heads
+    require a token by default: a driver that has one (RAY_AUTH_TOKEN, or ~/.ray/auth_token as `ray start` writes it)
+    sends it."""
+    if args.ray_address:  # read when ray is imported, so set first
+        has_token = os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(os.path.expanduser("~/.ray/auth_token"))
+        if has_token and "RAY_AUTH_MODE" not in os.environ:
+            os.environ["RAY_AUTH_MODE"] = "token"
+    import ray
+
+    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+    if not args.ray_address:
+        ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=100 * 1024**2, **quiet)
+        return ray
+    if args.ray_address != "auto":
+        host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as e:
+            raise SystemExit(
+                f"error: nothing answers at --ray-address {args.ray_address} within {CONNECT_TIMEOUT_S} s "
+                f"({type(e).__name__}); start the head there (`ray start --head --port PORT`) or fix the address "
+                f"(HOST:PORT, or auto for a head on this machine)"
+            ) from None
+    stderr, sink = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(sink, 2)  # Ray's C++ client logs each failed attempt (about 20) straight to fd 2: one line below instead
+    try:
+        ray.init(address=args.ray_address, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise SystemExit(
+            f"error: could not join the Ray cluster at {args.ray_address} ({first}); if it uses token authentication "
+            f"(Ray's default), give this machine the head's token (`ray get-auth-token` there; RAY_AUTH_TOKEN or "
+            f"~/.ray/auth_token here)"
+        ) from None
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        os.close(sink)
+    return ray
+
+
 def main(args: Args) -> int:
     if not args.seeds or not args.env_ids:
         raise SystemExit("error: --seeds and --env-ids need at least one value each")
@@ -500,13 +547,13 @@ def main(args: Args) -> int:
         "commands": {s.id: cmds[s.id][1:] for s in stages},
     }
 
+    ray = start_ray(args)  # before anything is written or removed: a cluster that does not answer leaves no trace
     done = set() if args.overwrite else {s.id for s in stages if is_done(s, cmds[s.id])}
     if args.overwrite:
         for s in stages:
             if os.path.exists(marker_path(s)):
                 os.remove(marker_path(s))
     write_json_atomic(os.path.join(results_dir, "study.json"), manifest)  # first: a partial study can be reported
-    import ray
 
     env = {
         "OMP_NUM_THREADS": str(args.cpus_per_task),
@@ -516,15 +563,6 @@ def main(args: Args) -> int:
     }
     if "MINARI_DATASETS_PATH" in os.environ:
         env["MINARI_DATASETS_PATH"] = os.environ["MINARI_DATASETS_PATH"]
-    ray.init(
-        address=args.ray_address,
-        num_cpus=None if args.ray_address else args.num_cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-        configure_logging=False,
-        **({} if args.ray_address else {"object_store_memory": 100 * 1024**2}),
-    )
     for env_id, seed in sorted({(s.env_id, s.seed) for s in stages if s.seed is not None}):
         if all(s.id in done for s in chain_stages(stages, env_id, seed)) and not os.path.exists(
             os.path.join(results_dir, "chains", f"{env_id}__seed{seed}.json")

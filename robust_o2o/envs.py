@@ -1,6 +1,8 @@
 """The envs the stages run: Gymnasium MuJoCo envs with Box spaces, made once up front, so that a wrong id, an env of
 another kind or a checkpoint for another env ends in one line before anything is written."""
 
+import os
+
 import gymnasium as gym
 import numpy as np
 
@@ -10,7 +12,13 @@ from robust_o2o.cli import UserError
 def make_env(env_id: str, max_episode_steps: int | None = None) -> gym.Env:
     """gym.make(env_id), refused in one line unless it is a MuJoCo env with Box spaces: resuming a run saves and
     restores MuJoCo's physics state mid-episode, and the networks act on flat float vectors."""
-    from gymnasium.envs.mujoco.mujoco_env import MujocoEnv  # imports mujoco, which reads MUJOCO_GL: only on use
+    try:
+        from gymnasium.envs.mujoco.mujoco_env import MujocoEnv  # imports mujoco, which reads MUJOCO_GL: only on use
+    except RuntimeError as e:  # mujoco refuses an unknown MUJOCO_GL as it is imported
+        backend = os.environ.get("MUJOCO_GL")
+        raise UserError(
+            f"MuJoCo cannot start with MUJOCO_GL={backend} ({e}); set MUJOCO_GL=egl (or osmesa, glfw), or unset it"
+        ) from None
 
     try:
         env = gym.make(env_id, max_episode_steps=max_episode_steps)

@@ -84,8 +84,8 @@ def test_existing_dataset_is_refused_and_failures_leave_nothing(hopper_datasets,
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(minari, "create_dataset_from_buffers", boom)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", boom)  # the child process that writes inherits it
+    with pytest.raises(cd.UserError, match="disk full"):
         cd.write_minari_dataset(
             "test/invertedpendulum/broken-v0", eps, "InvertedPendulum-v5", 0.0, 1.0, "x", {}, max_episode_steps=20
         )

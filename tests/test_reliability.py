@@ -239,14 +239,15 @@ def test_bad_checkpoints_and_perturbation_files(hopper_checkpoint, hopper_pertur
         "td3_adv_finetune.py", "--checkpoint", hopper_checkpoint, "--perturbations", "wrongdim.npz", cwd=tmp_path
     )
     assert_one_line_error(proc, "action dimension", "de_perturbations.py")
-    # a checkpoint from another env: the perturbations (made for Hopper) no longer fit it
+    # a checkpoint of another env (Hopper-v4: the same widths and bounds, so it fits that env): the perturbations,
+    # made for Hopper-v5, are refused
     ckpt = torch.load(hopper_checkpoint, weights_only=True)
-    ckpt["env_id"] = "Walker2d-v5"
-    tb.save_checkpoint(str(tmp_path / "walker.pt"), ckpt)
+    ckpt["env_id"] = "Hopper-v4"
+    tb.save_checkpoint(str(tmp_path / "v4.pt"), ckpt)
     proc = run_script(
-        "td3_adv_finetune.py", "--checkpoint", "walker.pt", "--perturbations", hopper_perturbations, cwd=tmp_path
+        "td3_adv_finetune.py", "--checkpoint", "v4.pt", "--perturbations", hopper_perturbations, cwd=tmp_path
     )
-    assert_one_line_error(proc, "Walker2d-v5", "de_perturbations.py")
+    assert_one_line_error(proc, "Hopper-v4", "de_perturbations.py")
     assert not (tmp_path / "runs").exists()
 
 

@@ -1,11 +1,14 @@
 """study.py (the grid on Ray: DAG order, resume after a killed driver, failure isolation) and study_report.py
 (rliable aggregation checked against values computed by hand)."""
 
+import contextlib
 import csv
 import json
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -253,10 +256,53 @@ def _markers(root: Path) -> dict:
     return {p.name: json.loads(p.read_text()) for p in (root / "runs" / "_study" / "local-tiny").glob("*.json")}
 
 
-def test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage(tmp_path):
-    """One env, two seeds, two fine-tune conditions at the tiny scale, through local Ray. Seed 2's TD3+BC run folder
-    holds a corrupt checkpoint, so that stage fails: its dependents are skipped while seed 1 finishes. The driver is
-    killed (SIGKILL) mid-study; the second run redoes no finished stage and leaves their files untouched."""
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head on 127.0.0.1 (token authentication on, as Ray 2.60's default, with a token of the test's own in
+    RAY_AUTH_TOKEN rather than in ~/.ray), as a Ray user's workstation or a cluster's head node runs one; stopped
+    afterwards by its process group (never `ray stop`, which stops every Ray on the machine). -> (address, token)"""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token = secrets.token_hex(16)
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1"]
+        + ["--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and head.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the Ray head did not start")
+        yield f"127.0.0.1:{port}", token
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # whatever outlived SIGTERM
+
+
+def test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage(tmp_path, ray_head):
+    """One env, two seeds, two fine-tune conditions at the tiny scale. Seed 2's TD3+BC run folder holds a corrupt
+    checkpoint, so that stage fails: its dependents are skipped while seed 1 finishes. A Ray head already runs on this
+    machine throughout: the first driver starts a private Ray beside it (as run_pipeline.sh's does; joining the head
+    once failed) and is killed (SIGKILL) mid-study; the second joins the head by --ray-address 127.0.0.1:PORT with the
+    head's token, redoes no finished stage and leaves their files untouched."""
+    address, token = ray_head
     env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari"), "OMP_NUM_THREADS": "1"}
     bad = tmp_path / "runs" / "local-tiny-hopper-medium-v0__td3_bc_offline__2"
     bad.mkdir(parents=True)
@@ -301,7 +347,10 @@ def test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage
     outputs = {p: p.stat().st_mtime_ns for name in first for p in _outputs(stages[name], tmp_path)}
     assert outputs
 
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    on_the_head = [*cmd, "--ray-address", address]
+    proc = subprocess.run(
+        on_the_head, cwd=tmp_path, env={**env, "RAY_AUTH_TOKEN": token}, capture_output=True, text=True, timeout=600
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     assert f"{len(first)} of 15 stages finished earlier: skipped" in out
@@ -496,3 +545,31 @@ def test_damaged_committed_tables_are_refused_too(tmp_path):
     (res / "curves.csv").write_text("\n".join([*text[:-1], text[-1][: len(text[-1]) // 2]]) + "\n")
     with pytest.raises(sr.ReportError, match="curves.csv"):
         sr.main(sr.Args(results_dir=str(res), reps=200))
+
+
+def test_a_cluster_that_does_not_answer_is_one_line_within_seconds(tmp_path):
+    """Ray itself retries an unreachable address for minutes, silently."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]  # nothing listens once the probe is closed
+    started = time.time()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "study.py"),
+            "--scale",
+            "tiny",
+            "--seeds",
+            "1",
+            "--ray-address",
+            f"127.0.0.1:{closed}",
+        ]
+        + ["--results-dir", "results/t"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and "nothing answers" in lines[0], proc.stderr
+    assert time.time() - started < 60 and os.listdir(tmp_path) == []
