@@ -2,6 +2,7 @@
 returns on fixed episodes under each perturbation condition (normal, random, adversarial), played in lockstep.
 Fine-tuning's evaluations (which the adaptive curriculum reads), DE's and the final matrix all use it."""
 
+import copy
 import os
 
 import gymnasium as gym
@@ -120,15 +121,31 @@ def rollout_batch(envs, actor, obs_mean, obs_std, deltas: np.ndarray, seeds, per
     return returns, steps
 
 
+def float64_policy(actor, obs_mean, obs_std):
+    """The policy as every evaluator runs it: its float32 weights computed in float64, the actions rounded to float32.
+    In float32 a row's action depends on which rows share its batch (actor(x[:B]) and actor(x)[:B] differ by about
+    5e-8 on this CPU, and over 1,000 Hopper steps that moved a δ's return by up to 23 %); in float64 such differences
+    lie far below float32's resolution, so each (δ, seed) pair's return is the same whatever shares its batch.
+    -> obs [B, No] (numpy) -> actions [B, Na] (float32 numpy)"""
+    policy = copy.deepcopy(actor).double() if isinstance(actor, torch.nn.Module) else actor
+    mean, std = torch.as_tensor(obs_mean, dtype=torch.float64), torch.as_tensor(obs_std, dtype=torch.float64)
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return policy((torch.as_tensor(obs, dtype=torch.float64) - mean) / std).float().numpy()
+
+    return act
+
+
 def lockstep(envs, actor, obs_mean, obs_std, deltas: np.ndarray, seeds, perturbation_model: str, perturb):
     """One episode per (δ_j, seed_j) on envs[j], all stepped together. -> (returns [B], env steps taken)"""
     low, high = envs[0].action_space.low, envs[0].action_space.high
+    act = float64_policy(actor, obs_mean, obs_std)
     obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
     returns, alive, steps = np.zeros(len(seeds)), np.ones(len(seeds), bool), 0
     while alive.any():
         idx = np.flatnonzero(alive)
-        with torch.no_grad():
-            actions = actor((torch.as_tensor(obs[idx], dtype=torch.float32) - obs_mean) / obs_std).numpy()
+        actions = act(obs[idx])
         executed = perturb(actions, deltas[idx], low, high, perturbation_model)
         for j, i in enumerate(idx):
             obs[i], reward, terminated, truncated, _ = envs[i].step(executed[j])

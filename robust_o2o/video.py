@@ -10,7 +10,6 @@ import warnings
 import gymnasium as gym
 import imageio.v2 as imageio
 import numpy as np
-import torch
 from matplotlib import font_manager
 from PIL import Image, ImageDraw, ImageFont
 
@@ -80,15 +79,17 @@ def record_episode(
     frame_skip: int = 4,
 ) -> Episode:
     """One deterministic episode of `actor` with δ held fixed, rendered off-screen. The executed action is computed as
-    the stage scripts' lockstep evaluator (`rollout_batch`) computes it for a batch of one, and rendering only reads
-    the simulation, so the return equals the unrecorded evaluation's (tests/test_video.py checks it)."""
+    the stage scripts' lockstep evaluator (`rollout_batch`) computes it (`float64_policy`, whose result does not depend
+    on the batch), and rendering only reads the simulation, so the return equals the unrecorded evaluation's
+    (tests/test_video.py checks it)."""
     env = gym.make(env_id, render_mode="rgb_array", width=size, height=size, max_episode_steps=max_episode_steps)
     low, high = env.action_space.low, env.action_space.high
-    obs = np.stack([env.reset(seed=int(seed))[0]])
+    from robust_o2o.evaluation import float64_policy  # here: evaluation imports this module
+
+    obs, act = np.stack([env.reset(seed=int(seed))[0]]), float64_policy(actor, obs_mean, obs_std)
     frames, running, ret, steps, done = [env.render()], [0.0], 0.0, 0, False
     while not done:
-        with torch.no_grad():
-            action = actor((torch.as_tensor(obs, dtype=torch.float32) - obs_mean) / obs_std).numpy()
+        action = act(obs)
         obs[0], reward, terminated, truncated, _ = env.step(
             perturb(action, delta[None], low, high, perturbation_model)[0]
         )

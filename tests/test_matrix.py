@@ -150,7 +150,7 @@ def test_fresh_attack_uses_de_semantics(matrix, policy_set):
         for r in rows
         if r["checkpoint"] == os.path.normpath(path) and r["eval_condition"] == "adversarial"
     )
-    assert got == pytest.approx(expected, rel=1e-6)
+    assert got == pytest.approx(expected, rel=1e-12)  # each episode alone: a return does not depend on its batch
 
 
 def test_attack_cache_is_reused_only_for_the_same_budget(matrix, policy_set, tmp_path):

@@ -140,21 +140,38 @@ def test_fewer_pairs_than_workers_leaves_the_spare_workers_idle(hopper_checkpoin
     np.testing.assert_allclose(batched, serial_returns(ckpt, delta, seeds, "multiplicative", 60), rtol=1e-4)
 
 
-def test_de_beats_random_draws_and_equal_budget_random_search(hopper_checkpoint):
+def test_de_on_a_policy_returns_the_worst_delta_it_evaluated(hopper_checkpoint):
+    """On a trained policy: DE's δ lies in the box, its objective is that δ's return (re-evaluated alone, exactly: a
+    return does not depend on its batch), below the unperturbed return and below random δ's mean, and its best-so-far
+    never rises. Whether it also beats the best of an equal-budget random search on a given policy is chance at this
+    budget, so that is asserted on an objective with a known minimum (the next test)."""
     ckpt = de.load_checkpoint(hopper_checkpoint)
     ev = de.PopulationEvaluator(ckpt, "multiplicative", 60, 1)
     seeds, eps = np.array([1, 2, 3]), 0.5
     args = de.Args(popsize=5, maxiter=6, tol=0.0, epsilon=eps)
     delta, best, history = de.run_de(ev.returns, [(-eps, eps)] * 3, seeds, 0, args)
-    budget = args.popsize * 3 * (len(history) + 1)  # initial population + one per generation
-    rng = np.random.default_rng(0)
-    search = ev.returns(rng.uniform(-eps, eps, (budget, 3)), seeds)
+    search = ev.returns(np.random.default_rng(0).uniform(-eps, eps, (50, 3)), seeds)
     assert np.all(np.abs(delta) <= eps)
-    assert best == pytest.approx(ev.returns(delta[None], seeds)[0])
-    assert best < ev.returns(np.zeros((1, 3)), seeds)[0]
-    assert best < search.mean() - 2 * search.std() / np.sqrt(len(search))  # clearly worse than random δ
-    assert best <= search.min() + 1e-9  # at least as damaging as the best of an equal-budget random search
-    assert all(b >= a - 1e-9 for a, b in zip(history[1:], history[:-1]))  # best-so-far never gets worse
+    assert best == ev.returns(delta[None], seeds)[0]
+    assert best < ev.returns(np.zeros((1, 3)), seeds)[0] and best < search.mean()
+    assert all(b >= a for a, b in zip(history[1:], history[:-1]))  # best-so-far never gets worse
+
+
+def test_de_beats_equal_budget_random_search_on_a_known_objective():
+    """A rugged objective with its minimum (0) at a known δ inside the box: DE at the budget of the test above gets
+    far closer than the best of a random search with as many evaluations, for each of five seeds."""
+    eps, target = 0.5, np.array([0.31, -0.22, 0.4])
+
+    def objective(deltas, seeds):  # Rastrigin-like, 3-D: many local minima around the global one at `target`
+        z = (deltas - target) / eps
+        return (z**2 - 0.05 * np.cos(6 * np.pi * z) + 0.05).sum(1)
+
+    args = de.Args(popsize=5, maxiter=6, tol=0.0, epsilon=eps)
+    for seed in range(5):
+        delta, best, history = de.run_de(objective, [(-eps, eps)] * 3, np.array([0]), seed, args)
+        budget = args.popsize * 3 * (len(history) + 1)  # initial population + one per generation
+        search = objective(np.random.default_rng(seed).uniform(-eps, eps, (budget, 3)), None)
+        assert best == objective(delta[None], None)[0] and best < search.min(), seed
 
 
 def test_cli_writes_npz_with_schema_and_plot(hopper_checkpoint, tmp_path):
@@ -304,3 +321,16 @@ def test_resuming_relies_on_scipy_solver_internals_that_still_exist():
     next(solver), next(restored)
     np.testing.assert_array_equal(restored.population, solver.population)
     assert restored._nfev == solver._nfev
+
+
+def test_a_return_does_not_depend_on_what_shares_its_batch(hopper_checkpoint):
+    """Every evaluator computes the policy in float64 (robust_o2o.evaluation.float64_policy). In float32 the actor's
+    output for a row changed with the batch around it (by about 5e-8), and over long episodes that moved a δ's return
+    by up to 23 %, so a δ's return depended on which other candidates or conditions were evaluated beside it."""
+    ckpt = de.load_checkpoint(hopper_checkpoint)
+    ev = de.PopulationEvaluator(ckpt, "multiplicative", 300, 1)
+    deltas, seeds = np.random.default_rng(0).uniform(-0.5, 0.5, (6, 3)), np.array([7, 8])
+    together = ev.episode_returns(deltas, seeds)
+    alone = np.array([[ev.episode_returns(d[None], s[None])[0, 0] for s in seeds] for d in deltas])
+    reversed_batch = ev.episode_returns(deltas[::-1], seeds)[::-1]
+    assert np.array_equal(together, alone) and np.array_equal(together, reversed_batch)

@@ -103,7 +103,7 @@ def test_td3_bc_resume_refuses_changed_arguments_and_missing_state(hopper_datase
     assert_one_line_error(run_script("td3_bc_offline.py", *td3_bc_args(ds, "x", 40), cwd=tmp_path), "--resume")
 
 
-def ft_args(ckpt, pert, run_name, total, *extra):
+def ft_args(ckpt, pert, run_name, total, *extra, eval_freq=150):
     return [
         "--checkpoint",
         ckpt,
@@ -112,7 +112,7 @@ def ft_args(ckpt, pert, run_name, total, *extra):
         "--total-steps",
         str(total),
         "--eval-freq",
-        "150",
+        str(eval_freq),
         "--eval-episodes",
         "1",
         "--batch-size",
@@ -130,20 +130,18 @@ def ft_args(ckpt, pert, run_name, total, *extra):
 
 def test_finetune_resumes_mid_episode_identically(hopper_checkpoint, hopper_perturbations, tmp_path):
     """Interrupted at a save in the middle of an episode, resumed with its buffer, RNGs and MuJoCo state:
-    bit-identical."""
-    full = run_script(
-        "td3_adv_finetune.py", *ft_args(hopper_checkpoint, hopper_perturbations, "full", 450), cwd=tmp_path
-    )
+    bit-identical. The save point is picked from the uninterrupted run's log: the first save after step 200 at which
+    no episode ends (where episodes end depends on the policy, so no fixed step is mid-episode for every policy)."""
+    inputs = (hopper_checkpoint, hopper_perturbations)
+    full = run_script("td3_adv_finetune.py", *ft_args(*inputs, "full", 450, eval_freq=50), cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
-    part = run_script(
-        "td3_adv_finetune.py", *ft_args(hopper_checkpoint, hopper_perturbations, "part", 300), cwd=tmp_path
-    )
+    episode_ends = {r["step"] for r in metric_rows(tmp_path / "runs/full") if "eval/normal_return" not in r}
+    stop = next(step for step in range(250, 450, 50) if step not in episode_ends)
+    part = run_script("td3_adv_finetune.py", *ft_args(*inputs, "part", stop, eval_freq=50), cwd=tmp_path)
     assert part.returncode == 0, part.stderr[-2000:]
     state = torch.load(tmp_path / "runs/part/state.pt", weights_only=True)
-    assert state["episode"]["episode_len"] > 0 and len(state["online"]["obs"]) == 300  # mid-episode, buffer saved
-    more = run_script(
-        "td3_adv_finetune.py", *ft_args(hopper_checkpoint, hopper_perturbations, "part", 450, "--resume"), cwd=tmp_path
-    )
+    assert state["episode"]["episode_len"] > 0 and len(state["online"]["obs"]) == stop  # mid-episode, buffer saved
+    more = run_script("td3_adv_finetune.py", *ft_args(*inputs, "part", 450, "--resume", eval_freq=50), cwd=tmp_path)
     assert more.returncode == 0, more.stderr[-2000:]
     assert metric_rows(tmp_path / "runs/part") == metric_rows(tmp_path / "runs/full")
     load = lambda n, f: torch.load(tmp_path / "runs" / n / f, weights_only=True)  # noqa: E731
