@@ -133,17 +133,17 @@ def test_network_classes_are_identical_copies():
     import evaluate_matrix as em
     import td3_adv_finetune as ft
 
-    for cls in ("Actor", "VectorizedLinear", "Critic"):
-        for module in (de, ft):
-            if hasattr(module, cls):
-                assert inspect.getsource(getattr(module, cls)) == inspect.getsource(getattr(tb, cls)), (
-                    module.__name__,
-                    cls,
-                )
+    copies = {  # which script keeps which copy: named, so a renamed or dropped class fails here instead of passing
+        de: ("Actor",),
+        ft: ("Actor", "VectorizedLinear", "Critic"),
+        em: ("Actor",),
+    }
+    for module, classes in copies.items():
+        for cls in classes:
+            assert inspect.getsource(getattr(module, cls)) == inspect.getsource(getattr(tb, cls)), (module, cls)
     for fn in ("td_target", "soft_update"):
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(tb, fn)), fn
     assert inspect.getsource(ft.perturb_action) == inspect.getsource(de.perturb_action)
-    assert inspect.getsource(em.Actor) == inspect.getsource(tb.Actor)
     assert inspect.getsource(em.perturb_action) == inspect.getsource(de.perturb_action)
     from robust_o2o import formats
 

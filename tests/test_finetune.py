@@ -34,29 +34,47 @@ def test_adaptive_curriculum_hand_computed_sequence():
     assert ft.adaptive_q(0.3, 20.0, 60.0, 1.0, 0.5, 0.0, 1.0) == pytest.approx((0.5, 60.0))  # β = 1: no smoothing
     assert ft.adaptive_q(0.3, 20.0, 90.0, 0.9, 0.0, 0.0, 1.0)[0] == 0.3  # η = 0: q never moves
     rng = np.random.default_rng(0)
-    q, ema = 0.5, 0.0
-    for R in rng.normal(0, 300, 200):
+    q, ema, bounds_hit = 0.5, 0.0, set()
+    for R in rng.normal(0, 300, 200):  # the update rule, step by step, on a noisy sequence that drives q to both bounds
+        ema_next = 0.9 * R + 0.1 * ema
+        q_next = min(max(q + 0.7 * (ema_next - ema) / 100, 0.1), 0.9)
         q, ema = ft.adaptive_q(q, ema, R, 0.9, 0.7, 0.1, 0.9)
-        assert 0.1 <= q <= 0.9
+        assert q == pytest.approx(q_next) and ema == pytest.approx(ema_next)
+        bounds_hit |= {q} & {0.1, 0.9}
+    assert bounds_hit == {0.1, 0.9}
 
 
-def test_batch_composition_matches_r_off():
+def test_batch_composition_matches_r_off(hopper_checkpoint, hopper_perturbations, tmp_path, monkeypatch):
+    """batch_split's arithmetic, then the loop itself: every batch it trains on holds exactly batch_split(...) rows of
+    the offline data, after rows of its own online buffer."""
     assert ft.batch_split(256, 0.1, 10_000, True) == 26
     assert ft.batch_split(256, 0.0, 10_000, True) == 0 and ft.batch_split(256, 1.0, 10_000, True) == 256
     assert ft.batch_split(256, 0.1, 100, True) == 256  # too little online data yet: all offline
     assert ft.batch_split(256, 0.1, 10_000, False) == 0  # scratch: no offline data
-    offline = {
-        k: torch.full((500, 2), 1.0) if k in ("obs", "next_obs", "actions") else torch.ones(500)
-        for k in ("obs", "actions", "rewards", "next_obs", "terminations")
-    }
-    online = {k: torch.zeros_like(v) for k, v in offline.items()}
-    fractions = []
-    for _ in range(50):
-        k_off = ft.batch_split(256, 0.1, 500, True)
-        parts = [ft.sample(online, 500, 256 - k_off), ft.sample(offline, 500, k_off)]
-        obs = torch.cat([p[0] for p in parts])
-        fractions.append(obs[:, 0].mean().item())
-    assert np.mean(fractions) == pytest.approx(0.1, abs=0.01)
+
+    batches, real = [], ft.mixed_batch
+
+    def spy(online, offline, batch_size, r_off):
+        batch = real(online, offline, batch_size, r_off)
+        batches.append((batch_size, r_off, online.size, batch[0], online.data["obs"][: online.size], offline["obs"]))
+        return batch
+
+    monkeypatch.setattr(ft, "mixed_batch", spy)
+    monkeypatch.chdir(tmp_path)
+    args = dict(total_steps=60, eval_freq=60, eval_episodes=1, batch_size=16, r_off=0.25, cuda=False, run_name="mix")
+    ft.main(ft.Args(checkpoint=hopper_checkpoint, perturbations=hopper_perturbations, **args))
+
+    def within(rows, store):  # every row is one of the store's rows
+        return bool((rows[:, None, :] == store[None]).all(-1).any(1).all())
+
+    assert len(batches) == 60 - 16  # one per update, once the buffer holds more than learning_starts (one batch)
+    shares = set()
+    for batch_size, r_off, n_online, obs, online_obs, offline_obs in batches:
+        n_offline = ft.batch_split(batch_size, r_off, n_online, True)
+        assert batch_size == 16 and r_off == 0.25 and len(obs) == 16
+        assert within(obs[16 - n_offline :], offline_obs) and within(obs[: 16 - n_offline], online_obs)
+        shares.add(n_offline)
+    assert shares == {4}  # r_off · B
 
 
 def test_perturbation_code_is_the_same_in_both_scripts():
@@ -357,3 +375,22 @@ def test_reset_optimizers_says_which_states_start_fresh(hopper_checkpoint, hoppe
             assert (ckpt[name]["state"] == {}) == (name in fresh), (variant, name)
             if name not in fresh:
                 assert torch.equal(ckpt[name]["state"][0]["exp_avg_sq"], saved[name]["state"][0]["exp_avg_sq"])
+
+
+def test_scratch_starts_from_fresh_networks_not_the_checkpoint(hopper_checkpoint, tmp_path, monkeypatch):
+    """--init scratch takes only the env and action bounds from the checkpoint: before its first update (the default
+    warm-up is 25k random steps) its networks are a fresh initialization, its observations unnormalized, and no
+    offline data is loaded; an offline start's step-0 networks are the checkpoint's."""
+    monkeypatch.chdir(tmp_path)
+    common = dict(checkpoint=hopper_checkpoint, total_steps=20, eval_freq=20, eval_episodes=1, cuda=False)
+    ft.main(ft.Args(init="scratch", curriculum="adaptive", run_name="scratch", **common))
+    ft.main(ft.Args(run_name="offline", learning_starts=1000, **common))
+    source = load_checkpoint(hopper_checkpoint)
+    scratch, offline = load_checkpoint("runs/scratch/checkpoint.pt"), load_checkpoint("runs/offline/checkpoint.pt")
+    for key in ("net.0.weight", "net.4.weight"):
+        assert not torch.equal(scratch["actor"][key], source["actor"][key])
+        assert torch.equal(offline["actor"][key], source["actor"][key])  # no update yet: the checkpoint's own
+    assert not torch.equal(scratch["critic"]["net.0.weight"], source["critic"]["net.0.weight"])
+    assert torch.equal(scratch["obs_mean"], torch.zeros(11)) and torch.equal(scratch["obs_std"], torch.ones(11))
+    assert torch.equal(offline["obs_mean"], source["obs_mean"])
+    assert scratch["init"] == "scratch" and offline["init"] == "offline"

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import gymnasium as gym
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
@@ -318,3 +319,36 @@ def test_fresh_attack_copies_every_recorded_setting(matrix, policy_set):
     }
     table = (matrix / "matrix.md").read_text()
     assert "| offline-only |" in table and "† |" in table and "direct attack" in table
+
+
+def test_normal_is_unperturbed_and_random_plays_the_stored_draws_not_the_de_set(matrix, policy_set):
+    """Each episode replayed here by a plain loop with no perturbation wrapper: the normal column is the policy acting
+    unperturbed, the random column the stored random draws (episode i: draw i mod R), which are not DE's δ."""
+    from robust_o2o.evaluation import float64_policy
+
+    path = policy_set / "runs" / "off1" / "checkpoint.pt"
+    ckpt, ref = de.load_checkpoint(str(path)), np.load(policy_set / "runs" / "off1" / "perturbations.npz")
+    act = float64_policy(em.actor_from_checkpoint(ckpt), ckpt["obs_mean"], ckpt["obs_std"])
+    env = gym.make(ckpt["env_id"], max_episode_steps=ckpt["max_episode_steps"])
+
+    def episode(seed: int, delta=None) -> float:
+        obs, total, done = env.reset(seed=seed)[0], 0.0, False
+        while not done:
+            action = act(obs[None])[0]
+            if delta is not None:  # the multiplicative model, written out: ã = clip(a ⊙ (1 + δ))
+                action = np.clip(action * (1 + delta), env.action_space.low, env.action_space.high)
+            obs, reward, terminated, truncated, _ = env.step(action.astype(np.float32))
+            total, done = total + reward, terminated or truncated
+        return total
+
+    rows = {
+        r["eval_condition"]: [float(x) for x in r["episode_returns"].split(";")]
+        for r in csv.DictReader(open(matrix / "matrix.csv"))
+        if r["checkpoint"] == os.path.normpath(path)
+    }
+    draws = ref["random_deltas"]
+    assert rows["normal"] == pytest.approx([episode(em.EVAL_SEED + i) for i in range(3)], abs=1e-3)
+    random = [episode(em.EVAL_SEED + i, draws[i % len(draws)]) for i in range(3)]
+    assert rows["random"] == pytest.approx(random, abs=1e-3)  # the CSV keeps three decimals
+    assert not any(np.allclose(d, p) for d in draws for p in ref["perturbations"])
+    assert rows["normal"] != rows["random"]

@@ -81,7 +81,15 @@ def test_finetune_records_one_playable_video_per_evaluation(video_runs):
     files = sorted(os.listdir(video_runs / "runs" / "ft1" / "videos"))
     assert files == [f"eval_step{s:08d}.mp4" for s in (0, 30, 60)]
     frames = iio.imread(video_runs / "runs" / "ft1" / "videos" / files[-1])
-    assert frames.ndim == 4 and frames.shape[1:] == (160, 160, 3) and len(frames) >= 2
+    # the last one is the step-60 policy (the checkpoint's) on the adversarial condition's first episode: δ_0, seed
+    # eval_seed; its frame count follows from that episode's length
+    ckpt = de.load_checkpoint(str(video_runs / "runs" / "ft1" / "checkpoint.pt"))
+    delta = np.load(ckpt["perturbations_path"])["perturbations"][0]
+    policy = (de.actor_from_checkpoint(ckpt), ckpt["obs_mean"], ckpt["obs_std"])
+    ep = record_episode(
+        ckpt["env_id"], ckpt["max_episode_steps"], *policy, delta, de.perturb_action, "multiplicative", 10_000
+    )
+    assert frames.shape == (expected_frames(ep.steps, 4), 160, 160, 3)
 
 
 def test_evaluate_matrix_records_each_condition_and_a_side_by_side_gif(video_runs):
