@@ -186,9 +186,11 @@ def fresh_attack(path: str, settings: dict, args: Args, out_dir: str) -> dict:
         if os.path.exists(out + ".state.npz"):  # an attack interrupted with this evaluation continues where it stopped
             cmd.append("--resume")
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
-            raise UserError(f"the fresh DE attack on {path} failed: {last}")
+        if proc.returncode != 0:  # its error line; or the text of tyro's box (a setting it cannot parse)
+            lines = [ln.strip("│╭╮╰╯─ ") for ln in proc.stderr.strip().splitlines()] or ["no output"]
+            boxed = " ".join(ln for ln in lines if ln and not ln.startswith("For full")) if "╭" in proc.stderr else ""
+            why = next((ln for ln in reversed(lines) if ln.startswith("error:")), boxed or lines[-1])
+            raise UserError(f"the fresh DE attack on {path} failed: {why.removeprefix('error: ')}")
     return load_perturbations(out)
 
 
@@ -403,7 +405,6 @@ def main(args: Args):
         if is_finetuned(c):
             finetuned[policy_label(c)].append(p)
     curves = load_curves(finetuned)
-    os.makedirs(os.path.join(args.output_dir, "attacks"), exist_ok=True)
 
     rows, sets = [], {}
     for path, ckpt in tqdm(ckpts.items(), desc="policies (fresh attack + evaluation)"):
@@ -425,6 +426,7 @@ def main(args: Args):
     others = sorted({r["policy"] for r in rows} - {"offline-only"}, key=lambda s: (s.startswith("scratch"), s))
     labels = [label for label in ["offline-only", *others] if (label, "normal") in summary]
     table = markdown_table(summary, labels, env_id, args.eval_episodes)
+    os.makedirs(args.output_dir, exist_ok=True)  # (the attacks made it, unless every one was cached)
     tmp = tempfile.mkdtemp(prefix=".partial-", dir=args.output_dir)  # the output set: all made, then moved in together
     try:
         write_text(os.path.join(tmp, "matrix.csv"), buf.getvalue())

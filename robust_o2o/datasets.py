@@ -181,7 +181,15 @@ def dataset_to_transitions(dataset) -> dict:
     def cat(xs):
         return np.concatenate(xs).astype(np.float32)
 
-    return {"obs": cat(obs), "actions": cat(act), "rewards": cat(rew), "next_obs": cat(nxt), "terminations": cat(term)}
+    flat = {"obs": cat(obs), "actions": cat(act), "rewards": cat(rew), "next_obs": cat(nxt), "terminations": cat(term)}
+    for key, values in flat.items():  # a NaN here would train every network on NaN: refused before any run folder
+        if not np.isfinite(values).all():
+            raise UserError(
+                f"dataset '{dataset.spec.dataset_id}' holds NaN or inf in its {key} (first at transition "
+                f"{int(np.flatnonzero(~np.isfinite(values).reshape(len(values), -1).all(1))[0])}); re-create it with "
+                f"collect_dataset.py"
+            )
+    return flat
 
 
 def offline_transitions(dataset_id: str, obs_mean: torch.Tensor, obs_std: torch.Tensor, device) -> dict:

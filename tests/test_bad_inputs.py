@@ -501,12 +501,32 @@ def test_an_env_this_project_cannot_run_is_refused_by_make_env(env_id):
 
 
 def test_a_non_mujoco_env_is_refused_before_a_dataset_or_run_is_made(hopper_datasets, tmp_path, monkeypatch):
-    store = tmp_path / "store"
+    session_store, store = os.environ["MINARI_DATASETS_PATH"], tmp_path / "store"
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(store))
     pendulum = ["--env-id", "Pendulum-v1", "--ref-min-score", "-1500", "--ref-max-score", "-150"]
-    run_refused(tmp_path, "collect_dataset.py", [*pendulum, "--medium-target-return", "-500"], "Pendulum-v1")
-    monkeypatch.delenv("MINARI_DATASETS_PATH")
-    run_refused(tmp_path, "td3_bc_offline.py", ["--dataset-id", hopper_datasets["medium"], "--env-id", "Pendulum-v1"])
+    refused = ("Pendulum-v1", "not a Gymnasium MuJoCo env")
+    run_refused(tmp_path, "collect_dataset.py", [*pendulum, "--medium-target-return", "-500"], *refused)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", session_store)  # where the Hopper dataset is
+    run_refused(
+        tmp_path, "td3_bc_offline.py", ["--dataset-id", hopper_datasets["medium"], "--env-id", "Pendulum-v1"], *refused
+    )
+
+
+def test_a_dataset_holding_a_nan_is_refused_before_a_run_folder_exists(tmp_path):
+    from collect_dataset import episode_buffer
+    from robust_o2o.datasets import write_minari_dataset
+
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=(3, 50))
+    rewards[1, 7] = np.nan
+    episodes = [
+        episode_buffer(
+            rng.normal(size=(51, 11)), rng.uniform(-1, 1, (50, 3)), r, np.zeros(50, bool), np.eye(50)[-1] > 0
+        )
+        for r in rewards
+    ]
+    write_minari_dataset("test/hopper/nan-reward-v0", episodes, "Hopper-v5", 0.0, 100.0, "one NaN reward", {})
+    run_refused(tmp_path, "td3_bc_offline.py", ["--dataset-id", "test/hopper/nan-reward-v0"], "NaN", "rewards")
 
 
 def test_an_evaluation_of_any_size_steps_at_most_a_bounded_number_of_envs():
@@ -554,3 +574,18 @@ def test_a_copied_run_is_refused_not_counted_as_another_seed(hopper_checkpoint, 
         evaluate_matrix.load_policies(args)
     assert "runs/a/checkpoint.pt" in str(refused.value) and "runs/a copy/checkpoint.pt" in str(refused.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_attack_setting_is_one_true_line_and_writes_nothing(
+    hopper_checkpoint, hopper_perturbations, tmp_path
+):
+    """The fresh attack repeats the settings recorded in the policy's perturbations file; one that de_perturbations.py
+    cannot parse once surfaced as tyro's box border. Now: its message, in one line, and no folder made."""
+    d = dict(np.load(hopper_perturbations, allow_pickle=False))
+    d["strategy"] = np.asarray("sideways")
+    run = offline_run(tmp_path / "run", hopper_checkpoint).parent
+    save_npz(str(run / "perturbations.npz"), d)
+    before = tree(tmp_path)
+    proc = run_script("evaluate_matrix.py", "--checkpoints", str(run), "--output-dir", str(tmp_path / "out"))
+    assert_one_line_error(proc, "fresh DE attack", "invalid choice 'sideways' for argument '--strategy'")
+    assert not set("│╭╮╰╯") & set(proc.stderr) and tree(tmp_path) == before and not (tmp_path / "out").exists()
