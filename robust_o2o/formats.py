@@ -224,12 +224,15 @@ def default_checkpoint() -> str:
 
 
 def find_checkpoints(patterns) -> list:
-    """Each checkpoint file once: folders are walked without following links (a link loop adds nothing), and a file
+    """Each checkpoint file once: folders are walked without following links (a link loop adds nothing) and without
+    entering runs that --overwrite moved aside (*.replaced-*: superseded, named explicitly if wanted), and a file
     reached by two names (a link, a copy's link) counts once."""
     paths = []
     for p in patterns:
         if os.path.isdir(p):
-            paths += [os.path.join(d, "checkpoint.pt") for d, _, files in os.walk(p) if "checkpoint.pt" in files]
+            for folder, subfolders, files in os.walk(p):
+                subfolders[:] = [name for name in subfolders if ".replaced-" not in name]
+                paths += [os.path.join(folder, "checkpoint.pt")] if "checkpoint.pt" in files else []
         else:
             paths += [m for m in glob.glob(p) if os.path.isfile(m)]
     by_file = {os.path.realpath(p): os.path.normpath(p) for p in sorted(paths, reverse=True)}

@@ -6,7 +6,7 @@ import fcntl
 import json
 import os
 import random
-import shutil
+import time
 
 import numpy as np
 import torch
@@ -97,17 +97,19 @@ def already_complete(resumed: dict | None, total_steps: int, run_dir: str) -> bo
 _LOCKED = {}  # run folder -> its open, locked .lock file (held for the life of this process)
 
 
-def clear_run_dir(run_dir: str):
-    """Remove everything in `run_dir` but the lock this process holds (--overwrite: the earlier run's checkpoint,
-    state, logs, and files made beside it such as its perturbations.npz)."""
-    for name in os.listdir(run_dir):
-        path = os.path.join(run_dir, name)
-        if name == ".lock":
-            continue
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
+def move_old_run_aside(run_dir: str) -> str | None:
+    """--overwrite: everything in `run_dir` but the lock this process holds (the earlier run's checkpoint, state, logs,
+    and files made beside it such as its perturbations.npz) moves, whole, to runs/{name}.replaced-{time}/, so nothing
+    of it mixes with the new run's files and nothing of it is lost if the new run dies. -> where it went (or None)"""
+    names = [name for name in os.listdir(run_dir) if name != ".lock"]
+    if not names:
+        return None
+    aside = f"{os.path.normpath(run_dir)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    os.makedirs(aside)
+    for name in names:
+        os.rename(os.path.join(run_dir, name), os.path.join(aside, name))
+    print(f"--overwrite: the earlier run in {run_dir} moved to {aside} (delete it once the new run is what you want)")
+    return aside
 
 
 def lock_run_dir(run_dir: str):
@@ -143,7 +145,7 @@ class Run:
     def __init__(self, run_dir: str, run_name: str, args, resumed: dict | None, **extra):
         lock_run_dir(run_dir)  # refuses a second process on the same folder
         if resumed is None and args.overwrite:
-            clear_run_dir(run_dir)  # the replaced run goes whole: nothing of it can mix with this run's files
+            move_old_run_aside(run_dir)  # the replaced run goes whole: nothing of it can mix with this run's files
         self.dir = run_dir
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump({**dataclasses.asdict(args), **extra, "run_name": run_name}, f, indent=2)

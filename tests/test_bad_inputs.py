@@ -560,6 +560,7 @@ def test_a_link_loop_or_a_linked_checkpoint_counts_once(hopper_checkpoint, hoppe
     run = offline_run(tmp_path / "runs" / "a", hopper_checkpoint, hopper_perturbations).parent
     os.symlink("..", run / "loop")  # runs/a/loop -> runs/: walking it would find runs/a/checkpoint.pt again and again
     os.symlink(run / "checkpoint.pt", tmp_path / "linked.pt")
+    offline_run(tmp_path / "runs" / "a.replaced-20261130-120000-7", hopper_checkpoint)  # --overwrite's old run
     found = formats.find_checkpoints([str(tmp_path / "runs"), str(tmp_path / "linked.pt"), str(run / "*.pt")])
     assert len(found) == 1 and os.path.realpath(found[0]) == os.path.realpath(run / "checkpoint.pt")
 

@@ -415,17 +415,19 @@ def test_a_nan_loss_stops_finetuning_naming_the_step(hopper_checkpoint, hopper_p
     assert torch.load("runs/nan/state.pt", weights_only=True)["step"] == 30
 
 
-def test_overwrite_replaces_the_whole_run_even_when_the_new_run_dies_before_its_first_save(
-    hopper_datasets, tmp_path, monkeypatch
+def test_overwrite_moves_the_old_run_aside_whole_even_when_the_new_run_dies_before_its_first_save(
+    hopper_datasets, tmp_path, monkeypatch, capsys
 ):
     """--overwrite once truncated the log and rewrote args.json, so a crash before the first save left the old
-    checkpoint beside the new arguments; now the old run goes whole, files made beside it included."""
+    checkpoint beside the new arguments and the old log was gone. Now the old run moves aside whole (files made beside
+    it included), intact, and the run says where."""
     import td3_bc_offline as tb
 
     monkeypatch.chdir(tmp_path)
     common = dict(dataset_id=hopper_datasets["medium"], total_steps=4, eval_freq=4, eval_episodes=1, batch_size=8)
     tb.main(tb.Args(**common, cuda=False, run_name="r"))
     (tmp_path / "runs" / "r" / "perturbations.npz").write_bytes(b"made against the old policy")
+    old = {name: (tmp_path / "runs" / "r" / name).read_bytes() for name in os.listdir("runs/r") if name != ".lock"}
 
     def killed(*args, **kwargs):
         raise RuntimeError("killed before the first save")
@@ -435,3 +437,6 @@ def test_overwrite_replaces_the_whole_run_even_when_the_new_run_dies_before_its_
         tb.main(tb.Args(**common, cuda=False, run_name="r", overwrite=True, seed=2))
     assert set(os.listdir("runs/r")) <= {".lock", "args.json", "metrics.jsonl"}
     assert json.load(open("runs/r/args.json"))["seed"] == 2
+    (aside,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("r.replaced-")]
+    assert {name: (aside / name).read_bytes() for name in os.listdir(aside)} == old  # the old run, byte for byte
+    assert f"moved to runs/{aside.name}" in capsys.readouterr().out
