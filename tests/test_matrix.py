@@ -197,8 +197,10 @@ def test_bad_input_is_one_clear_line(policy_set, tmp_path):
     assert_one_line_error(proc, "metrics")
 
 
-def test_whole_pipeline_runs_at_tiny_scale(tmp_path):
-    """run_pipeline.sh is a one-seed study: every stage, then the report; RESUME=1 redoes nothing."""
+def test_whole_pipeline_runs_at_tiny_scale(tmp_path, ray_head):
+    """run_pipeline.sh is a one-seed study: every stage, then the report; RESUME=1 redoes nothing. A Ray head runs on
+    this machine meanwhile, as on a Ray user's workstation: the demo runs on a private Ray beside it (joining it once
+    ended in a traceback)."""
     # the script runs `python`: the interpreter running these tests, not whichever python comes first on PATH
     path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path, "SCALE": "tiny", "MINARI_DATASETS_PATH": str(tmp_path / "minari")}

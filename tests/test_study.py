@@ -1,11 +1,9 @@
 """study.py (the grid on Ray: DAG order, resume after a killed driver, failure isolation) and study_report.py
 (rliable aggregation checked against values computed by hand)."""
 
-import contextlib
 import csv
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -258,42 +256,6 @@ def _outputs(stage, root: Path) -> list:
 
 def _markers(root: Path) -> dict:
     return {p.name: json.loads(p.read_text()) for p in (root / "runs" / "_study" / "local-tiny").glob("*.json")}
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    """A Ray head on 127.0.0.1 (token authentication on, as Ray 2.60's default, with a token of the test's own in
-    RAY_AUTH_TOKEN rather than in ~/.ray), as a Ray user's workstation or a cluster's head node runs one; stopped
-    afterwards by its process group (never `ray stop`, which stops every Ray on the machine). -> (address, token)"""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    token = secrets.token_hex(16)
-    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1"]
-        + ["--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
-        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "OMP_NUM_THREADS": "1"},
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and head.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the Ray head did not start")
-        yield f"127.0.0.1:{port}", token
-    finally:  # the whole group at once: `ray start --block` would drain for 30 s on SIGTERM
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
 
 
 def test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage(tmp_path, ray_head):
