@@ -104,7 +104,7 @@ class ConditionEvaluator:
         run.video(path, f"videos/eval_{condition}", step)
 
 
-MAX_LOCKSTEP_ENVS = 256  # envs stepped together (about 1 MB each for Hopper): bounds an evaluation's memory
+MAX_LOCKSTEP_ENVS = 256  # envs stepped together (about 1 MB each for Hopper, benchmarks/evaluation_facts.py)
 
 
 def rollout_batch(envs, actor, obs_mean, obs_std, deltas: np.ndarray, seeds, perturbation_model: str, perturb):
@@ -125,7 +125,8 @@ def float64_policy(actor, obs_mean, obs_std):
     """The policy as every evaluator runs it: its float32 weights computed in float64, the actions rounded to float32.
     In float32 a row's action depends on which rows share its batch (actor(x[:B]) and actor(x)[:B] differ by about
     5e-8 on this CPU, and over 1,000 Hopper steps that moved a δ's return by up to 23 %); in float64 such differences
-    lie far below float32's resolution, so each (δ, seed) pair's return is the same whatever shares its batch.
+    lie far below float32's resolution, so each (δ, seed) pair's return is the same whatever shares its batch
+    (benchmarks/evaluation_facts.py measures both).
     -> obs [B, No] (numpy) -> actions [B, Na] (float32 numpy)"""
     policy = copy.deepcopy(actor).double() if isinstance(actor, torch.nn.Module) else actor
     mean, std = torch.as_tensor(obs_mean, dtype=torch.float64), torch.as_tensor(obs_std, dtype=torch.float64)

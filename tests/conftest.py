@@ -137,14 +137,19 @@ def hopper_perturbations(hopper_checkpoint):
     return str(Path(hopper_checkpoint).parent / "perturbations.npz")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (once this returns)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 (token authentication on, as Ray 2.60's default, with a token of the test's own in
     RAY_AUTH_TOKEN rather than in ~/.ray), as a Ray user's workstation or a cluster's head node runs one; stopped
     afterwards by its process group (never `ray stop`, which stops every Ray on the machine). -> (address, token)"""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     token = secrets.token_hex(16)
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     head = subprocess.Popen(

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 
 import study
 import study_report as sr
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 CONDS = ("normal", "random", "adversarial", "transfer")
 
@@ -511,26 +510,10 @@ def test_damaged_committed_tables_are_refused_too(tmp_path):
 
 def test_a_cluster_that_does_not_answer_is_one_line_within_seconds(tmp_path):
     """Ray itself retries an unreachable address for minutes, silently."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = probe.getsockname()[1]  # nothing listens once the probe is closed
-    started = time.time()
+    started, closed = time.time(), free_port()
+    cmd = ["--scale", "tiny", "--seeds", "1", "--ray-address", f"127.0.0.1:{closed}", "--results-dir", "results/t"]
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "study.py"),
-            "--scale",
-            "tiny",
-            "--seeds",
-            "1",
-            "--ray-address",
-            f"127.0.0.1:{closed}",
-        ]
-        + ["--results-dir", "results/t"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, str(ROOT / "study.py"), *cmd], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode != 0 and len(lines) == 1 and "nothing answers" in lines[0], proc.stderr
