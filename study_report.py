@@ -465,9 +465,15 @@ def claims_section(judged: list, confidence: float, alpha: float) -> list:
 
 # Descriptive statistics (rliable)
 def interval(scores: dict, func, reps: int, confidence: float) -> dict:
-    """rliable's stratified bootstrap: name -> (point estimates, lower bounds, upper bounds), reproducibly."""
+    """rliable's stratified bootstrap: name -> (point estimates, lower bounds, upper bounds), reproducibly. With one
+    run per array (a one-seed study) every resample is the data itself, so the interval is the point: computed
+    directly, as rliable's `reps` identical calls would give it (a test compares the two)."""
     from rliable import library as rly
 
+    arrays = [a for v in scores.values() for a in (v if isinstance(v, tuple | list) else [v])]
+    if all(len(a) == 1 for a in arrays):
+        points = {k: np.atleast_1d(func(*v) if isinstance(v, tuple | list) else func(v)) for k, v in scores.items()}
+        return {k: (p, p.copy(), p.copy()) for k, p in points.items()}
     saved = np.random.get_state()
     np.random.seed(0)  # rliable's stratified resampling draws from NumPy's global generator, not from random_state
     try:

@@ -127,7 +127,7 @@ def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp
     assert float(adv["mean_lo"]) == pytest.approx(lo, abs=0.4) and float(adv["mean_hi"]) == pytest.approx(hi, abs=0.4)
     from scipy.stats import trim_mean  # the IQM's CI the same way: the 25 %-trimmed mean of each resample
 
-    boot_iqm = np.array([trim_mean(sample, 0.25) for sample in (60 + x)[rng.integers(0, 8, size=(20000, 8))]])
+    boot_iqm = trim_mean((60 + x)[rng.integers(0, 8, size=(20000, 8))], 0.25, axis=1)
     lo, hi = np.percentile(boot_iqm, [2.5, 97.5])
     assert float(adv["iqm_lo"]) == pytest.approx(lo, abs=0.4) and float(adv["iqm_hi"]) == pytest.approx(hi, abs=0.4)
     off = rows[(sr.OFFLINE, "normal")]  # identical seeds: a zero-width interval
@@ -168,14 +168,16 @@ def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp
         sr.NORMAL_FT,
         sr.SCRATCH,
     }
+    # reproducible: the same inputs give the same files (at fewer resamples, which only the CIs above needed)
+    sr.main(sr.Args(results_dir=str(res), reps=200))
     first = {p.name: p.read_bytes() for p in res.iterdir() if p.suffix in (".md", ".csv")}
-    sr.main(sr.Args(results_dir=str(res), reps=2000))  # the same files, the same tables
+    sr.main(sr.Args(results_dir=str(res), reps=200))
     assert first == {p.name: p.read_bytes() for p in res.iterdir() if p.suffix in (".md", ".csv")}
     # the committed files alone rebuild the same report: the runs gone, the per-seed CSVs read instead
     import shutil
 
     shutil.rmtree(tmp_path / "runs")
-    sr.main(sr.Args(results_dir=str(res), reps=2000))
+    sr.main(sr.Args(results_dir=str(res), reps=200))
     again = {p.name: p.read_bytes() for p in res.iterdir() if p.suffix in (".md", ".csv")}
     assert again["paired.csv"] == first["paired.csv"] and again["scores.csv"] == first["scores.csv"]
     assert again["report.md"].replace(b"per-seed CSVs in this folder", b"runs") == first["report.md"]
@@ -193,6 +195,28 @@ def test_one_seed_judges_no_claim(tmp_path, capsys):
     assert len(claim_lines) == 4 and "not judged: 1 paired seed(s)" in printed
     for text in [printed] + claim_lines:  # no verdict word in what is printed or in any claim's line
         assert not any(w in text for w in ("supported", "contradicted", "inconclusive")), text
+
+
+def test_a_one_seed_interval_is_rliables_without_the_resampling(monkeypatch):
+    """One run per array: the report skips the bootstrap (every resample is the data) and gives what rliable gives."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    one = {"a": np.array([[0.4, 0.9]]), "b": np.array([[0.7]])}
+    pair = {"pair": (np.array([[0.2, 0.5]]), np.array([[0.3, 0.1]]))}
+    for scores, func in [(one, sr.iqm_and_mean), (pair, metrics.probability_of_improvement)]:
+        got = sr.interval(scores, func, 300, 0.9)
+        point, ci = rly.get_interval_estimates(scores, func, reps=300, confidence_interval_size=0.9)
+        for k in scores:
+            assert np.array_equal(got[k][0], np.atleast_1d(point[k]))
+            assert np.array_equal(got[k][1], np.atleast_1d(ci[k][0]))
+            assert np.array_equal(got[k][2], np.atleast_1d(ci[k][1]))
+    calls = []
+    counted = lambda x: calls.append(1) or sr.iqm_and_mean(x)  # noqa: E731
+    sr.interval(one, counted, 300, 0.9)
+    assert len(calls) == 2  # one call per array, not 300 resamples
+    sr.interval({"two runs": np.array([[0.4], [0.9]])}, counted, 300, 0.9)
+    assert len(calls) > 300  # two runs: the bootstrap proper
 
 
 def test_report_labels_a_partial_study_and_refuses_an_empty_one(tmp_path):
