@@ -3,6 +3,7 @@
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,8 +45,6 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str):
 
 def offline_run(folder: Path, checkpoint: str, perturbations=None) -> Path:
     """A run folder holding a copy of an offline checkpoint (and its perturbations.npz), as TD3+BC and DE leave one."""
-    import shutil
-
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(checkpoint, folder / "checkpoint.pt")
     if perturbations:
@@ -148,13 +147,17 @@ def free_port() -> int:
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 (token authentication on, as Ray 2.60's default, with a token of the test's own in
     RAY_AUTH_TOKEN rather than in ~/.ray), as a Ray user's workstation or a cluster's head node runs one; stopped
-    afterwards by its process group (never `ray stop`, which stops every Ray on the machine). -> (address, token)"""
+    afterwards by its process group (never `ray stop`, which stops every Ray on the machine). Its files, the
+    `ray_current_cluster` address file included, go to a temporary folder of its own, removed afterwards: in Ray's
+    default /tmp/ray that file would outlive the killed head and send a later address-less `ray.init()` on this
+    machine to a dead cluster. -> (address, token)"""
     port = free_port()
     token = secrets.token_hex(16)
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    temp_dir = tempfile.mkdtemp(prefix="ray-head-")  # short: Ray's socket paths must fit in 107 characters
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1"]
-        + ["--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+        + ["--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir],
         env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "OMP_NUM_THREADS": "1"},
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
@@ -176,3 +179,4 @@ def ray_head(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
         head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
