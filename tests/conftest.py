@@ -19,6 +19,15 @@ sys.path.insert(0, str(ROOT))
 # every test (and every subprocess it starts) writes datasets into a throwaway store, never ~/.minari
 os.environ["MINARI_DATASETS_PATH"] = tempfile.mkdtemp(prefix="minari-test-")
 os.environ.setdefault("WANDB_MODE", "offline")
+# under pytest-xdist (`-n auto`: one worker per core) each worker, and every process it starts, gets its share of the
+# cores: two workers with two torch threads each on two cores thrash
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // WORKERS))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # shifts the seeds of the session's trained fixtures (the datasets' behaviour policy, so the TD3+BC policy trained on
 # them, and the DE set): `O2O_FIXTURE_SEED=1 pytest tests` gives other fixture policies, as another CPU's float
 # rounding would; no test may depend on where their floats land
