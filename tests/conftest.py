@@ -1,6 +1,8 @@
 """Shared fixtures: a private Minari store for the whole session and small datasets made in it."""
 
 import contextlib
+import importlib
+import io
 import os
 import secrets
 import shutil
@@ -39,6 +41,30 @@ def run_script(script: str, *args: str, cwd=None, timeout: int = 300) -> subproc
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_cli(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    """A stage script's command line run in this process, as `python script` runs it (its `cli(main, Args)`), for the
+    checks where a subprocess adds only its start-up time: the exit code and what was printed, as run_script gives them.
+    An unexpected exception propagates (the test fails with its traceback, as the subprocess would print one)."""
+    from robust_o2o.cli import cli
+
+    module = importlib.import_module(Path(script).stem)
+    out, err, argv, here = io.StringIO(), io.StringIO(), sys.argv, os.getcwd()
+    code = 0
+    try:
+        sys.argv = [script, *args]
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli(module.main, module.Args)
+    except SystemExit as e:  # sys.exit("error: ...") prints its message to stderr and exits 1, as Python does
+        code = 1 if isinstance(e.code, str) else e.code or 0
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, offline_run, run_script
+from conftest import assert_one_line_error, offline_run, run_cli, run_script
 from robust_o2o import cli, formats
 from robust_o2o.files import save_npz
 
@@ -25,9 +25,13 @@ def tree(root) -> dict:
     return out
 
 
-def run_refused(tmp_path, script, args, *needles):
+def run_refused(tmp_path, script, args, *needles, command_line=False):
+    """The script refuses `args`: one error line, a non-zero exit, the tree unchanged. In-process, through the
+    scripts' own entry point, unless `command_line` (a subprocess, as a user runs it; once per script below)."""
     before = tree(tmp_path)
-    proc = run_script(script, *args, cwd=tmp_path, timeout=300)
+    proc = (
+        run_script(script, *args, cwd=tmp_path, timeout=300) if command_line else run_cli(script, *args, cwd=tmp_path)
+    )
     assert_one_line_error(proc, *needles)
     assert "Traceback" not in proc.stdout + proc.stderr
     assert tree(tmp_path) == before, f"{script} wrote or changed files before failing"
@@ -353,7 +357,7 @@ def test_an_out_of_range_number_is_refused_by_the_range_check(case):
 def test_an_out_of_range_number_stops_each_script_before_anything_runs(case, tmp_path):
     """The command-line path, once per script: one error line, a non-zero exit and an unchanged tree."""
     script, flag, *values = case
-    run_refused(tmp_path, script, [flag, *values], flag)
+    run_refused(tmp_path, script, [flag, *values], flag, command_line=True)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import collect_dataset as cd
-from conftest import ROOT, assert_one_line_error, assert_usage_error, run_script
+from conftest import ROOT, assert_one_line_error, assert_usage_error, run_cli, run_script
 
 
 def test_levels_load_back_with_shapes_and_episode_boundaries(hopper_datasets):
@@ -129,7 +129,7 @@ def test_cli_smoke_random_level(tmp_path):
     ],
 )
 def test_cli_bad_input_is_one_clear_line(tmp_path, argv, needle):
-    assert_one_line_error(run_script("collect_dataset.py", *argv, cwd=tmp_path, timeout=60), needle)
+    assert_one_line_error(run_cli("collect_dataset.py", *argv, cwd=tmp_path), needle)  # in-process: same entry point
 
 
 def test_an_unknown_level_is_refused_by_tyro_naming_the_choices(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, assert_usage_error, run_script
+from conftest import ROOT, assert_one_line_error, assert_usage_error, run_cli, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import fast_path as fp  # noqa: E402
@@ -136,25 +136,22 @@ def test_adam_flags_survive_loading_a_state_dict():
 
 
 def test_fast_path_flags_are_checked(tmp_path):
+    """In-process, through the scripts' entry point."""
     args = ["--dataset-id", "local/none/none-v0", "--total-steps", "1"]
     if not torch.cuda.is_available():
-        assert_one_line_error(
-            run_script("td3_bc_offline.py", *args, "--cudagraphs", cwd=tmp_path), "--cudagraphs", "CUDA"
-        )
+        assert_one_line_error(run_cli("td3_bc_offline.py", *args, "--cudagraphs", cwd=tmp_path), "--cudagraphs", "CUDA")
     assert_one_line_error(
-        run_script("td3_bc_offline.py", *args, "--compile", "--cudagraphs", cwd=tmp_path),
+        run_cli("td3_bc_offline.py", *args, "--compile", "--cudagraphs", cwd=tmp_path),
         "--compile",
         "--cudagraphs alone",
     )
     assert_one_line_error(
-        run_script("td3_adv_finetune.py", "--compile", "--cudagraphs", cwd=tmp_path), "--compile", "--cudagraphs alone"
+        run_cli("td3_adv_finetune.py", "--compile", "--cudagraphs", cwd=tmp_path), "--compile", "--cudagraphs alone"
     )
     assert_usage_error(
-        run_script("td3_bc_offline.py", *args, "--matmul-precision", "fp8", cwd=tmp_path), "--matmul-precision"
+        run_cli("td3_bc_offline.py", *args, "--matmul-precision", "fp8", cwd=tmp_path), "--matmul-precision"
     )
-    assert_usage_error(
-        run_script("td3_adv_finetune.py", "--matmul-precision", "fp8", cwd=tmp_path), "--matmul-precision"
-    )
+    assert_usage_error(run_cli("td3_adv_finetune.py", "--matmul-precision", "fp8", cwd=tmp_path), "--matmul-precision")
     assert not (tmp_path / "runs").exists()
 
 

@@ -11,7 +11,7 @@ import torch
 import de_perturbations as de
 import td3_adv_finetune as ft
 import td3_bc_offline as tb
-from conftest import assert_one_line_error, assert_usage_error, run_script
+from conftest import assert_one_line_error, assert_usage_error, run_cli, run_script
 from robust_o2o.formats import load_checkpoint
 
 
@@ -258,30 +258,34 @@ def test_cli_smoke(hopper_checkpoint, hopper_perturbations, tmp_path, extra):
 
 
 def test_cli_bad_input_is_one_clear_line(hopper_checkpoint, hopper_perturbations, tmp_path):
+    """One case from the command line (a subprocess); the rest in-process, through the same entry point."""
+    assert_one_line_error(
+        run_script("td3_adv_finetune.py", "--checkpoint", str(tmp_path / "x.pt"), cwd=tmp_path), "td3_bc_offline.py"
+    )
     base = ["--checkpoint", hopper_checkpoint]
     for argv, needle in [
         (["--q", "1.5"], "--q"),
+        (["--q-max", "2"], "--q-max"),
         (["--r-off", "-0.1"], "--r-off"),
         (["--beta", "0"], "--beta"),
         (["--beta", "1.2"], "--beta"),
         (["--eta", "-1"], "--eta"),
+        (["--total-steps", "-5"], "--total-steps"),
     ]:
-        assert_one_line_error(run_script("td3_adv_finetune.py", *base, *argv, cwd=tmp_path, timeout=60), needle)
+        assert_one_line_error(run_cli("td3_adv_finetune.py", *base, *argv, cwd=tmp_path), needle)
     for flag, value in (("--init", "warm"), ("--curriculum", "cosine"), ("--finetune-condition", "hostile")):
-        assert_usage_error(run_script("td3_adv_finetune.py", *base, flag, value, cwd=tmp_path, timeout=60), flag)
-    assert_one_line_error(
-        run_script("td3_adv_finetune.py", "--checkpoint", str(tmp_path / "x.pt"), cwd=tmp_path), "td3_bc_offline.py"
-    )
+        assert_usage_error(run_cli("td3_adv_finetune.py", *base, flag, value, cwd=tmp_path), flag)
     shutil.copy(hopper_checkpoint, tmp_path / "c.pt")
     assert_one_line_error(
-        run_script("td3_adv_finetune.py", "--checkpoint", str(tmp_path / "c.pt"), cwd=tmp_path), "de_perturbations.py"
+        run_cli("td3_adv_finetune.py", "--checkpoint", str(tmp_path / "c.pt"), cwd=tmp_path), "de_perturbations.py"
     )
     d = dict(np.load(hopper_perturbations))
-    d["perturbations"] = np.zeros((2, 5))
+    d["perturbations"] = np.zeros((2, 5))  # Hopper has 3 action dimensions
     np.savez(tmp_path / "bad.npz", **d)
     assert_one_line_error(
-        run_script("td3_adv_finetune.py", *base, "--perturbations", str(tmp_path / "bad.npz"), cwd=tmp_path),
+        run_cli("td3_adv_finetune.py", *base, "--perturbations", str(tmp_path / "bad.npz"), cwd=tmp_path),
         "action dimension",
+        "de_perturbations.py",
     )
     assert not (tmp_path / "runs").exists()
 

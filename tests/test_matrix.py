@@ -16,7 +16,7 @@ import de_perturbations as de
 import evaluate_matrix as em
 import td3_adv_finetune as ft
 import td3_bc_offline as tb
-from conftest import ROOT, assert_one_line_error, offline_run, run_script
+from conftest import ROOT, assert_one_line_error, offline_run, run_cli, run_script
 from robust_o2o.files import sha256_file
 
 
@@ -166,6 +166,7 @@ def test_attack_cache_is_reused_only_for_the_same_budget(matrix, policy_set, tmp
 
 
 def test_bad_input_is_one_clear_line(policy_set, tmp_path):
+    """One case from the command line (a subprocess); the rest in-process, through the same entry point."""
     assert_one_line_error(
         run_script("evaluate_matrix.py", "--checkpoints", str(tmp_path / "nothing"), cwd=tmp_path),
         "no checkpoints found",
@@ -176,13 +177,13 @@ def test_bad_input_is_one_clear_line(policy_set, tmp_path):
     ckpt["env_id"] = "Hopper-v4"  # the same widths and bounds, so it fits that env, but it is another env
     torch.save(ckpt, other / "checkpoint.pt")
     assert_one_line_error(
-        run_script("evaluate_matrix.py", "--checkpoints", str(policy_set / "runs"), str(other), cwd=tmp_path),
+        run_cli("evaluate_matrix.py", "--checkpoints", str(policy_set / "runs"), str(other), cwd=tmp_path),
         "--env-id",
     )
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     shutil.copy(policy_set / "runs" / "ft1" / "checkpoint.pt", lonely / "checkpoint.pt")
-    proc = run_script(
+    proc = run_cli(
         "evaluate_matrix.py",
         "--checkpoints",
         str(lonely),

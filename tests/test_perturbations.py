@@ -9,7 +9,7 @@ import torch
 
 import de_perturbations as de
 import td3_adv_finetune as ft
-from conftest import assert_one_line_error, assert_usage_error, run_script
+from conftest import assert_one_line_error, assert_usage_error, run_cli, run_script
 from robust_o2o.files import sha256_file
 
 LOW, HIGH = np.array([-1.0, -2.0, 0.0]), np.array([1.0, 2.0, 4.0])
@@ -248,7 +248,7 @@ def test_cli_writes_npz_with_schema_and_plot(hopper_checkpoint, tmp_path):
 )
 def test_cli_bad_input_is_one_clear_line(hopper_checkpoint, tmp_path, argv, needle):
     base = [] if argv[0] == "--checkpoint" else ["--checkpoint", hopper_checkpoint]
-    proc = run_script("de_perturbations.py", *base, *argv, "--output", str(tmp_path / "p.npz"), cwd=tmp_path)
+    proc = run_cli("de_perturbations.py", *base, *argv, "--output", str(tmp_path / "p.npz"), cwd=tmp_path)
     assert_one_line_error(proc, needle)
     assert not list(tmp_path.glob("*.npz*"))
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import collect_dataset as cd
 import td3_bc_offline as tb
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_cli, run_script
 from robust_o2o.formats import load_checkpoint
 
 
@@ -211,6 +211,8 @@ def test_cli_smoke(hopper_datasets, tmp_path):
 
 
 def test_cli_bad_input_is_one_clear_line(hopper_datasets, tmp_path):
+    """Two cases from the command line (subprocesses; the second within 20 s); the rest in-process, through the same
+    entry point."""
     assert_one_line_error(
         run_script("td3_bc_offline.py", "--dataset-id", "local/hopper/nothing-v0", cwd=tmp_path),
         "collect_dataset.py",
@@ -219,7 +221,7 @@ def test_cli_bad_input_is_one_clear_line(hopper_datasets, tmp_path):
     quick = run_script("td3_bc_offline.py", "--dataset-id", "local-quick/hopper/nothing-v0", cwd=tmp_path, timeout=20)
     assert_one_line_error(quick, "not in the local Minari store")  # never looked up online: fails at once
     assert_one_line_error(
-        run_script(
+        run_cli(
             "td3_bc_offline.py",
             "--dataset-id",
             hopper_datasets["medium"],
@@ -230,19 +232,17 @@ def test_cli_bad_input_is_one_clear_line(hopper_datasets, tmp_path):
         "does not match",
     )
     assert_one_line_error(
-        run_script(
+        run_cli(
             "td3_bc_offline.py", "--dataset-id", hopper_datasets["medium"], "--env-id", "NoSuchEnv-v0", cwd=tmp_path
         ),
         "unknown env id",
     )
     assert_one_line_error(
-        run_script("td3_bc_offline.py", "--dataset-id", hopper_datasets["medium"], "--total-steps", "-5", cwd=tmp_path),
+        run_cli("td3_bc_offline.py", "--dataset-id", hopper_datasets["medium"], "--total-steps", "-5", cwd=tmp_path),
         ">= 1",
     )
     cd.write_minari_dataset("test/hopper/empty-v0", [], "Hopper-v5", 0.0, 1.0, "empty", {}, overwrite=True)
-    assert_one_line_error(
-        run_script("td3_bc_offline.py", "--dataset-id", "test/hopper/empty-v0", cwd=tmp_path), "empty"
-    )
+    assert_one_line_error(run_cli("td3_bc_offline.py", "--dataset-id", "test/hopper/empty-v0", cwd=tmp_path), "empty")
     assert not (tmp_path / "runs").exists()  # refused runs leave no output folder
 
 
