@@ -38,7 +38,7 @@ SCALES = {
     "tiny": dict(
         namespace="local-tiny",
         collect="--levels medium --num-transitions 1000 --max-train-steps 1500 --learning-starts 500".split()
-        + "--eval-freq 500 --eval-episodes 2 --ref-episodes 3".split()
+        + "--batch-size 64 --eval-freq 500 --eval-episodes 2 --ref-episodes 3".split()
         + "--medium-target-return 50 --max-episode-steps 100".split(),
         pretrain="--total-steps 200 --eval-freq 100 --eval-episodes 2 --batch-size 64".split(),
         de="--num-perturbations 1 --popsize 4 --maxiter 2 --de-episodes 2 --eval-episodes 2 --random-draws 2".split(),
