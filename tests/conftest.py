@@ -36,6 +36,18 @@ if WORKERS > 1:
 FIXTURE_SEED = int(os.environ.get("O2O_FIXTURE_SEED", "0"))
 
 
+# the two tiny studies (a minute or more each, alone) start first: under xdist a worker takes them while the other
+# works through the rest, instead of one of them ending the run alone
+LONGEST_FIRST = (
+    "test_whole_pipeline_runs_at_tiny_scale",
+    "test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage",
+)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.originalname not in LONGEST_FIRST)  # stable: the rest keep their order
+
+
 def run_script(script: str, *args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a stage script's CLI in a subprocess; returns the completed process (never raises on exit code)."""
     return subprocess.run(
