@@ -3,7 +3,7 @@
 #   0 data -> 1 TD3+BC pretraining -> 2 DE perturbations -> 3 fine-tuning (adversarial + adaptive curriculum,
 #   normal, from scratch) -> 4 evaluation of every policy -> report (tables and plots in $RESULTS). One seed is a smoke
 #   test: the report shows the paired differences but judges no claim (a verdict needs at least 8 paired seeds).
-#   bash run_pipeline.sh                 # small embedded default: under 8 minutes on 2 CPU cores, no internet
+#   bash run_pipeline.sh                 # small embedded default: about 10 minutes on 2 CPU cores, no internet
 #   SCALE=medium bash run_pipeline.sh    # a D4RL-level medium dataset and longer budgets (hours)
 #   SCALE=paper bash run_pipeline.sh     # D4RL-size datasets, 5M pretraining updates, 1M fine-tuning steps
 #   SCALE=tiny bash run_pipeline.sh      # seconds per stage: checks that every stage runs (the test suite uses it)
