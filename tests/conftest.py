@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 # every test (and every subprocess it starts) writes datasets into a throwaway store, never ~/.minari
 os.environ["MINARI_DATASETS_PATH"] = tempfile.mkdtemp(prefix="minari-test-")
 os.environ.setdefault("WANDB_MODE", "offline")
-# under pytest-xdist (`-n auto`: one worker per core) each worker, and every process it starts, gets its share of the
+# under pytest-xdist (`-n logical`: one worker per core) each worker, and every process it starts, gets its share of the
 # cores: two workers with two torch threads each on two cores thrash
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:
