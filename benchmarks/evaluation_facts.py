@@ -14,6 +14,7 @@ import os
 import resource
 import sys
 from dataclasses import dataclass
+from unittest import mock
 
 import gymnasium as gym
 import minari
@@ -36,22 +37,14 @@ class Args:
     """local Minari dataset ids to measure disk per episode on"""
 
 
-def float32_lockstep(envs, actor, obs_mean, obs_std, deltas, seeds, model, perturb):
-    """The evaluator as it was: the actor in float32 on the rows still alive."""
-    low, high = envs[0].action_space.low, envs[0].action_space.high
-    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
-    returns, alive, steps = np.zeros(len(seeds)), np.ones(len(seeds), bool), 0
-    while alive.any():
-        idx = np.flatnonzero(alive)
+def float32_policy(actor, obs_mean, obs_std):
+    """The policy as the evaluators computed it before float64_policy: float32 throughout."""
+
+    def act(obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            actions = actor((torch.as_tensor(obs[idx], dtype=torch.float32) - obs_mean) / obs_std).numpy()
-        executed = perturb(actions, deltas[idx], low, high, model)
-        for j, i in enumerate(idx):
-            obs[i], reward, terminated, truncated, _ = envs[i].step(executed[j])
-            returns[i] += reward
-            alive[i] = not (terminated or truncated)
-        steps += len(idx)
-    return returns, steps
+            return actor((torch.as_tensor(obs, dtype=torch.float32) - obs_mean) / obs_std).numpy()
+
+    return act
 
 
 def batch_dependence(ckpt: dict, limit: int):
@@ -67,13 +60,13 @@ def main(args: Args):
     torch.set_num_threads(1)
     ckpt = de.load_checkpoint(args.checkpoint)
     for precision in ("float32", "float64"):
-        if precision == "float32":
-            evaluation.lockstep, kept = float32_lockstep, evaluation.lockstep
-        for limit in args.episode_steps:
-            worst, share = batch_dependence(ckpt, limit)
-            print(f"{precision}, {limit}-step episodes: largest relative difference {worst:.3g}, {share:.0%} differ")
-        if precision == "float32":
-            evaluation.lockstep = kept
+        policy = float32_policy if precision == "float32" else evaluation.float64_policy
+        with mock.patch.object(evaluation, "float64_policy", policy):  # the evaluator itself, its policy swapped
+            for limit in args.episode_steps:
+                worst, share = batch_dependence(ckpt, limit)
+                print(
+                    f"{precision}, {limit}-step episodes: largest relative difference {worst:.3g}, {share:.0%} differ"
+                )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     envs = [gym.make("Hopper-v5") for _ in range(500)]
     print(f"{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / len(envs):.0f} KiB of peak RSS per env")
