@@ -18,6 +18,7 @@ import ctypes
 import json
 import os
 import platform
+import resource
 import signal
 import socket
 import subprocess
@@ -315,17 +316,47 @@ class StageKilled(Exception):
     """The stage's process died by a signal (out of memory, a killed node): Ray retries the task, which resumes."""
 
 
-def run_stage(cmd: list, resume_file: str | None, fresh: list, cwd: str, env: dict, log_path: str) -> dict:
-    """Run one stage command to completion: --resume where it left resume state, else its fresh-start flags."""
+HEARTBEAT_S = 30.0  # how often a running stage's time so far is saved: a killed attempt loses at most this much
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a live process and of the children it has reaped (Linux /proc), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name: field 3 (state) onwards
+    except OSError:
+        return None
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime, stime, cutime, cstime
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def attempts_path(log_path: str) -> str:
+    return os.path.splitext(log_path)[0] + ".attempts.json"
+
+
+def run_stage(
+    cmd: list, resume_file: str | None, fresh: list, cwd: str, env: dict, log_path: str, heartbeat_s=HEARTBEAT_S
+) -> dict:
+    """Run one stage command to completion: --resume where it left resume state, else its fresh-start flags.
+
+    Every attempt's wall and CPU time is kept in {log}.attempts.json, saved every heartbeat_s while it runs, so an
+    attempt killed with its session (its resume state continues it later) still counts in what the stage cost."""
     flags = ["--resume"] if resume_file and os.path.exists(os.path.join(cwd, resume_file)) else fresh
     if cmd[1].endswith("collect_dataset.py") and flags == ["--resume"]:
         flags = ["--resume", "--overwrite"]
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    t0 = time.time()
+    attempts = read_json(attempts_path(log_path), default=[])
+    attempt = {"started": time.time(), "flags": flags, "wall_s": 0.0, "cpu_s": 0.0}
+    attempts.append(attempt)
+    cpu_before = children_cpu_seconds()
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(cmd + flags)}\n")
         log.flush()
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             cmd + flags,
             cwd=cwd,
             env={**os.environ, **env},
@@ -334,6 +365,17 @@ def run_stage(cmd: list, resume_file: str | None, fresh: list, cwd: str, env: di
             stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )
+        while True:
+            try:
+                proc.wait(timeout=heartbeat_s)
+                break
+            except subprocess.TimeoutExpired:
+                attempt["wall_s"] = time.time() - attempt["started"]
+                attempt["cpu_s"] = cpu_seconds(proc.pid) or attempt["cpu_s"]
+                write_json_atomic(attempts_path(log_path), attempts)
+    attempt["wall_s"] = time.time() - attempt["started"]
+    attempt["cpu_s"] = children_cpu_seconds() - cpu_before
+    write_json_atomic(attempts_path(log_path), attempts)
     if proc.returncode < 0:
         raise StageKilled(f"{' '.join(cmd)} was killed by signal {-proc.returncode}")
     with open(log_path, errors="replace") as f:
@@ -341,10 +383,19 @@ def run_stage(cmd: list, resume_file: str | None, fresh: list, cwd: str, env: di
     error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "no output")
     return {
         "returncode": proc.returncode,
-        "wall_s": time.time() - t0,
+        "wall_s": sum(a["wall_s"] for a in attempts),
+        "cpu_s": sum(a["cpu_s"] for a in attempts),
+        "attempts": attempts,
         "flags": flags,
         "error": None if proc.returncode == 0 else error,
     }
+
+
+def read_json(path: str, default):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
 
 
 # The driver
@@ -442,6 +493,7 @@ def export_chain(results_dir: str, env_id: str, seed: int, stages: list, cwd: st
             "seed": seed,
             **provenance(),
             "wall_s": sum(m["wall_s"] for m in markers),
+            "cpu_s": sum(m["cpu_s"] for m in markers) if all("cpu_s" in m for m in markers) else None,
             "stages": len(markers),
             "started": min(m["started"] for m in markers),
             "finished": max(m["finished"] for m in markers),
@@ -551,8 +603,9 @@ def main(args: Args) -> int:
     done = set() if args.overwrite else {s.id for s in stages if is_done(s, cmds[s.id])}
     if args.overwrite:
         for s in stages:
-            if os.path.exists(marker_path(s)):
-                os.remove(marker_path(s))
+            for path in (marker_path(s), attempts_path(log_path(s))):
+                if os.path.exists(path):
+                    os.remove(path)
     write_json_atomic(os.path.join(results_dir, "study.json"), manifest)  # first: a partial study can be reported
 
     env = {
@@ -619,14 +672,15 @@ def main(args: Args) -> int:
                     {
                         "argv": cmds[s.id][1:],
                         "flags": res["flags"],
-                        "wall_s": res["wall_s"],
-                        "started": t0,
+                        "wall_s": res["wall_s"],  # all attempts, with those killed earlier
+                        "cpu_s": res["cpu_s"],
+                        "attempts": res["attempts"],
+                        "started": res["attempts"][0]["started"],
                         "finished": time.time(),
                     },
                 )
-                tqdm.write(
-                    f"done    {s.id}  ({res['wall_s']:.1f} s{', resumed' if '--resume' in res['flags'] else ''})"
-                )
+                attempts = len(res["attempts"])
+                tqdm.write(f"done    {s.id}  ({res['wall_s']:.1f} s{f', {attempts} attempts' if attempts > 1 else ''})")
                 if s.kind == "evaluate" and all(c.id in done for c in chain_stages(stages, s.env_id, s.seed)):
                     export_chain(results_dir, s.env_id, s.seed, stages, cwd)
                     tqdm.write(f"chain   {s.env_id} seed {s.seed} finished: its rows are in {results_dir}/chains/")

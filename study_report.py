@@ -561,24 +561,74 @@ def steps_to_reach(run: list, threshold: float) -> int | None:
     return next((r["step"] for r in run if r["step"] > 0 and r["normal_return"] >= threshold), None)
 
 
+STAGE_KINDS = ("dataset", "pretrain", "attack", "finetune", "evaluate")
+
+
 def stage_costs(manifest: dict, root: str, results_dir: str) -> list:
-    """Wall time of each finished stage kind: from the study's markers (runs/_study/{namespace}/*.json) when they are
-    here, else from the stage_costs.csv an earlier report wrote. -> [(kind, runs, mean, min, max, total) in seconds]"""
+    """What each kind of stage cost, from the study's markers (runs/_study/{namespace}/*.json) when they are here,
+    else from the stage_costs.csv an earlier report wrote. -> one dict per kind, times in seconds.
+
+    A marker times every attempt of its stage (study.py keeps them, with those killed when a session ended). Markers
+    written before attempts were timed hold the last attempt only; such a stage that ran in more than one attempt
+    (more than one command line in its log) is counted as "untimed", and the estimate replaces its time by the mean
+    of the stages of its kind whose time is complete (where none is, its last attempt stays)."""
     by = defaultdict(list)
-    for path in glob.glob(os.path.join(root, "runs", "_study", manifest.get("namespace", ""), "*.json")):
-        by[os.path.basename(path).split("__")[0]].append(read_json(path)["wall_s"])
-    if by:
-        return [
-            (k, len(by[k]), float(np.mean(by[k])), float(np.min(by[k])), float(np.max(by[k])), float(np.sum(by[k])))
-            for k in ("dataset", "pretrain", "attack", "finetune", "evaluate")
-            if by[k]
-        ]
-    path = os.path.join(results_dir, "stage_costs.csv")
+    folder = os.path.join(root, "runs", "_study", manifest.get("namespace", ""))
+    for path in glob.glob(os.path.join(folder, "*.json")):
+        marker = read_json(path)
+        if "attempts" in marker:
+            attempts, timed = len(marker["attempts"]), True
+        else:
+            log = os.path.join(folder, "logs", os.path.basename(path)[: -len(".json")] + ".log")
+            attempts, timed = 1, False
+            if os.path.exists(log):
+                with open(log, errors="replace") as f:
+                    attempts = max(1, sum(line.startswith("$ ") for line in f))
+        by[os.path.basename(path).split("__")[0]].append((marker["wall_s"], marker.get("cpu_s"), attempts, timed))
+    if not by:
+        return read_stage_costs(os.path.join(results_dir, "stage_costs.csv"))
+    costs = []
+    for kind in (k for k in STAGE_KINDS if by[k]):
+        wall = np.array([w for w, _, _, _ in by[kind]])
+        cpu = [c for _, c, _, _ in by[kind]]
+        untimed = np.array([n > 1 and not timed for _, _, n, timed in by[kind]])
+        complete = wall[~untimed]
+        estimate = complete.sum() + untimed.sum() * complete.mean() if len(complete) else wall.sum()
+        costs.append(
+            {
+                "stage": kind,
+                "runs": len(wall),
+                "mean_s": float(wall.mean()),
+                "min_s": float(wall.min()),
+                "max_s": float(wall.max()),
+                "total_s": float(wall.sum()),
+                "cpu_s": float(sum(cpu)) if None not in cpu else None,
+                "resumed": sum(n > 1 for _, _, n, _ in by[kind]),
+                "untimed": int(untimed.sum()),
+                "estimate_s": float(estimate),
+            }
+        )
+    return costs
+
+
+def read_stage_costs(path: str) -> list:
+    """stage_costs.csv as a report wrote it (one written before attempts were timed has only the wall times)."""
     if not os.path.isfile(path):
         return []
+
+    def value(row: dict, key: str) -> float | None:
+        return float(row[key]) if row.get(key) else None
+
     with open(path) as f:
         return [
-            (r["stage"], int(r["runs"]), float(r["mean_s"]), float(r["min_s"]), float(r["max_s"]), float(r["total_s"]))
+            {
+                "stage": r["stage"],
+                "runs": int(r["runs"]),
+                **{k: value(r, k) for k in ("mean_s", "min_s", "max_s", "total_s", "cpu_s")},
+                "resumed": int(r.get("resumed") or 0),
+                "untimed": int(r.get("untimed") or 0),
+                "estimate_s": value(r, "estimate_s" if "estimate_s" in r else "total_s"),
+            }
             for r in csv.DictReader(f)
         ]
 
@@ -871,54 +921,69 @@ def efficiency_section(curves, policies, reps, confidence) -> list:
     ]
 
 
+def hours(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds / 3600:.2f} h"
+
+
 def costs_section(costs: list) -> list:
     if not costs:
         return []
-    return (
-        [
-            "## What the stages cost",
+    out = [
+        "## What the stages cost",
+        "",
+        "Time of each finished stage over all its attempts (a stage interrupted by a session's end continues from "
+        "its resume state), from the study's markers (`runs/_study/`); each stage ran on one core with one torch "
+        "thread, beside other stages and other work on the same machine, so its wall time exceeds its CPU time.",
+        "",
+        "| stage | runs | mean wall | min | max | wall, all runs | CPU, all runs | run in several attempts |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {c['stage']} | {c['runs']} | {c['mean_s'] / 60:.1f} min | {c['min_s'] / 60:.1f} min | "
+        f"{c['max_s'] / 60:.1f} min | {hours(c['total_s'])} | {hours(c['cpu_s'])} | {c['resumed']} |"
+        for c in costs
+    ]
+    cpu = [c["cpu_s"] for c in costs]
+    total = f"All stages together: {sum(c['total_s'] for c in costs) / 3600:.2f} core-hours of wall time"
+    out += ["", total + (f", {sum(cpu) / 3600:.2f} CPU-hours." if None not in cpu else ".")]
+    untimed = sum(c["untimed"] for c in costs)
+    if untimed:
+        out += [
             "",
-            "Wall time of each finished stage, from the study's markers (`runs/_study/`); each stage ran on one core "
-            "with "
-            "one torch thread, beside other stages on the same machine.",
-            "",
-            "| stage | runs | mean | min | max | total |",
-            "|---|---|---|---|---|---|",
+            f"{untimed} stage(s) ran in several attempts under a study.py that timed only the last attempt, so the "
+            f"totals above leave out their earlier attempts. Counting each of them at the mean of the stages of its "
+            f"kind whose time is complete, the stages cost about {sum(c['estimate_s'] for c in costs) / 3600:.2f} "
+            "core-hours of wall time.",
         ]
-        + [
-            f"| {k} | {n} | {m / 60:.1f} min | {lo / 60:.1f} min | {hi / 60:.1f} min | {tot / 3600:.2f} h |"
-            for k, n, m, lo, hi, tot in costs
-        ]
-        + ["", f"All stages together: {sum(c[5] for c in costs) / 3600:.2f} core-hours.", ""]
-    )
+    return out + [""]
 
 
 def chains_section(results_dir: str) -> list:
-    """Which commit, machine and wall time produced each (env, seed) chain (chains/*.json, written by study.py)."""
+    """Which commit, machine and time produced each (env, seed) chain (chains/*.json, written by study.py)."""
     chains = [read_json(p) for p in sorted(glob.glob(os.path.join(results_dir, "chains", "*.json")))]
     if not chains:
         return []
-    return (
-        [
-            "## The chains: what produced each",
-            "",
-            "| env | seed | commit | machine | stages | wall time of its stages | finished (UTC) |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        + [
-            f"| {c['env_id']} | {c['seed']} | "
-            f"`{c['commit'][:12]}{'+dirty' if c['commit'].endswith('+dirty') else ''}` | "
-            f"{c['machine']} | {c['stages']} | {c['wall_s'] / 3600:.2f} h | "
-            f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(c['finished']))} |"
-            for c in chains
-        ]
-        + [
-            "",
-            f"{len(chains)} chains, {sum(c['wall_s'] for c in chains) / 3600:.2f} core-hours of stages in all "
-            "(each stage on one core).",
-            "",
-        ]
-    )
+    timed = all(c.get("cpu_s") is not None for c in chains)  # chains/*.json from a study.py that timed attempts
+    out = [
+        "## The chains: what produced each",
+        "",
+        "| env | seed | commit | machine | stages | wall time of its stages | CPU time | finished (UTC) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {c['env_id']} | {c['seed']} | "
+        f"`{c['commit'][:12]}{'+dirty' if c['commit'].endswith('+dirty') else ''}` | "
+        f"{c['machine']} | {c['stages']} | {hours(c['wall_s'])} | "
+        f"{hours(c.get('cpu_s'))} | "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(c['finished']))} |"
+        for c in chains
+    ]
+    total = f"{len(chains)} chains, {sum(c['wall_s'] for c in chains) / 3600:.2f} core-hours of stages in all"
+    if timed:
+        total += f" ({sum(c['cpu_s'] for c in chains) / 3600:.2f} CPU-hours)"
+    else:
+        total += " (their last attempts only where a stage ran in several: see the section above)"
+    return out + ["", total + ", each stage on one core.", ""]
 
 
 def attack_budgets(rows: list, manifest: dict) -> str:
@@ -1049,15 +1114,7 @@ def main(args: Args):
         write("evaluations.csv", evaluations)
         write("curves.csv", curve_table)
         if costs:
-            write(
-                "stage_costs.csv",
-                to_csv(
-                    [
-                        {"stage": k, "runs": n, "mean_s": m, "min_s": lo, "max_s": hi, "total_s": t}
-                        for k, n, m, lo, hi, t in costs
-                    ]
-                ),
-            )
+            write("stage_costs.csv", to_csv(costs))
     if poi_rows:
         write("poi.csv", to_csv(poi_rows))
     write("report.md", "\n".join(out) + "\n")

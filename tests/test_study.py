@@ -143,7 +143,7 @@ def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp
     )
     report = (res / "report.md").read_text()
     assert "Status: complete" in report
-    assert "| finetune | 2 | 3.0 min | 2.0 min | 4.0 min | 0.10 h |" in report and "0.10 core-hours" in report
+    assert "| finetune | 2 | 3.0 min | 2.0 min | 4.0 min | 0.10 h | – | 0 |" in report and "0.10 core-hours" in report
     assert "1. Adversarial fine-tuning is more robust than offline-only" in report
     assert "Holm-adjusted p = 0.016: **supported**" in report  # claims 1 and 2: 2 × 2/256
     verdicts = [ln.rsplit("**", 2)[-2] for ln in report.splitlines() if ln[:2] in ("1.", "2.") and "**" in ln]
@@ -363,7 +363,8 @@ def test_tiny_study_on_ray_survives_a_killed_driver_and_isolates_a_failing_stage
         "Hopper-v5__seed1__evaluations.csv",
     ]
     meta = json.loads((chains / "Hopper-v5__seed1.json").read_text())
-    assert meta["stages"] == 7 and meta["wall_s"] > 0 and len(meta["commit"]) >= 40 and "cores" in meta["machine"]
+    assert meta["stages"] == 7 and meta["wall_s"] > 0 and meta["cpu_s"] > 0 and len(meta["commit"]) >= 40
+    assert "cores" in meta["machine"]
     assert len(list(csv.DictReader(open(chains / "Hopper-v5__seed1__evaluations.csv")))) == 3 * 4
     assert "| Hopper-v5 | 1 |" in report and "## The chains: what produced each" in report
 
@@ -382,6 +383,61 @@ def test_run_stage_resumes_where_state_is_left_reports_the_error_line_and_flags_
     killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
     with pytest.raises(study.StageKilled):  # Ray retries the task on this exception; the retry resumes
         study.run_stage(killed, None, [], str(tmp_path), {}, log)
+
+
+def test_an_attempt_killed_with_its_driver_still_counts_in_the_stage_cost(tmp_path):
+    log = str(tmp_path / "logs" / "s.log")
+    burn = [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 3: pass"]
+    driver = (  # a study driver (here: one run_stage call) that a session's end kills mid-stage
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import study; "
+        f"study.run_stage({burn!r}, None, [], {str(tmp_path)!r}, {{}}, {log!r}, heartbeat_s=0.2)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", driver])
+    attempts = Path(study.attempts_path(log))
+    deadline = time.time() + 60
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not (attempts.exists() and json.loads(attempts.read_text())[-1]["cpu_s"] >= 1.0)
+    ):
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    first = json.loads(attempts.read_text())
+    assert len(first) == 1 and 1.0 <= first[0]["cpu_s"] <= first[0]["wall_s"] + 0.5 < 60
+    quick = [sys.executable, "-c", "print('done')"]
+    res = study.run_stage(quick, None, [], str(tmp_path), {}, log, heartbeat_s=0.2)  # the next session's attempt
+    assert res["returncode"] == 0 and len(res["attempts"]) == 2 and res["attempts"][0] == first[0]
+    assert res["wall_s"] == pytest.approx(first[0]["wall_s"] + res["attempts"][1]["wall_s"])
+    assert res["cpu_s"] == pytest.approx(first[0]["cpu_s"] + res["attempts"][1]["cpu_s"])
+    assert 0 < res["attempts"][1]["cpu_s"] < 1.0  # the quick command's own CPU time, read back when it exits
+
+
+def test_stage_costs_count_every_attempt_and_estimate_the_ones_an_older_driver_did_not_time(tmp_path):
+    folder = tmp_path / "runs" / "_study" / "ns"
+    (folder / "logs").mkdir(parents=True)
+    attempts = [{"started": 0.0, "flags": [], "wall_s": 100.0, "cpu_s": 90.0}, {"wall_s": 200.0, "cpu_s": 150.0}]
+    markers = {  # two markers from before attempts were timed (one of them ran twice) and one that times its two
+        "finetune__Hopper-v5__1": {"argv": [], "wall_s": 600.0},
+        "finetune__Hopper-v5__2": {"argv": [], "wall_s": 60.0},
+        "finetune__Hopper-v5__3": {"argv": [], "wall_s": 300.0, "cpu_s": 240.0, "attempts": attempts},
+    }
+    for name, marker in markers.items():
+        (folder / f"{name}.json").write_text(json.dumps(marker))
+    (folder / "logs" / "finetune__Hopper-v5__2.log").write_text("\n$ python td3.py\n...\n$ python td3.py --resume\n")
+    (folder / "logs" / "finetune__Hopper-v5__1.log").write_text("\n$ python td3.py\n10%|█ | 1/10 [00:01<$ \n")
+    (cost,) = sr.stage_costs({"namespace": "ns"}, str(tmp_path), str(tmp_path))
+    assert (cost["runs"], cost["total_s"], cost["resumed"], cost["untimed"]) == (3, 960.0, 2, 1)
+    assert cost["cpu_s"] is None  # not every marker has it
+    assert cost["estimate_s"] == 600.0 + 300.0 + (600.0 + 300.0) / 2  # stage 2 at the mean of the complete ones
+    text = "\n".join(sr.costs_section([cost]))
+    assert "| finetune | 3 | 5.3 min | 1.0 min | 10.0 min | 0.27 h | – | 2 |" in text
+    assert "1 stage(s) ran in several attempts" in text and "about 0.38 core-hours" in text
+    (tmp_path / "stage_costs.csv").write_text(sr.to_csv([cost]))  # the committed copy reads back the same
+    assert sr.stage_costs({"namespace": "elsewhere"}, str(tmp_path), str(tmp_path)) == [cost]
+    (tmp_path / "stage_costs.csv").write_text("stage,runs,mean_s,min_s,max_s,total_s\nattack,1,5,5,5,5\n")
+    (old,) = sr.stage_costs({"namespace": "elsewhere"}, str(tmp_path), str(tmp_path))  # written by an older report
+    assert (old["total_s"], old["cpu_s"], old["untimed"], old["estimate_s"]) == (5.0, None, 0, 5.0)
 
 
 def test_a_medium_dataset_below_its_target_is_refused_and_one_above_it_is_taken(tmp_path):
