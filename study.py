@@ -349,7 +349,10 @@ def run_stage(
     if cmd[1].endswith("collect_dataset.py") and flags == ["--resume"]:
         flags = ["--resume", "--overwrite"]
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    attempts = read_json(attempts_path(log_path), default=[])
+    attempts = []  # this stage's earlier attempts, killed with their sessions
+    if os.path.exists(attempts_path(log_path)):
+        with open(attempts_path(log_path)) as f:
+            attempts = json.load(f)
     attempt = {"started": time.time(), "flags": flags, "wall_s": 0.0, "cpu_s": 0.0}
     attempts.append(attempt)
     cpu_before = children_cpu_seconds()
@@ -389,13 +392,6 @@ def run_stage(
         "flags": flags,
         "error": None if proc.returncode == 0 else error,
     }
-
-
-def read_json(path: str, default):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
 
 
 # The driver
