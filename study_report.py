@@ -574,7 +574,10 @@ def stage_costs(manifest: dict, root: str, results_dir: str) -> list:
     of the stages of its kind whose time is complete (where none is, its last attempt stays)."""
     by = defaultdict(list)
     folder = os.path.join(root, "runs", "_study", manifest.get("namespace", ""))
+    ours = manifest.get("commands")  # the namespace's markers are shared with every study on the same dataset
     for path in glob.glob(os.path.join(folder, "*.json")):
+        if ours and os.path.basename(path)[: -len(".json")].replace("__", ":") not in ours:
+            continue  # another study's stage (e.g. an extension's seeds, run beside this one)
         marker = read_json(path)
         if "attempts" in marker:
             attempts, timed = len(marker["attempts"]), True
@@ -960,7 +963,8 @@ def costs_section(costs: list) -> list:
 
 def chains_section(results_dir: str) -> list:
     """Which commit, machine and time produced each (env, seed) chain (chains/*.json, written by study.py)."""
-    chains = [read_json(p) for p in sorted(glob.glob(os.path.join(results_dir, "chains", "*.json")))]
+    chains = [read_json(p) for p in glob.glob(os.path.join(results_dir, "chains", "*.json"))]
+    chains.sort(key=lambda c: (c["env_id"], c["seed"]))  # seed 10 after seed 9, not after seed 1
     if not chains:
         return []
     timed = all(c.get("cpu_s") is not None for c in chains)  # chains/*.json from a study.py that timed attempts
@@ -1052,7 +1056,7 @@ def main(args: Args):
         ),
         f"Read from the {'runs' if source == 'runs' else 'per-seed CSVs in this folder'}. Scores are normalized "
         f"(0 = uniform random policy, 100 = expert reference). Reproduce with `python study_report.py --results-dir "
-        f"{args.results_dir}`.",
+        f"{args.results_dir}{f' --alpha {args.alpha:g}' if args.alpha != ALPHA else ''}`.",
         "",
     ]
     out += claims_section(judged, C, args.alpha)

@@ -227,13 +227,30 @@ def test_report_labels_a_partial_study_and_refuses_an_empty_one(tmp_path):
     res = fake_study(tmp_path, scores, seeds=(1, 2))
     os.remove(tmp_path / "runs" / f"{sr.ADAPTIVE.replace(' ', '_')}_2" / "matrix.csv")
     sr.main(sr.Args(results_dir=str(res), reps=200))
-    assert "PARTIAL: 3 of 4 policies evaluated" in (res / "report.md").read_text()
+    report = (res / "report.md").read_text()
+    assert "PARTIAL: 3 of 4 policies evaluated" in report
+    assert f"Reproduce with `python study_report.py --results-dir {res}`." in report
+    sr.main(sr.Args(results_dir=str(res), reps=200, alpha=0.0294))  # a second look's α is part of the command
+    assert (
+        f"Reproduce with `python study_report.py --results-dir {res} --alpha 0.0294`."
+        in (res / "report.md").read_text()
+    )
     proc = subprocess.run(
         [sys.executable, str(ROOT / "study_report.py"), "--results-dir", str(tmp_path / "nothing")],
         capture_output=True,
         text=True,
     )
     assert proc.returncode != 0 and proc.stderr.strip().startswith("error:") and "study.py" in proc.stderr
+
+
+def test_the_chains_table_lists_seeds_in_numeric_order(tmp_path):
+    (tmp_path / "chains").mkdir()
+    for seed in (10, 2, 1):
+        chain = {"env_id": "Hopper-v5", "seed": seed, "commit": "a" * 40, "machine": "vm (2 cores)", "stages": 15}
+        chain |= {"wall_s": 3600.0, "cpu_s": 3000.0, "finished": 1.8e9}
+        (tmp_path / "chains" / f"Hopper-v5__seed{seed}.json").write_text(json.dumps(chain))
+    rows = [line for line in sr.chains_section(str(tmp_path)) if line.startswith("| Hopper-v5 |")]
+    assert [int(row.split("|")[2]) for row in rows] == [1, 2, 10]
 
 
 def test_the_grid_expands_to_the_paper_conditions_in_dag_order(tmp_path):
@@ -426,7 +443,9 @@ def test_stage_costs_count_every_attempt_and_estimate_the_ones_an_older_driver_d
         (folder / f"{name}.json").write_text(json.dumps(marker))
     (folder / "logs" / "finetune__Hopper-v5__2.log").write_text("\n$ python td3.py\n...\n$ python td3.py --resume\n")
     (folder / "logs" / "finetune__Hopper-v5__1.log").write_text("\n$ python td3.py\n10%|█ | 1/10 [00:01<$ \n")
-    (cost,) = sr.stage_costs({"namespace": "ns"}, str(tmp_path), str(tmp_path))
+    (folder / "finetune__Hopper-v5__11.json").write_text(json.dumps({"argv": [], "wall_s": 5000.0}))
+    ours = {"namespace": "ns", "commands": {f"finetune:Hopper-v5:{seed}": [] for seed in (1, 2, 3)}}
+    (cost,) = sr.stage_costs(ours, str(tmp_path), str(tmp_path))  # seed 11's stage belongs to another study
     assert (cost["runs"], cost["total_s"], cost["resumed"], cost["untimed"]) == (3, 960.0, 2, 1)
     assert cost["cpu_s"] is None  # not every marker has it
     assert cost["estimate_s"] == 600.0 + 300.0 + (600.0 + 300.0) / 2  # stage 2 at the mean of the complete ones
