@@ -23,7 +23,7 @@ import os
 import sys
 import time
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -579,6 +579,8 @@ def stage_costs(manifest: dict, root: str, results_dir: str) -> list:
         if ours and os.path.basename(path)[: -len(".json")].replace("__", ":") not in ours:
             continue  # another study's stage (e.g. an extension's seeds, run beside this one)
         marker = read_json(path)
+        if "ran_on" in marker:
+            continue  # run on a lent machine (benchmarks/device_chains.py): not this machine's core-hours
         if "attempts" in marker:
             attempts, timed = len(marker["attempts"]), True
         else:
@@ -612,6 +614,33 @@ def stage_costs(manifest: dict, root: str, results_dir: str) -> list:
             }
         )
     return costs
+
+
+def stages_elsewhere(manifest: dict, root: str, results_dir: str) -> list:
+    """The study's stages that ran on another machine (benchmarks/device_chains.py adopts them with a marker that
+    says where), from the markers when they are here, else from the stages_elsewhere.csv an earlier report wrote.
+    -> one dict per stage: stage, env_id, seed, ran_on, wall_s."""
+    folder = os.path.join(root, "runs", "_study", manifest.get("namespace", ""))
+    ours = manifest.get("commands") or {}
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        stage = os.path.basename(path)[: -len(".json")].replace("__", ":")
+        marker = read_json(path) if stage in ours else {}
+        if "ran_on" in marker:
+            parts = stage.split(":")[1:] if stage.startswith("evaluate:") else stage.split(":")
+            out.append(
+                {
+                    "stage": stage,
+                    "env_id": parts[1],
+                    "seed": int(parts[2]),
+                    "ran_on": marker["ran_on"],
+                    "wall_s": marker["wall_s"],
+                }
+            )
+    if out or not os.path.isfile(os.path.join(results_dir, "stages_elsewhere.csv")):
+        return out
+    with open(os.path.join(results_dir, "stages_elsewhere.csv")) as f:
+        return [{**r, "seed": int(r["seed"]), "wall_s": float(r["wall_s"])} for r in csv.DictReader(f)]
 
 
 def read_stage_costs(path: str) -> list:
@@ -928,8 +957,8 @@ def hours(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds / 3600:.2f} h"
 
 
-def costs_section(costs: list) -> list:
-    if not costs:
+def costs_section(costs: list, elsewhere: list = ()) -> list:
+    if not costs and not elsewhere:
         return []
     out = [
         "## What the stages cost",
@@ -958,11 +987,23 @@ def costs_section(costs: list) -> list:
             f"kind whose time is complete, the stages cost about {sum(c['estimate_s'] for c in costs) / 3600:.2f} "
             "core-hours of wall time.",
         ]
+    for machine in sorted({e["ran_on"] for e in elsewhere}):
+        mine = [e for e in elsewhere if e["ran_on"] == machine]
+        kinds = Counter(e["stage"].split(":")[0] for e in mine)
+        out += [
+            "",
+            f"Not in the table: {len(mine)} stage(s) ran on {machine} (benchmarks/device_chains.py; training stages "
+            f"with `--cuda --cudagraphs`, DE and evaluations with more workers, each argv otherwise the study's), "
+            f"{sum(e['wall_s'] for e in mine) / 60:.1f} min of stage wall time there in all: "
+            + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+            + ". The argv each ran with is in its marker (`argv_ran`).",
+        ]
     return out + [""]
 
 
-def chains_section(results_dir: str) -> list:
-    """Which commit, machine and time produced each (env, seed) chain (chains/*.json, written by study.py)."""
+def chains_section(results_dir: str, elsewhere: list = ()) -> list:
+    """Which commit, machine and time produced each (env, seed) chain (chains/*.json, written by study.py; its machine
+    is the driver's, so the stages that ran on another machine are named beside it)."""
     chains = [read_json(p) for p in glob.glob(os.path.join(results_dir, "chains", "*.json"))]
     chains.sort(key=lambda c: (c["env_id"], c["seed"]))  # seed 10 after seed 9, not after seed 1
     if not chains:
@@ -977,17 +1018,25 @@ def chains_section(results_dir: str) -> list:
     out += [
         f"| {c['env_id']} | {c['seed']} | "
         f"`{c['commit'][:12]}{'+dirty' if c['commit'].endswith('+dirty') else ''}` | "
-        f"{c['machine']} | {c['stages']} | {hours(c['wall_s'])} | "
+        f"{c['machine']}{elsewhere_note(c, elsewhere)} | {c['stages']} | {hours(c['wall_s'])} | "
         f"{hours(c.get('cpu_s'))} | "
         f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(c['finished']))} |"
         for c in chains
     ]
     total = f"{len(chains)} chains, {sum(c['wall_s'] for c in chains) / 3600:.2f} core-hours of stages in all"
+    if elsewhere:
+        total += f" (counting {sum(e['wall_s'] for e in elsewhere) / 3600:.2f} h of stages on another machine)"
     if timed:
         total += f" ({sum(c['cpu_s'] for c in chains) / 3600:.2f} CPU-hours)"
     else:
         total += " (their last attempts only where a stage ran in several: see the section above)"
     return out + ["", total + ", each stage on one core.", ""]
+
+
+def elsewhere_note(chain: dict, elsewhere: list) -> str:
+    mine = [e for e in elsewhere if (e["env_id"], e["seed"]) == (chain["env_id"], chain["seed"])]
+    machines = sorted({e["ran_on"] for e in mine})
+    return "".join(f"; {sum(e['ran_on'] == m for e in mine)} of its stages on {m}" for m in machines)
 
 
 def attack_budgets(rows: list, manifest: dict) -> str:
@@ -1102,8 +1151,9 @@ def main(args: Args):
     out += curricula_section(envs, est, curves, C)
     out += efficiency_section(curves, policies, R, C)
     costs = stage_costs(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
-    out += costs_section(costs)
-    out += chains_section(args.results_dir)
+    elsewhere = stages_elsewhere(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
+    out += costs_section(costs, elsewhere)
+    out += chains_section(args.results_dir, elsewhere)
 
     plot_curves(args.results_dir, envs, curves, policies, est, R, C)
     plot_heatmap(os.path.join(args.results_dir, "heatmap.png"), groups[-1], policies, est, C)
@@ -1119,6 +1169,8 @@ def main(args: Args):
         write("curves.csv", curve_table)
         if costs:
             write("stage_costs.csv", to_csv(costs))
+        if elsewhere:
+            write("stages_elsewhere.csv", to_csv(elsewhere))
     if poi_rows:
         write("poi.csv", to_csv(poi_rows))
     write("report.md", "\n".join(out) + "\n")
