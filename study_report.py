@@ -143,6 +143,9 @@ class Args:
     alpha: float = ALPHA
     """family-wise error rate of the verdicts (Holm across the claims); a study that looks at its data twice (its
     protocol's extension rule) uses a smaller one per look, e.g. Pocock's 0.0294 for two looks"""
+    first_look_seeds: tuple[int, ...] = ()
+    """a second look (the protocol's extension rule): the seeds the first look judged. A claim decided on them keeps
+    that verdict and enters Holm's step-down with its first-look p; the others are judged on every seed"""
 
 
 class ReportError(Exception):
@@ -384,12 +387,29 @@ def primary_test(results: list) -> tuple:
     return min(1.0, min(r["p"] for r in against) * len(diffs)), "against"
 
 
-def judge(values: dict, envs: list, confidence: float, alpha: float = ALPHA) -> list:
+def on_seeds(values: dict, seeds) -> dict:
+    """The endpoint values of the given seeds only (a study's first look)."""
+    keep = set(seeds)
+    return {key: {s: v for s, v in by_seed.items() if s in keep} for key, by_seed in values.items()}
+
+
+def judge(values: dict, envs: list, confidence: float, alpha: float = ALPHA, first_look: list | None = None) -> list:
     """Every claim in every env: its components' paired tests and, from MIN_SEEDS paired seeds, a verdict under Holm's
-    correction across all the judged claims. -> [{claim, env, results, status, verdict, p, p_holm}]"""
+    correction across all the judged claims. -> [{claim, env, results, status, verdict, p, p_holm}]
+
+    first_look: judge() of the study's first look, for its second (the extension rule). A claim decided there keeps
+    its first-look entry (results, p, Holm-adjusted p, verdict) and stays in Holm's family with that p, so the claims
+    still open are tested in the step-down that the decided ones began: the sequentially rejective Holm procedure
+    over the four claims, each look at the same α."""
+    decided = {
+        (e["claim"].number, e["env"]): e for e in first_look or () if e["verdict"] in ("supported", "contradicted")
+    }
     judged = []
     for env in envs:
         for claim in CLAIMS:
+            if (claim.number, env) in decided:
+                judged.append({**decided[(claim.number, env)], "first_look": True})
+                continue
             results = [(compare(values, comp, env, confidence, alpha), comp) for comp in claim.components]
             entry = {"claim": claim, "env": env, "results": results, "verdict": None, "p": None, "p_holm": None}
             if any(r is None for r, _ in results):
@@ -408,6 +428,8 @@ def judge(values: dict, envs: list, confidence: float, alpha: float = ALPHA) -> 
             judged.append(entry)
     tested = [e for e in judged if e["p"] is not None]  # the family: every measured claim, judged or not
     for e, p_holm in zip(tested, holm([e["p"] for e in tested]) if tested else []):
+        if e.get("first_look"):
+            continue  # decided at the first look: that verdict stands
         e["p_holm"] = float(p_holm)
         n = min(r["n"] for r, _ in e["results"])
         if n < min_seeds(alpha):  # the p-values are shown; a verdict needs the minimum of seeds
@@ -434,7 +456,7 @@ def describe(r: dict, comp: Comparison, alpha: float) -> str:
     )
 
 
-def claims_section(judged: list, confidence: float, alpha: float) -> list:
+def claims_section(judged: list, confidence: float, alpha: float, first_look_seeds=()) -> list:
     out = [
         "## The paper's claims, checked",
         "",
@@ -447,13 +469,24 @@ def claims_section(judged: list, confidence: float, alpha: float) -> list:
         f'Endpoints and rule: docs/study.md, "How the claims are judged".',
         "",
     ]
+    if first_look_seeds:
+        out[-1:] = [
+            "",
+            f"This is a second look (the protocol's extension rule). A claim decided at the first look (seeds "
+            f"{seed_ranges(first_look_seeds)}) keeps that verdict, shown with the first look's numbers, and enters "
+            "Holm's step-down with its first-look p; every other claim is judged on every seed. The tables below use "
+            "every seed.",
+            "",
+        ]
     for e in judged:
         c = e["claim"]
         parts = "; ".join(
             describe(r, comp, alpha) if r is not None else f"{comp.x} − {comp.y}: not measured"
             for r, comp in e["results"]
         )
-        if e["verdict"] is not None:
+        if e.get("first_look"):
+            status = f"Holm-adjusted p = {e['p_holm']:.3f} at the first look: **{e['verdict']}**, kept"
+        elif e["verdict"] is not None:
             status = f"Holm-adjusted p = {e['p_holm']:.3f}: **{e['verdict']}**"
         elif e["p_holm"] is not None:
             status = f"claim p = {e['p']:.3f}, Holm-adjusted {e['p_holm']:.3f}; {e['status']}"
@@ -461,6 +494,17 @@ def claims_section(judged: list, confidence: float, alpha: float) -> list:
             status = e["status"]
         out.append(f"{c.number}. {c.text} ({e['env']}). {parts}. {status}.")
     return out + [""]
+
+
+def seed_ranges(seeds) -> str:
+    """1 2 3 5 -> '1-3, 5'."""
+    seeds, runs = sorted(seeds), []
+    for s in seeds:
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
 # Descriptive statistics (rliable)
@@ -1087,7 +1131,12 @@ def main(args: Args):
         if n_done >= n_total
         else f"PARTIAL: {n_done} of {n_total} policies evaluated; the study is still running or failed; do not cite"
     )
-    judged = judge(values, envs, C, args.alpha)
+    first_look = None
+    if args.first_look_seeds:
+        if not any(set(args.first_look_seeds) & set(by_seed) for by_seed in values.values()):
+            raise ReportError(f"none of --first-look-seeds {seed_ranges(args.first_look_seeds)} is in this study")
+        first_look = judge(on_seeds(values, args.first_look_seeds), envs, C, args.alpha)
+    judged = judge(values, envs, C, args.alpha, first_look)
     out = [
         f"# Study `{manifest['study']}` ({manifest['scale']} scale, ε = {manifest['epsilon']})",
         "",
@@ -1105,10 +1154,12 @@ def main(args: Args):
         ),
         f"Read from the {'runs' if source == 'runs' else 'per-seed CSVs in this folder'}. Scores are normalized "
         f"(0 = uniform random policy, 100 = expert reference). Reproduce with `python study_report.py --results-dir "
-        f"{args.results_dir}{f' --alpha {args.alpha:g}' if args.alpha != ALPHA else ''}`.",
+        f"{args.results_dir}{' --source csv' if args.source == 'csv' else ''}"
+        f"{f' --alpha {args.alpha:g}' if args.alpha != ALPHA else ''}"
+        f"{' --first-look-seeds ' + ' '.join(map(str, args.first_look_seeds)) if args.first_look_seeds else ''}`.",
         "",
     ]
-    out += claims_section(judged, C, args.alpha)
+    out += claims_section(judged, C, args.alpha, args.first_look_seeds)
     section, paired_rows = paired_section(values, envs, C, args.alpha)
     out += section
     section, csv_rows = matrix_section(groups, policies, est, R, C, attack_budgets(rows, manifest))

@@ -97,3 +97,40 @@ def test_verdicts_follow_planted_effects_and_need_the_minimum_of_seeds():
     assert verdicts[3] == "inconclusive"  # only its robustness column has an effect; the other four are noise
     few = judge_simulated(effects, sr.MIN_SEEDS - 1, rng)
     assert all(e["verdict"] is None and e["status"].startswith("not judged") for e in few)
+
+
+def test_a_second_look_keeps_the_first_looks_verdicts_and_holm_family():
+    """The extension rule: a claim decided on the first look's seeds keeps that verdict (here one the second look's
+    data alone would not give), the open claims are judged on every seed, and Holm's step-down runs over all four
+    claims with the decided ones' first-look p."""
+    rng = np.random.default_rng(3)
+    arms = {sr.OFFLINE, sr.NORMAL_FT, sr.RANDOM_FT, sr.ADV_FIXED, sr.LINEAR, sr.ADAPTIVE, sr.SCRATCH}
+    first, later = range(10), range(10, 20)
+    values = {
+        ("E", arm, endpoint): {s: rng.normal() for s in [*first, *later]}
+        for arm in arms
+        for endpoint in ("normal", "random", "robustness", "online_auc")
+    }
+    for s in [*first, *later]:  # claim 1 holds on the first ten seeds, and the later ten undo it
+        values[("E", sr.ADV_FIXED, "robustness")][s] += 40.0 if s in first else -40.0
+    for s in later:  # claim 4's nominal-return component turns against it on the later ten
+        values[("E", sr.LINEAR, "normal")][s] += 40.0
+    alpha = 0.0294
+    looked = sr.judge(sr.on_seeds(values, first), ["E"], 0.95, alpha)
+    assert {e["claim"].number: e["verdict"] for e in looked} == {
+        1: "supported",
+        2: "inconclusive",
+        3: "inconclusive",
+        4: "inconclusive",
+    }
+    again = {e["claim"].number: e for e in sr.judge(values, ["E"], 0.95, alpha, looked)}
+    alone = {e["claim"].number: e for e in sr.judge(values, ["E"], 0.95, alpha)}
+    assert alone[1]["verdict"] == "inconclusive"  # 20 seeds alone no longer support claim 1
+    assert again[1]["verdict"] == "supported" and again[1]["results"][0][0]["n"] == 10
+    assert again[1]["p_holm"] == looked[0]["p_holm"]
+    assert again[4]["verdict"] == "contradicted" and again[4]["results"][0][0]["n"] == 20
+    family = [looked[0]["p"], again[2]["p"], again[3]["p"], again[4]["p"]]
+    assert [again[c]["p_holm"] for c in (2, 3, 4)] == pytest.approx(list(holm(family)[1:]))
+    text = "\n".join(sr.claims_section(list(again.values()), 0.95, alpha, first_look_seeds=tuple(first)))
+    assert "This is a second look" in text and "(seeds 0-9)" in text
+    assert f"Holm-adjusted p = {looked[0]['p_holm']:.3f} at the first look: **supported**, kept" in text
