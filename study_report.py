@@ -143,6 +143,8 @@ class Args:
     alpha: float = ALPHA
     """family-wise error rate of the verdicts (Holm across the claims); a study that looks at its data twice (its
     protocol's extension rule) uses a smaller one per look, e.g. Pocock's 0.0294 for two looks"""
+    seeds: tuple[int, ...] = ()
+    """only these seeds (all if unset): e.g. a study's first look, rebuilt once later seeds' chains are in"""
     first_look_seeds: tuple[int, ...] = ()
     """a second look (the protocol's extension rule): the seeds the first look judged. A claim decided on them keeps
     that verdict and enters Holm's step-down with its first-look p; the others are judged on every seed"""
@@ -1045,10 +1047,11 @@ def costs_section(costs: list, elsewhere: list = ()) -> list:
     return out + [""]
 
 
-def chains_section(results_dir: str, elsewhere: list = ()) -> list:
+def chains_section(results_dir: str, elsewhere: list = (), seeds=()) -> list:
     """Which commit, machine and time produced each (env, seed) chain (chains/*.json, written by study.py; its machine
     is the driver's, so the stages that ran on another machine are named beside it)."""
     chains = [read_json(p) for p in glob.glob(os.path.join(results_dir, "chains", "*.json"))]
+    chains = [c for c in chains if not seeds or c["seed"] in seeds]  # --seeds: the report's seeds only
     chains.sort(key=lambda c: (c["env_id"], c["seed"]))  # seed 10 after seed 9, not after seed 1
     if not chains:
         return []
@@ -1112,6 +1115,12 @@ def main(args: Args):
             f"{args.confidence} and {args.alpha})"
         )
     manifest, source, rows, curves, n_done = load(args)
+    if args.seeds:
+        keep = set(args.seeds)
+        rows = [r for r in rows if r["seed"] in keep]
+        curves = defaultdict(dict, {k: {s: c for s, c in by.items() if s in keep} for k, by in curves.items()})
+        if not rows:
+            raise ReportError(f"none of --seeds {seed_ranges(args.seeds)} is in this study")
     envs = [e for e in manifest["env_ids"] if any(r["env_id"] == e for r in rows)]
     table = score_table(rows, envs)
     policies = [p for p in ORDER if any(k[0] == p for k in table)] + sorted({k[0] for k in table} - set(ORDER))
@@ -1156,6 +1165,7 @@ def main(args: Args):
         f"(0 = uniform random policy, 100 = expert reference). Reproduce with `python study_report.py --results-dir "
         f"{args.results_dir}{' --source csv' if args.source == 'csv' else ''}"
         f"{f' --alpha {args.alpha:g}' if args.alpha != ALPHA else ''}"
+        f"{' --seeds ' + ' '.join(map(str, args.seeds)) if args.seeds else ''}"
         f"{' --first-look-seeds ' + ' '.join(map(str, args.first_look_seeds)) if args.first_look_seeds else ''}`.",
         "",
     ]
@@ -1204,7 +1214,7 @@ def main(args: Args):
     costs = stage_costs(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
     elsewhere = stages_elsewhere(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
     out += costs_section(costs, elsewhere)
-    out += chains_section(args.results_dir, elsewhere)
+    out += chains_section(args.results_dir, elsewhere, args.seeds)
 
     plot_curves(args.results_dir, envs, curves, policies, est, R, C)
     plot_heatmap(os.path.join(args.results_dir, "heatmap.png"), groups[-1], policies, est, C)

@@ -183,6 +183,33 @@ def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp
     assert again["report.md"].replace(b"per-seed CSVs in this folder", b"runs") == first["report.md"]
 
 
+def test_seeds_rebuilds_a_first_look_once_later_chains_are_in(tmp_path):
+    """--seeds: the report of a subset of seeds is the report of a study that had only those seeds (the first look of
+    a study whose extension's chains sit in the same folder)."""
+    scores = {
+        sr.OFFLINE: ("offline", "", "", lambda s, c: 30.0 + s),
+        sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 40.0 + (s * 7) % 5 - (30 if s > 8 else 0)),
+    }
+    both = fake_study(tmp_path / "all", scores, seeds=tuple(range(1, 11)))
+    only = fake_study(tmp_path / "first", scores, seeds=tuple(range(1, 9)))
+    sr.main(sr.Args(results_dir=str(both), reps=200, seeds=tuple(range(1, 9))))
+    sr.main(sr.Args(results_dir=str(only), reps=200))
+    for name in ("paired.csv", "scores.csv", "evaluations.csv"):
+        assert (both / name).read_text() == (only / name).read_text(), name
+    (both / "chains").mkdir()
+    for seed in range(1, 11):  # a finished chain's provenance, as study.py writes it
+        chain = {"env_id": "Hopper-v5", "seed": seed, "commit": "abc", "machine": "vm", "stages": 9, "wall_s": 60.0}
+        (both / "chains" / f"Hopper-v5__seed{seed}.json").write_text(json.dumps({**chain, "finished": 0.0}))
+    sr.main(sr.Args(results_dir=str(both), reps=200, seeds=tuple(range(1, 9))))
+    report = (both / "report.md").read_text()
+    assert "8 chains, 0.13 core-hours" in report
+    assert "--seeds 1 2 3 4 5 6 7 8`" in report and "X higher in 8 of 8 seeds" in report
+    sr.main(sr.Args(results_dir=str(both), reps=200))  # all ten: seeds 9 and 10 undo claim 1
+    assert "X higher in 8 of 10 seeds" in (both / "report.md").read_text()
+    with pytest.raises(sr.ReportError, match="none of --seeds 11-12"):
+        sr.main(sr.Args(results_dir=str(both), reps=200, seeds=(11, 12)))
+
+
 def test_one_seed_judges_no_claim(tmp_path, capsys):
     scores = {
         sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0),
