@@ -619,18 +619,13 @@ def stage_costs(manifest: dict, root: str, results_dir: str) -> list:
     (more than one command line in its log) is counted as "untimed", and the estimate replaces its time by the mean
     of the stages of its kind whose time is complete (where none is, its last attempt stays)."""
     by = defaultdict(list)
-    folder = os.path.join(root, "runs", "_study", manifest.get("namespace", ""))
-    ours = manifest.get("commands")  # the namespace's markers are shared with every study on the same dataset
-    for path in glob.glob(os.path.join(folder, "*.json")):
-        if ours and os.path.basename(path)[: -len(".json")].replace("__", ":") not in ours:
-            continue  # another study's stage (e.g. an extension's seeds, run beside this one)
-        marker = read_json(path)
+    for path, _, marker in study_markers(manifest, root):
         if "ran_on" in marker:
             continue  # run on a lent machine (benchmarks/device_chains.py): not this machine's core-hours
         if "attempts" in marker:
             attempts, timed = len(marker["attempts"]), True
         else:
-            log = os.path.join(folder, "logs", os.path.basename(path)[: -len(".json")] + ".log")
+            log = os.path.join(os.path.dirname(path), "logs", os.path.basename(path)[: -len(".json")] + ".log")
             attempts, timed = 1, False
             if os.path.exists(log):
                 with open(log, errors="replace") as f:
@@ -662,16 +657,26 @@ def stage_costs(manifest: dict, root: str, results_dir: str) -> list:
     return costs
 
 
+def study_markers(manifest: dict, root: str) -> list:
+    """(path, stage id, marker) of each finished stage of this study (runs/_study/{namespace}/*.json). The namespace's
+    markers are shared with every study on the same dataset (an extension's seeds, run beside it), so only the stages
+    in the manifest's commands count, where it lists them."""
+    folder = os.path.join(root, "runs", "_study", manifest.get("namespace", ""))
+    ours = manifest.get("commands")
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        stage = os.path.basename(path)[: -len(".json")].replace("__", ":")
+        if not ours or stage in ours:
+            out.append((path, stage, read_json(path)))
+    return out
+
+
 def stages_elsewhere(manifest: dict, root: str, results_dir: str) -> list:
     """The study's stages that ran on another machine (benchmarks/device_chains.py adopts them with a marker that
     says where), from the markers when they are here, else from the stages_elsewhere.csv an earlier report wrote.
     -> one dict per stage: stage, env_id, seed, ran_on, wall_s."""
-    folder = os.path.join(root, "runs", "_study", manifest.get("namespace", ""))
-    ours = manifest.get("commands") or {}
     out = []
-    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        stage = os.path.basename(path)[: -len(".json")].replace("__", ":")
-        marker = read_json(path) if stage in ours else {}
+    for _, stage, marker in study_markers(manifest, root):
         if "ran_on" in marker:
             parts = stage.split(":")[1:] if stage.startswith("evaluate:") else stage.split(":")
             out.append(
@@ -1213,6 +1218,7 @@ def main(args: Args):
     out += efficiency_section(curves, policies, R, C)
     costs = stage_costs(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
     elsewhere = stages_elsewhere(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
+    elsewhere = [e for e in elsewhere if not args.seeds or e["seed"] in args.seeds]
     out += costs_section(costs, elsewhere)
     out += chains_section(args.results_dir, elsewhere, args.seeds)
 

@@ -16,7 +16,8 @@ On the lent machine, from a copy of the study's pinned commit (the manifest's `c
 Here, once its files are back (writes each finished stage's files and the study's marker, which the driver reads at
 start as "done"; the marker also says where the stage ran and with which argv):
     python3 benchmarks/device_chains.py adopt --files DIR --runs-root /work/study-100k --manifest study.json
-A smoke test on CPU with tiny budgets: `run ... --smoke` (tests/test_study.py runs it)."""
+A smoke run on CPU with tiny budgets, which `adopt` refuses: `run ... --no-gpu --smoke` (tests/test_device_chains.py
+checks the orchestration with stub stage scripts instead, in seconds)."""
 
 import argparse
 import glob
@@ -92,7 +93,7 @@ class Chains:
         self.commands, self.args = commands, args
         self.t0 = time.time()
         self.records, self.procs, self.lock = {}, set(), threading.Lock()
-        os.makedirs(os.path.join(args.logs, ""), exist_ok=True)
+        os.makedirs(args.logs, exist_ok=True)
 
     def left(self) -> float:
         return self.args.deadline - (time.time() - self.t0)
