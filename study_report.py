@@ -148,6 +148,9 @@ class Args:
     first_look_seeds: tuple[int, ...] = ()
     """a second look (the protocol's extension rule): the seeds the first look judged. A claim decided on them keeps
     that verdict and enters Holm's step-down with its first-look p; the others are judged on every seed"""
+    out_dir: str | None = None
+    """folder for the report, its tables and plots (if unset: --results-dir), e.g. to keep a first look beside the
+    second; the study's per-seed tables stay in --results-dir and always hold every seed, whatever --seeds selects"""
 
 
 class ReportError(Exception):
@@ -1110,6 +1113,11 @@ def attack_budgets(rows: list, manifest: dict) -> str:
     )
 
 
+def in_report_order(policies: set) -> list:
+    """The arms in the protocol's order (ORDER), then any other policy by name."""
+    return [p for p in ORDER if p in policies] + sorted(policies - set(ORDER))
+
+
 def main(args: Args):
     import matplotlib
 
@@ -1119,7 +1127,11 @@ def main(args: Args):
             f"--reps must be >= 1, --confidence in (0, 1) and --alpha in (0, 0.5) (got {args.reps}, "
             f"{args.confidence} and {args.alpha})"
         )
+    out_dir = args.out_dir or args.results_dir
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ReportError(f"--out-dir {out_dir} is a file; name a folder")
     manifest, source, rows, curves, n_done = load(args)
+    study_rows, study_curves = rows, curves  # every seed: the per-seed tables written beside study.json
     if args.seeds:
         keep = set(args.seeds)
         rows = [r for r in rows if r["seed"] in keep]
@@ -1128,7 +1140,7 @@ def main(args: Args):
             raise ReportError(f"none of --seeds {seed_ranges(args.seeds)} is in this study")
     envs = [e for e in manifest["env_ids"] if any(r["env_id"] == e for r in rows)]
     table = score_table(rows, envs)
-    policies = [p for p in ORDER if any(k[0] == p for k in table)] + sorted({k[0] for k in table} - set(ORDER))
+    policies = in_report_order({k[0] for k in table})
     groups = envs + (["all envs"] if len(envs) > 1 else [])
     R, C = args.reps, args.confidence
     values = endpoint_values(rows, curves)
@@ -1171,7 +1183,8 @@ def main(args: Args):
         f"{args.results_dir}{' --source csv' if args.source == 'csv' else ''}"
         f"{f' --alpha {args.alpha:g}' if args.alpha != ALPHA else ''}"
         f"{' --seeds ' + ' '.join(map(str, args.seeds)) if args.seeds else ''}"
-        f"{' --first-look-seeds ' + ' '.join(map(str, args.first_look_seeds)) if args.first_look_seeds else ''}`.",
+        f"{' --first-look-seeds ' + ' '.join(map(str, args.first_look_seeds)) if args.first_look_seeds else ''}"
+        f"{f' --out-dir {args.out_dir}' if args.out_dir else ''}`.",
         "",
     ]
     out += claims_section(judged, C, args.alpha, args.first_look_seeds)
@@ -1217,34 +1230,36 @@ def main(args: Args):
     out += curricula_section(envs, est, curves, C)
     out += efficiency_section(curves, policies, R, C)
     costs = stage_costs(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
-    elsewhere = stages_elsewhere(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
-    elsewhere = [e for e in elsewhere if not args.seeds or e["seed"] in args.seeds]
+    study_elsewhere = stages_elsewhere(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
+    elsewhere = [e for e in study_elsewhere if not args.seeds or e["seed"] in args.seeds]
     out += costs_section(costs, elsewhere)
     out += chains_section(args.results_dir, elsewhere, args.seeds)
 
-    plot_curves(args.results_dir, envs, curves, policies, est, R, C)
-    plot_heatmap(os.path.join(args.results_dir, "heatmap.png"), groups[-1], policies, est, C)
+    os.makedirs(out_dir, exist_ok=True)
+    plot_curves(out_dir, envs, curves, policies, est, R, C)
+    plot_heatmap(os.path.join(out_dir, "heatmap.png"), groups[-1], policies, est, C)
 
-    def write(name: str, text: str):  # atomic: a temporary file, fsync, rename
-        write_text(os.path.join(args.results_dir, name), text)
+    def write(name: str, text: str, folder: str = out_dir):  # atomic: a temporary file, fsync, rename
+        write_text(os.path.join(folder, name), text)
 
     write("scores.csv", to_csv(csv_rows))
     write("paired.csv", to_csv(paired_rows) if paired_rows else "")
     if source == "runs":  # the report's inputs, per seed, so the report can be rebuilt without the runs
-        evaluations, curve_table = per_seed_tables(rows, curves, policies.index)
-        write("evaluations.csv", evaluations)
-        write("curves.csv", curve_table)
+        order = in_report_order({r["policy"] for r in study_rows} | {k[1] for k in study_curves})
+        evaluations, curve_table = per_seed_tables(study_rows, study_curves, order.index)
+        write("evaluations.csv", evaluations, args.results_dir)
+        write("curves.csv", curve_table, args.results_dir)
         if costs:
-            write("stage_costs.csv", to_csv(costs))
-        if elsewhere:
-            write("stages_elsewhere.csv", to_csv(elsewhere))
+            write("stage_costs.csv", to_csv(costs), args.results_dir)
+        if study_elsewhere:
+            write("stages_elsewhere.csv", to_csv(study_elsewhere), args.results_dir)
     if poi_rows:
         write("poi.csv", to_csv(poi_rows))
     write("report.md", "\n".join(out) + "\n")
     print(f"Study {manifest['study']}: {status}.")
     for e in judged:
         print(f"  claim {e['claim'].number} ({e['env']}): {e['status']}")
-    print(f"wrote {args.results_dir}/report.md, paired.csv, scores.csv, poi.csv and plots")
+    print(f"wrote {out_dir}/report.md, paired.csv, scores.csv, poi.csv and plots")
 
 
 if __name__ == "__main__":

@@ -194,8 +194,10 @@ def test_seeds_rebuilds_a_first_look_once_later_chains_are_in(tmp_path):
     only = fake_study(tmp_path / "first", scores, seeds=tuple(range(1, 9)))
     sr.main(sr.Args(results_dir=str(both), reps=200, seeds=tuple(range(1, 9))))
     sr.main(sr.Args(results_dir=str(only), reps=200))
-    for name in ("paired.csv", "scores.csv", "evaluations.csv"):
+    for name in ("paired.csv", "scores.csv"):
         assert (both / name).read_text() == (only / name).read_text(), name
+    evaluations = (both / "evaluations.csv").read_text()  # the study's per-seed table keeps every seed
+    assert {ln.split(",")[2] for ln in evaluations.splitlines()[1:]} == {str(s) for s in range(1, 11)}
     (both / "chains").mkdir()
     for seed in range(1, 11):  # a finished chain's provenance, as study.py writes it
         chain = {"env_id": "Hopper-v5", "seed": seed, "commit": "abc", "machine": "vm", "stages": 9, "wall_s": 60.0}
@@ -208,6 +210,26 @@ def test_seeds_rebuilds_a_first_look_once_later_chains_are_in(tmp_path):
     assert "X higher in 8 of 10 seeds" in (both / "report.md").read_text()
     with pytest.raises(sr.ReportError, match="none of --seeds 11-12"):
         sr.main(sr.Args(results_dir=str(both), reps=200, seeds=(11, 12)))
+
+
+def test_out_dir_keeps_a_first_look_beside_the_study_report(tmp_path):
+    """--out-dir: the report, its tables and plots go to another folder; the study's own files are not touched."""
+    scores = {
+        sr.OFFLINE: ("offline", "", "", lambda s, c: 30.0 + s),
+        sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 40.0 + (s * 7) % 5),
+    }
+    res = fake_study(tmp_path / "study", scores, seeds=tuple(range(1, 7)))
+    sr.main(sr.Args(results_dir=str(res), reps=200))
+    before = {p.name: p.read_bytes() for p in res.iterdir() if p.is_file()}
+    first = res / "first-look"
+    sr.main(sr.Args(results_dir=str(res), reps=200, seeds=(1, 2, 3, 4), out_dir=str(first)))
+    assert {p.name: p.read_bytes() for p in res.iterdir() if p.is_file()} == before
+    assert {"report.md", "paired.csv", "scores.csv", "curves.png", "heatmap.png"} <= {p.name for p in first.iterdir()}
+    report = (first / "report.md").read_text()
+    assert f"--seeds 1 2 3 4 --out-dir {first}`" in report and "X higher in 4 of 4 seeds" in report
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(sr.ReportError, match="is a file; name a folder"):
+        sr.main(sr.Args(results_dir=str(res), reps=200, out_dir=str(tmp_path / "a-file")))
 
 
 def test_one_seed_judges_no_claim(tmp_path, capsys):
