@@ -445,6 +445,12 @@ def judge(values: dict, envs: list, confidence: float, alpha: float = ALPHA, fir
     return judged
 
 
+def p_text(p: float) -> str:
+    """A p-value to three decimals, or to one significant digit below 0.001 (the exact sign-flip p of 12 seeds that
+    all agree is 2 / 2^12 = 0.0005, not 0.000)."""
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1g}"
+
+
 def ci_text(r: dict) -> str:
     return f"[{r['lo']:+.1f}, {r['hi']:+.1f}]" if np.isfinite(r["lo"]) else "[no CI from 1 seed]"
 
@@ -453,10 +459,10 @@ def describe(r: dict, comp: Comparison, alpha: float) -> str:
     if comp.test == "equivalence":
         return (
             f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} {ci_text(r)} ({100 * (1 - 2 * alpha):.0f}% CI; "
-            f"margin ±{EQUIVALENCE_MARGIN:g}), TOST p = {r['p']:.3f}, n = {r['n']}"
+            f"margin ±{EQUIVALENCE_MARGIN:g}), TOST p = {p_text(r['p'])}, n = {r['n']}"
         )
     return (
-        f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} {ci_text(r)}, p = {r['p']:.3f}, X higher in "
+        f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} {ci_text(r)}, p = {p_text(r['p'])}, X higher in "
         f"{r['up']} of {r['n']} seeds"
     )
 
@@ -490,11 +496,11 @@ def claims_section(judged: list, confidence: float, alpha: float, first_look_see
             for r, comp in e["results"]
         )
         if e.get("first_look"):
-            status = f"Holm-adjusted p = {e['p_holm']:.3f} at the first look: **{e['verdict']}**, kept"
+            status = f"Holm-adjusted p = {p_text(e['p_holm'])} at the first look: **{e['verdict']}**, kept"
         elif e["verdict"] is not None:
-            status = f"Holm-adjusted p = {e['p_holm']:.3f}: **{e['verdict']}**"
+            status = f"Holm-adjusted p = {p_text(e['p_holm'])}: **{e['verdict']}**"
         elif e["p_holm"] is not None:
-            status = f"claim p = {e['p']:.3f}, Holm-adjusted {e['p_holm']:.3f}; {e['status']}"
+            status = f"claim p = {p_text(e['p'])}, Holm-adjusted {p_text(e['p_holm'])}; {e['status']}"
         else:
             status = e["status"]
         out.append(f"{c.number}. {c.text} ({e['env']}). {parts}. {status}.")
@@ -922,7 +928,7 @@ def paired_section(values: dict, envs: list, confidence: float, alpha: float) ->
             )
             out.append(
                 f"| {env} | {role} | {comp.x} | {comp.y} | {comp.endpoint} | {r['n']} | {ci} | {r['up']} of {r['n']} | "
-                f"{test} {r['p']:.3f} |"
+                f"{test} {p_text(r['p'])} |"
             )
             rows.append(
                 {

@@ -666,3 +666,15 @@ def test_a_cluster_that_does_not_answer_is_one_line_within_seconds(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode != 0 and len(lines) == 1 and "nothing answers" in lines[0], proc.stderr
     assert time.time() - started < 60 and os.listdir(tmp_path) == []
+
+
+def test_a_p_below_one_in_a_thousand_is_printed_not_rounded_to_zero(tmp_path):
+    assert [sr.p_text(p) for p in (0.0123, 0.001, 2 / 2**12, 2 / 2**20)] == ["0.012", "0.001", "0.0005", "2e-06"]
+    scores = {
+        sr.OFFLINE: ("offline", "", "", lambda s, c: 30.0 + s),
+        sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 60.0 + s % 3),
+    }
+    res = fake_study(tmp_path, scores, seeds=tuple(range(1, 13)))
+    sr.main(sr.Args(results_dir=str(res), reps=200))
+    report = (res / "report.md").read_text()
+    assert "p = 0.0005, X higher in 12 of 12 seeds" in report and "sign-flip p 0.0005 |" in report
