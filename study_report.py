@@ -1169,6 +1169,8 @@ def main(args: Args):
             raise ReportError(f"none of --first-look-seeds {seed_ranges(args.first_look_seeds)} is in this study")
         first_look = judge(on_seeds(values, args.first_look_seeds), envs, C, args.alpha)
     judged = judge(values, envs, C, args.alpha, first_look)
+    same_folder = os.path.abspath(out_dir) == os.path.abspath(args.results_dir)
+    csv_folder = "per-seed CSVs in this folder" if same_folder else f"per-seed CSVs in `{args.results_dir}`"
     out = [
         f"# Study `{manifest['study']}` ({manifest['scale']} scale, ε = {manifest['epsilon']})",
         "",
@@ -1184,7 +1186,7 @@ def main(args: Args):
             if "commit" in manifest
             else []
         ),
-        f"Read from the {'runs' if source == 'runs' else 'per-seed CSVs in this folder'}. Scores are normalized "
+        f"Read from the {'runs' if source == 'runs' else csv_folder}. Scores are normalized "
         f"(0 = uniform random policy, 100 = expert reference). Reproduce with `python study_report.py --results-dir "
         f"{args.results_dir}{' --source csv' if args.source == 'csv' else ''}"
         f"{f' --alpha {args.alpha:g}' if args.alpha != ALPHA else ''}"

@@ -227,6 +227,8 @@ def test_out_dir_keeps_a_first_look_beside_the_study_report(tmp_path):
     assert {"report.md", "paired.csv", "scores.csv", "curves.png", "heatmap.png"} <= {p.name for p in first.iterdir()}
     report = (first / "report.md").read_text()
     assert f"--seeds 1 2 3 4 --out-dir {first}`" in report and "X higher in 4 of 4 seeds" in report
+    sr.main(sr.Args(results_dir=str(res), reps=200, source="csv", out_dir=str(first)))
+    assert f"Read from the per-seed CSVs in `{res}`." in (first / "report.md").read_text()
     (tmp_path / "a-file").write_text("")
     with pytest.raises(sr.ReportError, match="is a file; name a folder"):
         sr.main(sr.Args(results_dir=str(res), reps=200, out_dir=str(tmp_path / "a-file")))
