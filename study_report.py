@@ -148,6 +148,10 @@ class Args:
     first_look_seeds: tuple[int, ...] = ()
     """a second look (the protocol's extension rule): the seeds the first look judged. A claim decided on them keeps
     that verdict and enters Holm's step-down with its first-look p; the others are judged on every seed"""
+    extensions: tuple[str, ...] = ()
+    """results folders of this study's extensions (more seeds run by study.py with a --results-dir of their own, their
+    chains/ files copied into this folder's): each one's study.json, and its stage_costs.csv where its runs are not on
+    this machine (the report writes it there when they are); their stages' costs join the report's cost section"""
     out_dir: str | None = None
     """folder for the report, its tables and plots (if unset: --results-dir), e.g. to keep a first look beside the
     second; the study's per-seed tables stay in --results-dir and always hold every seed, whatever --seeds selects"""
@@ -1017,8 +1021,9 @@ def hours(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds / 3600:.2f} h"
 
 
-def costs_section(costs: list, elsewhere: list = ()) -> list:
-    if not costs and not elsewhere:
+def costs_section(costs: list, elsewhere: list = (), extensions: list = ()) -> list:
+    """The stages' costs; with extensions (more seeds run as studies of their own), one table per study and the sum."""
+    if not costs and not elsewhere and not extensions:
         return []
     out = [
         "## What the stages cost",
@@ -1027,6 +1032,28 @@ def costs_section(costs: list, elsewhere: list = ()) -> list:
         "its resume state), from the study's markers (`runs/_study/`); each stage ran on one core with one torch "
         "thread, beside other stages and other work on the same machine, so its wall time exceeds its CPU time.",
         "",
+    ]
+    if not extensions:
+        return out + cost_table(costs, elsewhere) + [""]
+    studies = [("this study's own stages", costs, elsewhere)] + [
+        (f"the extension `{e['study']}` (seeds {seed_ranges(e['seeds'])})", e["costs"], e["elsewhere"])
+        for e in extensions
+    ]
+    for label, study_costs, study_elsewhere in studies:
+        out += [f"**{label[0].upper() + label[1:]}:**", ""] + cost_table(study_costs, study_elsewhere) + [""]
+    every = [c for _, study_costs, _ in studies for c in study_costs]
+    total = sum(c["total_s"] for c in every) / 3600
+    estimate = sum(c["estimate_s"] for c in every) / 3600
+    return out + [
+        f"The study and its extension{'s' if len(extensions) > 1 else ''} together: {total:.2f} core-hours of wall "
+        "time on this machine"
+        + (f" (about {estimate:.2f} counting the earlier attempts as above)." if estimate > total else "."),
+        "",
+    ]
+
+
+def cost_table(costs: list, elsewhere: list) -> list:
+    out = [
         "| stage | runs | mean wall | min | max | wall, all runs | CPU, all runs | run in several attempts |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -1058,7 +1085,7 @@ def costs_section(costs: list, elsewhere: list = ()) -> list:
             + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
             + ". The argv each ran with is in its marker (`argv_ran`).",
         ]
-    return out + [""]
+    return out
 
 
 def chains_section(results_dir: str, elsewhere: list = (), seeds=()) -> list:
@@ -1119,6 +1146,32 @@ def attack_budgets(rows: list, manifest: dict) -> str:
     )
 
 
+def load_extension(folder: str, runs_root: str | None) -> dict:
+    """An extension of the study (its seeds run by study.py with a results folder of their own): its name, seeds and
+    stages' costs, from its markers when its runs are here, else from the stage_costs.csv a report wrote there."""
+    path = os.path.join(folder, "study.json")
+    if not os.path.isfile(path):
+        raise ReportError(f"--extensions {folder}: {path} not found; name the folder study.py wrote the extension to")
+    manifest = read_json(path)
+    check_manifest(manifest, path)
+    root = runs_root or manifest["runs_root"]
+    from_markers = bool(study_markers(manifest, root))
+    costs = stage_costs(manifest, root, folder)
+    if not costs:
+        raise ReportError(
+            f"--extensions {folder}: no stage costs (neither its runs' markers under {root} nor {folder}/"
+            "stage_costs.csv); pass --runs-root, or copy stage_costs.csv from where the report was built"
+        )
+    return {
+        "folder": folder,
+        "study": manifest["study"],
+        "seeds": manifest.get("seeds", []),
+        "costs": costs,
+        "elsewhere": stages_elsewhere(manifest, root, folder),
+        "from_markers": from_markers,
+    }
+
+
 def in_report_order(policies: set) -> list:
     """The arms in the protocol's order (ORDER), then any other policy by name."""
     return [p for p in ORDER if p in policies] + sorted(policies - set(ORDER))
@@ -1137,6 +1190,7 @@ def main(args: Args):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ReportError(f"--out-dir {out_dir} is a file; name a folder")
     manifest, source, rows, curves, n_done = load(args)
+    extensions = [load_extension(folder, args.runs_root) for folder in args.extensions]
     study_rows, study_curves = rows, curves  # every seed: the per-seed tables written beside study.json
     if args.seeds:
         keep = set(args.seeds)
@@ -1192,6 +1246,7 @@ def main(args: Args):
         f"{f' --alpha {args.alpha:g}' if args.alpha != ALPHA else ''}"
         f"{' --seeds ' + ' '.join(map(str, args.seeds)) if args.seeds else ''}"
         f"{' --first-look-seeds ' + ' '.join(map(str, args.first_look_seeds)) if args.first_look_seeds else ''}"
+        f"{' --extensions ' + ' '.join(args.extensions) if args.extensions else ''}"
         f"{f' --out-dir {args.out_dir}' if args.out_dir else ''}`.",
         "",
     ]
@@ -1240,8 +1295,8 @@ def main(args: Args):
     costs = stage_costs(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
     study_elsewhere = stages_elsewhere(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
     elsewhere = [e for e in study_elsewhere if not args.seeds or e["seed"] in args.seeds]
-    out += costs_section(costs, elsewhere)
-    out += chains_section(args.results_dir, elsewhere, args.seeds)
+    out += costs_section(costs, elsewhere, extensions)
+    out += chains_section(args.results_dir, elsewhere + [e for x in extensions for e in x["elsewhere"]], args.seeds)
 
     os.makedirs(out_dir, exist_ok=True)
     plot_curves(out_dir, envs, curves, policies, est, R, C)
@@ -1261,6 +1316,10 @@ def main(args: Args):
             write("stage_costs.csv", to_csv(costs), args.results_dir)
         if study_elsewhere:
             write("stages_elsewhere.csv", to_csv(study_elsewhere), args.results_dir)
+    for x in (x for x in extensions if x["from_markers"]):  # so the report can be rebuilt without the runs
+        write("stage_costs.csv", to_csv(x["costs"]), x["folder"])
+        if x["elsewhere"]:
+            write("stages_elsewhere.csv", to_csv(x["elsewhere"]), x["folder"])
     if poi_rows:
         write("poi.csv", to_csv(poi_rows))
     write("report.md", "\n".join(out) + "\n")

@@ -234,6 +234,47 @@ def test_out_dir_keeps_a_first_look_beside_the_study_report(tmp_path):
         sr.main(sr.Args(results_dir=str(res), reps=200, out_dir=str(tmp_path / "a-file")))
 
 
+def test_an_extensions_stage_costs_join_the_report_and_are_kept_for_a_fresh_clone(tmp_path):
+    """--extensions: a second look's report states what the first study's stages and the extension's cost, one table
+    each and their sum; the extension's table is kept in its folder, so a clone without the runs builds the same."""
+    scores = {
+        sr.OFFLINE: ("offline", "", "", lambda s, c: 30.0 + s),
+        sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 40.0 + (s * 7) % 5),
+    }
+    res = fake_study(tmp_path, scores, seeds=(1, 2, 3, 4))
+    manifest = json.loads((res / "study.json").read_text())
+    manifest |= {"namespace": "ns", "commands": {f"finetune:Hopper-v5:{s}": [] for s in (1, 2, 3, 4)}}
+    (res / "study.json").write_text(json.dumps(manifest))
+    ext = tmp_path / "results-ext"
+    ext.mkdir()
+    commands = {f"finetune:Hopper-v5:{s}": [] for s in (5, 6)} | {"attack:Hopper-v5:6": []}
+    (ext / "study.json").write_text(
+        json.dumps({**manifest, "study": "fake-ext", "seeds": [5, 6], "policies": [], "commands": commands})
+    )
+    markers = tmp_path / "runs" / "_study" / "ns"
+    markers.mkdir(parents=True)
+    for stage, wall in [(f"finetune__Hopper-v5__{s}", 600.0) for s in (1, 2, 3, 4)] + [
+        (f"finetune__Hopper-v5__{s}", 1200.0) for s in (5, 6)
+    ]:
+        (markers / f"{stage}.json").write_text(json.dumps({"argv": [], "wall_s": wall}))
+    (markers / "attack__Hopper-v5__6.json").write_text(json.dumps({"argv": [], "wall_s": 90.0, "ran_on": "gpu-box"}))
+    sr.main(sr.Args(results_dir=str(res), reps=200, extensions=(str(ext),)))
+    report = (res / "report.md").read_text()
+    costs = report[report.index("## What the stages cost") :]
+    assert "**This study's own stages:**" in costs and "**The extension `fake-ext` (seeds 5-6):**" in costs
+    assert "| finetune | 4 | 10.0 min |" in costs and "| finetune | 2 | 20.0 min |" in costs
+    assert (
+        "The study and its extension together: 1.33 core-hours of wall time on this machine." in costs
+    )  # 4 x 600 s + 2 x 1200 s
+    assert "Not in the table: 1 stage(s) ran on gpu-box" in costs and f"--extensions {ext}`" in report
+    assert (ext / "stage_costs.csv").is_file() and "attack:Hopper-v5:6" in (ext / "stages_elsewhere.csv").read_text()
+    shutil.rmtree(tmp_path / "runs" / "_study")  # a fresh clone: no markers, the committed tables
+    sr.main(sr.Args(results_dir=str(res), reps=200, extensions=(str(ext),)))
+    assert (res / "report.md").read_text() == report
+    with pytest.raises(sr.ReportError, match="study.json not found; name the folder"):
+        sr.main(sr.Args(results_dir=str(res), reps=200, extensions=(str(tmp_path / "nowhere"),)))
+
+
 def test_one_seed_judges_no_claim(tmp_path, capsys):
     scores = {
         sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0),
