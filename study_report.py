@@ -1169,6 +1169,7 @@ def load_extension(folder: str, runs_root: str | None) -> dict:
         "costs": costs,
         "elsewhere": stages_elsewhere(manifest, root, folder),
         "from_markers": from_markers,
+        "policies": len(manifest["policies"]),
     }
 
 
@@ -1211,7 +1212,7 @@ def main(args: Args):
     for (pol, cond), arrs in table.items():
         for g, (p, lo, hi) in interval(dict(arrs), iqm_and_mean, R, C).items():
             est[(g, pol, cond)] = (p, lo, hi, arrs[g].shape[0])
-    n_total = len(manifest["policies"])
+    n_total = len(manifest["policies"]) + sum(x["policies"] for x in extensions)  # a second look waits for them all
     status = (
         "complete: every policy of the study is evaluated"
         if n_done >= n_total

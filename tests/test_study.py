@@ -273,6 +273,10 @@ def test_an_extensions_stage_costs_join_the_report_and_are_kept_for_a_fresh_clon
     assert (res / "report.md").read_text() == report
     with pytest.raises(sr.ReportError, match="study.json not found; name the folder"):
         sr.main(sr.Args(results_dir=str(res), reps=200, extensions=(str(tmp_path / "nowhere"),)))
+    unfinished = json.loads((ext / "study.json").read_text()) | {"policies": manifest["policies"][:2]}
+    (ext / "study.json").write_text(json.dumps(unfinished))  # two of its policies have no rows here yet
+    sr.main(sr.Args(results_dir=str(res), reps=200, extensions=(str(ext),)))
+    assert "Status: PARTIAL: 8 of 10 policies evaluated" in (res / "report.md").read_text()
 
 
 def test_one_seed_judges_no_claim(tmp_path, capsys):
