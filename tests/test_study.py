@@ -183,6 +183,12 @@ def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp
     assert again["report.md"].replace(b"per-seed CSVs in this folder", b"runs") == first["report.md"]
 
 
+TWO_ARMS = {  # offline-only and adversarial fine-tuning, enough for claim 1 (the scores as fake_study takes them)
+    sr.OFFLINE: ("offline", "", "", lambda s, c: 30.0 + s),
+    sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 40.0 + (s * 7) % 5),
+}
+
+
 def test_seeds_rebuilds_a_first_look_once_later_chains_are_in(tmp_path):
     """--seeds: the report of a subset of seeds is the report of a study that had only those seeds (the first look of
     a study whose extension's chains sit in the same folder)."""
@@ -214,11 +220,7 @@ def test_seeds_rebuilds_a_first_look_once_later_chains_are_in(tmp_path):
 
 def test_out_dir_keeps_a_first_look_beside_the_study_report(tmp_path):
     """--out-dir: the report, its tables and plots go to another folder; the study's own files are not touched."""
-    scores = {
-        sr.OFFLINE: ("offline", "", "", lambda s, c: 30.0 + s),
-        sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 40.0 + (s * 7) % 5),
-    }
-    res = fake_study(tmp_path / "study", scores, seeds=tuple(range(1, 7)))
+    res = fake_study(tmp_path / "study", TWO_ARMS, seeds=tuple(range(1, 7)))
     sr.main(sr.Args(results_dir=str(res), reps=200))
     before = {p.name: p.read_bytes() for p in res.iterdir() if p.is_file()}
     first = res / "first-look"
@@ -237,11 +239,7 @@ def test_out_dir_keeps_a_first_look_beside_the_study_report(tmp_path):
 def test_an_extensions_stage_costs_join_the_report_and_are_kept_for_a_fresh_clone(tmp_path):
     """--extensions: a second look's report states what the first study's stages and the extension's cost, one table
     each and their sum; the extension's table is kept in its folder, so a clone without the runs builds the same."""
-    scores = {
-        sr.OFFLINE: ("offline", "", "", lambda s, c: 30.0 + s),
-        sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 40.0 + (s * 7) % 5),
-    }
-    res = fake_study(tmp_path, scores, seeds=(1, 2, 3, 4))
+    res = fake_study(tmp_path, TWO_ARMS, seeds=(1, 2, 3, 4))
     manifest = json.loads((res / "study.json").read_text())
     manifest |= {"namespace": "ns", "commands": {f"finetune:Hopper-v5:{s}": [] for s in (1, 2, 3, 4)}}
     (res / "study.json").write_text(json.dumps(manifest))
@@ -263,9 +261,8 @@ def test_an_extensions_stage_costs_join_the_report_and_are_kept_for_a_fresh_clon
     costs = report[report.index("## What the stages cost") :]
     assert "**This study's own stages:**" in costs and "**The extension `fake-ext` (seeds 5-6):**" in costs
     assert "| finetune | 4 | 10.0 min |" in costs and "| finetune | 2 | 20.0 min |" in costs
-    assert (
-        "The study and its extension together: 1.33 core-hours of wall time on this machine." in costs
-    )  # 4 x 600 s + 2 x 1200 s
+    total = "The study and its extension together: 1.33 core-hours of wall time on this machine."  # 4x600 + 2x1200 s
+    assert total in costs
     assert "Not in the table: 1 stage(s) ran on gpu-box" in costs and f"--extensions {ext}`" in report
     assert (ext / "stage_costs.csv").is_file() and "attack:Hopper-v5:6" in (ext / "stages_elsewhere.csv").read_text()
     shutil.rmtree(tmp_path / "runs" / "_study")  # a fresh clone: no markers, the committed tables
@@ -273,8 +270,9 @@ def test_an_extensions_stage_costs_join_the_report_and_are_kept_for_a_fresh_clon
     assert (res / "report.md").read_text() == report
     with pytest.raises(sr.ReportError, match="study.json not found; name the folder"):
         sr.main(sr.Args(results_dir=str(res), reps=200, extensions=(str(tmp_path / "nowhere"),)))
-    unfinished = json.loads((ext / "study.json").read_text()) | {"policies": manifest["policies"][:2]}
-    (ext / "study.json").write_text(json.dumps(unfinished))  # two of its policies have no rows here yet
+    unfinished = [{**manifest["policies"][0], "seed": seed, "run_dir": f"runs/ext_{seed}"} for seed in (5, 6)]
+    extension = json.loads((ext / "study.json").read_text()) | {"policies": unfinished}
+    (ext / "study.json").write_text(json.dumps(extension))  # two policies whose chains have no rows here yet
     sr.main(sr.Args(results_dir=str(res), reps=200, extensions=(str(ext),)))
     assert "Status: PARTIAL: 8 of 10 policies evaluated" in (res / "report.md").read_text()
 
