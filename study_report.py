@@ -317,6 +317,17 @@ def load_csvs(results_dir: str):
     return rows, curves
 
 
+def evaluated(manifests: list, rows: list) -> tuple:
+    """(evaluated, listed): the policies the manifests list (their `policies`), and how many of them have rows. Counted
+    per (env, seed) chain, since a manifest names a policy by its run and a row by its label: a chain's listed policies
+    are evaluated as far as its rows name distinct policies. Rows of a chain that no manifest lists (an extension's
+    seeds whose manifest was lost with the machine that ran them) count in neither number."""
+    listed = Counter((p["env_id"], p["seed"]) for policies in manifests for p in policies)
+    labels = {(r["env_id"], r["seed"], r["policy"]) for r in rows}
+    have = Counter((env, seed) for env, seed, _ in labels)
+    return sum(min(n, have[chain]) for chain, n in listed.items()), sum(listed.values())
+
+
 def load(args: Args):
     path = os.path.join(args.results_dir, "study.json")
     if not os.path.isfile(path):
@@ -327,8 +338,7 @@ def load(args: Args):
     on_disk = any(os.path.isfile(os.path.join(root, p["matrix"])) for p in manifest["policies"])
     source = args.source if args.source != "auto" else ("runs" if on_disk else "csv")
     if source == "runs":
-        rows, curves, missing = load_runs(manifest, root)
-        n_done = len(manifest["policies"]) - len(missing)
+        rows, curves, _ = load_runs(manifest, root)
     else:
         if not all(os.path.isfile(p) for p in csv_inputs(args.results_dir)[0]):
             raise ReportError(
@@ -336,13 +346,12 @@ def load(args: Args):
                 f"pass --runs-root, or let the study finish"
             )
         rows, curves = load_csvs(args.results_dir)
-        n_done = len({(r["env_id"], r["policy"], r["seed"]) for r in rows})
     if not rows:
         raise ReportError(
             f"no evaluated policy yet among the {len(manifest['policies'])} in {path}; let the study finish"
         )
     check_finite(rows, curves)
-    return manifest, source, rows, curves, n_done
+    return manifest, source, rows, curves
 
 
 # Endpoints per (env, policy, seed)
@@ -625,7 +634,14 @@ STAGE_KINDS = ("dataset", "pretrain", "attack", "finetune", "evaluate")
 
 def stage_costs(manifest: dict, root: str, results_dir: str) -> list:
     """What each kind of stage cost, from the study's markers (runs/_study/{namespace}/*.json) when they are here,
-    else from the stage_costs.csv an earlier report wrote. -> one dict per kind, times in seconds.
+    else from the stage_costs.csv an earlier report wrote. -> one dict per kind, times in seconds."""
+    return costs_and_source(manifest, root, results_dir)[0]
+
+
+def costs_and_source(manifest: dict, root: str, results_dir: str) -> tuple:
+    """stage_costs() and whether they come from the markers (else from stage_costs.csv). The markers win unless the
+    table counts more stages: a study finished on a machine that is gone shares its dataset's stage (the namespace)
+    with an extension resumed on a new one, and that one marker must not replace the committed table.
 
     A marker times every attempt of its stage (study.py keeps them, with those killed when a session ended). Markers
     written before attempts were timed hold the last attempt only; such a stage that ran in more than one attempt
@@ -644,8 +660,9 @@ def stage_costs(manifest: dict, root: str, results_dir: str) -> list:
                 with open(log, errors="replace") as f:
                     attempts = max(1, sum(line.startswith("$ ") for line in f))
         by[os.path.basename(path).split("__")[0]].append((marker["wall_s"], marker.get("cpu_s"), attempts, timed))
-    if not by:
-        return read_stage_costs(os.path.join(results_dir, "stage_costs.csv"))
+    saved = read_stage_costs(os.path.join(results_dir, "stage_costs.csv"))
+    if not by or sum(map(len, by.values())) < sum(c["runs"] for c in saved):
+        return saved, False
     costs = []
     for kind in (k for k in STAGE_KINDS if by[k]):
         wall = np.array([w for w, _, _, _ in by[kind]])
@@ -667,7 +684,7 @@ def stage_costs(manifest: dict, root: str, results_dir: str) -> list:
                 "estimate_s": float(estimate),
             }
         )
-    return costs
+    return costs, True
 
 
 def study_markers(manifest: dict, root: str) -> list:
@@ -1021,9 +1038,10 @@ def hours(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds / 3600:.2f} h"
 
 
-def costs_section(costs: list, elsewhere: list = (), extensions: list = ()) -> list:
-    """The stages' costs; with extensions (more seeds run as studies of their own), one table per study and the sum."""
-    if not costs and not elsewhere and not extensions:
+def costs_section(costs: list, elsewhere: list = (), extensions: list = (), unlisted: list = ()) -> list:
+    """The stages' costs; with extensions (more seeds run as studies of their own), one table per study and the sum;
+    chains that no manifest lists (unlisted_chains) count by their chains' totals."""
+    if not costs and not elsewhere and not extensions and not unlisted:
         return []
     out = [
         "## What the stages cost",
@@ -1033,7 +1051,7 @@ def costs_section(costs: list, elsewhere: list = (), extensions: list = ()) -> l
         "thread, beside other stages and other work on the same machine, so its wall time exceeds its CPU time.",
         "",
     ]
-    if not extensions:
+    if not extensions and not unlisted:
         return out + cost_table(costs, elsewhere) + [""]
     studies = [("this study's own stages", costs, elsewhere)] + [
         (f"the extension `{e['study']}` (seeds {seed_ranges(e['seeds'])})", e["costs"], e["elsewhere"])
@@ -1042,14 +1060,40 @@ def costs_section(costs: list, elsewhere: list = (), extensions: list = ()) -> l
     for label, study_costs, study_elsewhere in studies:
         out += [f"**{label[0].upper() + label[1:]}:**", ""] + cost_table(study_costs, study_elsewhere) + [""]
     every = [c for _, study_costs, _ in studies for c in study_costs]
-    total = sum(c["total_s"] for c in every) / 3600
-    estimate = sum(c["estimate_s"] for c in every) / 3600
+    by_chains = sum(c["wall_s"] for c in unlisted) / 3600
+    total = sum(c["total_s"] for c in every) / 3600 + by_chains
+    estimate = sum(c["estimate_s"] for c in every) / 3600 + by_chains
+    if unlisted:
+        envs = sorted({c["env_id"] for c in unlisted})
+        which = "; ".join(
+            f"{env} seeds {seed_ranges([c['seed'] for c in unlisted if c['env_id'] == env])}" for env in envs
+        )
+        machines = ", ".join(sorted({c["machine"] for c in unlisted}))
+        out += [
+            f"**Chains that no manifest here lists ({which}):** their study.json and stage markers are not here (lost "
+            "with the machine that ran them, or never copied), so they count by their chains' own totals "
+            f'(`chains/*.json`, each in "The chains" below): {len(unlisted)} chains, '
+            f"{sum(c['stages'] for c in unlisted)} stages, {by_chains:.2f} core-hours of stage wall time on "
+            f"{machines}.",
+            "",
+        ]
+    parts = [f"its extension{'s' if len(extensions) > 1 else ''}"] * bool(extensions)
+    who = " and ".join(parts + ["the chains no manifest lists"] * bool(unlisted))
     return out + [
-        f"The study and its extension{'s' if len(extensions) > 1 else ''} together: {total:.2f} core-hours of wall "
-        "time on this machine"
+        f"The study and {who} together: {total:.2f} core-hours of wall time on this machine"
         + (f" (about {estimate:.2f} counting the earlier attempts as above)." if estimate > total else "."),
         "",
     ]
+
+
+def unlisted_chains(results_dir: str, manifests: list, seeds=()) -> list:
+    """The finished chains in {results_dir}/chains/ (their provenance, chains/*.json) whose (env, seed) no manifest's
+    policies list: e.g. an extension's first seeds, whose manifest and markers were lost with the machine that ran them
+    before they were committed, the extension resumed with the remaining seeds. --seeds: the report's seeds only."""
+    listed = {(p["env_id"], p["seed"]) for policies in manifests for p in policies}
+    chains = [read_json(p) for p in glob.glob(os.path.join(results_dir, "chains", "*.json"))]
+    chains = [c for c in chains if (c["env_id"], c["seed"]) not in listed and (not seeds or c["seed"] in seeds)]
+    return sorted(chains, key=lambda c: (c["env_id"], c["seed"]))
 
 
 def cost_table(costs: list, elsewhere: list) -> list:
@@ -1155,8 +1199,7 @@ def load_extension(folder: str, runs_root: str | None) -> dict:
     manifest = read_json(path)
     check_manifest(manifest, path)
     root = runs_root or manifest["runs_root"]
-    from_markers = bool(study_markers(manifest, root))
-    costs = stage_costs(manifest, root, folder)
+    costs, from_markers = costs_and_source(manifest, root, folder)
     if not costs:
         raise ReportError(
             f"--extensions {folder}: no stage costs (neither its runs' markers under {root} nor {folder}/"
@@ -1169,7 +1212,7 @@ def load_extension(folder: str, runs_root: str | None) -> dict:
         "costs": costs,
         "elsewhere": stages_elsewhere(manifest, root, folder),
         "from_markers": from_markers,
-        "policies": len(manifest["policies"]),
+        "policies": manifest["policies"],
     }
 
 
@@ -1190,7 +1233,7 @@ def main(args: Args):
     out_dir = args.out_dir or args.results_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ReportError(f"--out-dir {out_dir} is a file; name a folder")
-    manifest, source, rows, curves, n_done = load(args)
+    manifest, source, rows, curves = load(args)
     extensions = [load_extension(folder, args.runs_root) for folder in args.extensions]
     study_rows, study_curves = rows, curves  # every seed: the per-seed tables written beside study.json
     if args.seeds:
@@ -1212,7 +1255,8 @@ def main(args: Args):
     for (pol, cond), arrs in table.items():
         for g, (p, lo, hi) in interval(dict(arrs), iqm_and_mean, R, C).items():
             est[(g, pol, cond)] = (p, lo, hi, arrs[g].shape[0])
-    n_total = len(manifest["policies"]) + sum(x["policies"] for x in extensions)  # a second look waits for them all
+    manifests = [manifest["policies"]] + [x["policies"] for x in extensions]  # a second look waits for them all
+    n_done, n_total = evaluated(manifests, study_rows)
     status = (
         "complete: every policy of the study is evaluated"
         if n_done >= n_total
@@ -1296,7 +1340,7 @@ def main(args: Args):
     costs = stage_costs(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
     study_elsewhere = stages_elsewhere(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
     elsewhere = [e for e in study_elsewhere if not args.seeds or e["seed"] in args.seeds]
-    out += costs_section(costs, elsewhere, extensions)
+    out += costs_section(costs, elsewhere, extensions, unlisted_chains(args.results_dir, manifests, args.seeds))
     out += chains_section(args.results_dir, elsewhere + [e for x in extensions for e in x["elsewhere"]], args.seeds)
 
     os.makedirs(out_dir, exist_ok=True)

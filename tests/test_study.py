@@ -277,6 +277,46 @@ def test_an_extensions_stage_costs_join_the_report_and_are_kept_for_a_fresh_clon
     assert "Status: PARTIAL: 8 of 10 policies evaluated" in (res / "report.md").read_text()
 
 
+def test_a_second_look_counts_policies_per_chain_and_costs_unlisted_chains_by_their_totals(tmp_path):
+    """An extension resumed on a new machine lists only its remaining seeds: the status counts the listed policies per
+    (env, seed) chain (rows of chains no manifest lists do not make up for a listed chain that has none), and those
+    unlisted chains' costs come from their chains/*.json."""
+    res = fake_study(tmp_path, TWO_ARMS, seeds=tuple(range(1, 9)))
+    sr.main(sr.Args(results_dir=str(res), reps=200))  # writes the per-seed tables the csv source reads
+    manifest = json.loads((res / "study.json").read_text())
+    policies = manifest["policies"]
+    (res / "study.json").write_text(json.dumps({**manifest, "policies": [p for p in policies if p["seed"] <= 4]}))
+    ext = tmp_path / "results-ext"
+    ext.mkdir()
+    listed = [p for p in policies if p["seed"] in (7, 8)] + [{**policies[0], "seed": 9, "run_dir": "runs/ext_9"}]
+    (ext / "study.json").write_text(
+        json.dumps({**manifest, "study": "fake-ext", "seeds": [7, 8, 9], "policies": listed})
+    )
+    cost = {"stage": "finetune", "runs": 3, "mean_s": 1200.0, "min_s": 1200.0, "max_s": 1200.0, "total_s": 3600.0}
+    (ext / "stage_costs.csv").write_text(sr.to_csv([{**cost, "cpu_s": "", "resumed": 0, "untimed": 0}]))
+    (res / "chains").mkdir()
+    for seed in (5, 6):  # in no manifest: the extension's first seeds, their manifest lost with their machine
+        chain = {"env_id": "Hopper-v5", "seed": seed, "commit": "abc", "machine": "old-vm", "stages": 9}
+        (res / "chains" / f"Hopper-v5__seed{seed}.json").write_text(
+            json.dumps({**chain, "wall_s": 900.0, "finished": 0})
+        )
+    args = sr.Args(results_dir=str(res), reps=200, source="csv", extensions=(str(ext),))
+    sr.main(args)
+    report = (res / "report.md").read_text()
+    assert "Status: PARTIAL: 12 of 13 policies evaluated" in report  # 16 policies have rows, but not seed 9's
+    costs = report[report.index("## What the stages cost") : report.index("## The chains")]
+    assert "**Chains that no manifest here lists (Hopper-v5 seeds 5-6):**" in costs
+    assert "2 chains, 18 stages, 0.50 core-hours of stage wall time on old-vm." in costs
+    assert "The study and its extension and the chains no manifest lists together: " in costs
+    (ext / "study.json").write_text(
+        json.dumps({**manifest, "study": "fake-ext", "seeds": [7, 8], "policies": listed[:-1]})
+    )
+    sr.main(args)
+    assert "Status: complete: every policy of the study is evaluated." in (res / "report.md").read_text()
+    sr.main(sr.Args(results_dir=str(res), reps=200, source="csv", seeds=(1, 2, 3, 4)))  # a first look: none unlisted
+    assert "no manifest" not in (res / "report.md").read_text()
+
+
 def test_one_seed_judges_no_claim(tmp_path, capsys):
     scores = {
         sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0),
@@ -551,6 +591,10 @@ def test_stage_costs_count_every_attempt_and_estimate_the_ones_an_older_driver_d
     (tmp_path / "stage_costs.csv").write_text("stage,runs,mean_s,min_s,max_s,total_s\nattack,1,5,5,5,5\n")
     (old,) = sr.stage_costs({"namespace": "elsewhere"}, str(tmp_path), str(tmp_path))  # written by an older report
     assert (old["total_s"], old["cpu_s"], old["untimed"], old["estimate_s"]) == (5.0, None, 0, 5.0)
+    (tmp_path / "stage_costs.csv").write_text(sr.to_csv([{**cost, "runs": 4}]))  # the study ran on a machine now gone
+    assert sr.stage_costs(ours, str(tmp_path), str(tmp_path))[0]["runs"] == 4  # 3 markers here: the table knows more
+    (tmp_path / "stage_costs.csv").write_text(sr.to_csv([{**cost, "runs": 2}]))
+    assert sr.costs_and_source(ours, str(tmp_path), str(tmp_path)) == ([cost], True)
 
 
 def test_a_medium_dataset_below_its_target_is_refused_and_one_above_it_is_taken(tmp_path):
