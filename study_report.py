@@ -1080,7 +1080,7 @@ def costs_section(costs: list, elsewhere: list = (), extensions: list = (), unli
     parts = [f"its extension{'s' if len(extensions) > 1 else ''}"] * bool(extensions)
     who = " and ".join(parts + ["the chains no manifest lists"] * bool(unlisted))
     return out + [
-        f"The study and {who} together: {total:.2f} core-hours of wall time on this machine"
+        f"The study and {who} together: {total:.2f} core-hours of wall time on the study's CPU machines"
         + (f" (about {estimate:.2f} counting the earlier attempts as above)." if estimate > total else "."),
         "",
     ]
