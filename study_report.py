@@ -317,15 +317,15 @@ def load_csvs(results_dir: str):
     return rows, curves
 
 
-def evaluated(manifests: list, rows: list) -> tuple:
+def evaluated(listed: list, rows: list) -> tuple:
     """(evaluated, listed): the policies the manifests list (their `policies`), and how many of them have rows. Counted
     per (env, seed) chain, since a manifest names a policy by its run and a row by its label: a chain's listed policies
     are evaluated as far as its rows name distinct policies. Rows of a chain that no manifest lists (an extension's
     seeds whose manifest was lost with the machine that ran them) count in neither number."""
-    listed = Counter((p["env_id"], p["seed"]) for policies in manifests for p in policies)
+    per_chain = Counter((p["env_id"], p["seed"]) for policies in listed for p in policies)
     labels = {(r["env_id"], r["seed"], r["policy"]) for r in rows}
     have = Counter((env, seed) for env, seed, _ in labels)
-    return sum(min(n, have[chain]) for chain, n in listed.items()), sum(listed.values())
+    return sum(min(n, have[chain]) for chain, n in per_chain.items()), sum(per_chain.values())
 
 
 def load(args: Args):
@@ -1086,13 +1086,19 @@ def costs_section(costs: list, elsewhere: list = (), extensions: list = (), unli
     ]
 
 
-def unlisted_chains(results_dir: str, manifests: list, seeds=()) -> list:
-    """The finished chains in {results_dir}/chains/ (their provenance, chains/*.json) whose (env, seed) no manifest's
-    policies list: e.g. an extension's first seeds, whose manifest and markers were lost with the machine that ran them
-    before they were committed, the extension resumed with the remaining seeds. --seeds: the report's seeds only."""
-    listed = {(p["env_id"], p["seed"]) for policies in manifests for p in policies}
+def unlisted_chains(results_dir: str, listed: list, seeds=()) -> list:
+    """The finished chains (finished_chains) whose (env, seed) none of the listed policies (the manifests' `policies`)
+    has: e.g. an extension's first seeds, whose manifest and markers were lost with the machine that ran them before
+    they were committed, the extension resumed with the remaining seeds."""
+    chains_listed = {(p["env_id"], p["seed"]) for policies in listed for p in policies}
+    return [c for c in finished_chains(results_dir, seeds) if (c["env_id"], c["seed"]) not in chains_listed]
+
+
+def finished_chains(results_dir: str, seeds=()) -> list:
+    """The provenance of each finished chain (chains/*.json, written by study.py), in (env, seed) order (seed 10 after
+    seed 9, not after seed 1). --seeds: the report's seeds only."""
     chains = [read_json(p) for p in glob.glob(os.path.join(results_dir, "chains", "*.json"))]
-    chains = [c for c in chains if (c["env_id"], c["seed"]) not in listed and (not seeds or c["seed"] in seeds)]
+    chains = [c for c in chains if not seeds or c["seed"] in seeds]
     return sorted(chains, key=lambda c: (c["env_id"], c["seed"]))
 
 
@@ -1135,9 +1141,7 @@ def cost_table(costs: list, elsewhere: list) -> list:
 def chains_section(results_dir: str, elsewhere: list = (), seeds=()) -> list:
     """Which commit, machine and time produced each (env, seed) chain (chains/*.json, written by study.py; its machine
     is the driver's, so the stages that ran on another machine are named beside it)."""
-    chains = [read_json(p) for p in glob.glob(os.path.join(results_dir, "chains", "*.json"))]
-    chains = [c for c in chains if not seeds or c["seed"] in seeds]  # --seeds: the report's seeds only
-    chains.sort(key=lambda c: (c["env_id"], c["seed"]))  # seed 10 after seed 9, not after seed 1
+    chains = finished_chains(results_dir, seeds)
     if not chains:
         return []
     timed = all(c.get("cpu_s") is not None for c in chains)  # chains/*.json from a study.py that timed attempts
@@ -1255,8 +1259,8 @@ def main(args: Args):
     for (pol, cond), arrs in table.items():
         for g, (p, lo, hi) in interval(dict(arrs), iqm_and_mean, R, C).items():
             est[(g, pol, cond)] = (p, lo, hi, arrs[g].shape[0])
-    manifests = [manifest["policies"]] + [x["policies"] for x in extensions]  # a second look waits for them all
-    n_done, n_total = evaluated(manifests, study_rows)
+    listed = [manifest["policies"]] + [x["policies"] for x in extensions]  # a second look waits for them all
+    n_done, n_total = evaluated(listed, study_rows)
     status = (
         "complete: every policy of the study is evaluated"
         if n_done >= n_total
@@ -1340,7 +1344,7 @@ def main(args: Args):
     costs = stage_costs(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
     study_elsewhere = stages_elsewhere(manifest, args.runs_root or manifest["runs_root"], args.results_dir)
     elsewhere = [e for e in study_elsewhere if not args.seeds or e["seed"] in args.seeds]
-    out += costs_section(costs, elsewhere, extensions, unlisted_chains(args.results_dir, manifests, args.seeds))
+    out += costs_section(costs, elsewhere, extensions, unlisted_chains(args.results_dir, listed, args.seeds))
     out += chains_section(args.results_dir, elsewhere + [e for x in extensions for e in x["elsewhere"]], args.seeds)
 
     os.makedirs(out_dir, exist_ok=True)

@@ -261,8 +261,8 @@ def test_an_extensions_stage_costs_join_the_report_and_are_kept_for_a_fresh_clon
     costs = report[report.index("## What the stages cost") :]
     assert "**This study's own stages:**" in costs and "**The extension `fake-ext` (seeds 5-6):**" in costs
     assert "| finetune | 4 | 10.0 min |" in costs and "| finetune | 2 | 20.0 min |" in costs
-    total = "The study and its extension together: 1.33 core-hours"  # 4x600 + 2x1200 s
-    assert total in costs
+    total = "The study and its extension together: 1.33 core-hours of wall time on the study's CPU machines."
+    assert total in costs  # 4 x 600 s + 2 x 1200 s
     assert "Not in the table: 1 stage(s) ran on gpu-box" in costs and f"--extensions {ext}`" in report
     assert (ext / "stage_costs.csv").is_file() and "attack:Hopper-v5:6" in (ext / "stages_elsewhere.csv").read_text()
     shutil.rmtree(tmp_path / "runs" / "_study")  # a fresh clone: no markers, the committed tables
