@@ -318,10 +318,11 @@ def load_csvs(results_dir: str):
 
 
 def evaluated(listed: list, rows: list) -> tuple:
-    """(evaluated, listed): the policies the manifests list (their `policies`), and how many of them have rows. Counted
-    per (env, seed) chain, since a manifest names a policy by its run and a row by its label: a chain's listed policies
-    are evaluated as far as its rows name distinct policies. Rows of a chain that no manifest lists (an extension's
-    seeds whose manifest was lost with the machine that ran them) count in neither number."""
+    """(n_done, n_total): how many of the policies the manifests list (`listed`, their `policies`) have rows, and how
+    many they list. Counted per (env, seed) chain, since a manifest names a policy by its run and a row by its label:
+    a chain's listed policies are evaluated as far as its rows name distinct policies. Rows of a chain that no
+    manifest lists (an extension's seeds whose manifest was lost with the machine that ran them) count in neither
+    number."""
     per_chain = Counter((p["env_id"], p["seed"]) for policies in listed for p in policies)
     labels = {(r["env_id"], r["seed"], r["policy"]) for r in rows}
     have = Counter((env, seed) for env, seed, _ in labels)
