@@ -512,13 +512,26 @@ def claims_section(judged: list, confidence: float, alpha: float, first_look_see
         if e.get("first_look"):
             status = f"Holm-adjusted p = {p_text(e['p_holm'])} at the first look: **{e['verdict']}**, kept"
         elif e["verdict"] is not None:
-            status = f"Holm-adjusted p = {p_text(e['p_holm'])}: **{e['verdict']}**"
+            status = f"{claim_p_text(e)}Holm-adjusted p = {p_text(e['p_holm'])}: **{e['verdict']}**"
         elif e["p_holm"] is not None:
-            status = f"claim p = {p_text(e['p'])}, Holm-adjusted {p_text(e['p_holm'])}; {e['status']}"
+            status = f"{claim_p_text(e)}Holm-adjusted p = {p_text(e['p_holm'])}; {e['status']}"
         else:
             status = e["status"]
         out.append(f"{c.number}. {c.text} ({e['env']}). {parts}. {status}.")
     return out + [""]
+
+
+def claim_p_text(e: dict) -> str:
+    """Which p of a claim enters Holm's procedure (primary_test), said where it is not its one component's p."""
+    n_differences = sum(comp.test == "difference" for _, comp in e["results"])
+    if e["side"] == "against":
+        return (
+            f"Tested for a contradiction: claim p = {p_text(e['p'])} (the smallest p of a difference against the "
+            f"claim, times its {n_differences} difference{'s' * (n_differences > 1)}). "
+        )
+    if len(e["results"]) > 1:
+        return f"Claim p = {p_text(e['p'])} (the largest of its components'). "
+    return ""
 
 
 def seed_ranges(seeds) -> str:

@@ -91,10 +91,18 @@ def test_verdicts_follow_planted_effects_and_need_the_minimum_of_seeds():
     rng = np.random.default_rng(7)
     big = 40.0  # far beyond the noise: every test is as small as 10 seeds allow
     effects = {(sr.ADV_FIXED, "robustness"): big, (sr.ADAPTIVE, "online_auc"): big, (sr.LINEAR, "normal"): big}
-    verdicts = {e["claim"].number: e["verdict"] for e in judge_simulated(effects, 10, rng)}
+    judged = judge_simulated(effects, 10, rng)
+    verdicts = {e["claim"].number: e["verdict"] for e in judged}
     assert verdicts[1] == "supported" and verdicts[2] == "supported"
     assert verdicts[4] == "contradicted"  # linear keeps the nominal return better
     assert verdicts[3] == "inconclusive"  # only its robustness column has an effect; the other four are noise
+    # the report says which p entered Holm's procedure: claim 4's is its one difference's, tested against the claim
+    lines = {ln[0]: ln for ln in sr.claims_section(judged, 0.95, sr.ALPHA) if ln[:1] in "1234" and ln[1:2] == "."}
+    claim4 = judged[3]
+    assert claim4["side"] == "against" and claim4["p"] == claim4["results"][0][0]["p"]
+    assert f"Tested for a contradiction: claim p = {sr.p_text(claim4['p'])} (" in lines["4"]
+    assert "times its 1 difference)" in lines["4"]
+    assert "Claim p" not in lines["1"] and "contradiction" not in lines["1"]  # one component: its own p
     few = judge_simulated(effects, sr.MIN_SEEDS - 1, rng)
     assert all(e["verdict"] is None and e["status"].startswith("not judged") for e in few)
 
