@@ -1,6 +1,8 @@
 """The verdicts' statistics (paired_stats.py, study_report.judge): values computed by hand, the false-positive rate
 on simulated paired data with no true difference, and the power to detect a planted effect."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -97,7 +99,7 @@ def test_verdicts_follow_planted_effects_and_need_the_minimum_of_seeds():
     assert verdicts[4] == "contradicted"  # linear keeps the nominal return better
     assert verdicts[3] == "inconclusive"  # only its robustness column has an effect; the other four are noise
     # the report says which p entered Holm's procedure: claim 4's is its one difference's, tested against the claim
-    lines = {ln[0]: ln for ln in sr.claims_section(judged, 0.95, sr.ALPHA) if ln[:1] in "1234" and ln[1:2] == "."}
+    lines = claim_lines(judged)
     claim4 = judged[3]
     assert claim4["side"] == "against" and claim4["p"] == claim4["results"][0][0]["p"]
     assert f"Tested for a contradiction: claim p = {sr.p_text(claim4['p'])} (" in lines["4"]
@@ -105,6 +107,22 @@ def test_verdicts_follow_planted_effects_and_need_the_minimum_of_seeds():
     assert "Claim p" not in lines["1"] and "contradiction" not in lines["1"]  # one component: its own p
     few = judge_simulated(effects, sr.MIN_SEEDS - 1, rng)
     assert all(e["verdict"] is None and e["status"].startswith("not judged") for e in few)
+
+
+def claim_lines(judged: list) -> dict:
+    """The report's line per claim ("1. ...") by its number."""
+    return {ln[0]: ln for ln in sr.claims_section(judged, 0.95, sr.ALPHA) if re.match(r"[1-4]\. ", ln)}
+
+
+def test_claim_3_is_supported_when_each_condition_is_won_by_its_own_arm():
+    """Intersection-union: every one of the six differences points the claim's way, and the largest p decides."""
+    rng = np.random.default_rng(11)
+    effects = {(sr.NORMAL_FT, "normal"): 40.0, (sr.RANDOM_FT, "random"): 40.0, (sr.ADV_FIXED, "robustness"): 40.0}
+    judged = judge_simulated(effects, 10, rng)
+    claim3 = judged[2]
+    assert claim3["side"] == "for" and claim3["verdict"] == "supported"
+    assert claim3["p"] == max(r["p"] for r, _ in claim3["results"])
+    assert f"Claim p = {sr.p_text(claim3['p'])} (the largest of its components')" in claim_lines(judged)["3"]
 
 
 def test_a_second_look_keeps_the_first_looks_verdicts_and_holm_family():
