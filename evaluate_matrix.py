@@ -44,6 +44,8 @@ from robust_o2o.plots import save_curve_panels, save_figure, save_q_plot
 from robust_o2o.video import captioned, check_rendering, record_episode, side_by_side, write_video
 
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
+KEPT = "@kept"  # the suffix of the rows that pool a fine-tune's kept policies (--kept-episodes)
+ALL_CONDITIONS = EVAL_CONDITIONS + tuple(c + KEPT for c in EVAL_CONDITIONS)
 # what a fresh attack repeats from the precomputed file besides ε, the model and the δ set
 REFERENCE_KEYS = ("perturbation_returns", "maxiter", "popsize", "de_episodes", "mutation", "recombination", "strategy")
 REFERENCE_KEYS += ("tol", "de_seed", "polish", "max_episode_steps")
@@ -72,6 +74,15 @@ class Args:
     """DE popsize of each fresh attack (if unset: the reference file's)"""
     num_workers: Annotated[int, Range(0)] = 0
     """processes for the fresh attacks (0: one per core)"""
+    fresh_attack: bool = True
+    """attack each policy afresh; --no-fresh-attack leaves the adversarial cells out (a policy whose endpoints read no
+    attack, as a study's scratch arm: docs/protocol-part2.md). The set found against this very checkpoint with the
+    same settings (an offline-only policy's precomputed set) is the fresh attack, and is reused without a rerun"""
+
+    # endpoints averaged over the end of training (td3_adv_finetune.py --keep-checkpoints)
+    kept_episodes: Annotated[int, Range(0)] = 0
+    """if > 0: evaluate each kept policy of a fine-tune (checkpoint_step{N}.pt) on this many episodes per condition
+    (the same seeds), under every condition with the final policy's δ sets; rows `{condition}@kept` pool them"""
 
     # videos
     capture_video: bool = False
@@ -174,6 +185,13 @@ def attack_budget(settings: dict) -> str:
     return f"K={k} maxiter={maxiter} popsize={popsize} episodes={settings['--de-episodes']}"
 
 
+def same_attack(ref: dict, path: str, settings: dict) -> bool:
+    """The precomputed set was found against this very checkpoint with every setting of `settings`: a fresh attack
+    would repeat it (the same policy, DE seed and episodes; protocol part 1 measured it equal in 20 of 20 seeds)."""
+    recorded = attack_settings(ref, Args())
+    return str(ref.get("checkpoint_sha256", "")) == sha256_file(path) and recorded == settings
+
+
 def fresh_attack(path: str, settings: dict, args: Args, out_dir: str) -> dict:
     """Run de_perturbations.py against this policy with `settings` (attack_settings). Cached under a key made of
     the checkpoint's hash and the settings, so a different budget never reuses an old attack."""
@@ -192,6 +210,35 @@ def fresh_attack(path: str, settings: dict, args: Args, out_dir: str) -> dict:
             why = next((ln for ln in reversed(lines) if ln.startswith("error:")), boxed or lines[-1])
             raise UserError(f"the fresh DE attack on {path} failed: {why.removeprefix('error: ')}")
     return load_perturbations(out)
+
+
+def kept_paths(path: str, ckpt: dict) -> list:
+    """The kept policies of a fine-tune (td3_adv_finetune.py --keep-checkpoints): checkpoint_step{N}.pt beside it for
+    each of its last K evaluation steps, every one of which must be there."""
+    a = ckpt["args"]
+    k, total, freq = int(a.get("keep_checkpoints") or 0), int(a["total_steps"]), int(a["eval_freq"])
+    if not k:
+        raise UserError(
+            f"{path} kept no policies (it ran without --keep-checkpoints); evaluate it without --kept-episodes"
+        )
+    steps = sorted({*range(freq, total + 1, freq), total})[-k:]
+    paths = [os.path.join(os.path.dirname(path), f"checkpoint_step{s}.pt") for s in steps]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"{missing[0]} is missing ({len(missing)} of the {k} kept policies); rerun that fine-tune")
+    return paths
+
+
+def kept_returns(path: str, ckpt: dict, conditions: dict, args: Args, perturbation_model: str) -> dict:
+    """{condition@kept: episode returns}: every kept policy of the fine-tune on --kept-episodes episodes (the same
+    seeds for each) under each condition, with the final policy's δ sets, pooled (each policy weighs the same)."""
+    pooled = defaultdict(list)
+    for kept_path in kept_paths(path, ckpt):
+        kept = load_checkpoint(kept_path)
+        returns = evaluate_policy(kept, conditions, args.kept_episodes, args.eval_seed, perturbation_model)
+        for cond, r in returns.items():
+            pooled[cond + KEPT].append(r)
+    return {cond: np.concatenate(r) for cond, r in pooled.items()}
 
 
 def actor_from_checkpoint(ckpt: dict) -> Actor:
@@ -218,7 +265,7 @@ def matrix_rows(path: str, ckpt: dict, returns: dict, attack_budget: str) -> lis
     """One matrix.csv row per evaluation condition."""
     ref_min, ref_max = ckpt.get("ref_min_score"), ckpt.get("ref_max_score")
     rows = []
-    for cond in EVAL_CONDITIONS:
+    for cond in [c for c in ALL_CONDITIONS if c in returns]:
         r = returns[cond]
         rows.append(
             {
@@ -267,39 +314,58 @@ def summarize(rows: list) -> dict:
     return out
 
 
-def markdown_table(summary: dict, labels: list, env_id: str, episodes: int) -> str:
+def markdown_table(summary: dict, labels: list, env_id: str, episodes: int, kept_episodes: int = 0) -> str:
     lines = [
         f"Returns on {env_id}: mean ± std over seeds of each seed's mean over {episodes} episodes; "
         f"normalized score in brackets (0 = random, 100 = expert reference).",
         "",
-        "| policy | seeds | " + " | ".join(EVAL_CONDITIONS) + " |",
-        "|---|---|" + "---|" * len(EVAL_CONDITIONS),
-    ]
-    for label in labels:
-        cells = []
-        for c in EVAL_CONDITIONS:
-            cell = summary[(label, c)]
-            normalized = "" if cell.norm_mean is None else f" [{cell.norm_mean:.1f} ± {cell.norm_std:.1f}]"
-            direct = " †" if c == "transfer" and label.endswith("offline-only") else ""
-            cells.append(f"{cell.mean:.1f} ± {cell.std:.1f}{normalized}{direct}")
-        lines.append(f"| {label} | {summary[(label, 'normal')].n} | " + " | ".join(cells) + " |")
-    lines += [
+        *table_lines(summary, labels, EVAL_CONDITIONS),
         "",
         "† offline-only, transfer: the precomputed set was found against this very policy, so this cell is a "
         "direct attack at the precomputed budget, not a transfer.",
     ]
+    if any(c.endswith(KEPT) for _, c in summary):
+        kept = [label for label in labels if (label, "normal" + KEPT) in summary]
+        lines += [
+            "",
+            f"Averaged over the end of training: each fine-tune's kept policies (the last evaluations' checkpoints), "
+            f"{kept_episodes} episodes each on the same seeds, under the final policy's δ sets, pooled per seed.",
+            "",
+            *table_lines(summary, kept, [c + KEPT for c in EVAL_CONDITIONS]),
+        ]
+    if any((label, "adversarial") not in summary for label in labels):
+        lines += ["", "— not evaluated: no fresh attack on that policy (--no-fresh-attack)."]
     return "\n".join(lines) + "\n"
 
 
+def table_lines(summary: dict, labels: list, conditions: list) -> list:
+    lines = ["| policy | seeds | " + " | ".join(conditions) + " |", "|---|---|" + "---|" * len(conditions)]
+    for label in labels:
+        cells = []
+        for c in conditions:
+            cell = summary.get((label, c))
+            if cell is None:
+                cells.append("—")
+                continue
+            normalized = "" if cell.norm_mean is None else f" [{cell.norm_mean:.1f} ± {cell.norm_std:.1f}]"
+            direct = " †" if c == "transfer" and label.endswith("offline-only") else ""
+            cells.append(f"{cell.mean:.1f} ± {cell.std:.1f}{normalized}{direct}")
+        lines.append(f"| {label} | {summary[(label, conditions[0])].n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot_heatmap(path, summary, labels, env_id):
-    use_norm = all(summary[(lb, c)].norm_mean is not None for lb in labels for c in EVAL_CONDITIONS)
-    vals = np.array([[summary[(lb, c)][3 if use_norm else 0] for c in EVAL_CONDITIONS] for lb in labels])
+    cells = [summary.get((lb, c)) for lb in labels for c in EVAL_CONDITIONS]
+    use_norm = all(cell.norm_mean is not None for cell in cells if cell is not None)
+    nan = Cell(np.nan, np.nan, 0, np.nan, np.nan)
+    vals = np.array([[summary.get((lb, c), nan)[3 if use_norm else 0] for c in EVAL_CONDITIONS] for lb in labels])
     fig, ax = plt.subplots(figsize=(8, max(3.2, 1.4 + 0.55 * len(labels))), dpi=110)
     im = ax.imshow(vals, cmap="viridis", aspect="auto")
     for i in range(len(labels)):
         for j in range(len(EVAL_CONDITIONS)):
-            color = "w" if vals[i, j] < vals.mean() else "k"
-            ax.text(j, i, f"{vals[i, j]:.1f}", ha="center", va="center", color=color, fontsize=9)
+            color = "w" if vals[i, j] < np.nanmean(vals) else "k"
+            text = "—" if np.isnan(vals[i, j]) else f"{vals[i, j]:.1f}"
+            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=9)
     ax.set_xticks(range(len(EVAL_CONDITIONS)), EVAL_CONDITIONS)
     ax.set_yticks(range(len(labels)), labels)
     xlabel = "evaluation condition (adversarial: fresh DE attack on each policy; transfer: the precomputed set)"
@@ -371,6 +437,7 @@ def capture_videos(args: Args, ckpts: dict, sets: dict) -> list:
 
     for path, ckpt in tqdm(ckpts.items(), desc="videos"):
         ref, attack = sets[path]
+        attack = attack if attack is not None else ref  # no fresh attack: the precomputed set's worst δ
         model, name = str(ref["perturbation_model"]), f"{policy_label(ckpt)} s{ckpt['args']['seed']}"
         worst = attack["perturbations"][int(np.argmin(attack["perturbation_returns"]))]
         for cond, delta in zip(EVAL_CONDITIONS[:3], (np.zeros(ckpt["act_dim"]), ref["random_deltas"][0], worst)):
@@ -405,19 +472,28 @@ def main(args: Args):
         if is_finetuned(c):
             finetuned[policy_label(c)].append(p)
     curves = load_curves(finetuned)
+    if args.kept_episodes:
+        for p in (p for ps in finetuned.values() for p in ps):
+            kept_paths(p, ckpts[p])
 
     rows, sets = [], {}
     for path, ckpt in tqdm(ckpts.items(), desc="policies (fresh attack + evaluation)"):
         ref = refs[path]
         settings = attack_settings(ref, args)
-        attack = fresh_attack(path, settings, args, args.output_dir)
+        attack = None
+        if args.fresh_attack:
+            attack = ref if same_attack(ref, path, settings) else fresh_attack(path, settings, args, args.output_dir)
         sets[path] = ref, attack
         conditions = {"normal": np.zeros((1, ckpt["act_dim"])), "random": ref["random_deltas"]}
-        conditions.update(adversarial=attack["perturbations"], transfer=ref["perturbations"])
-        returns = evaluate_policy(ckpt, conditions, args.eval_episodes, args.eval_seed, str(ref["perturbation_model"]))
+        conditions.update({"adversarial": attack["perturbations"]} if attack is not None else {})
+        conditions["transfer"] = ref["perturbations"]
+        model = str(ref["perturbation_model"])
+        returns = evaluate_policy(ckpt, conditions, args.eval_episodes, args.eval_seed, model)
+        if args.kept_episodes and is_finetuned(ckpt):
+            returns.update(kept_returns(path, ckpt, conditions, args, model))
         if not all(np.isfinite(r).all() for r in returns.values()):
             raise UserError(f"{path} produced a non-finite return: no table written (a NaN is an error, not a cell)")
-        rows += matrix_rows(path, ckpt, returns, attack_budget(settings))
+        rows += matrix_rows(path, ckpt, returns, attack_budget(settings) if attack is not None else "")
     fields, buf = list(rows[0]), io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
@@ -425,7 +501,7 @@ def main(args: Args):
     summary = summarize(rows)
     others = sorted({r["policy"] for r in rows} - {"offline-only"}, key=lambda s: (s.startswith("scratch"), s))
     labels = [label for label in ["offline-only", *others] if (label, "normal") in summary]
-    table = markdown_table(summary, labels, env_id, args.eval_episodes)
+    table = markdown_table(summary, labels, env_id, args.eval_episodes, args.kept_episodes)
     os.makedirs(args.output_dir, exist_ok=True)  # (the attacks made it, unless every one was cached)
     tmp = tempfile.mkdtemp(prefix=".partial-", dir=args.output_dir)  # the output set: all made, then moved in together
     try:

@@ -76,6 +76,17 @@ SCALES = {
         scratch_starts=10000,
         evaluate=[],
     ),
+    "decisive2": dict(  # part 2's budgets (docs/protocol-part2.md): decisive's, plus the policies of the last 4
+        namespace="local-medium",  # evaluations kept and evaluated on held-out episodes (averaged endpoints); no
+        tag="decisive2",  # fresh attack where no endpoint reads it (scratch: claim 2 reads its learning curve)
+        collect="--levels medium --num-transitions 200000 --max-train-steps 400000 --strict-targets".split(),
+        pretrain="--total-steps 50000 --eval-freq 5000 --eval-episodes 10".split(),
+        de="--de-episodes 2".split(),
+        finetune="--total-steps 100000 --eval-freq 5000 --eval-episodes 10 --keep-checkpoints 4".split(),
+        scratch_starts=10000,
+        evaluate="--kept-episodes 10".split(),
+        scratch_evaluate=["--no-fresh-attack"],
+    ),
     "paper": dict(
         namespace="local",
         collect=[],
@@ -105,9 +116,9 @@ class Args:
     """also train from scratch (adversarial, adaptive) as the fully online baseline"""
     epsilon: float = 0.3
     """ε: perturbation bound of the DE attacks and of every fine-tune"""
-    scale: Literal["tiny", "small", "medium", "decisive", "paper"] = "medium"
+    scale: Literal["tiny", "small", "medium", "decisive", "decisive2", "paper"] = "medium"
     """stage budgets (SCALES in this file): tiny (seconds), small (minutes), medium (hours), decisive (the 100k study of
-    docs/protocol.md: about a day on 2 cores), paper (days on many)"""
+    docs/protocol.md: about a day on 2 cores), decisive2 (its part 2, docs/protocol-part2.md), paper (days on many)"""
     behaviour_seed: int = 1
     """seed of the behaviour policy that collects each env's dataset, shared by every study seed (another seed when
     one stalls below the medium target; its datasets get the namespace suffix -b{seed})"""
@@ -283,7 +294,15 @@ def build_stages(args: Args, store: str) -> list:
                         f"evaluate:{st.id}",
                         "evaluate",
                         "evaluate_matrix.py",
-                        ["--checkpoints", f"{run_dir}/checkpoint.pt", "--output-dir", out, *sc["evaluate"], *workers],
+                        [
+                            "--checkpoints",
+                            f"{run_dir}/checkpoint.pt",
+                            "--output-dir",
+                            out,
+                            *sc["evaluate"],
+                            *(sc.get("scratch_evaluate", []) if info["init"] == "scratch" else []),
+                            *workers,
+                        ],
                         [st.id, att.id],
                         env_id,
                         seed,

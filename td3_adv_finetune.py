@@ -115,6 +115,8 @@ class Args:
     """episodes per condition and evaluation (seeds eval_seed + i)"""
     eval_seed: Annotated[int, Range(0)] = 10_000
     """first evaluation seed (the same episodes as the other stages)"""
+    keep_checkpoints: Annotated[int, Range(0)] = 0
+    """also keep the last K evaluations' policies (checkpoint_step{N}.pt), for evaluate_matrix.py --kept-episodes"""
     ref_min_score: Annotated[float | None, Range()] = None
     """override the checkpoint's reference return for normalized score 0"""
     ref_max_score: Annotated[float | None, Range()] = None
@@ -436,7 +438,7 @@ def main(args: Args):
         losses = torch.stack([critic_loss, q1_mean, actor_loss]).cpu()
         results = {"step": step, "eval": eval_metrics, "q": q, "q_ema": ema, **evaluation_summary(eval_metrics)}
         checkpoint = {**header, **results, **module_states(modules)}
-        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint)
+        save_policy(run_dir, checkpoint, args)
         loop = {"env": env_state(env), "norm_obs": norm_obs.cpu(), "episode": dataclasses.asdict(counters)}
         state = {**checkpoint, **loop, **online.state_dict(), "losses": losses, "learning_starts": learning_starts}
         save_checkpoint(os.path.join(run_dir, "state.pt"), {**state, **run.resume_state()})
@@ -619,6 +621,15 @@ def checkpoint_header(args: Args, ckpt: dict, obs_mean, obs_std, ref_min, ref_ma
         "perturbations_sha256": sha256_file(perturbations_path),
         "initial_checkpoint": args.checkpoint,
     }
+
+
+def save_policy(run_dir: str, checkpoint: dict, args: Args):
+    """checkpoint.pt, and a copy kept as checkpoint_step{N}.pt at each of the last --keep-checkpoints evaluations
+    (every --eval-freq steps and at --total-steps)."""
+    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint)
+    evaluations = sorted({*range(args.eval_freq, args.total_steps + 1, args.eval_freq), args.total_steps})
+    if args.keep_checkpoints and checkpoint["step"] in evaluations[-args.keep_checkpoints :]:
+        save_checkpoint(os.path.join(run_dir, f"checkpoint_step{checkpoint['step']}.pt"), checkpoint)
 
 
 def evaluation_summary(eval_metrics: dict) -> dict:

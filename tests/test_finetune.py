@@ -398,3 +398,21 @@ def test_scratch_starts_from_fresh_networks_not_the_checkpoint(hopper_checkpoint
     assert torch.equal(scratch["obs_mean"], torch.zeros(11)) and torch.equal(scratch["obs_std"], torch.ones(11))
     assert torch.equal(offline["obs_mean"], source["obs_mean"])
     assert scratch["init"] == "scratch" and offline["init"] == "offline"
+
+
+def test_the_kept_policies_are_those_of_the_last_k_evaluations(tmp_path):
+    """--keep-checkpoints K keeps the policies of the last K evaluations (every eval_freq steps and at the end)."""
+    from td3_adv_finetune import save_policy
+
+    def kept(total, freq, k):
+        folder = tmp_path / f"{total}-{freq}-{k}"
+        folder.mkdir()
+        args = ft.Args(total_steps=total, eval_freq=freq, keep_checkpoints=k)
+        for step in sorted({*range(freq, total + 1, freq), total}):
+            save_policy(str(folder), {"step": step}, args)
+        assert torch.load(folder / "checkpoint.pt", weights_only=True) == {"step": total}
+        return sorted(int(p.stem.removeprefix("checkpoint_step")) for p in folder.glob("checkpoint_step*.pt"))
+
+    assert kept(100_000, 5_000, 4) == [85_000, 90_000, 95_000, 100_000]
+    assert kept(100, 30, 2) == [90, 100]  # the run's last step is an evaluation too
+    assert kept(60, 30, 4) == [30, 60] and kept(60, 30, 0) == []

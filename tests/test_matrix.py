@@ -65,6 +65,7 @@ def policy_set(hopper_datasets, hopper_checkpoint, hopper_perturbations, tmp_pat
                 cuda=False,
                 run_name="ft1",
                 curriculum="linear",
+                keep_checkpoints=2,
             )
         )
     finally:
@@ -133,13 +134,14 @@ def test_fresh_attack_uses_de_semantics(matrix, policy_set):
     """The adversarial column is the fresh attack's δ set played through de_perturbations' own evaluator on the matrix's
     episodes. (Whether a 2-generation attack, searched on DE's own episodes, also lowers the return on the matrix's
     held-out episodes is chance at this size, so it is not asserted; tests/test_perturbations.py checks that DE beats
-    random search at an equal budget.)"""
+    random search at an equal budget.) The offline-only policies' precomputed sets were found against them with these
+    very settings, so they are reused, not rerun: one attack, the fine-tune's."""
     rows = list(csv.DictReader(open(matrix / "matrix.csv")))
-    path = str(policy_set / "runs" / "off1" / "checkpoint.pt")
+    path = str(policy_set / "runs" / "ft1" / "checkpoint.pt")
     ckpt = de.load_checkpoint(path)
     attacks = [np.load(f) for f in (matrix / "attacks").glob("*.npz")]
     mine = [a for a in attacks if str(a["checkpoint_sha256"]) == sha256_file(path)]
-    assert len(attacks) == 3 and len(mine) == 1  # one fresh attack per policy
+    assert len(attacks) == 1 and len(mine) == 1  # one fresh attack per policy that has none yet
     attack = mine[0]
     ev = de.PopulationEvaluator(ckpt, "multiplicative", ckpt.get("max_episode_steps"), 1)
     K = len(attack["perturbations"])
@@ -155,7 +157,7 @@ def test_fresh_attack_uses_de_semantics(matrix, policy_set):
 
 
 def test_attack_cache_is_reused_only_for_the_same_budget(matrix, policy_set, tmp_path):
-    off1, out = str(policy_set / "runs" / "off1"), tmp_path / "res"
+    off1, out = str(policy_set / "runs" / "ft1"), tmp_path / "res"
     shutil.copytree(matrix / "attacks", out / "attacks")
     before = set((out / "attacks").glob("*.npz"))
     em.main(em.Args(checkpoints=(off1,), output_dir=str(out), eval_episodes=1, num_workers=1))
@@ -312,14 +314,15 @@ def test_fresh_attack_copies_every_recorded_setting(matrix, policy_set):
     attack = next(
         np.load(f)
         for f in (matrix / "attacks").glob("*.npz")
-        if str(np.load(f)["checkpoint_sha256"]) == sha256_file(policy_set / "runs" / "off1" / "checkpoint.pt")
+        if str(np.load(f)["checkpoint_sha256"]) == sha256_file(policy_set / "runs" / "ft1" / "checkpoint.pt")
     )
     for key in ("de_seed", "max_episode_steps", "maxiter", "popsize", "de_episodes", "polish"):
         assert attack[key] == ref[key], key
     rows = list(csv.DictReader(open(matrix / "matrix.csv")))
-    assert {r["attack_budget"] for r in rows if r["checkpoint"].endswith("off1/checkpoint.pt")} == {
-        em.attack_budget(settings)
-    }
+    for run in ("off1", "ft1"):  # off1's is its precomputed set, found with these very settings
+        assert {r["attack_budget"] for r in rows if r["checkpoint"].endswith(f"{run}/checkpoint.pt")} == {
+            em.attack_budget(settings)
+        }
     table = (matrix / "matrix.md").read_text()
     assert "| offline-only |" in table and "† |" in table and "direct attack" in table
 
@@ -355,3 +358,100 @@ def test_normal_is_unperturbed_and_random_plays_the_stored_draws_not_the_de_set(
     assert rows["random"] == pytest.approx(random, abs=1e-3)  # the CSV keeps three decimals
     assert not any(np.allclose(d, p) for d in draws for p in ref["perturbations"])
     assert rows["normal"] != rows["random"]
+
+
+def test_an_offline_policy_s_own_precomputed_set_is_its_fresh_attack(matrix, policy_set):
+    """Found against this very checkpoint with every setting a fresh attack would use: the matrix plays it as the
+    adversarial cell (no DE rerun), so that cell equals the transfer cell episode for episode. Another checkpoint (a
+    retrained policy beside the same file) gets a fresh attack."""
+    rows = list(csv.DictReader(open(matrix / "matrix.csv")))
+    for run in ("off1", "off2"):
+        mine = {
+            r["eval_condition"]: r["episode_returns"] for r in rows if r["checkpoint"].endswith(f"{run}/checkpoint.pt")
+        }
+        assert mine["adversarial"] == mine["transfer"]
+    ref = np.load(policy_set / "runs" / "off1" / "perturbations.npz")
+    path = str(policy_set / "runs" / "off1" / "checkpoint.pt")
+    settings = em.attack_settings(ref, em.Args())
+    assert em.same_attack(ref, path, settings)
+    assert not em.same_attack(ref, str(policy_set / "runs" / "off2" / "checkpoint.pt"), settings)
+    assert not em.same_attack(ref, path, em.attack_settings(ref, em.Args(attack_maxiter=1)))
+
+
+def test_kept_policies_are_evaluated_and_pooled_and_no_fresh_attack_leaves_its_cells_out(policy_set, tmp_path):
+    """--kept-episodes: each kept policy of the fine-tune (the last K evaluations' checkpoints) on the same seeds under
+    every condition with the final policy's δ sets, pooled into `{condition}@kept` rows; an offline policy has none.
+    --no-fresh-attack: no adversarial cells, no attack run, and the table says why a cell is empty."""
+    ft1 = policy_set / "runs" / "ft1"
+    kept = sorted(p.name for p in ft1.glob("checkpoint_step*.pt"))
+    assert kept == ["checkpoint_step30.pt", "checkpoint_step60.pt"]  # the last 2 of the evaluations at 30 and 60
+    final, last = (torch.load(ft1 / n, weights_only=True) for n in ("checkpoint.pt", "checkpoint_step60.pt"))
+    first = torch.load(ft1 / "checkpoint_step30.pt", weights_only=True)
+    assert all(torch.equal(final["actor"][k], last["actor"][k]) for k in final["actor"])
+    assert not all(torch.equal(final["actor"][k], first["actor"][k]) for k in final["actor"])
+    out = tmp_path / "res"
+    args = em.Args(
+        checkpoints=(str(ft1), str(policy_set / "runs" / "off1")),
+        output_dir=str(out),
+        eval_episodes=2,
+        kept_episodes=2,
+        fresh_attack=False,
+        num_workers=1,
+    )
+    em.main(args)
+    rows = list(csv.DictReader(open(out / "matrix.csv")))
+    assert not (out / "attacks").exists() or not list((out / "attacks").glob("*.npz"))
+    by = {(r["policy"], r["eval_condition"]): r for r in rows}
+    assert {c for p, c in by if p == "offline-only"} == {"normal", "random", "transfer"}
+    label = "fine-tuned adversarial (linear)"
+    assert {c for p, c in by if p == label} == {"normal", "random", "transfer", "normal@kept", "random@kept"} | {
+        "transfer@kept"
+    }
+    ckpt = de.load_checkpoint(str(ft1 / "checkpoint.pt"))
+    ref = np.load(ft1.parent / "off1" / "perturbations.npz")
+    conditions = {"normal": np.zeros((1, ckpt["act_dim"])), "random": ref["random_deltas"]}
+    conditions["transfer"] = ref["perturbations"]
+    expected = {c: [] for c in conditions}
+    for name in kept:
+        returns = em.evaluate_policy(de.load_checkpoint(str(ft1 / name)), conditions, 2, em.EVAL_SEED, "multiplicative")
+        for c in conditions:
+            expected[c] += list(returns[c])
+    for c in conditions:
+        got = [float(x) for x in by[(label, c + "@kept")]["episode_returns"].split(";")]
+        assert got == pytest.approx(expected[c], abs=1e-3) and by[(label, c + "@kept")]["episodes"] == "4"
+    table = (out / "matrix.md").read_text()
+    assert "Averaged over the end of training" in table and "| normal@kept |" in table and "— not evaluated" in table
+    proc = run_cli(
+        "evaluate_matrix.py",
+        "--checkpoints",
+        str(policy_set / "runs" / "off1"),
+        str(ft1),
+        "--kept-episodes",
+        "1",
+        "--no-fresh-attack",
+        "--output-dir",
+        str(tmp_path / "again"),
+        "--num-workers",
+        "1",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (ft1 / "checkpoint_step30.pt").rename(tmp_path / "moved.pt")
+    try:
+        proc = run_cli(
+            "evaluate_matrix.py",
+            "--checkpoints",
+            str(ft1),
+            "--kept-episodes",
+            "1",
+            "--no-fresh-attack",
+            "--output-dir",
+            str(tmp_path / "third"),
+            "--num-workers",
+            "1",
+            cwd=tmp_path,
+        )
+        assert_one_line_error(proc, "checkpoint_step30.pt", "rerun that fine-tune")
+        assert not (tmp_path / "third" / "matrix.csv").exists()
+    finally:
+        (tmp_path / "moved.pt").rename(ft1 / "checkpoint_step30.pt")

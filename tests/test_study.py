@@ -636,6 +636,23 @@ def test_the_decisive_scale_is_the_protocol_s_budgets():
     assert sc["namespace"] == "local-medium" and sc["tag"] == "decisive"
 
 
+def test_the_decisive2_scale_is_part_1_s_budgets_with_kept_policies_and_no_unread_attack():
+    """docs/protocol-part2.md §4: part 1's budgets, plus the last 4 evaluations' policies kept by every fine-tune and
+    evaluated on 10 held-out episodes each, and no fresh attack on the scratch arm (no endpoint reads it)."""
+    import study
+
+    one, two = study.SCALES["decisive"], study.SCALES["decisive2"]
+    assert {k: two[k] for k in ("namespace", "collect", "pretrain", "de", "scratch_starts")} == {
+        k: one[k] for k in ("namespace", "collect", "pretrain", "de", "scratch_starts")
+    }
+    assert two["finetune"] == one["finetune"] + ["--keep-checkpoints", "4"] and two["tag"] == "decisive2"
+    assert two["evaluate"] == ["--kept-episodes", "10"] and two["scratch_evaluate"] == ["--no-fresh-attack"]
+    stages = study.build_stages(study.Args(scale="decisive2", env_ids=("HalfCheetah-v5",), seeds=(3,)), "/nowhere")
+    evaluations = {s.policy["init"] + s.policy["curriculum"]: s.argv for s in stages if s.kind == "evaluate"}
+    assert sum("--no-fresh-attack" in argv for argv in evaluations.values()) == 1
+    assert "--no-fresh-attack" in evaluations["scratchadaptive"]
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
