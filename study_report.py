@@ -35,6 +35,9 @@ from robust_o2o.files import write_text
 from robust_o2o.plots import save_curve_panels, save_q_plot
 
 EVAL_CONDITIONS = ("normal", "random", "adversarial", "transfer")
+KEPT = "@kept"  # rows that pool a fine-tune's kept policies (evaluate_matrix.py --kept-episodes): protocol part 2
+KEPT_CONDITIONS = tuple(c + KEPT for c in EVAL_CONDITIONS)
+ALL_CONDITIONS = EVAL_CONDITIONS + KEPT_CONDITIONS
 # evaluated during fine-tuning (adversarial: the precomputed set)
 CURVE_CONDITIONS = (
     "normal",
@@ -63,6 +66,22 @@ ENDPOINTS = {
     "online_auc": "mean normalized normal return over the fine-tune's evaluations after step 0 (the area under the "
     "online learning curve; step 0 is the offline policy by construction and is left out; scratch's uniform warm-up "
     "counts as online steps)",
+}
+
+
+# Part 2 (docs/protocol-part2.md): where the matrices hold {condition}@kept rows, the claims' normal, random and
+# robustness endpoints average the fine-tune's kept policies (the last 4 evaluations), on held-out episodes
+AVERAGED_ENDPOINTS = {
+    "normal": "normalized return without δ, averaged over a fine-tune's kept policies (the last 4 evaluations' "
+    "checkpoints, 10 held-out episodes each; offline-only: its one policy's final evaluation)",
+    "random": "the same under the study's random δ draws",
+    "robustness": "the worse, per seed, of two δ sets played on those kept policies and episodes: the fresh DE attack "
+    "found against the final policy, and the transferred (precomputed) set (offline-only: its precomputed set, which "
+    "is its own attack)",
+    "online_auc": ENDPOINTS["online_auc"],
+    "retained": "robustness ÷ normal per seed: the share of its normal return a policy keeps under attack (secondary)",
+    "normal (final)": "part 1's normal endpoint: the final policy alone (secondary)",
+    "robustness (final)": "part 1's robustness endpoint: the final policy alone (secondary)",
 }
 
 
@@ -124,6 +143,15 @@ SECONDARY = (  # reported with unadjusted p-values; no verdict rests on them
     Comparison(ADAPTIVE, OFFLINE, "normal"),
     Comparison(ADV_FIXED, OFFLINE, "normal"),
     Comparison(NORMAL_FT, OFFLINE, "robustness"),
+)
+SECONDARY_AVERAGED = SECONDARY + (  # part 2: the retained share, and the primary comparisons on part 1's endpoints
+    Comparison(ADV_FIXED, OFFLINE, "retained"),
+    Comparison(ADV_FIXED, NORMAL_FT, "retained"),
+    Comparison(ADV_FIXED, OFFLINE, "robustness (final)"),
+    Comparison(NORMAL_FT, ADV_FIXED, "normal (final)"),
+    Comparison(ADV_FIXED, NORMAL_FT, "robustness (final)"),
+    Comparison(ADAPTIVE, LINEAR, "normal (final)"),
+    Comparison(ADAPTIVE, LINEAR, "robustness (final)"),
 )
 
 
@@ -365,6 +393,8 @@ def endpoint_values(rows: list, curves: dict) -> dict:
         if cond == "adversarial":
             transfer = out.get((env, pol, "transfer"), {})
             out[(env, pol, "robustness")] = {s: min(v, transfer[s]) for s, v in by_seed.items() if s in transfer}
+    if any(cond.endswith(KEPT) for _, _, cond in out):
+        averaged(out)
     for (env, pol), runs in curves.items():
         out[(env, pol, "online_auc")] = {
             s: float(np.mean([r["normal_normalized"] for r in run if r["step"] > 0]))
@@ -372,6 +402,27 @@ def endpoint_values(rows: list, curves: dict) -> dict:
             if any(r["step"] > 0 for r in run)
         }
     return out
+
+
+def is_averaged(values: dict) -> bool:
+    """Part 2's endpoints: the matrices held rows that pool the fine-tunes' kept policies."""
+    return any(endpoint == "normal (final)" for _, _, endpoint in values)
+
+
+def averaged(out: dict):
+    """Part 2's endpoints in place (docs/protocol-part2.md): normal, random and robustness from the rows that pool a
+    fine-tune's kept policies, where it has them (offline-only has one policy: its final evaluation); part 1's
+    final-policy values kept as "normal (final)" and "robustness (final)"; the retained share, robustness ÷ normal."""
+    for env, pol in {(e, p) for e, p, _ in out}:
+        final = {c: out.get((env, pol, c), {}) for c in ("normal", "random", "robustness")}
+        out[(env, pol, "normal (final)")], out[(env, pol, "robustness (final)")] = final["normal"], final["robustness"]
+        kept = {c: out.get((env, pol, c + KEPT), {}) for c in EVAL_CONDITIONS}
+        if kept["normal"]:
+            out[(env, pol, "normal")], out[(env, pol, "random")] = kept["normal"], kept["random"]
+            worse = {s: min(v, kept["transfer"][s]) for s, v in kept["adversarial"].items() if s in kept["transfer"]}
+            out[(env, pol, "robustness")] = worse
+        normal, robustness = out.get((env, pol, "normal"), {}), out.get((env, pol, "robustness"), {})
+        out[(env, pol, "retained")] = {s: v / normal[s] for s, v in robustness.items() if normal.get(s, 0) > 0}
 
 
 def compare(values: dict, comp: Comparison, env: str, confidence: float, alpha: float = ALPHA) -> dict | None:
@@ -843,20 +894,20 @@ def plot_heatmap(path: str, g: str, policies: list, est: dict, confidence: float
     import matplotlib.pyplot as plt
 
     labels = [p for p in policies if (g, p, "normal") in est]
-    vals = np.array([[est[(g, p, c)][0][0] for c in EVAL_CONDITIONS] for p in labels])
+    vals = np.array([[est[(g, p, c)][0][0] if (g, p, c) in est else np.nan for c in EVAL_CONDITIONS] for p in labels])
     fig, ax = plt.subplots(figsize=(10, 1.4 + 0.6 * len(labels)), dpi=100)
     im = ax.imshow(vals, cmap="viridis", aspect="auto")
     for i, p in enumerate(labels):
         for j, c in enumerate(EVAL_CONDITIONS):
-            _, lo, hi, _ = est[(g, p, c)]
+            _, lo, hi, _ = est.get((g, p, c), (None, [np.nan], [np.nan], 0))
             ax.text(
                 j,
                 i,
-                f"{vals[i, j]:.1f}\n[{lo[0]:.1f}, {hi[0]:.1f}]",
+                "–" if np.isnan(vals[i, j]) else f"{vals[i, j]:.1f}\n[{lo[0]:.1f}, {hi[0]:.1f}]",
                 ha="center",
                 va="center",
                 fontsize=8,
-                color="w" if vals[i, j] < vals.mean() else "k",
+                color="w" if vals[i, j] < np.nanmean(vals) else "k",
             )
     ax.set_xticks(range(len(EVAL_CONDITIONS)), EVAL_CONDITIONS)
     ax.set_yticks(range(len(labels)), labels)
@@ -875,7 +926,7 @@ def per_seed_tables(rows: list, curves: dict, order=lambda policy: policy) -> tu
     (env, policy, seed, evaluation step); study.py writes them per chain, the report per study."""
     evaluations = sorted(
         ({k: r[k] for k in EVALUATION_FIELDS} for r in rows),
-        key=lambda r: (r["env_id"], order(r["policy"]), r["seed"], EVAL_CONDITIONS.index(r["eval_condition"])),
+        key=lambda r: (r["env_id"], order(r["policy"]), r["seed"], ALL_CONDITIONS.index(r["eval_condition"])),
     )
     curve_rows = [
         {"env_id": g, "policy": pol, "seed": seed, **r}
@@ -897,20 +948,25 @@ def to_csv(rows: list) -> str:
 
 
 # The report's sections
-def matrix_section(groups, policies, est, reps, confidence, budgets) -> tuple:
+def matrix_section(groups, policies, est, reps, confidence, budgets, conditions=EVAL_CONDITIONS) -> tuple:
     out, csv_rows = [], []
+    kept = conditions == KEPT_CONDITIONS
     for g in groups:
         out += [
-            f"## T1: policy × evaluation condition, {g} (IQM [{int(confidence * 100)}% CI])",
+            f"## T1{'b' if kept else ''}: policy × evaluation condition, {g}"
+            f"{', averaged over the kept policies' if kept else ''} (IQM [{int(confidence * 100)}% CI])",
             "",
-            "| policy | seeds | " + " | ".join(EVAL_CONDITIONS) + " |",
-            "|---|---|" + "---|" * len(EVAL_CONDITIONS),
+            "| policy | seeds | " + " | ".join(conditions) + " |",
+            "|---|---|" + "---|" * len(conditions),
         ]
         for pol in policies:
-            if (g, pol, "normal") not in est:
+            if (g, pol, conditions[0]) not in est:
                 continue
             cells = []
-            for c in EVAL_CONDITIONS:
+            for c in conditions:
+                if (g, pol, c) not in est:
+                    cells.append("–")
+                    continue
                 (iqm, mean), lo, hi, n = est[(g, pol, c)]
                 cells.append(fmt(iqm, lo[0], hi[0]) + (" †" if pol == OFFLINE and c == "transfer" else ""))
                 csv_rows.append(
@@ -927,8 +983,15 @@ def matrix_section(groups, policies, est, reps, confidence, budgets) -> tuple:
                         "mean_hi": hi[1],
                     }
                 )
-            out.append(f"| {pol} | {est[(g, pol, 'normal')][3]} | " + " | ".join(cells) + " |")
+            out.append(f"| {pol} | {est[(g, pol, conditions[0])][3]} | " + " | ".join(cells) + " |")
         out.append("")
+    if kept:
+        return out + [
+            "Each fine-tune's kept policies (the last evaluations' checkpoints), each on the held-out episodes of the "
+            "final evaluation under the final policy's δ sets, pooled per seed (offline-only: see T1). – : no fresh "
+            "attack on that arm (no endpoint reads it).",
+            "",
+        ], csv_rows
     out += [
         "Columns: normal (no δ); random (the study's random δ draws); adversarial (a fresh DE attack on each policy; "
         f"budget: {budgets}); transfer (the δ set precomputed against the offline policy, which fine-tuning trained "
@@ -949,8 +1012,9 @@ def paired_section(values: dict, envs: list, confidence: float, alpha: float) ->
         "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = []
+    part2 = is_averaged(values)
     comps = [(f"claim {c.number}", comp) for c in CLAIMS for comp in c.components] + [
-        ("secondary", s) for s in SECONDARY
+        ("secondary", s) for s in (SECONDARY_AVERAGED if part2 else SECONDARY)
     ]
     for env in envs:
         for role, comp in comps:
@@ -981,7 +1045,8 @@ def paired_section(values: dict, envs: list, confidence: float, alpha: float) ->
                     "p": r["p"],
                 }
             )
-    return out + ["", "Endpoints: " + "; ".join(f"**{k}**: {v}" for k, v in ENDPOINTS.items()) + ".", ""], rows
+    endpoints = AVERAGED_ENDPOINTS if part2 else ENDPOINTS
+    return out + ["", "Endpoints: " + "; ".join(f"**{k}**: {v}" for k, v in endpoints.items()) + ".", ""], rows
 
 
 def curricula_section(envs, est, curves, confidence) -> list:
@@ -1267,7 +1332,7 @@ def main(args: Args):
     R, C = args.reps, args.confidence
     values = endpoint_values(rows, curves)
     for (env, pol, endpoint), by_seed in values.items():  # robustness joins the descriptive tables
-        if endpoint == "robustness":
+        if endpoint == "robustness" and by_seed:
             table.setdefault((pol, "robustness"), {})[env] = np.array([[by_seed[s]] for s in sorted(by_seed)])
     est = {}  # (group, policy, condition) -> ((iqm, mean), lo, hi, n)
     for (pol, cond), arrs in table.items():
@@ -1318,6 +1383,9 @@ def main(args: Args):
     out += section
     section, csv_rows = matrix_section(groups, policies, est, R, C, attack_budgets(rows, manifest))
     out += section
+    if is_averaged(values):
+        section, kept_rows = matrix_section(groups, policies, est, R, C, "", KEPT_CONDITIONS)
+        out, csv_rows = out + section, csv_rows + kept_rows
     out += [
         "## Probability of improvement P(X > Y) [CI] (rliable, descriptive)",
         "",

@@ -1,6 +1,8 @@
 # The power calculation behind part 2's seeds and looks (docs/protocol-part2.md §3), from part 1's committed rows.
 """Reads the Hopper study's per-seed rows (results/study-hopper-100k/chains/), and prints:
 
+0. per fine-tuned arm, the spread across seeds of the normal endpoint under each definition, and how far the final
+   evaluation sits below the run's best periodic evaluation;
 1. each primary comparison's paired effect (mean difference, SD of the differences, dz = mean / SD) under part 1's
    endpoints (the final policy's evaluation) and under part 2's (averaged over the last K evaluations; here from the
    fine-tunes' periodic evaluations, the only part-1 record of the end of training: normal and random as logged,
@@ -59,7 +61,7 @@ def load(chains: str, last_k: int) -> dict:
         for r in csv.DictReader(open(path)):
             row = (int(r["step"]), *(float(r[f"{c}_normalized"]) for c in ("normal", "random", "adversarial")))
             curves[r["policy"]][int(r["seed"])].append(row)
-    final, averaged = {}, {}
+    final, averaged, gaps = {}, {}, {}
     for (pol, cond), by_seed in evals.items():
         if cond in ("normal", "random"):
             final[(pol, cond)] = averaged[(pol, cond)] = dict(by_seed)
@@ -75,9 +77,10 @@ def load(chains: str, last_k: int) -> dict:
         averaged[(pol, "robustness")] = {
             s: min(float(np.mean([r[3] for r in t])), fresh[s]) for s, t in tail.items() if s in fresh
         }
+        gaps[pol] = [max(r[1] for r in run) - sorted(run)[-1][1] for run in runs.values()]
         auc = {s: float(np.mean([r[1] for r in run if r[0] > 0])) for s, run in runs.items()}
         final[(pol, "online_auc")] = averaged[(pol, "online_auc")] = auc
-    return {"final": final, "averaged": averaged}
+    return {"final": final, "averaged": averaged, "gaps": gaps}
 
 
 def effects(values: dict) -> list:
@@ -159,7 +162,14 @@ def verdicts(values: dict, n: int, reps: int, alpha: float, rng, directional: bo
 
 def main(args: Args):
     data = load(args.chains, args.last_k)
-    print(f"Part 1's paired effects (Hopper-v5, {args.chains}); normalized points; dz = mean / SD of the differences\n")
+    print(f"Part 1's fine-tuned arms (Hopper-v5, {args.chains}); normalized points\n")
+    print("| arm | seeds | SD of normal: final | SD of normal: averaged | final below the run's best, mean |")
+    print("|---|---|---|---|---|")
+    for pol, gaps in sorted(data["gaps"].items()):
+        f, a = data["final"][(pol, "normal")], data["averaged"][(pol, "normal")]
+        sd_f, sd_a = np.std(list(f.values()), ddof=1), np.std(list(a.values()), ddof=1)
+        print(f"| {pol} | {len(gaps)} | {sd_f:.1f} | {sd_a:.1f} ({sd_a / sd_f - 1:+.0%}) | {np.mean(gaps):.1f} |")
+    print("\nPart 1's paired effects; dz = mean / SD of the differences\n")
     print("| claim | comparison | endpoint | n | final: mean, SD, dz | averaged (last 4): mean, SD, dz |")
     print("|---|---|---|---|---|---|")
     for (num, comp, n, m, sd, dz), (_, _, _, m2, sd2, dz2) in zip(effects(data["final"]), effects(data["averaged"])):

@@ -588,6 +588,7 @@ def test_a_damaged_attack_setting_is_one_true_line_and_writes_nothing(
     cannot parse once surfaced as tyro's box border. Now: its message, in one line, and no folder made."""
     d = dict(np.load(hopper_perturbations, allow_pickle=False))
     d["strategy"] = np.asarray("sideways")
+    d["checkpoint_sha256"] = np.asarray("0" * 64)  # found against another policy: the attack runs, not reused
     run = offline_run(tmp_path / "run", hopper_checkpoint).parent
     save_npz(str(run / "perturbations.npz"), d)
     before = tree(tmp_path)

@@ -23,9 +23,10 @@ CONDS = ("normal", "random", "adversarial", "transfer")
 
 def fake_study(root: Path, scores: dict, seeds=tuple(range(1, 9)), steps=(0, 5000, 10000)):
     """A study folder with the files the report reads: one matrix.csv per policy and metrics.jsonl per fine-tune.
-    scores: policy label -> (init, condition, curriculum, fn(seed, eval condition) -> normalized score)."""
+    scores: policy label -> (init, condition, curriculum, fn(seed, eval condition) -> normalized score, or None for a
+    condition the matrix left out), and optionally a fifth fn for the `{condition}@kept` rows of part 2."""
     policies = []
-    for label, (init, cond, curr, fn) in scores.items():
+    for label, (init, cond, curr, fn, *kept) in scores.items():
         for seed in seeds:
             run = f"runs/{label.replace(' ', '_')}_{seed}"
             (root / run).mkdir(parents=True)
@@ -45,15 +46,17 @@ def fake_study(root: Path, scores: dict, seeds=tuple(range(1, 9)), steps=(0, 500
                     ],
                 )
                 w.writeheader()
-                for c in CONDS:
+                cells = [(c, fn(seed, c)) for c in CONDS]
+                cells += [(c + "@kept", kept[0](seed, c)) for c in CONDS] if kept else []
+                for c, value in ((c, v) for c, v in cells if v is not None):
                     w.writerow(
                         {
                             "policy": label,
                             "seed": seed,
                             "env_id": "Hopper-v5",
                             "eval_condition": c,
-                            "mean_return": 10 * fn(seed, c),
-                            "normalized_mean": fn(seed, c),
+                            "mean_return": 10 * value,
+                            "normalized_mean": value,
                             "checkpoint": f"{run}/checkpoint.pt",
                             "attack_budget": "K=2 maxiter=3 popsize=4 episodes=2",
                         }
@@ -65,8 +68,10 @@ def fake_study(root: Path, scores: dict, seeds=tuple(range(1, 9)), steps=(0, 500
                         frac = i / (len(steps) - 1)
                         row = {"step": s, "curriculum/q": 0.1 + 0.4 * frac}
                         for c in ("normal", "random", "adversarial"):
-                            row[f"eval/{c}_normalized"] = fn(seed, c) * frac  # 0–100, as td3_adv_finetune.py logs it
-                            row[f"eval/{c}_return"] = 10 * fn(seed, c) * frac
+                            row[f"eval/{c}_normalized"] = (
+                                fn(seed, c) or fn(seed, "transfer")
+                            ) * frac  # 0–100, as td3_adv_finetune.py logs it
+                            row[f"eval/{c}_return"] = 10 * row[f"eval/{c}_normalized"]
                         if s > 0:  # the realized exposure is logged from the first evaluation after step 0
                             row["charts/perturbed_fraction"] = row["charts/perturbed_step_fraction"] = 0.25
                         f.write(json.dumps(row) + "\n")
@@ -784,3 +789,48 @@ def test_a_p_below_one_in_a_thousand_is_printed_not_rounded_to_zero(tmp_path):
     sr.main(sr.Args(results_dir=str(res), reps=200))
     report = (res / "report.md").read_text()
     assert "p = 0.0005, X higher in 12 of 12 seeds" in report and "sign-flip p 0.0005 |" in report
+
+
+def test_part_2_judges_the_claims_on_the_kept_policies_and_keeps_part_1_s_endpoints_as_secondary(tmp_path):
+    """Where the matrices hold `{condition}@kept` rows (part 2, docs/protocol-part2.md), normal, random and robustness
+    average the fine-tune's kept policies (robustness: the worse of the kept policies' fresh-attack and transfer
+    rows); offline-only keeps its final evaluation; part 1's final-policy endpoints and the retained share are
+    secondary. Planted: the final policy is unlucky (its robustness below offline-only's), the kept ones are not."""
+    scores = {
+        sr.OFFLINE: ("offline", "", "", lambda s, c: 40.0 if c == "normal" else 10.0 + s % 3),
+        sr.ADV_FIXED: (
+            "offline",
+            "adversarial",
+            "fixed",
+            lambda s, c: 50.0 if c == "normal" else 5.0,
+            lambda s, c: {"normal": 60.0, "random": 55.0, "adversarial": 20.0 + s % 2, "transfer": 25.0}[c],
+        ),
+        sr.SCRATCH: (  # no fresh attack on scratch: no adversarial rows at all
+            "scratch",
+            "adversarial",
+            "adaptive",
+            lambda s, c: None if c == "adversarial" else 8.0,
+            lambda s, c: None if c == "adversarial" else 9.0,
+        ),
+    }
+    res = fake_study(tmp_path, scores, seeds=tuple(range(1, 11)))
+    sr.main(sr.Args(results_dir=str(res), reps=200))
+    paired = {(r["role"], r["x"], r["endpoint"]): r for r in csv.DictReader(open(res / "paired.csv"))}
+    claim1 = paired[("claim 1", sr.ADV_FIXED, "robustness")]
+    robustness = [min(20.0 + s % 2, 25.0) - (10.0 + s % 3) for s in range(1, 11)]
+    assert float(claim1["mean_difference"]) == pytest.approx(np.mean(robustness)) and claim1["x_higher"] == "10"
+    final = next(r for (role, x, e), r in paired.items() if e == "robustness (final)" and r["y"] == sr.OFFLINE)
+    assert float(final["mean_difference"]) == pytest.approx(np.mean([5.0 - (10.0 + s % 3) for s in range(1, 11)]))
+    retained = next(r for (role, x, e), r in paired.items() if e == "retained" and r["y"] == sr.OFFLINE)
+    shares = [min(20.0 + s % 2, 25.0) / 60.0 - (10.0 + s % 3) / 40.0 for s in range(1, 11)]
+    assert float(retained["mean_difference"]) == pytest.approx(np.mean(shares), abs=1e-6)
+    report = (res / "report.md").read_text()
+    assert "1. Adversarial fine-tuning is more robust" in report and "**supported**" in report.split("## Paired")[0]
+    assert "## T1b: policy × evaluation condition, Hopper-v5, averaged over the kept policies" in report
+    assert "averaged over a fine-tune's kept policies" in report  # the endpoints' definitions are part 2's
+    t1 = report.split("## T1: ")[1].split("## T1b")[0]
+    assert next(ln for ln in t1.splitlines() if ln.startswith(f"| {sr.SCRATCH}")).split("|")[5].strip() == "–"
+    evaluations = list(csv.DictReader(open(res / "evaluations.csv")))
+    assert {r["eval_condition"] for r in evaluations} == set(CONDS) | {c + "@kept" for c in CONDS}
+    again = sr.load_csvs(str(res))[0]  # the committed tables judge alike
+    assert {r["eval_condition"] for r in again} == set(CONDS) | {c + "@kept" for c in CONDS}
