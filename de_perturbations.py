@@ -103,6 +103,8 @@ class Args:
     """seed for the random draws"""
     resume: bool = False
     """continue an interrupted run from {output}.state.npz (written after every DE generation)"""
+    overwrite: bool = False
+    """replace an existing --output (a fine-tune that recorded the old set then refuses the new one)"""
     track: bool = False
     """log to Weights & Biases (honours WANDB_MODE=offline)"""
     wandb_project_name: str = "robust-o2o"
@@ -347,7 +349,7 @@ def load_state(path: str, args: Args) -> dict | None:
         saved = json.loads(str(state["args"]))
     except Exception as e:
         raise UserError(f"{path} is unreadable ({type(e).__name__}); delete it and run without --resume") from None
-    check_resume_args(saved, json.loads(json.dumps(asdict(args))), ("resume", "track", "num_workers"))
+    check_resume_args(saved, json.loads(json.dumps(asdict(args))), ("resume", "overwrite", "track", "num_workers"))
     if np.ndim(state["baseline"]) != 2:  # before the per-(δ, episode) baseline: its summary cannot be continued
         raise UserError(f"{path} was written by an older version of this script; delete it and run without --resume")
     histories = [h[~np.isnan(h)].tolist() for h in state["histories"]]  # the runs it had finished:
@@ -447,6 +449,11 @@ def resolve_inputs(args: Args) -> tuple:
     output = args.output or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
     if not output.endswith(".npz"):
         raise UserError(f"--output must end in .npz (got {output})")
+    if os.path.exists(output) and not (args.overwrite or args.resume):
+        raise UserError(
+            f"{output} already exists, and fine-tuned checkpoints may record it; pass --overwrite to replace it, or "
+            f"another --output"
+        )
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     return ckpt, env_id, max_steps, output
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from robust_o2o.cli import Range, UserError, check_ranges, cli
 from robust_o2o.evaluation import ConditionEvaluator, normalized_score
 from robust_o2o.files import sha256_file, write_text
-from robust_o2o.formats import find_checkpoints, load_checkpoint, load_perturbations
+from robust_o2o.formats import check_recorded_set, find_checkpoints, load_checkpoint, load_perturbations
 from robust_o2o.plots import save_curve_panels, save_figure, save_q_plot
 from robust_o2o.video import captioned, check_rendering, record_episode, side_by_side, write_video
 
@@ -467,6 +467,9 @@ def main(args: Args):
         p: load_perturbations(reference_npz_path(p, c), env_id, c["act_dim"], require=REFERENCE_KEYS)
         for p, c in ckpts.items()
     }
+    for p, c in ckpts.items():  # the set a fine-tune trained against, by content: not another under its name
+        if "perturbations_sha256" in c:
+            check_recorded_set(reference_npz_path(p, c), c["perturbations_sha256"], f"the fine-tune {p}")
     finetuned = defaultdict(list)
     for p, c in ckpts.items():
         if is_finetuned(c):

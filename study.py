@@ -241,6 +241,7 @@ def build_stages(args: Args, store: str) -> list:
                 env_id,
                 seed,
                 resume_file=npz + ".state.npz",
+                fresh=["--overwrite"] if args.overwrite else [],  # else an existing set is refused, never replaced
             )
             stages += [pre, att]
             policies = [(pre, run, {"init": "offline", "finetune_condition": "", "curriculum": ""})]

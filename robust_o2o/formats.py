@@ -9,6 +9,7 @@ import torch
 
 from robust_o2o.cli import UserError
 from robust_o2o.envs import env_mismatch
+from robust_o2o.files import sha256_file
 
 CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
 
@@ -177,6 +178,18 @@ def load_perturbations(path: str, env_id: str | None = None, act_dim: int | None
             f"but the checkpoint is {env_id} with {act_dim}; run de_perturbations.py on this checkpoint"
         )
     return npz
+
+
+def check_recorded_set(path: str, recorded_sha256: str, who: str):
+    """A δ set a checkpoint or state records is read only if it is that very file: its sha256 must be the one recorded
+    (a set made again, e.g. by de_perturbations.py run with another --de-seed, is another set under the same name)."""
+    actual = sha256_file(path)
+    if actual != str(recorded_sha256):
+        raise UserError(
+            f"{path} is not the δ set {who} recorded: its sha256 is {actual[:16]}…, the record says "
+            f"{str(recorded_sha256)[:16]}… (the file was made again since); restore that set, or fine-tune anew "
+            f"against this one (td3_adv_finetune.py)"
+        )
 
 
 def perturbations_problem(npz: dict, require=()) -> str | None:

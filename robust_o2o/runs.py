@@ -144,6 +144,8 @@ class Run:
 
     def __init__(self, run_dir: str, run_name: str, args, resumed: dict | None, **extra):
         lock_run_dir(run_dir)  # refuses a second process on the same folder
+        if resumed is not None:  # before anything is written
+            check_metrics(os.path.join(run_dir, "metrics.jsonl"), resumed["metrics_bytes"])
         if resumed is None and args.overwrite:
             move_old_run_aside(run_dir)  # the replaced run goes whole: nothing of it can mix with this run's files
         self.dir = run_dir
@@ -165,7 +167,10 @@ class Run:
             self.wandb = wandb
 
     def resume_state(self) -> dict:
-        """What a resume needs from the run itself: the generators now, and metrics.jsonl's length (cut back to it)."""
+        """What a resume needs from the run itself: the generators now, and metrics.jsonl's length (cut back to it). The
+        log is made durable first, so a state never records rows that a power loss could take from the log."""
+        self.metrics.flush()
+        os.fsync(self.metrics.fileno())
         return {"rng": rng_state(), "metrics_bytes": self.metrics.tell()}
 
     def log(self, row: dict):
@@ -182,6 +187,17 @@ class Run:
         self.metrics.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def check_metrics(path: str, recorded_bytes: int):
+    """A resumed run's log must hold every row its state records (a log cut short would be extended with NUL bytes)."""
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    if size is None or size < recorded_bytes:
+        raise UserError(
+            f"{path} holds {size or 0} bytes but the state being resumed records {recorded_bytes}: rows of the run's "
+            f"log are lost, so it cannot be continued as one record; restore the log, or start the run again "
+            f"(--overwrite)"
+        )
 
 
 def open_metrics(path: str, resumed: dict | None):

@@ -419,3 +419,61 @@ def test_overwrite_moves_the_old_run_aside_whole_even_when_the_new_run_dies_befo
     (aside,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("r.replaced-")]
     assert {name: (aside / name).read_bytes() for name in os.listdir(aside)} == old  # the old run, byte for byte
     assert f"moved to runs/{aside.name}" in capsys.readouterr().out
+
+
+def test_a_replaced_delta_set_is_refused_by_content_by_every_reader(hopper_checkpoint, hopper_perturbations, tmp_path):
+    """A fine-tune records its δ set's path and sha256. Running DE again over that path is refused without
+    --overwrite; once the file is replaced anyway, the matrix (its transfer and random cells) and --resume refuse it in
+    one line naming both hashes and the file, and write nothing."""
+    from test_bad_inputs import tree
+
+    from conftest import offline_run
+    from robust_o2o.files import sha256_file
+
+    run = offline_run(tmp_path / "runs" / "off", hopper_checkpoint, hopper_perturbations).parent
+    npz = str(run / "perturbations.npz")
+    proc = run_cli(
+        "td3_adv_finetune.py", *ft_args(str(run / "checkpoint.pt"), npz, "ft", 40, eval_freq=20), cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recorded = sha256_file(npz)
+    de_argv = ["--checkpoint", str(run / "checkpoint.pt"), "--epsilon", "0.4", "--num-perturbations", "1"]
+    de_argv += ["--popsize", "4", "--maxiter", "1", "--de-episodes", "1", "--eval-episodes", "1", "--random-draws", "2"]
+    de_argv += ["--de-seed", "7", "--num-workers", "1"]
+    assert_one_line_error(run_cli("de_perturbations.py", *de_argv, cwd=tmp_path), "already exists", "--overwrite")
+    assert sha256_file(npz) == recorded
+    proc = run_cli("de_perturbations.py", *de_argv, "--overwrite", cwd=tmp_path)  # the user insists: another set
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    now = sha256_file(npz)
+    assert now != recorded
+    before = tree(tmp_path)
+    matrix = run_cli(
+        "evaluate_matrix.py", "--checkpoints", str(tmp_path / "runs" / "ft"), "--eval-episodes", "1",
+        "--no-fresh-attack", "--output-dir", str(tmp_path / "out"), cwd=tmp_path,
+    )  # fmt: skip
+    assert_one_line_error(matrix, npz, now[:16], recorded[:16], "td3_adv_finetune.py")
+    resume = run_cli(
+        "td3_adv_finetune.py", *ft_args(str(run / "checkpoint.pt"), npz, "ft", 60, "--resume", eval_freq=20),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert_one_line_error(resume, npz, now[:16], recorded[:16])
+    assert tree(tmp_path) == before
+
+
+def test_a_resumed_log_shorter_than_its_state_records_is_refused(hopper_checkpoint, hopper_perturbations, tmp_path):
+    """The state is fsynced with the log's length; a log cut shorter (a power loss before the log reached the disk)
+    would be extended with NUL bytes and no longer parse. --resume refuses it in one line and changes no file; the log
+    is made durable before each state that records its length."""
+    from test_bad_inputs import tree
+
+    inputs = (hopper_checkpoint, hopper_perturbations)
+    proc = run_cli("td3_adv_finetune.py", *ft_args(*inputs, "short", 40, eval_freq=20), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = tmp_path / "runs" / "short" / "metrics.jsonl"
+    state = torch.load(tmp_path / "runs" / "short" / "state.pt", weights_only=True)
+    assert state["metrics_bytes"] == log.stat().st_size
+    log.write_bytes(log.read_bytes()[: state["metrics_bytes"] // 2])
+    before = tree(tmp_path)
+    proc = run_cli("td3_adv_finetune.py", *ft_args(*inputs, "short", 60, "--resume", eval_freq=20), cwd=tmp_path)
+    assert_one_line_error(proc, "metrics.jsonl", f"records {state['metrics_bytes']}", "--overwrite")
+    assert tree(tmp_path) == before
