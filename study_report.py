@@ -345,6 +345,13 @@ def load_csvs(results_dir: str):
     return rows, curves
 
 
+def missing_curves(rows: list, curves: dict) -> list:
+    """Each evaluated fine-tune (every policy but offline-only) whose learning curve is not among the inputs, as
+    'policy, env, seed s' (a chain's curves file lost beside its evaluations)."""
+    fine_tuned = sorted({(r["env_id"], r["policy"], r["seed"]) for r in rows if r["policy"] != OFFLINE})
+    return [f"{pol}, {env}, seed {s}" for env, pol, s in fine_tuned if s not in curves.get((env, pol), {})]
+
+
 def evaluated(listed: list, rows: list) -> tuple:
     """(n_done, n_total): how many of the policies the manifests list (`listed`, their `policies`) have rows, and how
     many they list. Counted per (env, seed) chain, since a manifest names a policy by its run and a row by its label:
@@ -1273,14 +1280,33 @@ def attack_budgets(rows: list, manifest: dict) -> str:
     )
 
 
-def load_extension(folder: str, runs_root: str | None) -> dict:
+def load_extension(folder: str, runs_root: str | None, study: dict, results_dir: str) -> dict:
     """An extension of the study (its seeds run by study.py with a results folder of their own): its name, seeds and
-    stages' costs, from its markers when its runs are here, else from the stage_costs.csv a report wrote there."""
+    stages' costs, from its markers when its runs are here, else from the stage_costs.csv a report wrote there. It
+    must be another folder than the study's, of the study's envs, ε and scale, with no arm the study lacks."""
     path = os.path.join(folder, "study.json")
+    if os.path.abspath(folder) == os.path.abspath(results_dir):
+        raise ReportError(
+            f"--extensions {folder} is the study itself (its policies would count twice); name only the "
+            "extensions' own results folders"
+        )
     if not os.path.isfile(path):
         raise ReportError(f"--extensions {folder}: {path} not found; name the folder study.py wrote the extension to")
     manifest = read_json(path)
     check_manifest(manifest, path)
+    for key in ("env_ids", "epsilon", "scale"):
+        if manifest[key] != study[key] and not (key == "env_ids" and set(manifest[key]) <= set(study[key])):
+            raise ReportError(
+                f"--extensions {folder} was run with {key} {manifest[key]!r}, the study with {study[key]!r}: it is "
+                "not an extension of this study; report it on its own"
+            )
+    arms = {(p.get("init"), p.get("finetune_condition"), p.get("curriculum")) for p in study["policies"]}
+    extra = {(p.get("init"), p.get("finetune_condition"), p.get("curriculum")) for p in manifest["policies"]} - arms
+    if extra:
+        raise ReportError(
+            f"--extensions {folder} has an arm the study lacks ({'-'.join(str(x) for x in sorted(extra)[0])}): it is "
+            "not an extension of this study; report it on its own"
+        )
     root = runs_root or manifest["runs_root"]
     costs, from_markers = costs_and_source(manifest, root, folder)
     if not costs:
@@ -1317,7 +1343,7 @@ def main(args: Args):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ReportError(f"--out-dir {out_dir} is a file; name a folder")
     manifest, source, rows, curves = load(args)
-    extensions = [load_extension(folder, args.runs_root) for folder in args.extensions]
+    extensions = [load_extension(folder, args.runs_root, manifest, args.results_dir) for folder in args.extensions]
     study_rows, study_curves = rows, curves  # every seed: the per-seed tables written beside study.json
     if args.seeds:
         keep = set(args.seeds)
@@ -1340,11 +1366,17 @@ def main(args: Args):
             est[(g, pol, cond)] = (p, lo, hi, arrs[g].shape[0])
     listed = [manifest["policies"]] + [x["policies"] for x in extensions]  # a second look waits for them all
     n_done, n_total = evaluated(listed, study_rows)
+    no_curve = missing_curves(study_rows, study_curves)
     status = (
         "complete: every policy of the study is evaluated"
         if n_done >= n_total
         else f"PARTIAL: {n_done} of {n_total} policies evaluated; the study is still running or failed; do not cite"
     )
+    if no_curve:  # claim 2 reads the learning curves: a study without one of them is not complete
+        status = (
+            f"PARTIAL: {len(no_curve)} fine-tune(s) evaluated without their learning curve (first: {no_curve[0]}); "
+            "restore its curves file (chains/*__curves.csv) or its metrics.jsonl; do not cite"
+        )
     first_look = None
     if args.first_look_seeds:
         if not any(set(args.first_look_seeds) & set(by_seed) for by_seed in values.values()):

@@ -834,3 +834,23 @@ def test_part_2_judges_the_claims_on_the_kept_policies_and_keeps_part_1_s_endpoi
     assert {r["eval_condition"] for r in evaluations} == set(CONDS) | {c + "@kept" for c in CONDS}
     again = sr.load_csvs(str(res))[0]  # the committed tables judge alike
     assert {r["eval_condition"] for r in again} == set(CONDS) | {c + "@kept" for c in CONDS}
+
+
+def test_a_study_is_complete_only_with_every_file_its_claims_read_and_an_extension_must_be_one(tmp_path):
+    """A curves file lost beside its evaluations turns claim 2 into 'not measured': the status then says PARTIAL and
+    names what is missing, never 'complete'. --extensions refuses the study's own folder (its policies would count
+    twice) and a study of another ε."""
+    res = fake_study(tmp_path, TWO_ARMS)
+    sr.main(sr.Args(results_dir=str(res), reps=200))
+    assert "Status: complete" in (res / "report.md").read_text()
+    (res / "curves.csv").unlink()
+    sr.main(sr.Args(results_dir=str(res), reps=200, source="csv"))
+    status = next(ln for ln in (res / "report.md").read_text().splitlines() if ln.startswith("Status:"))
+    assert "PARTIAL" in status and "without their learning curve" in status and sr.ADV_FIXED in status
+    with pytest.raises(sr.ReportError, match="is the study itself"):
+        sr.main(sr.Args(results_dir=str(res), reps=200, source="csv", extensions=(str(res),)))
+    other = fake_study(tmp_path / "other", TWO_ARMS, seeds=(9, 10))
+    manifest = json.loads((other / "study.json").read_text())
+    (other / "study.json").write_text(json.dumps({**manifest, "epsilon": 0.5}))
+    with pytest.raises(sr.ReportError, match="epsilon 0.5"):
+        sr.main(sr.Args(results_dir=str(res), reps=200, source="csv", extensions=(str(other),)))
