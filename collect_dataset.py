@@ -368,6 +368,9 @@ def load_training_state(path: str, args: Args) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is unreadable ({type(e).__name__}); delete it and run without --resume") from None
+    keys = ("args", "steps_done", "rng", "env", "obs", "buffers", "actors", "medium_step", "best_return", "log")
+    if not isinstance(state, dict) or not all(k in state for k in keys) or not isinstance(state["args"], dict):
+        raise UserError(f"{path} is not a behaviour-policy training state; delete it and run without --resume")
     check_resume_args(state["args"], vars(args), ("resume", "overwrite", "cuda", "save_policies"))
     return state
 

@@ -350,6 +350,10 @@ def load_state(path: str, args: Args) -> dict | None:
     except Exception as e:
         raise UserError(f"{path} is unreadable ({type(e).__name__}); delete it and run without --resume") from None
     check_resume_args(saved, json.loads(json.dumps(asdict(args))), ("resume", "overwrite", "track", "num_workers"))
+    keys = ("k", "baseline", "deltas", "objective", "histories", "env_steps", "wall_time_sec", "history", "population")
+    missing = [k for k in keys + ("energies", "nfev", "sample_order", "rng") if k not in state]
+    if missing:  # every generation's save holds all of these
+        raise UserError(f"{path} is not a complete DE state (no '{missing[0]}'); delete it and run without --resume")
     if np.ndim(state["baseline"]) != 2:  # before the per-(δ, episode) baseline: its summary cannot be continued
         raise UserError(f"{path} was written by an older version of this script; delete it and run without --resume")
     histories = [h[~np.isnan(h)].tolist() for h in state["histories"]]  # the runs it had finished:
@@ -450,10 +454,7 @@ def resolve_inputs(args: Args) -> tuple:
     if not output.endswith(".npz"):
         raise UserError(f"--output must end in .npz (got {output})")
     if os.path.exists(output) and not (args.overwrite or args.resume):
-        raise UserError(
-            f"{output} already exists, and fine-tuned checkpoints may record it; pass --overwrite to replace it, or "
-            f"another --output"
-        )
+        raise UserError(f"{output} already exists (fine-tunes may record it); pass --overwrite, or another --output")
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     return ckpt, env_id, max_steps, output
 

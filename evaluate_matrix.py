@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from robust_o2o.cli import Range, UserError, check_ranges, cli
 from robust_o2o.evaluation import ConditionEvaluator, normalized_score
-from robust_o2o.files import sha256_file, write_text
-from robust_o2o.formats import check_recorded_set, find_checkpoints, load_checkpoint, load_perturbations
+from robust_o2o.files import check_recorded_set, sha256_file, write_text
+from robust_o2o.formats import find_checkpoints, load_checkpoint, load_perturbations
 from robust_o2o.plots import save_curve_panels, save_figure, save_q_plot
 from robust_o2o.video import captioned, check_rendering, record_episode, side_by_side, write_video
 
@@ -171,6 +171,15 @@ def attack_settings(ref: dict, args: Args) -> dict:
     if int(ref["max_episode_steps"]) > 0:  # -1: the checkpoint's own limit
         settings["--max-episode-steps"] = int(ref["max_episode_steps"])
     return {**settings, "--eval-episodes": 1, "--random-draws": 1}
+
+
+def checked_settings(path: str, ref: dict, args: Args) -> dict:
+    """attack_settings, refused in one line if a recorded setting is not of its kind (maxiter 'ten', a scalar
+    mutation): the fresh attack would repeat it."""
+    try:
+        return attack_settings(ref, args)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path} records a malformed DE setting ({e}); re-create it with de_perturbations.py") from None
 
 
 def as_argv(settings: dict) -> list:
@@ -468,6 +477,7 @@ def main(args: Args):
         for p, c in ckpts.items()
     }
     for p, c in ckpts.items():  # the set a fine-tune trained against, by content: not another under its name
+        checked_settings(reference_npz_path(p, c), refs[p], args)
         if "perturbations_sha256" in c:
             check_recorded_set(reference_npz_path(p, c), c["perturbations_sha256"], f"the fine-tune {p}")
     finetuned = defaultdict(list)
@@ -482,7 +492,7 @@ def main(args: Args):
     rows, sets = [], {}
     for path, ckpt in tqdm(ckpts.items(), desc="policies (fresh attack + evaluation)"):
         ref = refs[path]
-        settings = attack_settings(ref, args)
+        settings = checked_settings(reference_npz_path(path, ckpt), ref, args)
         attack = None
         if args.fresh_attack:
             attack = ref if same_attack(ref, path, settings) else fresh_attack(path, settings, args, args.output_dir)

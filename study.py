@@ -435,8 +435,14 @@ def is_done(stage: Stage, cmd: list) -> bool:
     """Finished before: the study's marker with the same command, or a dataset in the store with no resume state."""
     path = marker_path(stage)
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)["argv"]
+        try:
+            with open(path) as f:
+                saved = json.load(f)["argv"]
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a 0-byte or torn marker (a disk that filled)
+            raise SystemExit(
+                f"error: the marker of finished stage {stage.id} ({path}) is damaged ({type(e).__name__}); delete it "
+                f"to run that stage again (its resume state, if any, continues it)"
+            ) from None
         if saved != cmd[1:]:
             raise SystemExit(
                 f"error: stage {stage.id} finished earlier with other arguments ({marker_path(stage)}); "
@@ -493,7 +499,10 @@ def export_chain(results_dir: str, env_id: str, seed: int, stages: list, cwd: st
     import study_report
 
     mine = chain_stages(stages, env_id, seed)
-    rows, curves, missing = study_report.load_runs({"policies": [s.policy for s in mine if s.policy]}, cwd)
+    try:
+        rows, curves, missing = study_report.load_runs({"policies": [s.policy for s in mine if s.policy]}, cwd)
+    except study_report.ReportError as e:  # a damaged matrix.csv or log: its stage must run again
+        raise SystemExit(f"error: chain {env_id} seed {seed} cannot be exported: {e}") from None
     if missing:
         return
     base = os.path.join(results_dir, "chains", f"{env_id}__seed{seed}")
@@ -622,7 +631,6 @@ def main(args: Args) -> int:
             for path in (marker_path(s), attempts_path(log_path(s))):
                 if os.path.exists(path):
                     os.remove(path)
-    write_json_atomic(os.path.join(results_dir, "study.json"), manifest)  # first: a partial study can be reported
 
     env = {
         "OMP_NUM_THREADS": str(args.cpus_per_task),
@@ -638,6 +646,7 @@ def main(args: Args) -> int:
         ):
             # finished by a driver that was stopped before exporting
             export_chain(results_dir, env_id, seed, stages, cwd)
+    write_json_atomic(os.path.join(results_dir, "study.json"), manifest)  # before any stage: a partial study reports
     remote = ray.remote(run_stage)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // args.cpus_per_task))
     failed, skipped, running = {}, set(), {}

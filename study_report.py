@@ -31,6 +31,7 @@ import numpy as np
 import tyro
 
 from paired_stats import equivalence_p, holm, paired_t_ci, sign_flip_p
+from robust_o2o.cli import UserError
 from robust_o2o.files import write_text
 from robust_o2o.plots import save_curve_panels, save_q_plot
 
@@ -1385,6 +1386,9 @@ def main(args: Args):
     judged = judge(values, envs, C, args.alpha, first_look)
     same_folder = os.path.abspath(out_dir) == os.path.abspath(args.results_dir)
     csv_folder = "per-seed CSVs in this folder" if same_folder else f"per-seed CSVs in `{args.results_dir}`"
+    if source != "runs" and csv_inputs(args.results_dir)[0][0].endswith("__evaluations.csv"):  # the chains' own files
+        where = "" if same_folder else f" of `{args.results_dir}`"
+        csv_folder = f"finished chains' per-seed CSVs{where} (`chains/*__evaluations.csv`, `chains/*__curves.csv`)"
     out = [
         f"# Study `{manifest['study']}` ({manifest['scale']} scale, ε = {manifest['epsilon']})",
         "",
@@ -1497,3 +1501,12 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except ReportError as e:
         sys.exit(f"error: {e}")
+    except UserError as e:  # an atomic write that failed (robust_o2o.files): it names the file
+        sys.exit(f"error: {e}; the report is not complete: pass a writable --out-dir")
+    except OSError as e:  # a read-only or full --out-dir: one line naming the file (each file is written atomically)
+        sys.exit(
+            f"error: could not write {e.filename or 'the report'} ({e.strerror or type(e).__name__}); the report is "
+            "not complete there: free disk space or pass a writable --out-dir"
+        )
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted; the report is not complete: run it again")

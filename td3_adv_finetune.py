@@ -33,11 +33,10 @@ from robust_o2o.cli import Range, UserError, check_ranges, cli
 from robust_o2o.datasets import offline_transitions
 from robust_o2o.evaluation import ConditionEvaluator, condition_metrics, reference_scores
 from robust_o2o.fast_path import CudaGraph, adam, setup_fast_path
-from robust_o2o.files import save_checkpoint, sha256_file
+from robust_o2o.files import check_recorded_set, save_checkpoint, sha256_file
 from robust_o2o.formats import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
-    check_recorded_set,
     default_checkpoint,
     load_checkpoint,
     load_perturbations,

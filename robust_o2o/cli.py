@@ -90,3 +90,9 @@ def cli(main, args_type):
         sys.exit(f"error: {e}")
     except OSError as e:
         sys.exit(f"error: {io_failure(e)}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the atomic saves left the last state whole
+        print(
+            "\nerror: interrupted: whatever was saved before is intact; rerun with --resume to continue",
+            file=sys.stderr,
+        )
+        sys.exit(130)

@@ -205,5 +205,10 @@ def offline_transitions(dataset_id: str, obs_mean: torch.Tensor, obs_std: torch.
             k: torch.as_tensor(v, device=device)
             for k, v in dataset_to_transitions(minari.load_dataset(dataset_id)).items()
         }
+    if data["obs"].shape[1:] != obs_mean.shape:  # another env's data under the checkpoint's dataset id
+        raise UserError(
+            f"dataset '{dataset_id}' holds observations {tuple(data['obs'].shape[1:])} wide, the checkpoint's policy "
+            f"{tuple(obs_mean.shape)}: not the data the policy was trained on; re-create it, or pass --init scratch"
+        )
     data["obs"], data["next_obs"] = (data["obs"] - obs_mean) / obs_std, (data["next_obs"] - obs_mean) / obs_std
     return data

@@ -1,5 +1,5 @@
 """Atomic writes (a temporary file beside the target, fsync, rename), so a crash or a full disk never leaves half a
-file."""
+file; files identified by content (sha256)."""
 
 import hashlib
 import io
@@ -58,3 +58,15 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_recorded_set(path: str, recorded_sha256: str, who: str):
+    """A δ set a checkpoint or state records is read only if it is that very file: its sha256 must be the one recorded
+    (a set made again, e.g. by de_perturbations.py run with another --de-seed, is another set under the same name)."""
+    actual = sha256_file(path)
+    if actual != str(recorded_sha256):
+        raise UserError(
+            f"{path} is not the δ set {who} recorded: its sha256 is {actual[:16]}…, the record says "
+            f"{str(recorded_sha256)[:16]}… (the file was made again since); restore that set, or fine-tune anew "
+            f"against this one (td3_adv_finetune.py)"
+        )

@@ -9,7 +9,6 @@ import torch
 
 from robust_o2o.cli import UserError
 from robust_o2o.envs import env_mismatch
-from robust_o2o.files import sha256_file
 
 CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
 
@@ -129,24 +128,34 @@ def checkpoint_problem(ckpt: dict) -> str | None:
             return f"'{name}' has shape {tuple(t.shape) if isinstance(t, torch.Tensor) else None}, expected {shape}"
         if t.dtype != torch.float32:
             return f"'{name}' is {t.dtype}, expected torch.float32"
-    if not (
-        torch.isfinite(ckpt["obs_mean"]).all() and torch.isfinite(ckpt["obs_std"]).all() and (ckpt["obs_std"] > 0).all()
-    ):
-        return "obs_mean/obs_std hold NaN, inf or a non-positive std"
-    if not (torch.isfinite(ckpt["action_low"]).all() and torch.isfinite(ckpt["action_high"]).all()):
-        return "action_low/action_high hold NaN or inf"
+    problem = tensor_problem(ckpt)  # a NaN weight acts as NaN actions, a NaN Adam state trains NaN: refused
+    if problem:
+        return problem
+    if not (ckpt["obs_std"] > 0).all():
+        return "obs_std holds a non-positive std"
     if not (ckpt["action_low"] < ckpt["action_high"]).all():
         return "action_low must be below action_high"
-    for net in ("actor", "critic", "critic_target"):  # a NaN weight acts as NaN actions: refused, never evaluated
+    for net in ("actor", "critic", "critic_target"):
         for key, tensor in (ckpt.get(net) or {}).items():
             if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32:
                 return f"'{net}/{key}' is not a float32 tensor"
-            if not torch.isfinite(tensor).all():
-                return f"'{net}/{key}' holds NaN or inf"
     lo, hi = ckpt.get("ref_min_score"), ckpt.get("ref_max_score")
     if lo is not None and hi is not None and not lo < hi:
         return f"its reference scores cannot normalize a return (ref_min_score {lo} is not below ref_max_score {hi})"
     return None
+
+
+def tensor_problem(tree, path: str = "") -> str | None:
+    """The first tensor anywhere in a checkpoint (networks, targets, optimizer states) without values, or NaN/inf."""
+    if isinstance(tree, torch.Tensor):
+        if tree.device.type != "cpu":
+            return f"'{path}' is a tensor on the {tree.device.type} device, which holds no values"
+        if (tree.is_floating_point() or tree.is_complex()) and not torch.isfinite(tree).all():
+            return f"'{path}' holds NaN or inf"
+        return None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list | tuple) else ()
+    problems = (tensor_problem(value, f"{path}/{key}" if path else str(key)) for key, value in items)
+    return next((problem for problem in problems if problem), None)
 
 
 def load_perturbations(path: str, env_id: str | None = None, act_dim: int | None = None, require=()) -> dict:
@@ -178,18 +187,6 @@ def load_perturbations(path: str, env_id: str | None = None, act_dim: int | None
             f"but the checkpoint is {env_id} with {act_dim}; run de_perturbations.py on this checkpoint"
         )
     return npz
-
-
-def check_recorded_set(path: str, recorded_sha256: str, who: str):
-    """A δ set a checkpoint or state records is read only if it is that very file: its sha256 must be the one recorded
-    (a set made again, e.g. by de_perturbations.py run with another --de-seed, is another set under the same name)."""
-    actual = sha256_file(path)
-    if actual != str(recorded_sha256):
-        raise UserError(
-            f"{path} is not the δ set {who} recorded: its sha256 is {actual[:16]}…, the record says "
-            f"{str(recorded_sha256)[:16]}… (the file was made again since); restore that set, or fine-tune anew "
-            f"against this one (td3_adv_finetune.py)"
-        )
 
 
 def perturbations_problem(npz: dict, require=()) -> str | None:

@@ -221,7 +221,9 @@ class NonFiniteSentinel:
 
     def check(self):
         if self.first_bad.item():
+            saved = os.path.isfile(os.path.join(self.run_dir, "checkpoint.pt"))  # say only what is there
+            kept = "keeps the last good checkpoint" if saved else "holds no checkpoint yet"
             raise UserError(
-                f"non-finite loss at {self.unit} {self.first_bad.item()}: stopped; {self.run_dir} keeps the last good "
-                f"checkpoint; check the data for NaN/inf or lower --learning-rate, then --resume or start over"
+                f"non-finite loss at {self.unit} {self.first_bad.item()}: stopped; {self.run_dir} {kept}; check the "
+                f"data for NaN/inf or lower --learning-rate, then {'--resume or ' if saved else ''}start over"
             )

@@ -1,16 +1,19 @@
 """Every input checked at the boundary, by class (issue 13): each bad input of a class is fed to every script that reads
 that input, and each run must end in one `error:` line, exit non-zero, and leave the tree exactly as it was."""
 
+import ctypes.util
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 
 import gymnasium
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, offline_run, run_cli, run_script
+from conftest import ROOT, assert_one_line_error, offline_run, run_cli, run_script
 from robust_o2o import cli, formats
 from robust_o2o.files import save_npz
 
@@ -62,8 +65,21 @@ BAD_CHECKPOINTS = {
     "act_dim a string": (lambda c: c.__setitem__("act_dim", "3"), "'act_dim' is missing or not a int"),
     # DE once ran on such a checkpoint and replaced the valid perturbations.npz beside it with NaNs
     "a NaN actor weight": (lambda c: c["actor"]["net.2.weight"].__setitem__((0, 0), float("nan")), "holds NaN or inf"),
-    "an infinite action bound": (lambda c: c["action_high"].__setitem__(0, float("inf")), "hold NaN or inf"),
+    "an infinite action bound": (lambda c: c["action_high"].__setitem__(0, float("inf")), "holds NaN or inf"),
     "a float64 normalization": (lambda c: c.__setitem__("obs_mean", c["obs_mean"].double()), "expected torch.float32"),
+    # every tensor a stage uses: the targets and the Adam states (fine-tuning keeps the critic's by default) too
+    "a NaN in actor_target": (
+        lambda c: c["actor_target"]["net.0.weight"].__setitem__((0, 0), float("nan")),
+        "'actor_target/net.0.weight' holds NaN or inf",
+    ),
+    "a NaN in the critic's Adam state": (
+        lambda c: c["critic_optimizer"]["state"][0]["exp_avg_sq"].view(-1).__setitem__(0, float("nan")),
+        "'critic_optimizer/state/0/exp_avg_sq' holds NaN or inf",
+    ),
+    "tensors on the meta device": (
+        lambda c: c.__setitem__("obs_mean", torch.empty_like(c["obs_mean"], device="meta")),
+        "'obs_mean' is a tensor on the meta device",
+    ),
     "a float16 critic": (lambda c: c["critic"].__setitem__("net.2.bias", c["critic"]["net.2.bias"].half()), "float32"),
     "no dataset_id": (drop("dataset_id"), "'dataset_id' is missing"),
     "no seed in args": (lambda c: c["args"].pop("seed"), "no integer seed"),
@@ -595,3 +611,56 @@ def test_a_damaged_attack_setting_is_one_true_line_and_writes_nothing(
     proc = run_script("evaluate_matrix.py", "--checkpoints", str(run), "--output-dir", str(tmp_path / "out"))
     assert_one_line_error(proc, "fresh DE attack", "invalid choice 'sideways' for argument '--strategy'")
     assert not set("│╭╮╰╯") & set(proc.stderr) and tree(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(ctypes.util.find_library("OSMesa") is not None, reason="libOSMesa is installed here")
+def test_mujoco_gl_osmesa_without_its_library_is_one_line(hopper_checkpoint, hopper_perturbations, tmp_path):
+    """A common headless setting on a machine without libOSMesa: `import mujoco` raises AttributeError, and the
+    checkpoint loader builds the env, so every stage met it. One line, naming MUJOCO_GL, and nothing written."""
+    before = tree(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "td3_adv_finetune.py"), "--checkpoint", hopper_checkpoint, "--perturbations"]
+        + [hopper_perturbations, "--total-steps", "10", "--run-name", "x", "--no-cuda"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MUJOCO_GL": "osmesa"},
+        timeout=300,
+    )
+    assert_one_line_error(proc, "MUJOCO_GL=osmesa", "MUJOCO_GL=egl")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "key, value", [("maxiter", np.asarray("ten")), ("mutation", np.asarray(0.7)), ("popsize", np.asarray("4x"))]
+)
+def test_a_de_setting_of_the_wrong_kind_is_one_line(key, value, hopper_checkpoint, hopper_perturbations, tmp_path):
+    """A perturbations file whose DE setting is of the wrong kind (the fresh attack repeats it): one line naming the
+    file, before any attack runs or anything is written."""
+    d = dict(np.load(hopper_perturbations, allow_pickle=False))
+    d[key] = value
+    run = offline_run(tmp_path / "run", hopper_checkpoint).parent
+    save_npz(str(run / "perturbations.npz"), d)
+    run_refused(tmp_path, "evaluate_matrix.py", ["--checkpoints", str(run), "--output-dir", str(tmp_path / "out")],
+                "perturbations.npz records a malformed DE setting", "de_perturbations.py")  # fmt: skip
+
+
+def test_an_offline_dataset_of_another_width_is_one_line(hopper_checkpoint, hopper_perturbations, tmp_path):
+    """Fine-tuning reads the checkpoint's dataset by id: another env's data under that id (observations of another
+    width) is refused in one line before any run folder is made."""
+    import collect_dataset as cd
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:  # a tiny Walker2d-v5 dataset: 17-wide observations where the Hopper policy sees 11
+        args = dict(levels=("random",), num_transitions=200, ref_episodes=1, ref_max_score=100.0, max_episode_steps=50)
+        cd.main(cd.Args(env_id="Walker2d-v5", namespace="test", overwrite=True, cuda=False, **args))
+    finally:
+        os.chdir(cwd)
+    ckpt = torch.load(hopper_checkpoint, weights_only=True)
+    ckpt["dataset_id"] = "test/walker2d/random-v0"
+    (tmp_path / "run").mkdir()
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
+    args = ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--perturbations", hopper_perturbations]
+    run_refused(tmp_path, "td3_adv_finetune.py", [*args, "--total-steps", "10", "--run-name", "w", "--no-cuda"],
+                "holds observations (17,) wide", "(11,)")  # fmt: skip

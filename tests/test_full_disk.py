@@ -97,3 +97,21 @@ def test_a_disk_that_fills_during_the_write_leaves_the_store_as_it_was(small_dis
         datasets.write_minari_dataset("t/hopper/x-v0", episodes(60), "Hopper-v5", 0.0, 1.0, "large", {}, overwrite=True)
     assert leftovers(store) == [] and sorted(os.listdir(store / "t" / "hopper" / "x-v0" / "data")) == before
     assert minari.load_dataset("t/hopper/x-v0").total_episodes == 2
+
+
+def test_a_report_into_a_full_or_impossible_folder_is_one_line(small_disk, tmp_path):
+    """study_report.py --out-dir on a full disk, and under a path that is a file: one error line naming the file,
+    never a traceback."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_study import TWO_ARMS, fake_study
+
+    res = fake_study(tmp_path / "study", TWO_ARMS)
+    report = [sys.executable, str(ROOT / "study_report.py"), "--results-dir", str(res), "--reps", "50", "--out-dir"]
+    (tmp_path / "a-file").write_text("")
+    proc = subprocess.run(report + [str(tmp_path / "a-file" / "out")], capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc, "a-file", "--out-dir")
+    disk = small_disk("64k")
+    (disk / "filler").write_bytes(b"x" * (64 * 1024 - 4096))
+    proc = subprocess.run(report + [str(disk / "out")], capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc, "--out-dir")
+    assert "No space left" in proc.stderr

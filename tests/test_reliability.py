@@ -477,3 +477,24 @@ def test_a_resumed_log_shorter_than_its_state_records_is_refused(hopper_checkpoi
     proc = run_cli("td3_adv_finetune.py", *ft_args(*inputs, "short", 60, "--resume", eval_freq=20), cwd=tmp_path)
     assert_one_line_error(proc, "metrics.jsonl", f"records {state['metrics_bytes']}", "--overwrite")
     assert tree(tmp_path) == before
+
+
+def test_a_malformed_resume_state_is_one_line(hopper_checkpoint, tmp_path):
+    """A DE state holding only its arguments, and a dataset training state that is a bare tensor, are refused by
+    --resume in one line, not a KeyError or AttributeError."""
+    import json
+    from dataclasses import asdict
+
+    import collect_dataset as cd
+    import de_perturbations as de
+    from robust_o2o.files import save_npz
+
+    args = de.Args(checkpoint=hopper_checkpoint, output=str(tmp_path / "p.npz"), num_perturbations=1, resume=True)
+    save_npz(str(tmp_path / "p.npz.state.npz"), {"args": json.dumps(asdict(args))})
+    with pytest.raises(de.UserError, match="is not a complete DE state"):
+        de.main(args)
+    state = tmp_path / "collect" / "state.pt"
+    state.parent.mkdir()
+    torch.save(torch.zeros(3), state)
+    with pytest.raises(cd.UserError, match="is not a behaviour-policy training state"):
+        cd.load_training_state(str(state), cd.Args(resume=True))

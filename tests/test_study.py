@@ -854,3 +854,21 @@ def test_a_study_is_complete_only_with_every_file_its_claims_read_and_an_extensi
     (other / "study.json").write_text(json.dumps({**manifest, "epsilon": 0.5}))
     with pytest.raises(sr.ReportError, match="epsilon 0.5"):
         sr.main(sr.Args(results_dir=str(res), reps=200, source="csv", extensions=(str(other),)))
+
+
+def test_a_damaged_marker_or_matrix_is_one_line(tmp_path, monkeypatch):
+    """A 0-byte stage marker (a disk that filled as it was written) and a damaged matrix.csv met while exporting a
+    finished chain each end in one line naming the file, not a traceback."""
+    monkeypatch.chdir(tmp_path)
+    stages = study.build_stages(study.Args(scale="tiny", seeds=(1,)), str(tmp_path / "store"))
+    stage = next(s for s in stages if s.kind == "pretrain")
+    os.makedirs(os.path.dirname(study.marker_path(stage)))
+    Path(study.marker_path(stage)).write_text("")
+    with pytest.raises(SystemExit, match=r"^error: the marker of finished stage pretrain:Hopper-v5:1 .* is damaged"):
+        study.is_done(stage, ["python", *stage.argv])
+    for s in (s for s in stages if s.kind == "evaluate"):
+        os.makedirs(os.path.dirname(s.policy["matrix"]), exist_ok=True)
+        Path(s.policy["matrix"]).write_text("policy,seed\n1,x\n")  # no env_id column
+    with pytest.raises(SystemExit, match=r"^error: chain Hopper-v5 seed 1 cannot be exported: .*matrix.csv"):
+        study.export_chain(str(tmp_path / "results"), "Hopper-v5", 1, stages, str(tmp_path))
+    assert not (tmp_path / "results").exists()
