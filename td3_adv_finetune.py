@@ -33,7 +33,7 @@ from robust_o2o.cli import Range, UserError, check_ranges, cli
 from robust_o2o.datasets import offline_transitions
 from robust_o2o.evaluation import ConditionEvaluator, condition_metrics, reference_scores
 from robust_o2o.fast_path import CudaGraph, adam, setup_fast_path
-from robust_o2o.files import check_recorded_set, save_checkpoint, sha256_file
+from robust_o2o.files import save_checkpoint, sha256_file
 from robust_o2o.formats import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -421,7 +421,7 @@ def main(args: Args):
     env = make_training_env(args, env_id, max_steps, perturbations, q)
     evaluator = make_evaluator(args, env_id, max_steps, perturbations)
     run_info = {"env_id": env_id, "perturbations": perturbations_path, "learning_starts": learning_starts}
-    header = checkpoint_header(args, ckpt, obs_mean, obs_std, ref_min, ref_max, perturbations_path, resumed)
+    header = checkpoint_header(args, ckpt, obs_mean, obs_std, ref_min, ref_max, perturbations_path)
     run = Run(run_dir, run_name, args, resumed, **run_info)
     low, high = ckpt["action_low"].to(device), ckpt["action_high"].to(device)  # the action bounds
 
@@ -597,15 +597,8 @@ def make_learner(ckpt: dict, args: Args, device) -> tuple:
     return modules, obs_mean, obs_std, offline_transitions(ckpt["dataset_id"], obs_mean, obs_std, device)
 
 
-def checkpoint_header(
-    args: Args, ckpt: dict, obs_mean, obs_std, ref_min, ref_max, perturbations_path: str, resumed
-) -> dict:
-    """What every fine-tuning checkpoint holds besides the networks and the step's results (docs/file_contracts.md); a
-    resumed run continues against the very δ set it started with (by content)."""
-    if resumed is not None:
-        check_recorded_set(
-            perturbations_path, resumed["perturbations_sha256"], f"the run being resumed ({args.run_name})"
-        )
+def checkpoint_header(args: Args, ckpt: dict, obs_mean, obs_std, ref_min, ref_max, perturbations_path: str) -> dict:
+    """What every fine-tuning checkpoint holds besides the networks and the step's results (docs/file_contracts.md)."""
     perturbations = load_perturbations(perturbations_path)
     copied = ("env_id", "dataset_id", "obs_dim", "act_dim", "hidden_dim", "action_low", "action_high")
     return {

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from robust_o2o.cli import UserError, check_name
+from robust_o2o.files import check_recorded_set
 from robust_o2o.resume import rng_state
 
 
@@ -63,6 +64,8 @@ def resume_point(path: str, args, stage: str) -> dict:
     if not isinstance(state, dict) or state.get("stage") != stage or "rng" not in state:
         raise UserError(f"{path} is not a resumable {stage} state; start the run without --resume")
     check_resume_args(state["args"], dataclasses.asdict(args), RESUME_MAY_CHANGE)
+    if "perturbations_sha256" in state:  # a fine-tune continues against the very δ set it started with, by content
+        check_recorded_set(state["perturbations_path"], state["perturbations_sha256"], f"the run in {path}")
     if state["step"] > args.total_steps:
         raise UserError(
             f"{path} is at step {state['step']} > --total-steps {args.total_steps}; pass a larger --total-steps"
