@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from robust_o2o.cli import Range, UserError, check_ranges, cli
 from robust_o2o.evaluation import MAX_LOCKSTEP_ENVS, rollout_batch
-from robust_o2o.files import save_npz, sha256_file
+from robust_o2o.files import read_npz, save_npz, sha256_file
 from robust_o2o.formats import PERTURBATION_FORMAT, default_checkpoint, load_checkpoint
 from robust_o2o.plots import save_figure
 from robust_o2o.runs import check_resume_args
@@ -344,8 +344,7 @@ def load_state(path: str, args: Args) -> dict | None:
             raise UserError(f"{path} holds an interrupted run; pass --resume to continue it, or delete the file")
         return None
     try:
-        with np.load(path, allow_pickle=False) as f:
-            state = {k: f[k] for k in f.files}
+        state = read_npz(path)  # sizes checked before anything is inflated
         saved = json.loads(str(state["args"]))
     except Exception as e:
         raise UserError(f"{path} is unreadable ({type(e).__name__}); delete it and run without --resume") from None

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -128,6 +129,9 @@ class Args:
     """names the study in its manifest and W&B group (if unset: the results folder's name)"""
     ray_address: str | None = None
     """address of an existing Ray cluster (`auto` finds a local one); default: start Ray on this machine"""
+    ray_timeout: float = 60.0
+    """seconds the cluster at --ray-address has to answer as Ray (a service that accepts connections but is not Ray
+    would otherwise hold the driver forever)"""
     num_cpus: int | None = None
     """CPUs Ray may use on this machine when it starts one (if unset: all)"""
     cpus_per_task: int = 1
@@ -564,8 +568,21 @@ def start_ray(args: Args):
             ) from None
     stderr, sink = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(sink, 2)  # Ray's C++ client logs each failed attempt (about 20) straight to fd 2: one line below instead
+    joined = {}
+    joining = threading.Thread(target=lambda: joined.update(error=join_ray(ray, args.ray_address, quiet)), daemon=True)
+    joining.start()
+    joining.join(args.ray_timeout)
+    if joining.is_alive():  # a live TCP service that is not Ray: ray.init would wait forever; nothing was written yet
+        os.dup2(stderr, 2)
+        sys.stderr.write(
+            f"error: {args.ray_address} accepts connections but did not answer as a Ray cluster within "
+            f"{args.ray_timeout:g} s; check the address (the head's GCS port, default 6379), or raise --ray-timeout\n"
+        )
+        sys.stderr.flush()
+        os._exit(1)  # the joining thread cannot be stopped, and Ray's exit handlers would wait on it
     try:
-        ray.init(address=args.ray_address, **quiet)
+        if joined["error"] is not None:
+            raise joined["error"]
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise SystemExit(
@@ -580,6 +597,15 @@ def start_ray(args: Args):
     return ray
 
 
+def join_ray(ray, address: str, quiet: dict) -> Exception | None:
+    """ray.init(address): None once joined, else the exception it raised."""
+    try:
+        ray.init(address=address, **quiet)
+    except Exception as e:  # noqa: BLE001 (start_ray names it in one line)
+        return e
+    return None
+
+
 def main(args: Args) -> int:
     if not args.seeds or not args.env_ids:
         raise SystemExit("error: --seeds and --env-ids need at least one value each")
@@ -587,6 +613,8 @@ def main(args: Args) -> int:
         raise SystemExit(
             "error: --epsilon must be in (0, 1], --q in [0, 1], --cpus-per-task >= 1 and --max-retries >= 0"
         )
+    if not args.ray_timeout > 0:
+        raise SystemExit(f"error: --ray-timeout must be > 0 seconds (got {args.ray_timeout})")
     if len(set(args.seeds)) < len(args.seeds) or len(set(args.env_ids)) < len(args.env_ids):
         raise SystemExit(
             "error: --seeds and --env-ids must not repeat a value (two chains would share one set of runs)"

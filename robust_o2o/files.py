@@ -70,3 +70,19 @@ def check_recorded_set(path: str, recorded_sha256: str, who: str):
             f"{str(recorded_sha256)[:16]}… (the file was made again since); restore that set, or fine-tune anew "
             f"against this one (td3_adv_finetune.py)"
         )
+
+
+NPZ_MAX_BYTES = 256 * 1024**2  # this project's .npz files hold kilobytes to megabytes: far more is not one of them
+
+
+def read_npz(path: str) -> dict:
+    """The arrays of an .npz (allow_pickle=False). The zip's directory is read first: entries that are not .npy
+    arrays, or that would inflate past NPZ_MAX_BYTES together (a zip bomb: 8 MB that deflate to 8 GiB), are refused
+    (ValueError) before anything is decompressed."""
+    with np.load(path, allow_pickle=False) as f:
+        entries = f.zip.infolist()
+        odd = next((e.filename for e in entries if not e.filename.endswith(".npy")), None)
+        if odd is not None or sum(e.file_size for e in entries) > NPZ_MAX_BYTES:
+            size = sum(e.file_size for e in entries)
+            raise ValueError(f"entry {odd} is no array" if odd else f"its arrays would inflate to {size} bytes")
+        return {k: f[k] for k in f.files}

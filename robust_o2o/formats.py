@@ -9,6 +9,7 @@ import torch
 
 from robust_o2o.cli import UserError
 from robust_o2o.envs import env_mismatch
+from robust_o2o.files import read_npz
 
 CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
 
@@ -168,11 +169,11 @@ def load_perturbations(path: str, env_id: str | None = None, act_dim: int | None
             f"`python de_perturbations.py --checkpoint <checkpoint>` (or run `bash run_pipeline.sh`)"
         )
     try:
-        with np.load(path, allow_pickle=False) as f:
-            npz = {k: f[k] for k in f.files}
+        npz = read_npz(path)
     except Exception as e:
         raise UserError(
-            f"perturbations {path} are unreadable ({type(e).__name__}); re-create them with de_perturbations.py"
+            f"perturbations {path} are unreadable ({type(e).__name__}: {str(e)[:80]}); re-create them with "
+            "de_perturbations.py"
         ) from None
     if str(npz.get("format", "")) != PERTURBATION_FORMAT:
         raise UserError(f"{path} is not a perturbations file of this project; re-create it with de_perturbations.py")

@@ -664,3 +664,30 @@ def test_an_offline_dataset_of_another_width_is_one_line(hopper_checkpoint, hopp
     args = ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--perturbations", hopper_perturbations]
     run_refused(tmp_path, "td3_adv_finetune.py", [*args, "--total-steps", "10", "--run-name", "w", "--no-cuda"],
                 "holds observations (17,) wide", "(11,)")  # fmt: skip
+
+
+def test_an_npz_that_would_inflate_past_its_bound_is_refused_before_it_is_inflated(hopper_perturbations, tmp_path):
+    """A perturbations file whose array deflates from a few MB to GiBs (a zip bomb) is refused from the zip's directory,
+    before any decompression: one line, and the process never holds the inflated array."""
+    import resource
+    import zipfile
+
+    from robust_o2o.files import NPZ_MAX_BYTES
+
+    bomb = tmp_path / "perturbations.npz"
+    shutil.copy(hopper_perturbations, bomb)
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(1))
+    header["shape"] = (NPZ_MAX_BYTES // 8 + 1,)
+    with (
+        zipfile.ZipFile(bomb, "a", compression=zipfile.ZIP_DEFLATED) as z,
+        z.open("history2.npy", "w", force_zip64=True) as f,
+    ):
+        np.lib.format.write_array_header_1_0(f, header)
+        chunk = bytes(1 << 20)
+        for _ in range(NPZ_MAX_BYTES // len(chunk) + 1):
+            f.write(chunk)
+    assert bomb.stat().st_size < 2 * 1024**2  # megabytes on disk
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(cli.UserError, match="would inflate to"):
+        formats.load_perturbations(str(bomb))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB: nothing was inflated

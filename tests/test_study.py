@@ -872,3 +872,26 @@ def test_a_damaged_marker_or_matrix_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"^error: chain Hopper-v5 seed 1 cannot be exported: .*matrix.csv"):
         study.export_chain(str(tmp_path / "results"), "Hopper-v5", 1, stages, str(tmp_path))
     assert not (tmp_path / "results").exists()
+
+
+def test_a_live_service_that_is_not_ray_is_one_line_within_the_timeout(tmp_path):
+    """A --ray-address where a TCP service accepts connections but never speaks Ray (a web server, a database): Ray
+    would wait forever, silently. Within --ray-timeout, one line naming the address, and nothing written."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+    threading.Thread(target=lambda: [accepted.append(server.accept()) for _ in range(16)], daemon=True).start()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    cmd = ["--scale", "tiny", "--seeds", "1", "--ray-address", address, "--ray-timeout", "5", "--results-dir", "r"]
+    started = time.time()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "study.py"), *cmd], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    server.close()
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith(f"error: {address} accepts"), proc.stderr
+    assert "--ray-timeout" in lines[0] and time.time() - started < 60 and os.listdir(tmp_path) == []
