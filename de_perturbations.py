@@ -28,6 +28,7 @@ from scipy.optimize._differentialevolution import DifferentialEvolutionSolver  #
 from tqdm import tqdm
 
 from robust_o2o.cli import Range, UserError, check_ranges, cli
+from robust_o2o.envs import route_mujoco_warnings
 from robust_o2o.evaluation import MAX_LOCKSTEP_ENVS, rollout_batch
 from robust_o2o.files import read_npz, save_npz, sha256_file
 from robust_o2o.formats import PERTURBATION_FORMAT, default_checkpoint, load_checkpoint
@@ -200,6 +201,7 @@ _WORKER = {}
 
 def _init_worker(ckpt_small: dict, env_id: str, max_episode_steps, perturbation_model: str):
     torch.set_num_threads(1)
+    route_mujoco_warnings()  # a worker process makes its envs without make_env
     _WORKER.update(actor=actor_from_checkpoint(ckpt_small), obs_stats=(ckpt_small["obs_mean"], ckpt_small["obs_std"]))
     _WORKER.update(env_spec=(env_id, max_episode_steps), perturbation_model=perturbation_model, envs=[])
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from robust_o2o.cli import Range, UserError, check_ranges, cli
+from robust_o2o.cli import Range, UserError, check_ranges, cli, die_with_parent
 from robust_o2o.evaluation import ConditionEvaluator, normalized_score
 from robust_o2o.files import check_recorded_set, sha256_file, write_text
 from robust_o2o.formats import find_checkpoints, load_checkpoint, load_perturbations
@@ -212,7 +212,7 @@ def fresh_attack(path: str, settings: dict, args: Args, out_dir: str) -> dict:
         cmd += ["--num-workers", str(args.num_workers)]
         if os.path.exists(out + ".state.npz"):  # an attack interrupted with this evaluation continues where it stopped
             cmd.append("--resume")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=die_with_parent)  # dies with the matrix
         if proc.returncode != 0:  # its error line; or the text of tyro's box (a setting it cannot parse)
             lines = [ln.strip("│╭╮╰╯─ ") for ln in proc.stderr.strip().splitlines()] or ["no output"]
             boxed = " ".join(ln for ln in lines if ln and not ln.startswith("For full")) if "╭" in proc.stderr else ""

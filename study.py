@@ -14,12 +14,10 @@ script in its own process, exactly the command a user would type. Re-running the
     python study.py --ray-address auto ...                           # the same study on a running Ray cluster
 """
 
-import ctypes
 import json
 import os
 import platform
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +28,8 @@ from typing import Literal
 
 import tyro
 from tqdm import tqdm
+
+from robust_o2o.cli import die_with_parent
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -327,15 +327,6 @@ def build_stages(args: Args, store: str) -> list:
 
 
 # Running one stage (inside a Ray worker)
-def _die_with_parent():
-    """Linux: the stage process gets SIGKILL when the worker that started it dies, so no orphan outlives a killed
-    study."""
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class StageKilled(Exception):
     """The stage's process died by a signal (out of memory, a killed node): Ray retries the task, which resumes."""
 
@@ -390,7 +381,7 @@ def run_stage(
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,  # no orphan outlives a killed study
         )
         while True:
             try:

@@ -1,8 +1,10 @@
 """The scripts' entry point and the errors a user can fix: one `error:` line and a non-zero exit, never a traceback."""
 
+import ctypes
 import dataclasses
 import math
 import os
+import signal
 import sys
 import typing
 
@@ -72,12 +74,32 @@ def check_name(value: str | None, flag: str, store: str):
     """A name that becomes a path inside `store` (a run name under runs/, a Minari namespace) must stay inside it."""
     if value is None:
         return
+    if any(not ch.isprintable() for ch in value):  # a newline would split every line that names the run in two
+        raise UserError(f"{flag} {value!r} holds a control character; use plain names (letters, digits, '-', '_')")
     parts = value.replace("\\", "/").split("/")
     if not value or os.path.isabs(value) or any(p in ("", ".", "..") for p in parts):
         raise UserError(
             f"{flag} '{value}' would leave {store}: use plain names (letters, digits, '-', '_'), "
             f"without '..', empty parts or a leading '/'"
         )
+
+
+def die_with_parent():
+    """In a child process, before it runs (`preexec_fn`): on Linux it gets SIGKILL when the process that started it
+    dies, so a killed study or matrix leaves no stage or attack running and writing beside a rerun."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def close_progress_bars():
+    """Erase the open tqdm bars, so an error line starts a line of its own and no bar is drawn after it."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
 
 
 def cli(main, args_type):
@@ -87,12 +109,12 @@ def cli(main, args_type):
     try:
         main(tyro.cli(args_type))
     except UserError as e:
+        close_progress_bars()
         sys.exit(f"error: {e}")
     except OSError as e:
+        close_progress_bars()
         sys.exit(f"error: {io_failure(e)}")
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the atomic saves left the last state whole
-        print(
-            "\nerror: interrupted: whatever was saved before is intact; rerun with --resume to continue",
-            file=sys.stderr,
-        )
+        close_progress_bars()
+        sys.stderr.write("error: interrupted: what was saved is intact; rerun (with --resume where it applies)\n")
         sys.exit(130)

@@ -2,6 +2,7 @@
 another kind or a checkpoint for another env ends in one line before anything is written."""
 
 import os
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -22,6 +23,7 @@ def make_env(env_id: str, max_episode_steps: int | None = None) -> gym.Env:
             f"MuJoCo cannot start with MUJOCO_GL={backend} ({type(e).__name__}: {str(e)[:80]}; its library may be "
             f"missing); set MUJOCO_GL=egl (or osmesa, glfw, with their libraries installed), or unset it"
         ) from None
+    route_mujoco_warnings()
 
     try:
         env = gym.make(env_id, max_episode_steps=max_episode_steps)
@@ -35,6 +37,14 @@ def make_env(env_id: str, max_episode_steps: int | None = None) -> gym.Env:
             f"run restores MuJoCo's physics state): pass one such as Hopper-v5, HalfCheetah-v5 or Walker2d-v5"
         )
     return env
+
+
+def route_mujoco_warnings():
+    """MuJoCo's warnings (HalfCheetah's model compiles with a deprecation note) as Python warnings, each shown once per
+    process, instead of a line for every env made and a MUJOCO_LOG.TXT left in the working folder."""
+    import mujoco
+
+    mujoco.set_mju_user_warning(lambda message: warnings.warn(f"MuJoCo: {message.strip()}", stacklevel=2))
 
 
 def env_mismatch(ckpt: dict) -> str | None:

@@ -2,17 +2,16 @@
 seeding, the resume point, and the sentinel that stops a run whose losses go non-finite."""
 
 import dataclasses
-import fcntl
 import json
 import os
 import random
-import time
 
 import numpy as np
 import torch
 
 from robust_o2o.cli import UserError, check_name
-from robust_o2o.files import check_recorded_set
+from robust_o2o.files import check_recorded_set, write_text
+from robust_o2o.folders import lock_run_dir, move_old_run_aside
 from robust_o2o.resume import rng_state
 
 
@@ -97,50 +96,6 @@ def already_complete(resumed: dict | None, total_steps: int, run_dir: str) -> bo
     return False
 
 
-_LOCKED = {}  # run folder -> its open, locked .lock file (held for the life of this process)
-
-
-def move_old_run_aside(run_dir: str) -> str | None:
-    """--overwrite: everything in `run_dir` but the lock this process holds (the earlier run's checkpoint, state, logs,
-    and files made beside it such as its perturbations.npz) moves, whole, to runs/{name}.replaced-{time}/, so nothing
-    of it mixes with the new run's files and nothing of it is lost if the new run dies. -> where it went (or None)"""
-    names = [name for name in os.listdir(run_dir) if name != ".lock"]
-    if not names:
-        return None
-    aside = f"{os.path.normpath(run_dir)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    os.makedirs(aside)
-    for name in names:
-        os.rename(os.path.join(run_dir, name), os.path.join(aside, name))
-    print(f"--overwrite: the earlier run in {run_dir} moved to {aside} (delete it once the new run is what you want)")
-    return aside
-
-
-def lock_run_dir(run_dir: str):
-    """Create `run_dir` and own it while this process lives: an OS lock (flock) on run_dir/.lock, which the kernel
-    releases when the process dies, kill -9 included, so no stale lock survives. Another process asking for the same
-    folder is refused in one line. Re-entrant within one process."""
-    key = os.path.realpath(run_dir)
-    if key in _LOCKED:
-        return
-    os.makedirs(run_dir, exist_ok=True)
-    f = open(os.path.join(run_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        owner = f.read().strip() or "?"
-        f.close()
-        raise UserError(
-            f"{run_dir} is in use by another running process (pid {owner}); wait for it to end, or pass "
-            f"another --run-name"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    _LOCKED[key] = f
-
-
 class Run:
     """A run's outputs besides its checkpoints: the folder (locked to this process), args.json, metrics.jsonl (cut back
     to the resumed save's length, so no row is repeated) and, with --track, W&B. `log(row)` writes one metrics row."""
@@ -152,8 +107,10 @@ class Run:
         if resumed is None and args.overwrite:
             move_old_run_aside(run_dir)  # the replaced run goes whole: nothing of it can mix with this run's files
         self.dir = run_dir
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump({**dataclasses.asdict(args), **extra, "run_name": run_name}, f, indent=2)
+        record = {**dataclasses.asdict(args), **extra, "run_name": run_name}
+        write_text(
+            os.path.join(run_dir, "args.json"), json.dumps(record, indent=2)
+        )  # atomic: names the file if it fails
         self.metrics = open_metrics(os.path.join(run_dir, "metrics.jsonl"), resumed)
         self.wandb = None
         if args.track:
@@ -177,8 +134,12 @@ class Run:
         return {"rng": rng_state(), "metrics_bytes": self.metrics.tell()}
 
     def log(self, row: dict):
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
+        try:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+        except OSError as e:  # a full disk: the error names the log
+            e.filename = e.filename or self.metrics.name
+            raise
         if self.wandb:
             self.wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
 

@@ -498,3 +498,72 @@ def test_a_malformed_resume_state_is_one_line(hopper_checkpoint, tmp_path):
     torch.save(torch.zeros(3), state)
     with pytest.raises(cd.UserError, match="is not a behaviour-policy training state"):
         cd.load_training_state(str(state), cd.Args(resume=True))
+
+
+def test_litter_is_cleaned_and_interruptions_are_one_line(tmp_path, monkeypatch):
+    """What a killed or refused run leaves: a dead writer's temporary file goes when the folder is locked again; a
+    folder that holds only its lock goes at exit; MuJoCo's warning is one Python warning and no MUJOCO_LOG.TXT; a
+    child started with die_with_parent dies with its parent (a killed matrix leaves no DE attack running); Ctrl-C,
+    and an error under an open progress bar, are one line of their own; a run name with a newline is refused."""
+    from tqdm import tqdm
+
+    from robust_o2o import cli, folders
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt.4194999.tmp").write_bytes(b"half a checkpoint")  # above Linux's pid_max: dead
+    (run / "checkpoint.pt").write_bytes(b"kept")
+    folders.lock_run_dir(str(run))
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoint.pt"]
+    empty = tmp_path / "runs" / "refused"
+    empty.mkdir()
+    (empty / ".lock").write_text("1\n")
+    folders.release_if_empty(str(empty))
+    folders.release_if_empty(str(run))
+    assert not empty.exists() and run.exists()
+
+    probe = (
+        "from robust_o2o.envs import make_env; make_env('HalfCheetah-v5').close(); make_env('HalfCheetah-v5').close()"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and proc.stderr.count("MuJoCo:") == 1 and not (tmp_path / "MUJOCO_LOG.TXT").exists()
+
+    script = (
+        "import subprocess; from robust_o2o.cli import die_with_parent; "
+        "c = subprocess.Popen(['sleep', '60'], preexec_fn=die_with_parent); print(c.pid, flush=True); c.wait()"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    for _ in range(50):
+        if not folders.pid_alive(child) or open(f"/proc/{child}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the child outlived its parent")
+
+    def interrupted(_):
+        bar = tqdm(range(10), desc="a bar")  # open in the failing frame, as a script's loop bar is
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    def refused(_):
+        bar = tqdm(range(10), desc="a bar")
+        bar.update(3)
+        raise cli.UserError("the folder is read-only")
+
+    for main, code, text in ((interrupted, 130, "error: interrupted"), (refused, 1, "error: the folder is read-only")):
+        monkeypatch.setattr(sys, "argv", ["script"])
+        err = __import__("io").StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        with pytest.raises(SystemExit) as stopped:
+            cli.cli(main, tb.Args)
+        monkeypatch.undo()
+        message = stopped.value.code if isinstance(stopped.value.code, str) else err.getvalue().strip().split("\r")[-1]
+        assert (stopped.value.code == code or code == 1) and message.startswith(text) and "Traceback" not in message
+        assert "a bar" not in err.getvalue().rsplit("\r", 1)[-1]  # the bar was erased before the error line
+    with pytest.raises(cli.UserError, match="control character"):
+        cli.check_name("two\nlines", "--run-name", "runs/")
