@@ -624,7 +624,8 @@ def test_mujoco_gl_osmesa_without_its_library_is_one_line(hopper_checkpoint, hop
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        env={**os.environ, "MUJOCO_GL": "osmesa"},
+        env={**{k: v for k, v in os.environ.items() if k != "PYOPENGL_PLATFORM"}, "MUJOCO_GL": "osmesa"},  # as a user
+        # sets it: PyOpenGL's platform follows MUJOCO_GL (an earlier import of mujoco here set it to egl)
         timeout=300,
     )
     assert_one_line_error(proc, "MUJOCO_GL=osmesa", "MUJOCO_GL=egl")
