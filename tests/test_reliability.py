@@ -567,3 +567,24 @@ def test_litter_is_cleaned_and_interruptions_are_one_line(tmp_path, monkeypatch)
         assert "a bar" not in err.getvalue().rsplit("\r", 1)[-1]  # the bar was erased before the error line
     with pytest.raises(cli.UserError, match="control character"):
         cli.check_name("two\nlines", "--run-name", "runs/")
+
+
+def test_no_message_claims_a_checkpoint_that_does_not_exist_and_a_full_log_is_named(tmp_path):
+    """The NaN stop says the run keeps its last good checkpoint only where one exists; a log write that fails (a full
+    disk: /dev/full) names the log, not 'a file'."""
+    from robust_o2o import cli, runs
+
+    sentinel = runs.NonFiniteSentinel(torch.device("cpu"), "step", str(tmp_path))
+    sentinel.watch(torch.tensor(float("nan")), 7)
+    with pytest.raises(cli.UserError, match="holds no checkpoint yet") as stopped:
+        sentinel.check()
+    assert "--resume" not in str(stopped.value)
+    (tmp_path / "checkpoint.pt").write_bytes(b"saved")
+    with pytest.raises(cli.UserError, match="keeps the last good checkpoint"):
+        sentinel.check()
+    run = runs.Run(str(tmp_path / "r"), "r", tb.Args(), None)
+    run.metrics.close()
+    run.metrics = open("/dev/full", "w")
+    with pytest.raises(OSError) as failed:
+        run.log({"step": 1, "x": 1.0})
+    assert "/dev/full" in cli.io_failure(failed.value) and "a file" not in cli.io_failure(failed.value)
