@@ -15,10 +15,9 @@ def make_env(env_id: str, max_episode_steps: int | None = None) -> gym.Env:
     restores MuJoCo's physics state mid-episode, and the networks act on flat float vectors."""
     try:
         from gymnasium.envs.mujoco.mujoco_env import MujocoEnv  # imports mujoco, which reads MUJOCO_GL: only on use
-    except (RuntimeError, AttributeError, ImportError, OSError) as e:  # mujoco reads MUJOCO_GL as it is imported: an
-        backend = os.environ.get(
-            "MUJOCO_GL"
-        )  # unknown one raises RuntimeError, osmesa without libOSMesa AttributeError
+    except (RuntimeError, AttributeError, ImportError, OSError) as e:  # mujoco reads MUJOCO_GL as it is imported:
+        # an unknown backend raises RuntimeError, osmesa without libOSMesa an AttributeError
+        backend = os.environ.get("MUJOCO_GL")
         raise UserError(
             f"MuJoCo cannot start with MUJOCO_GL={backend} ({type(e).__name__}: {str(e)[:80]}; its library may be "
             f"missing); set MUJOCO_GL=egl (or osmesa, glfw, with their libraries installed), or unset it"
