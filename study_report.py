@@ -70,19 +70,20 @@ ENDPOINTS = {
 }
 
 
-# Part 2 (docs/protocol-part2.md): where the matrices hold {condition}@kept rows, the claims' normal, random and
-# robustness endpoints average the fine-tune's kept policies (the last 4 evaluations), on held-out episodes
+# Part 2 (docs/protocol-part2.md §2a): where the matrices hold {condition}@kept rows, the claims' normal and random
+# endpoints average the fine-tune's kept policies (the last 4 evaluations), on held-out episodes; robustness stays
+# on the final policy, the one its fresh attack was found against
 AVERAGED_ENDPOINTS = {
     "normal": "normalized return without δ, averaged over a fine-tune's kept policies (the last 4 evaluations' "
     "checkpoints, 10 held-out episodes each; offline-only: its one policy's final evaluation)",
     "random": "the same under the study's random δ draws",
-    "robustness": "the worse, per seed, of two δ sets played on those kept policies and episodes: the fresh DE attack "
-    "found against the final policy, and the transferred (precomputed) set (offline-only: its precomputed set, which "
-    "is its own attack)",
+    "robustness": ENDPOINTS["robustness"] + " (as in part 1: a fresh attack is specific to the policy it was found "
+    "against, so it is not averaged over the kept ones)",
     "online_auc": ENDPOINTS["online_auc"],
-    "retained": "robustness ÷ normal per seed: the share of its normal return a policy keeps under attack (secondary)",
+    "retained": "robustness ÷ normal of the final policy, per seed: the share of its normal return a policy keeps "
+    "under attack (secondary)",
     "normal (final)": "part 1's normal endpoint: the final policy alone (secondary)",
-    "robustness (final)": "part 1's robustness endpoint: the final policy alone (secondary)",
+    "random (final)": "part 1's random endpoint: the final policy alone (secondary)",
 }
 
 
@@ -145,7 +146,7 @@ SECONDARY = (  # reported with unadjusted p-values; no verdict rests on them
     Comparison(ADV_FIXED, OFFLINE, "normal"),
     Comparison(NORMAL_FT, OFFLINE, "robustness"),
 )
-FINAL = {"normal": "normal (final)", "robustness": "robustness (final)"}  # part 1's endpoints, in part 2's report
+FINAL = {"normal": "normal (final)", "random": "random (final)"}  # part 1's endpoints, in part 2's report
 SECONDARY_AVERAGED = (  # part 2: the retained share, and every primary difference on part 1's endpoints
     SECONDARY
     + (Comparison(ADV_FIXED, OFFLINE, "retained"), Comparison(ADV_FIXED, NORMAL_FT, "retained"))
@@ -420,19 +421,19 @@ def is_averaged(values: dict) -> bool:
 
 
 def averaged(out: dict):
-    """Part 2's endpoints in place (docs/protocol-part2.md): normal, random and robustness from the rows that pool a
-    fine-tune's kept policies, where it has them (offline-only has one policy: its final evaluation); part 1's
-    final-policy values kept as "normal (final)" and "robustness (final)"; the retained share, robustness ÷ normal."""
+    """Part 2's endpoints in place (docs/protocol-part2.md §2a): normal and random from the rows that pool a
+    fine-tune's kept policies, where it has them (offline-only has one policy: its final evaluation); robustness from
+    the final policy, as in part 1; part 1's final-policy normal and random kept as "normal (final)" and "random
+    (final)"; the retained share, robustness ÷ normal of the final policy."""
     for env, pol in {(e, p) for e, p, _ in out}:
         final = {c: out.get((env, pol, c), {}) for c in ("normal", "random", "robustness")}
-        out[(env, pol, "normal (final)")], out[(env, pol, "robustness (final)")] = final["normal"], final["robustness"]
-        kept = {c: out.get((env, pol, c + KEPT), {}) for c in EVAL_CONDITIONS}
+        out[(env, pol, "normal (final)")], out[(env, pol, "random (final)")] = final["normal"], final["random"]
+        out[(env, pol, "retained")] = {
+            s: v / final["normal"][s] for s, v in final["robustness"].items() if final["normal"].get(s, 0) > 0
+        }
+        kept = {c: out.get((env, pol, c + KEPT), {}) for c in ("normal", "random")}
         if kept["normal"]:
             out[(env, pol, "normal")], out[(env, pol, "random")] = kept["normal"], kept["random"]
-            worse = {s: min(v, kept["transfer"][s]) for s, v in kept["adversarial"].items() if s in kept["transfer"]}
-            out[(env, pol, "robustness")] = worse
-        normal, robustness = out.get((env, pol, "normal"), {}), out.get((env, pol, "robustness"), {})
-        out[(env, pol, "retained")] = {s: v / normal[s] for s, v in robustness.items() if normal.get(s, 0) > 0}
 
 
 def compare(values: dict, comp: Comparison, env: str, confidence: float, alpha: float = ALPHA) -> dict | None:
@@ -998,8 +999,10 @@ def matrix_section(groups, policies, est, reps, confidence, budgets, conditions=
     if kept:
         return out + [
             "Each fine-tune's kept policies (the last evaluations' checkpoints), each on the held-out episodes of the "
-            "final evaluation under the final policy's δ sets, pooled per seed (offline-only: see T1). – : no fresh "
-            "attack on that arm (no endpoint reads it).",
+            "final evaluation under the final policy's δ sets, pooled per seed (offline-only: see T1). The claims "
+            "read normal and random here; their attack columns are descriptive (the final policy's fresh attack is a "
+            "transfer to the others), and robustness is the final policy's (T1). – : no fresh attack on that arm (no "
+            "endpoint reads it).",
             "",
         ], csv_rows
     out += [

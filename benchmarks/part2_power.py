@@ -8,11 +8,12 @@
    fine-tunes' periodic evaluations, the only part-1 record of the end of training: normal and random as logged,
    robustness as the worse of the precomputed set over those evaluations and the final fresh attack, a proxy for
    part 2's definition, which plays both sets on held-out episodes);
-2. the chance of each verdict per claim in a study of n seeds whose per-seed arm values are drawn from a normal
-   distribution with part 1's means and covariance across a claim's arms (so the arms' correlations stay; a
-   bootstrap over part 1's seeds would repeat seeds, and repeated seeds make an exact sign-flip test liberal),
-   judged by the report's own rule: exact sign-flip p-values, intersection-union within a claim, Holm across the
-   four at α;
+2. the chance of each verdict per claim (under part 1's endpoints, "final"; every endpoint averaged, "averaged"; and
+   part 2's as in force, "mixed": normal and random averaged, robustness on the final policy) in a study of n seeds
+   whose per-seed arm values are drawn from a normal distribution with part 1's means and covariance across a
+   claim's arms (so the arms' correlations stay; a bootstrap over part 1's seeds would repeat seeds, and repeated
+   seeds make an exact sign-flip test liberal), judged by the report's own rule: exact sign-flip p-values,
+   intersection-union within a claim, Holm across the four at α;
 3. the calibration of the contradiction test at the boundary (every arm of a claim equal in mean: part 1's arms
    re-centred), for part 1's two-sided test and for a one-sided one.
 
@@ -52,7 +53,8 @@ class Args:
 
 
 def load(chains: str, last_k: int) -> dict:
-    """{definition: {(policy, endpoint): {seed: value}}} for part 1's endpoints ("final") and part 2's ("averaged")."""
+    """{definition: {(policy, endpoint): {seed: value}}} for part 1's endpoints ("final"), every one averaged
+    ("averaged") and part 2's as in force ("mixed")."""
     evals, curves = defaultdict(dict), defaultdict(lambda: defaultdict(list))
     for path in glob.glob(os.path.join(chains, "*__evaluations.csv")):
         for r in csv.DictReader(open(path)):
@@ -80,7 +82,9 @@ def load(chains: str, last_k: int) -> dict:
         gaps[pol] = [max(r[1] for r in run) - sorted(run)[-1][1] for run in runs.values()]
         auc = {s: float(np.mean([r[1] for r in run if r[0] > 0])) for s, run in runs.items()}
         final[(pol, "online_auc")] = averaged[(pol, "online_auc")] = auc
-    return {"final": final, "averaged": averaged, "gaps": gaps}
+    mixed = dict(averaged)  # part 2 as in force: normal and random averaged, robustness on the final policy (§2a)
+    mixed.update({k: v for k, v in final.items() if k[1] == "robustness"})
+    return {"final": final, "averaged": averaged, "mixed": mixed, "gaps": gaps}
 
 
 def effects(values: dict) -> list:
@@ -182,7 +186,7 @@ def main(args: Args):
         "| endpoints | seeds | " + " | ".join(f"claim {c.number}: supported / contradicted" for c in sr.CLAIMS) + " |"
     )
     print("|---|---|" + "---|" * len(sr.CLAIMS))
-    for definition in ("final", "averaged"):
+    for definition in ("final", "averaged", "mixed"):
         for n in args.seeds:
             v = verdicts(data[definition], n, args.reps, args.alpha, rng)
             print(f"| {definition} | {n} | " + " | ".join(f"{s:.2f} / {c:.2f}" for s, c in v.values()) + " |")

@@ -791,19 +791,21 @@ def test_a_p_below_one_in_a_thousand_is_printed_not_rounded_to_zero(tmp_path):
     assert "p = 0.0005, X higher in 12 of 12 seeds" in report and "sign-flip p 0.0005 |" in report
 
 
-def test_part_2_judges_the_claims_on_the_kept_policies_and_keeps_part_1_s_endpoints_as_secondary(tmp_path):
-    """Where the matrices hold `{condition}@kept` rows (part 2, docs/protocol-part2.md), normal, random and robustness
-    average the fine-tune's kept policies (robustness: the worse of the kept policies' fresh-attack and transfer
-    rows); offline-only keeps its final evaluation; part 1's final-policy endpoints and the retained share are
-    secondary. Planted: the final policy is unlucky (its robustness below offline-only's), the kept ones are not."""
+def test_part_2_judges_normal_and_random_on_the_kept_policies_and_robustness_on_the_final_one(tmp_path):
+    """Where the matrices hold `{condition}@kept` rows (part 2, docs/protocol-part2.md §2a), normal and random average
+    the fine-tune's kept policies; robustness stays the final policy's (its fresh attack was found against it alone,
+    so the kept policies' attack rows are descriptive); offline-only keeps its final evaluation; part 1's final-policy
+    normal and the retained share (final robustness ÷ final normal) are secondary. Planted: the final policy's normal
+    is unlucky (below offline-only's), the kept ones' are not; the kept policies' attack rows are far below the final
+    policy's, and must not reach claim 1."""
     scores = {
         sr.OFFLINE: ("offline", "", "", lambda s, c: 40.0 if c == "normal" else 10.0 + s % 3),
         sr.ADV_FIXED: (
             "offline",
             "adversarial",
             "fixed",
-            lambda s, c: 50.0 if c == "normal" else 5.0,
-            lambda s, c: {"normal": 60.0, "random": 55.0, "adversarial": 20.0 + s % 2, "transfer": 25.0}[c],
+            lambda s, c: {"normal": 30.0, "random": 28.0, "adversarial": 20.0 + s % 2, "transfer": 25.0}[c],
+            lambda s, c: {"normal": 60.0, "random": 55.0, "adversarial": 3.0, "transfer": 4.0}[c],
         ),
         sr.SCRATCH: (  # no fresh attack on scratch: no adversarial rows at all
             "scratch",
@@ -815,14 +817,15 @@ def test_part_2_judges_the_claims_on_the_kept_policies_and_keeps_part_1_s_endpoi
     }
     res = fake_study(tmp_path, scores, seeds=tuple(range(1, 11)))
     sr.main(sr.Args(results_dir=str(res), reps=200))
-    paired = {(r["role"], r["x"], r["endpoint"]): r for r in csv.DictReader(open(res / "paired.csv"))}
-    claim1 = paired[("claim 1", sr.ADV_FIXED, "robustness")]
+    paired = {(r["role"], r["x"], r["y"], r["endpoint"]): r for r in csv.DictReader(open(res / "paired.csv"))}
+    claim1 = paired[("claim 1", sr.ADV_FIXED, sr.OFFLINE, "robustness")]
     robustness = [min(20.0 + s % 2, 25.0) - (10.0 + s % 3) for s in range(1, 11)]
     assert float(claim1["mean_difference"]) == pytest.approx(np.mean(robustness)) and claim1["x_higher"] == "10"
-    final = next(r for (role, x, e), r in paired.items() if e == "robustness (final)" and r["y"] == sr.OFFLINE)
-    assert float(final["mean_difference"]) == pytest.approx(np.mean([5.0 - (10.0 + s % 3) for s in range(1, 11)]))
-    retained = next(r for (role, x, e), r in paired.items() if e == "retained" and r["y"] == sr.OFFLINE)
-    shares = [min(20.0 + s % 2, 25.0) / 60.0 - (10.0 + s % 3) / 40.0 for s in range(1, 11)]
+    normal = paired[("secondary", sr.ADV_FIXED, sr.OFFLINE, "normal")]
+    assert float(normal["mean_difference"]) == pytest.approx(60.0 - 40.0)
+    assert not any(e == "robustness (final)" for *_, e in paired)  # robustness is the final policy's already
+    retained = paired[("secondary", sr.ADV_FIXED, sr.OFFLINE, "retained")]
+    shares = [min(20.0 + s % 2, 25.0) / 30.0 - (10.0 + s % 3) / 40.0 for s in range(1, 11)]
     assert float(retained["mean_difference"]) == pytest.approx(np.mean(shares), abs=1e-6)
     report = (res / "report.md").read_text()
     assert "1. Adversarial fine-tuning is more robust" in report and "**supported**" in report.split("## Paired")[0]
