@@ -9,7 +9,7 @@ import torch
 
 from robust_o2o.cli import UserError
 from robust_o2o.envs import env_mismatch
-from robust_o2o.files import read_npz
+from robust_o2o.files import read_npz, recorded_stage, recreate
 
 CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
 
@@ -42,7 +42,7 @@ def load_checkpoint(path: str) -> dict:
     except Exception as e:
         raise UserError(
             f"checkpoint {path} is unreadable or not a plain-tensor checkpoint ({type(e).__name__}); "
-            f"re-create it with `python td3_bc_offline.py`"
+            f"{recreate(recorded_stage(path))}"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a checkpoint of this project (format '{CHECKPOINT_FORMAT}' expected)")
@@ -52,13 +52,13 @@ def load_checkpoint(path: str) -> dict:
         )
     problem = checkpoint_problem(ckpt)
     if problem:
-        raise UserError(f"checkpoint {path} is malformed: {problem}; re-create it with the stage that wrote it")
+        raise UserError(f"checkpoint {path} is malformed: {problem}; {recreate(ckpt.get('stage'))}")
     try:
         problem = env_mismatch(ckpt)
     except UserError as e:
         raise UserError(f"checkpoint {path}: {e}") from None
     if problem:
-        raise UserError(f"checkpoint {path} does not fit its env: {problem}; re-create it with the stage that wrote it")
+        raise UserError(f"checkpoint {path} does not fit its env: {problem}; {recreate(ckpt.get('stage'))}")
     return ckpt
 
 

@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT, assert_one_line_error, offline_run, run_cli, run_script
 from robust_o2o import cli, formats
-from robust_o2o.files import save_npz
+from robust_o2o.files import save_checkpoint, save_npz
 
 
 def tree(root) -> dict:
@@ -137,6 +137,42 @@ def test_every_checkpoint_reader_refuses_through_the_loader_in_one_line(
 
 def test_the_project_s_own_checkpoints_pass_the_schema_check(hopper_checkpoint):
     assert formats.checkpoint_problem(torch.load(hopper_checkpoint, weights_only=True)) is None
+
+
+@pytest.mark.parametrize(
+    "value,key,kind",
+    [
+        ({"q": np.float64(0.5)}, "'q'", "numpy.float64"),  # np.cos in a fork's q schedule (a float subclass)
+        ({"eval": {"eval/normal_return": np.float32(1.0)}}, "'eval/eval/normal_return'", "numpy.float32"),
+        ({"episode": {"steps": np.int64(3)}}, "'episode/steps'", "numpy.int64"),
+        ({"deltas": [0.1, np.zeros(2)]}, "'deltas[1]'", "numpy.ndarray"),
+    ],
+)
+def test_save_checkpoint_refuses_what_weights_only_loading_cannot_read_naming_key_and_type(value, key, kind, tmp_path):
+    """Refused at write time, before a file exists, with the key and its type; a clean checkpoint saves and loads."""
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(cli.UserError, match="weights_only") as refused:
+        save_checkpoint(str(path), {"step": 1, **value})
+    assert key in str(refused.value) and kind in str(refused.value) and not os.listdir(tmp_path)
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])
+    adam.step()
+    clean = {"q": 0.5, "size": torch.Size([2]), "opt": adam.state_dict(), "rng": torch.get_rng_state(), "n": None}
+    save_checkpoint(str(path), clean)
+    assert torch.load(path, weights_only=True)["q"] == 0.5
+
+
+def test_a_checkpoint_error_names_the_script_that_writes_that_checkpoint(hopper_checkpoint, tmp_path):
+    """The fix names the script recorded in the checkpoint (a fork's own name), also where weights_only loading fails
+    and the name is read from the pickle's opcodes without running them; never td3_bc_offline.py for a fine-tune."""
+    ckpt = torch.load(hopper_checkpoint, weights_only=True)
+    ckpt = {**ckpt, "stage": "my_cosine_fork", "finetune_condition": "normal", "q": np.float64(0.3)}
+    torch.save(ckpt, tmp_path / "fork.pt")  # written around save_checkpoint's guard, as an old fork did
+    with pytest.raises(cli.UserError, match="re-create it with `python my_cosine_fork.py`"):
+        formats.load_checkpoint(str(tmp_path / "fork.pt"))
+    ckpt = {**ckpt, "stage": "td3_adv_finetune", "q": 0.3}  # a fine-tune's record without its curriculum
+    torch.save(ckpt, tmp_path / "malformed.pt")
+    with pytest.raises(cli.UserError, match="malformed.*`python td3_adv_finetune.py`"):
+        formats.load_checkpoint(str(tmp_path / "malformed.pt"))
 
 
 # Class 2: perturbation files: keys, a non-empty finite δ set inside [−ε, ε], random draws, an ε the model can take
