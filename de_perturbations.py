@@ -32,6 +32,7 @@ from robust_o2o.envs import route_mujoco_warnings
 from robust_o2o.evaluation import MAX_LOCKSTEP_ENVS, rollout_batch
 from robust_o2o.files import read_npz, save_npz, sha256_file
 from robust_o2o.formats import PERTURBATION_FORMAT, default_checkpoint, load_checkpoint
+from robust_o2o.perturbation import Perturbation, from_script
 from robust_o2o.plots import save_figure
 from robust_o2o.runs import check_resume_args
 
@@ -43,8 +44,12 @@ class Args:
     # the paper's knobs: the box [−ε, ε]^Na of δ and how δ acts on the executed action
     epsilon: Annotated[float, Range(0, open="lo")] = 0.3
     """ε: perturbation bound, δ ∈ [−ε, ε]^Na (the paper uses 0.3 or 0.5 depending on the env)"""
-    perturbation_model: Literal["multiplicative", "additive"] = "multiplicative"
-    """multiplicative: ã = a ⊙ (1 + δ); additive: ã = a + δ ⊙ half-range (both clipped to the action bounds)"""
+    perturbation_model: str = "multiplicative"
+    """multiplicative: ã = a ⊙ (1 + δ); additive: ã = a + δ ⊙ half-range (both clipped to the action bounds); or a
+    model of the script named by --perturbation-from"""
+    perturbation_from: str | None = None
+    """a fork's script whose PERTURBATION to apply instead of this script's (docs/forking.md); the policy's checkpoint
+    must record that perturbation"""
 
     # the adversary: differential evolution (scipy)
     num_perturbations: Annotated[int, Range(1)] = 5
@@ -152,6 +157,15 @@ def perturb_action(action: np.ndarray, delta: np.ndarray, low, high, perturbatio
     return np.clip(executed, low, high).astype(action.dtype, copy=False)
 
 
+# what δ perturbs and how; --perturbation-from takes a fork's instead (robust_o2o/perturbation.py)
+PERTURBATION = Perturbation(target="action", models=PERTURBATION_MODELS, apply=perturb_action)
+
+
+def script_perturbation(perturbation_from: str | None) -> Perturbation:
+    """This script's PERTURBATION, or the one the fork named by --perturbation-from declares."""
+    return PERTURBATION if perturbation_from is None else from_script(perturbation_from)
+
+
 # ALGO LOGIC: one DE run, the paper's adversary
 class DERun(NamedTuple):
     delta: np.ndarray  # the best δ found [Na]
@@ -199,11 +213,12 @@ def run_de(evaluate, bounds: list, seeds: np.ndarray, de_seed: int, args: Args, 
 _WORKER = {}
 
 
-def _init_worker(ckpt_small: dict, env_id: str, max_episode_steps, perturbation_model: str):
+def _init_worker(ckpt_small: dict, env_id: str, max_episode_steps, perturbation_model: str, perturbation_from):
     torch.set_num_threads(1)
     route_mujoco_warnings()  # a worker process makes its envs without make_env
     _WORKER.update(actor=actor_from_checkpoint(ckpt_small), obs_stats=(ckpt_small["obs_mean"], ckpt_small["obs_std"]))
     _WORKER.update(env_spec=(env_id, max_episode_steps), perturbation_model=perturbation_model, envs=[])
+    _WORKER.update(perturbation=script_perturbation(perturbation_from))  # a worker imports the fork itself
 
 
 def _worker_rollout(deltas: np.ndarray, seeds: np.ndarray):
@@ -212,26 +227,27 @@ def _worker_rollout(deltas: np.ndarray, seeds: np.ndarray):
         env_id, max_episode_steps = w["env_spec"]
         w["envs"].append(gym.make(env_id, max_episode_steps=max_episode_steps))
     envs, (obs_mean, obs_std) = w["envs"][: min(len(seeds), MAX_LOCKSTEP_ENVS)], w["obs_stats"]
-    return rollout_batch(envs, w["actor"], obs_mean, obs_std, deltas, seeds, w["perturbation_model"], perturb_action)
+    return rollout_batch(envs, w["actor"], obs_mean, obs_std, deltas, seeds, w["perturbation_model"], w["perturbation"])
 
 
 class PopulationEvaluator:
-    """Evaluates returns of many (δ, seed) pairs, split across `num_workers` processes (in-process for 1)."""
+    """Evaluates returns of many (δ, seed) pairs, split across `num_workers` processes (in-process for 1), under this
+    script's perturbation or, given `fork` (a script's path), that script's."""
 
-    def __init__(self, ckpt: dict, perturbation_model: str, max_episode_steps: int | None, num_workers: int = 1):
+    def __init__(self, ckpt: dict, model: str, max_episode_steps: int | None, num_workers: int = 1, fork=None):
         acting = ("obs_dim", "act_dim", "action_low", "action_high", "hidden_dim", "actor", "obs_mean", "obs_std")
         small = {key: ckpt[key] for key in acting}  # what a worker needs to act
         env_id = ckpt["env_id"]
         self.num_workers, self.env_steps = max(1, num_workers), 0
         if self.num_workers == 1:
-            _init_worker(small, env_id, max_episode_steps, perturbation_model)
+            _init_worker(small, env_id, max_episode_steps, model, fork)
             self.pool = None
         else:
             self.pool = ProcessPoolExecutor(
                 self.num_workers,
                 mp_context=get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(small, env_id, max_episode_steps, perturbation_model),
+                initargs=(small, env_id, max_episode_steps, model, fork),
             )
 
     def returns(self, deltas: np.ndarray, seeds: np.ndarray) -> np.ndarray:
@@ -300,6 +316,9 @@ def check_args(args: Args):
             f"--epsilon must be in (0, 1) for the multiplicative model (got {args.epsilon}): δ = −1 would "
             f"switch an actuator off and δ < −1 reverse it; use 0.3 or 0.5 as the paper does"
         )
+    models = script_perturbation(args.perturbation_from).models
+    if args.perturbation_model not in models:
+        raise UserError(f"--perturbation-model must be one of {', '.join(models)} (got {args.perturbation_model!r})")
     if args.mutation[0] > args.mutation[1]:
         raise UserError(f"--mutation is a (min, max) dithering range; got min > max ({args.mutation})")
 
@@ -362,86 +381,6 @@ def load_state(path: str, args: Args) -> dict | None:
     return state
 
 
-def main(args: Args):
-    check_args(args)
-    ckpt, env_id, max_steps, output = resolve_inputs(args)
-    act_dim, eps = int(ckpt["act_dim"]), args.epsilon
-    state_path = output + ".state.npz"  # written after every DE generation; removed when the run is complete
-    saved = load_state(state_path, args)
-    wandb = start_wandb(args, env_id) if args.track else None
-    workers = args.num_workers or os.cpu_count() or 1
-    evaluator = PopulationEvaluator(ckpt, args.perturbation_model, max_steps, workers)
-    eval_seeds = args.eval_seed + np.arange(args.eval_episodes)
-    random_deltas = np.random.default_rng(args.seed).uniform(-eps, eps, size=(args.random_draws, act_dim))
-    t0 = time.time()
-    try:
-        # the baselines on the evaluation episodes: δ = 0 (row 0) and each random draw
-        if saved is None:
-            baseline = evaluator.episode_returns(np.vstack([np.zeros((1, act_dim)), random_deltas]), eval_seeds)
-        else:
-            baseline, evaluator.env_steps = saved["baseline"], int(saved["env_steps"])
-            t0 -= float(saved["wall_time_sec"])
-        nominal, random_returns = float(baseline[0].mean()), baseline[1:].mean(1)
-        print(
-            f"{env_id}: nominal return {nominal:.1f}; random δ (ε={eps}, {args.perturbation_model}): "
-            f"{as_evaluated(baseline[1:]):.1f} (episode i under draw i mod {args.random_draws}, as evaluators play it)"
-        )
-        # ALGO LOGIC: K independent DE runs, each on its own episode seeds; their best δ form the set {δ_a}
-        runs = [] if saved is None else saved["runs"]
-        generations_done = args.maxiter * len(runs) + (0 if saved is None else len(saved["history"]))
-        pbar = tqdm(total=args.num_perturbations * args.maxiter, desc="DE generations", initial=generations_done)
-        for k in range(len(runs), args.num_perturbations):
-            seeds = args.de_seed + 1000 * k + np.arange(args.de_episodes)
-
-            def on_generation(solver_state: dict, k=k):
-                pbar.update(1)
-                pbar.set_postfix(best_return=f"{solver_state['history'][-1]:.1f}")
-                runs_so_far = {"k": k, "baseline": baseline, **stacked(runs, act_dim), **solver_state}
-                spent = {"env_steps": evaluator.env_steps, "wall_time_sec": time.time() - t0}
-                save_npz(state_path, {"args": json.dumps(asdict(args)), **runs_so_far, **spent})
-
-            resume_from = saved if saved is not None and k == int(saved["k"]) else None
-            bounds = [(-eps, eps)] * act_dim  # δ ∈ [−ε, ε]^Na
-            run = run_de(evaluator.returns, bounds, seeds, args.de_seed + k, args, on_generation, resume_from)
-            pbar.update(args.maxiter - len(run.history))  # a run that converged early
-            runs.append(run)
-            if wandb is not None:
-                wandb.log({f"de/run{k}_best_return": run.objective})
-        pbar.close()
-        deltas = np.stack([run.delta for run in runs])
-        adversarial_pairs = evaluator.episode_returns(deltas, eval_seeds)
-        env_steps, wall = evaluator.env_steps, time.time() - t0
-    finally:
-        evaluator.close()
-    if not (np.isfinite(baseline).all() and np.isfinite(adversarial_pairs).all()):
-        raise UserError(f"a return against {args.checkpoint} is NaN or inf; {output} was not written")
-    adversarial_returns, history = adversarial_pairs.mean(1), padded([run.history for run in runs])
-    results = {"perturbations": deltas, "perturbation_returns": adversarial_returns, "history": history}
-    results.update(de_objective=np.asarray([run.objective for run in runs]), nominal_return=nominal)
-    results.update(random_deltas=random_deltas, random_returns=random_returns, eval_seeds=eval_seeds)
-    results.update(random_return_mean=random_returns.mean(), random_return_std=random_returns.std())
-    cost = {"env_steps": env_steps, "wall_time_sec": wall, "num_workers": workers}
-    save_npz(output, {**file_header(args, env_id, max_steps, act_dim), **results, **cost})
-    if os.path.exists(state_path):
-        os.remove(state_path)
-    png = output[:-4] + ".png"
-    policy = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
-    title = f"DE against {policy}\n{env_id}, ε={eps}, {args.perturbation_model}, K={len(deltas)}"
-    plot_convergence(png, history, nominal, float(random_returns.mean()), adversarial_returns, title)
-    print(
-        f"adversarial δ_a (K={len(deltas)}): return {as_evaluated(adversarial_pairs):.1f} on the {args.eval_episodes} "
-        f"eval episodes, episode i under δ_(i mod {len(deltas)}) as the evaluators play it (nominal {nominal:.1f}, "
-        f"random {as_evaluated(baseline[1:]):.1f}); per δ over all eval episodes: "
-        + ", ".join(f"{r:.1f}" for r in adversarial_returns)
-    )
-    print(f"{env_steps} env steps in {wall:.1f}s ({env_steps / wall:.0f}/s, {workers} workers); wrote {output}, {png}")
-    if wandb is not None:
-        summary = {"nominal_return": nominal, "random_return": float(random_returns.mean())}
-        summary.update(adversarial_return=float(adversarial_returns.mean()), steps_per_sec=env_steps / wall)
-        wandb.log({**{f"de/{key}": value for key, value in summary.items()}, "de/convergence": wandb.Image(png)})
-        wandb.finish()
-
-
 # Setup, the files, the plot (main reads these by name)
 def resolve_inputs(args: Args) -> tuple:
     """The checkpoint (loaded and checked), its env (made once, to fail early), the episode limit and the output path.
@@ -449,6 +388,9 @@ def resolve_inputs(args: Args) -> tuple:
     if args.checkpoint is None:
         args.checkpoint = default_checkpoint()
     ckpt = load_checkpoint(args.checkpoint)
+    if "finetune_condition" in ckpt:  # a fine-tuned policy is attacked under the perturbation it was trained with
+        script = args.perturbation_from or os.path.basename(__file__)
+        script_perturbation(args.perturbation_from).check(ckpt, f"the checkpoint {args.checkpoint}", script)
     env_id = ckpt["env_id"]
     max_steps = args.max_episode_steps if args.max_episode_steps is not None else ckpt.get("max_episode_steps")
     output = args.output or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
@@ -468,9 +410,9 @@ def start_wandb(args: Args, env_id: str):
     return wandb
 
 
-def stacked(runs: list, act_dim: int) -> dict:
+def stacked(runs: list, width: int) -> dict:
     """Finished runs as arrays for the state file."""
-    deltas = np.asarray([run.delta for run in runs]).reshape(-1, act_dim)
+    deltas = np.asarray([run.delta for run in runs]).reshape(-1, width)
     objective = np.asarray([run.objective for run in runs])
     return {"deltas": deltas, "objective": objective, "histories": padded([run.history for run in runs])}
 
@@ -493,6 +435,91 @@ def file_header(args: Args, env_id: str, max_steps: int | None, act_dim: int) ->
         **de_settings,
         "polish": args.polish,
     }
+
+
+def main(args: Args):
+    check_args(args)
+    ckpt, env_id, max_steps, output = resolve_inputs(args)
+    perturbation, eps = script_perturbation(args.perturbation_from), args.epsilon
+    width = perturbation.width(ckpt["obs_dim"], ckpt["act_dim"])  # of δ: Na for a perturbation of actions
+    state_path = output + ".state.npz"  # written after every DE generation; removed when the run is complete
+    saved = load_state(state_path, args)
+    wandb = start_wandb(args, env_id) if args.track else None
+    workers = args.num_workers or os.cpu_count() or 1
+    evaluator = PopulationEvaluator(ckpt, args.perturbation_model, max_steps, workers, args.perturbation_from)
+    eval_seeds = args.eval_seed + np.arange(args.eval_episodes)
+    random_deltas = np.random.default_rng(args.seed).uniform(-eps, eps, size=(args.random_draws, width))
+    t0 = time.time()
+    try:
+        # the baselines on the evaluation episodes: δ = 0 (row 0) and each random draw
+        if saved is None:
+            baseline = evaluator.episode_returns(np.vstack([np.zeros((1, width)), random_deltas]), eval_seeds)
+        else:
+            baseline, evaluator.env_steps = saved["baseline"], int(saved["env_steps"])
+            t0 -= float(saved["wall_time_sec"])
+        nominal, random_returns = float(baseline[0].mean()), baseline[1:].mean(1)
+        print(
+            f"{env_id}: nominal return {nominal:.1f}; random δ (ε={eps}, {args.perturbation_model}): "
+            f"{as_evaluated(baseline[1:]):.1f} (episode i under draw i mod {args.random_draws}, as evaluators play it)"
+        )
+        # ALGO LOGIC: K independent DE runs, each on its own episode seeds; their best δ form the set {δ_a}
+        runs = [] if saved is None else saved["runs"]
+        generations_done = args.maxiter * len(runs) + (0 if saved is None else len(saved["history"]))
+        pbar = tqdm(total=args.num_perturbations * args.maxiter, desc="DE generations", initial=generations_done)
+        for k in range(len(runs), args.num_perturbations):
+            seeds = args.de_seed + 1000 * k + np.arange(args.de_episodes)
+
+            def on_generation(solver_state: dict, k=k):
+                pbar.update(1)
+                pbar.set_postfix(best_return=f"{solver_state['history'][-1]:.1f}")
+                runs_so_far = {"k": k, "baseline": baseline, **stacked(runs, width), **solver_state}
+                spent = {"env_steps": evaluator.env_steps, "wall_time_sec": time.time() - t0}
+                save_npz(state_path, {"args": json.dumps(asdict(args)), **runs_so_far, **spent})
+
+            resume_from = saved if saved is not None and k == int(saved["k"]) else None
+            bounds = [(-eps, eps)] * width  # δ ∈ [−ε, ε]^Na
+            run = run_de(evaluator.returns, bounds, seeds, args.de_seed + k, args, on_generation, resume_from)
+            pbar.update(args.maxiter - len(run.history))  # a run that converged early
+            runs.append(run)
+            if wandb is not None:
+                wandb.log({f"de/run{k}_best_return": run.objective})
+        pbar.close()
+        deltas = np.stack([run.delta for run in runs])
+        adversarial_pairs = evaluator.episode_returns(deltas, eval_seeds)
+        env_steps, wall = evaluator.env_steps, time.time() - t0
+    finally:
+        evaluator.close()
+    if not (np.isfinite(baseline).all() and np.isfinite(adversarial_pairs).all()):
+        raise UserError(f"a return against {args.checkpoint} is NaN or inf; {output} was not written")
+    adversarial_returns, history = adversarial_pairs.mean(1), padded([run.history for run in runs])
+    results = {"perturbations": deltas, "perturbation_returns": adversarial_returns, "history": history}
+    results.update(de_objective=np.asarray([run.objective for run in runs]), nominal_return=nominal)
+    results.update(random_deltas=random_deltas, random_returns=random_returns, eval_seeds=eval_seeds)
+    results.update(random_return_mean=random_returns.mean(), random_return_std=random_returns.std())
+    cost = {"env_steps": env_steps, "wall_time_sec": wall, "num_workers": workers}
+    header = {
+        **file_header(args, env_id, max_steps, int(ckpt["act_dim"])),
+        **perturbation.record(args.perturbation_model),
+    }
+    save_npz(output, {**header, **results, **cost})
+    if os.path.exists(state_path):
+        os.remove(state_path)
+    png = output[:-4] + ".png"
+    policy = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
+    title = f"DE against {policy}\n{env_id}, ε={eps}, {args.perturbation_model}, K={len(deltas)}"
+    plot_convergence(png, history, nominal, float(random_returns.mean()), adversarial_returns, title)
+    print(
+        f"adversarial δ_a (K={len(deltas)}): return {as_evaluated(adversarial_pairs):.1f} on the {args.eval_episodes} "
+        f"eval episodes, episode i under δ_(i mod {len(deltas)}) as the evaluators play it (nominal {nominal:.1f}, "
+        f"random {as_evaluated(baseline[1:]):.1f}); per δ over all eval episodes: "
+        + ", ".join(f"{r:.1f}" for r in adversarial_returns)
+    )
+    print(f"{env_steps} env steps in {wall:.1f}s ({env_steps / wall:.0f}/s, {workers} workers); wrote {output}, {png}")
+    if wandb is not None:
+        summary = {"nominal_return": nominal, "random_return": float(random_returns.mean())}
+        summary.update(adversarial_return=float(adversarial_returns.mean()), steps_per_sec=env_steps / wall)
+        wandb.log({**{f"de/{key}": value for key, value in summary.items()}, "de/convergence": wandb.Image(png)})
+        wandb.finish()
 
 
 if __name__ == "__main__":

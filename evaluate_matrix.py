@@ -39,7 +39,8 @@ from tqdm import tqdm
 from robust_o2o.cli import Range, UserError, check_ranges, cli, die_with_parent
 from robust_o2o.evaluation import ConditionEvaluator, normalized_score
 from robust_o2o.files import check_recorded_set, sha256_file, write_text
-from robust_o2o.formats import find_checkpoints, load_checkpoint, load_perturbations
+from robust_o2o.formats import check_fit, find_checkpoints, load_checkpoint, load_perturbations
+from robust_o2o.perturbation import Perturbation, from_script
 from robust_o2o.plots import save_curve_panels, save_figure, save_q_plot
 from robust_o2o.video import captioned, check_rendering, record_episode, side_by_side, write_video
 
@@ -64,6 +65,9 @@ class Args:
     """episodes per policy and condition (seeds eval_seed + i)"""
     eval_seed: Annotated[int, Range(0)] = EVAL_SEED
     """first evaluation seed (default: apart from the episodes fine-tuning evaluates on, 10,000 + i, and DE's)"""
+    perturbation_from: str | None = None
+    """a fork's script whose PERTURBATION to apply instead of this script's (docs/forking.md): the checkpoints and δ
+    sets must record it, and the fresh attacks apply it too"""
 
     # the fresh attack on each policy
     attack_num_perturbations: Annotated[int | None, Range(1)] = None
@@ -129,6 +133,17 @@ def perturb_action(action: np.ndarray, delta: np.ndarray, low, high, perturbatio
     else:
         raise ValueError(f"unknown perturbation model {perturbation_model!r}")
     return np.clip(executed, low, high).astype(action.dtype, copy=False)
+
+
+# what δ perturbs and how; --perturbation-from takes a fork's instead (robust_o2o/perturbation.py)
+PERTURBATION = Perturbation(target="action", models=("multiplicative", "additive"), apply=perturb_action)
+
+
+def script_perturbation(args: Args) -> tuple:
+    """This script's PERTURBATION, or the one the fork named by --perturbation-from declares. -> (it, its script)"""
+    if args.perturbation_from is None:
+        return PERTURBATION, os.path.basename(__file__)
+    return from_script(args.perturbation_from), args.perturbation_from
 
 
 def is_finetuned(ckpt: dict) -> bool:
@@ -204,12 +219,14 @@ def same_attack(ref: dict, path: str, settings: dict) -> bool:
 def fresh_attack(path: str, settings: dict, args: Args, out_dir: str) -> dict:
     """Run de_perturbations.py against this policy with `settings` (attack_settings). Cached under a key made of
     the checkpoint's hash and the settings, so a different budget never reuses an old attack."""
-    key = hashlib.sha256(" ".join([sha256_file(path), *as_argv(settings)]).encode()).hexdigest()[:16]
+    fork = [script_perturbation(args)[0].code] if args.perturbation_from else []  # another perturbation, another key
+    key = hashlib.sha256(" ".join([sha256_file(path), *as_argv(settings), *fork]).encode()).hexdigest()[:16]
     out = os.path.join(out_dir, "attacks", f"{key}.npz")
     if not os.path.exists(out):
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "de_perturbations.py")
         cmd = [sys.executable, script, "--checkpoint", path, "--output", out, *as_argv(settings)]
         cmd += ["--num-workers", str(args.num_workers)]
+        cmd += ["--perturbation-from", args.perturbation_from] if args.perturbation_from else []
         if os.path.exists(out + ".state.npz"):  # an attack interrupted with this evaluation continues where it stopped
             cmd.append("--resume")
         proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=die_with_parent)  # dies with the matrix
@@ -238,13 +255,13 @@ def kept_paths(path: str, ckpt: dict) -> list:
     return paths
 
 
-def kept_returns(path: str, ckpt: dict, conditions: dict, args: Args, perturbation_model: str) -> dict:
+def kept_returns(path: str, ckpt: dict, conditions: dict, args: Args, model: str, perturbation: Perturbation) -> dict:
     """{condition@kept: episode returns}: every kept policy of the fine-tune on --kept-episodes episodes (the same
     seeds for each) under each condition, with the final policy's δ sets, pooled (each policy weighs the same)."""
     pooled = defaultdict(list)
     for kept_path in kept_paths(path, ckpt):
         kept = load_checkpoint(kept_path)
-        returns = evaluate_policy(kept, conditions, args.kept_episodes, args.eval_seed, perturbation_model)
+        returns = evaluate_policy(kept, conditions, args.kept_episodes, args.eval_seed, model, perturbation)
         for cond, r in returns.items():
             pooled[cond + KEPT].append(r)
     return {cond: np.concatenate(r) for cond, r in pooled.items()}
@@ -256,7 +273,7 @@ def actor_from_checkpoint(ckpt: dict) -> Actor:
     return actor.eval()
 
 
-def evaluate_policy(ckpt: dict, conditions: dict, episodes: int, eval_seed: int, perturbation_model: str) -> dict:
+def evaluate_policy(ckpt: dict, conditions: dict, episodes: int, eval_seed: int, model: str, perturbation) -> dict:
     """Per-episode returns under each condition (name -> δ set); episode i of a condition uses δ_{i mod len}."""
     evaluator = ConditionEvaluator(
         ckpt["env_id"],
@@ -264,8 +281,8 @@ def evaluate_policy(ckpt: dict, conditions: dict, episodes: int, eval_seed: int,
         conditions,
         episodes=episodes,
         eval_seed=eval_seed,
-        perturbation_model=perturbation_model,
-        perturb=perturb_action,
+        perturbation_model=model,
+        perturbation=perturbation,
     )
     return evaluator(actor_from_checkpoint(ckpt), ckpt["obs_mean"], ckpt["obs_std"])
 
@@ -442,14 +459,15 @@ def capture_videos(args: Args, ckpts: dict, sets: dict) -> list:
     def episode(ckpt, delta, perturbation_model):
         policy = actor_from_checkpoint(ckpt), ckpt["obs_mean"], ckpt["obs_std"]
         env_spec, size = (ckpt["env_id"], ckpt.get("max_episode_steps")), (args.video_size, args.video_frame_skip)
-        return record_episode(*env_spec, *policy, delta, perturb_action, perturbation_model, args.eval_seed, *size)
+        return record_episode(*env_spec, *policy, delta, perturbation, perturbation_model, args.eval_seed, *size)
 
+    perturbation = script_perturbation(args)[0]
     for path, ckpt in tqdm(ckpts.items(), desc="videos"):
         ref, attack = sets[path]
         attack = attack if attack is not None else ref  # no fresh attack: the precomputed set's worst δ
         model, name = str(ref["perturbation_model"]), f"{policy_label(ckpt)} s{ckpt['args']['seed']}"
         worst = attack["perturbations"][int(np.argmin(attack["perturbation_returns"]))]
-        for cond, delta in zip(EVAL_CONDITIONS[:3], (np.zeros(ckpt["act_dim"]), ref["random_deltas"][0], worst)):
+        for cond, delta in zip(EVAL_CONDITIONS[:3], (np.zeros_like(worst), ref["random_deltas"][0], worst)):
             ep = episode(ckpt, delta, model)
             paths.append(os.path.join(out, f"{name.replace(' ', '_').replace('(', '').replace(')', '')}__{cond}.mp4"))
             write_video(paths[-1], captioned(ep, f"{name}, {cond}", delta), ep.fps)
@@ -464,79 +482,6 @@ def capture_videos(args: Args, ckpts: dict, sets: dict) -> list:
     write_video(paths[-2], frames, fps)
     write_video(paths[-1], frames[::2], fps / 2)  # the GIF at half the frame rate keeps it small
     return paths
-
-
-def main(args: Args):
-    check_ranges(args)  # each field's range is declared next to it in Args
-    ckpts, env_id = load_policies(args)
-    if args.capture_video:
-        check_rendering(env_id)
-    # every input is checked before anything is written: the perturbation sets, and each fine-tune's learning curve
-    refs = {
-        p: load_perturbations(reference_npz_path(p, c), env_id, c["act_dim"], require=REFERENCE_KEYS)
-        for p, c in ckpts.items()
-    }
-    for p, c in ckpts.items():  # the set a fine-tune trained against, by content: not another under its name
-        checked_settings(reference_npz_path(p, c), refs[p], args)
-        if "perturbations_sha256" in c:
-            check_recorded_set(reference_npz_path(p, c), c["perturbations_sha256"], f"the fine-tune {p}")
-    finetuned = defaultdict(list)
-    for p, c in ckpts.items():
-        if is_finetuned(c):
-            finetuned[policy_label(c)].append(p)
-    curves = load_curves(finetuned)
-    if args.kept_episodes:
-        for p in (p for ps in finetuned.values() for p in ps):
-            kept_paths(p, ckpts[p])
-
-    rows, sets = [], {}
-    for path, ckpt in tqdm(ckpts.items(), desc="policies (fresh attack + evaluation)"):
-        ref = refs[path]
-        settings = checked_settings(reference_npz_path(path, ckpt), ref, args)
-        attack = None
-        if args.fresh_attack:
-            attack = ref if same_attack(ref, path, settings) else fresh_attack(path, settings, args, args.output_dir)
-        sets[path] = ref, attack
-        conditions = {"normal": np.zeros((1, ckpt["act_dim"])), "random": ref["random_deltas"]}
-        conditions.update({"adversarial": attack["perturbations"]} if attack is not None else {})
-        conditions["transfer"] = ref["perturbations"]
-        model = str(ref["perturbation_model"])
-        returns = evaluate_policy(ckpt, conditions, args.eval_episodes, args.eval_seed, model)
-        if args.kept_episodes and is_finetuned(ckpt):
-            returns.update(kept_returns(path, ckpt, conditions, args, model))
-        if not all(np.isfinite(r).all() for r in returns.values()):
-            raise UserError(f"{path} produced a non-finite return: no table written (a NaN is an error, not a cell)")
-        rows += matrix_rows(path, ckpt, returns, attack_budget(settings) if attack is not None else "")
-    fields, buf = list(rows[0]), io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields)
-    w.writeheader()
-    w.writerows(rows)
-    summary = summarize(rows)
-    others = sorted({r["policy"] for r in rows} - {"offline-only"}, key=lambda s: (s.startswith("scratch"), s))
-    labels = [label for label in ["offline-only", *others] if (label, "normal") in summary]
-    table = markdown_table(summary, labels, env_id, args.eval_episodes, args.kept_episodes)
-    os.makedirs(args.output_dir, exist_ok=True)  # (the attacks made it, unless every one was cached)
-    tmp = tempfile.mkdtemp(prefix=".partial-", dir=args.output_dir)  # the output set: all made, then moved in together
-    try:
-        write_text(os.path.join(tmp, "matrix.csv"), buf.getvalue())
-        write_text(os.path.join(tmp, "matrix.md"), table)
-        plot_heatmap(os.path.join(tmp, "heatmap.png"), summary, labels, env_id)
-        if finetuned:
-            plot_curves(os.path.join(tmp, "curves.png"), curves, summary, env_id)
-            plot_q(os.path.join(tmp, "q_trajectory.png"), curves, env_id)
-        for name in sorted(os.listdir(tmp)):
-            os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    videos = capture_videos(args, ckpts, sets) if args.capture_video else []
-    print(table)
-    print(
-        f"wrote {args.output_dir}/matrix.csv, matrix.md, heatmap.png"
-        + (", curves.png, q_trajectory.png" if finetuned else "")
-        + (f" and {len(videos)} videos in {args.output_dir}/videos/" if videos else "")
-    )
-    if args.track:
-        log_to_wandb(args, env_id, fields, rows, videos)
 
 
 def load_policies(args: Args) -> tuple:
@@ -576,6 +521,87 @@ def log_to_wandb(args: Args, env_id: str, fields: list, rows: list, videos: list
             logged[name] = wandb.Image(os.path.join(args.output_dir, f"{name}.png"))
     wandb.log(logged)
     wandb.finish()
+
+
+def main(args: Args):
+    check_ranges(args)  # each field's range is declared next to it in Args
+    ckpts, env_id = load_policies(args)
+    if args.capture_video:
+        check_rendering(env_id)
+    # every input is checked before anything is written: the perturbation sets (made under the perturbation this
+    # matrix applies, as the fine-tunes were), and each fine-tune's learning curve
+    perturbation, script = script_perturbation(args)
+    refs = {}
+    for p, c in ckpts.items():
+        width, npz = perturbation.width(c["obs_dim"], c["act_dim"]), reference_npz_path(p, c)
+        refs[p] = load_perturbations(npz, env_id, require=REFERENCE_KEYS)
+        perturbation.check(refs[p], f"the δ set {npz}", script)  # what it perturbs first, then its width
+        check_fit(refs[p], npz, env_id, width)
+        if is_finetuned(c):
+            perturbation.check(c, f"the checkpoint {p}", script)
+    for p, c in ckpts.items():  # the set a fine-tune trained against, by content: not another under its name
+        checked_settings(reference_npz_path(p, c), refs[p], args)
+        if "perturbations_sha256" in c:
+            check_recorded_set(reference_npz_path(p, c), c["perturbations_sha256"], f"the fine-tune {p}")
+    finetuned = defaultdict(list)
+    for p, c in ckpts.items():
+        if is_finetuned(c):
+            finetuned[policy_label(c)].append(p)
+    curves = load_curves(finetuned)
+    if args.kept_episodes:
+        for p in (p for ps in finetuned.values() for p in ps):
+            kept_paths(p, ckpts[p])
+
+    rows, sets = [], {}
+    for path, ckpt in tqdm(ckpts.items(), desc="policies (fresh attack + evaluation)"):
+        ref = refs[path]
+        settings = checked_settings(reference_npz_path(path, ckpt), ref, args)
+        attack = None
+        if args.fresh_attack:
+            attack = ref if same_attack(ref, path, settings) else fresh_attack(path, settings, args, args.output_dir)
+        sets[path] = ref, attack
+        if attack is not None:
+            perturbation.check(attack, f"the fresh attack on {path}", script)
+        conditions = {"normal": np.zeros((1, ref["perturbations"].shape[1])), "random": ref["random_deltas"]}
+        conditions.update({"adversarial": attack["perturbations"]} if attack is not None else {})
+        conditions["transfer"] = ref["perturbations"]
+        model = str(ref["perturbation_model"])
+        returns = evaluate_policy(ckpt, conditions, args.eval_episodes, args.eval_seed, model, perturbation)
+        if args.kept_episodes and is_finetuned(ckpt):
+            returns.update(kept_returns(path, ckpt, conditions, args, model, perturbation))
+        if not all(np.isfinite(r).all() for r in returns.values()):
+            raise UserError(f"{path} produced a non-finite return: no table written (a NaN is an error, not a cell)")
+        rows += matrix_rows(path, ckpt, returns, attack_budget(settings) if attack is not None else "")
+    fields, buf = list(rows[0]), io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    summary = summarize(rows)
+    others = sorted({r["policy"] for r in rows} - {"offline-only"}, key=lambda s: (s.startswith("scratch"), s))
+    labels = [label for label in ["offline-only", *others] if (label, "normal") in summary]
+    table = markdown_table(summary, labels, env_id, args.eval_episodes, args.kept_episodes)
+    os.makedirs(args.output_dir, exist_ok=True)  # (the attacks made it, unless every one was cached)
+    tmp = tempfile.mkdtemp(prefix=".partial-", dir=args.output_dir)  # the output set: all made, then moved in together
+    try:
+        write_text(os.path.join(tmp, "matrix.csv"), buf.getvalue())
+        write_text(os.path.join(tmp, "matrix.md"), table)
+        plot_heatmap(os.path.join(tmp, "heatmap.png"), summary, labels, env_id)
+        if finetuned:
+            plot_curves(os.path.join(tmp, "curves.png"), curves, summary, env_id)
+            plot_q(os.path.join(tmp, "q_trajectory.png"), curves, env_id)
+        for name in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    videos = capture_videos(args, ckpts, sets) if args.capture_video else []
+    print(table)
+    print(
+        f"wrote {args.output_dir}/matrix.csv, matrix.md, heatmap.png"
+        + (", curves.png, q_trajectory.png" if finetuned else "")
+        + (f" and {len(videos)} videos in {args.output_dir}/videos/" if videos else "")
+    )
+    if args.track:
+        log_to_wandb(args, env_id, fields, rows, videos)
 
 
 if __name__ == "__main__":

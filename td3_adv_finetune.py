@@ -32,26 +32,28 @@ from tqdm import tqdm
 from robust_o2o.cli import Range, UserError, check_ranges, cli
 from robust_o2o.datasets import offline_transitions
 from robust_o2o.evaluation import ConditionEvaluator, condition_metrics, reference_scores
-from robust_o2o.fast_path import CudaGraph, adam, setup_fast_path
+from robust_o2o.fast_path import CudaGraph, FastPathOptions, adam, setup_fast_path
 from robust_o2o.files import save_checkpoint, sha256_file
 from robust_o2o.formats import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    check_fit,
     default_checkpoint,
     load_checkpoint,
     load_perturbations,
 )
+from robust_o2o.perturbation import Perturbation
 from robust_o2o.replay import RingBuffer
 from robust_o2o.resume import env_state, load_module_states, module_states, set_env_state, set_rng_state
-from robust_o2o.runs import NonFiniteSentinel, Run, already_complete, open_run, seed_everything
-from robust_o2o.video import check_rendering
+from robust_o2o.runs import NonFiniteSentinel, Run, RunOptions, already_complete, open_run, seed_everything
+from robust_o2o.video import check_rendering, record_condition
 
 # the checkpoints' stage tag: a fork under a new name has its own
 STAGE = os.path.splitext(os.path.basename(__file__))[0]
 
 
 @dataclass
-class Args:
+class Args(RunOptions, FastPathOptions):  # the flags the shared plumbing reads (--cuda, --track, ...) come first
     # the paper's knobs: condition, curriculum of q (β, η), r_off; ε and {δ_a} come from --perturbations
     init: Literal["offline", "scratch"] = "offline"
     """offline: start from the checkpoint; scratch: random networks, no offline data (the from-scratch baseline)"""
@@ -78,8 +80,7 @@ class Args:
     checkpoint: str | None = None
     """TD3+BC checkpoint (if unset: the first of DEFAULT_CHECKPOINTS that exists: full-scale, then run_pipeline.sh's)"""
     perturbations: str | None = None
-    """.npz from de_perturbations.py (if unset: perturbations.npz next to the checkpoint); gives {δ_a}, ε and the
-    model"""
+    """.npz from de_perturbations.py (if unset: perturbations.npz beside the checkpoint): {δ_a}, ε and the model"""
 
     # TD3
     total_steps: Annotated[int, Range(1)] = 1_000_000
@@ -93,8 +94,7 @@ class Args:
     learning_rate: Annotated[float, Range(0, open="lo")] = 3e-4
     """Adam learning rate"""
     reset_optimizers: Literal["none", "actor", "both"] = "actor"
-    """Adam states that start fresh instead of the checkpoint's: none, the actor's (TD3+BC scaled its gradient by λ), or
-    both (docs/td3_adv_finetune.md: the pilot behind the default)"""
+    """Adam states reset: none, the actor's (TD3+BC scaled its gradient by λ) or both (docs/td3_adv_finetune.md)"""
     gamma: Annotated[float, Range(0, 1)] = 0.99
     """discount factor γ"""
     tau: Annotated[float, Range(0, 1, open="lo")] = 0.005
@@ -122,40 +122,17 @@ class Args:
     ref_max_score: Annotated[float | None, Range()] = None
     """override the checkpoint's reference return for normalized score 100"""
 
-    # fast path (benchmarks/fast_path.py measures it); the defaults are exact fp32 and run anywhere
-    compile: bool = False
-    """torch.compile the two halves of the update"""
-    cudagraphs: bool = False
-    """capture the two halves of the update in CUDA graphs (CUDA only; capturable fused Adam; not with --compile)"""
-    matmul_precision: Literal["highest", "high", "medium"] = "highest"
-    """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs
-    with AMX)"""
-
     # run management
     exp_name: str = STAGE
     """the name of this experiment (the script's file name, so a fork's runs are named after the fork)"""
     run_name: str | None = None
     """output folder under runs/ (if unset: {env}__{exp_name}__{init}-{condition}-{curriculum}__{seed}__{unix time})"""
-    overwrite: bool = False
-    """replace an existing run folder of the same name"""
-    resume: bool = False
-    """continue the run runs/{run_name}/ (give --run-name) from its last state.pt (same arguments; --total-steps may
-    grow)"""
     seed: Annotated[int, Range(0)] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
     """sets `torch.backends.cudnn.deterministic`"""
-    cuda: bool = True
-    """use CUDA when available"""
-    track: bool = False
-    """log to Weights & Biases (honours WANDB_MODE=offline)"""
-    wandb_project_name: str = "robust-o2o"
-    """the wandb project name"""
-    wandb_entity: str | None = None
-    """the wandb entity (team)"""
     capture_video: bool = False
-    """record each evaluation's first adversarial episode (δ_0) into runs/{run_name}/videos/ and W&B (needs
-    MUJOCO_GL=egl)"""
+    """record each evaluation's first adversarial episode (δ_0) into runs/{run_name}/videos/ and W&B (MUJOCO_GL=egl)"""
 
 
 # ALGO LOGIC: networks (copies of td3_bc_offline.py's; tests/test_contracts.py proves the copies agree)
@@ -223,6 +200,10 @@ def perturb_action(action: np.ndarray, delta: np.ndarray, low, high, perturbatio
     return np.clip(executed, low, high).astype(action.dtype, copy=False)
 
 
+# what δ perturbs and how: this script applies it, and the other stages do given --perturbation-from (docs/forking.md)
+PERTURBATION = Perturbation(target="action", models=PERTURBATION_MODELS, apply=perturb_action)
+
+
 class ActionPerturbation(gym.ActionWrapper):
     """Injects a per-episode perturbation δ into executed actions.
 
@@ -231,15 +212,7 @@ class ActionPerturbation(gym.ActionWrapper):
     probability 1 − q. The draw uses the wrapper's own RNG (seeded by reset(seed=...)), never the env's, so the
     env's start states do not depend on the condition. `reset` reports δ in info["delta"]."""
 
-    def __init__(
-        self,
-        env: gym.Env,
-        epsilon: float,
-        perturbation_model: str = "multiplicative",
-        condition: str = "normal",
-        deltas: np.ndarray | None = None,
-        q: float = 1.0,
-    ):
+    def __init__(self, env, epsilon, perturbation_model="multiplicative", condition="normal", deltas=None, q=1.0):
         super().__init__(env)
         if condition not in CONDITIONS or perturbation_model not in PERTURBATION_MODELS:
             raise ValueError(f"condition must be one of {CONDITIONS} and model one of {PERTURBATION_MODELS}")
@@ -327,23 +300,13 @@ class OnlineBuffer(RingBuffer):
 
 
 # ALGO LOGIC: the TD3 losses
-def td_target(
-    critic_target: Critic,
-    actor_target: Actor,
-    next_obs,
-    reward,
-    termination,
-    gamma: float,
-    policy_noise: float,
-    noise_clip: float,
-) -> torch.Tensor:
+def td_target(critic_target, actor_target, next_obs, reward, termination, gamma, policy_noise, noise_clip):
     """y = r + γ (1 − terminated) min_i Q'_i(s', clip(π'(s') + clip(ε, −c, c)))  with ε ~ N(0, σ²), in action units.
     Truncated transitions have termination = 0, so they bootstrap."""
     with torch.no_grad():
         scale, bias = actor_target.action_scale, actor_target.action_bias
-        noise = (torch.randn(reward.shape[0], scale.shape[0], device=reward.device) * policy_noise).clamp(
-            -noise_clip, noise_clip
-        )
+        noise = torch.randn(reward.shape[0], scale.shape[0], device=reward.device) * policy_noise
+        noise = noise.clamp(-noise_clip, noise_clip)
         next_action = (actor_target(next_obs) + noise * scale).clamp(bias - scale, bias + scale)
         next_q = critic_target(next_obs, next_action).min(0).values
         return reward + gamma * (1.0 - termination) * next_q
@@ -393,20 +356,165 @@ def make_update(actor, critic, actor_target, critic_target, actor_optimizer, cri
     return update_critic, update_actor
 
 
+# Setup and bookkeeping (main reads them by name)
+def check_args(args: Args):
+    check_ranges(args)  # each field's range is declared next to it in Args
+    if not args.q_min <= args.q_init <= args.q_max:
+        raise UserError("need --q-min <= --q-init <= --q-max")
+    setup_fast_path(args)
+
+
+def load_inputs(args: Args) -> tuple:
+    """The TD3+BC checkpoint and the DE perturbations made for it -> (checkpoint, perturbations, perturbations path)."""
+    args.checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
+    checkpoint = load_checkpoint(args.checkpoint)
+    if args.capture_video:  # before any file is written
+        check_rendering(checkpoint["env_id"], checkpoint.get("max_episode_steps"))
+    path = args.perturbations or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
+    width = PERTURBATION.width(checkpoint["obs_dim"], checkpoint["act_dim"])
+    perturbations = load_perturbations(path, checkpoint["env_id"])
+    PERTURBATION.check(perturbations, f"the δ set {path}", f"{STAGE}.py")  # what it perturbs first, then its width
+    check_fit(perturbations, path, checkpoint["env_id"], width)
+    return checkpoint, perturbations, path
+
+
+def resolve_learning_starts(args: Args) -> int:
+    """--learning-starts, or TD3's 25k uniform-random steps for scratch and one batch for an offline start."""
+    if args.learning_starts is not None:
+        return args.learning_starts
+    return 25_000 if args.init == "scratch" else args.batch_size
+
+
+def make_training_env(args: Args, env_id: str, max_steps: int | None, perturbations: dict, q: float) -> gym.Env:
+    """The env, wrapped to inject δ per episode with probability q under the fine-tuning condition."""
+    epsilon, perturbation_model = float(perturbations["epsilon"]), str(perturbations["perturbation_model"])
+    env = gym.make(env_id, max_episode_steps=max_steps)
+    deltas = perturbations["perturbations"]
+    env = ActionPerturbation(env, epsilon, perturbation_model, args.finetune_condition, deltas, q=q)
+    env.action_space.seed(args.seed)
+    return env
+
+
+def make_evaluator(args: Args, env_id: str, max_steps: int | None, perturbations: dict) -> ConditionEvaluator:
+    """The same episodes under normal (δ = 0), random (the .npz's draws) and adversarial ({δ_a}) conditions."""
+    deltas, model = perturbations["perturbations"], str(perturbations["perturbation_model"])
+    normal, random = np.zeros((1, deltas.shape[1])), perturbations["random_deltas"]
+    conditions = {"normal": normal, "random": random, "adversarial": deltas}
+    return ConditionEvaluator(env_id, max_steps, conditions, args.eval_episodes, args.eval_seed, model, PERTURBATION)
+
+
+def default_run_name(args: Args, env_id: str) -> str:
+    arm = f"{args.init}-{args.finetune_condition}-{args.curriculum}"
+    return f"{env_id}__{args.exp_name}__{arm}__{args.seed}__{int(time.time())}"
+
+
+def make_learner(ckpt: dict, args: Args, device) -> tuple:
+    """Actor, twin critic, targets and Adams: the checkpoint's for --init offline (bar the Adams --reset-optimizers
+    names), with its obs statistics and offline data; fresh, raw, none for scratch. -> (modules, mean, std, data)"""
+    obs_dim, act_dim, hidden_dim = ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"]
+    actor = Actor(obs_dim, act_dim, ckpt["action_low"], ckpt["action_high"], hidden_dim).to(device)
+    critic = Critic(obs_dim, act_dim, hidden_dim).to(device)
+    targets = {"actor_target": copy.deepcopy(actor), "critic_target": copy.deepcopy(critic)}
+    modules = {"actor": actor, "critic": critic, **targets}
+    modules["actor_optimizer"] = adam(actor.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
+    modules["critic_optimizer"] = adam(critic.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
+    if args.init == "scratch":  # TD3 from random init, no offline data, raw observations
+        return modules, torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device), None
+    fresh = {"none": (), "actor": ("actor_optimizer",), "both": ("actor_optimizer", "critic_optimizer")}
+    kept = {name: module for name, module in modules.items() if name not in fresh[args.reset_optimizers]}
+    load_module_states(kept, ckpt, device, capturable=args.cudagraphs)
+    obs_mean, obs_std = ckpt["obs_mean"].to(device), ckpt["obs_std"].to(device)
+    return modules, obs_mean, obs_std, offline_transitions(ckpt["dataset_id"], obs_mean, obs_std, device)
+
+
+def checkpoint_header(args: Args, ckpt: dict, obs_mean, obs_std, ref_min, ref_max, perturbations: dict, path: str):
+    """What every fine-tuning checkpoint holds besides the networks and the step's results (docs/file_contracts.md)."""
+    copied = ("env_id", "dataset_id", "obs_dim", "act_dim", "hidden_dim", "action_low", "action_high")
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "stage": STAGE,
+        "args": dataclasses.asdict(args),
+        **{key: ckpt[key] for key in copied},
+        "max_episode_steps": ckpt.get("max_episode_steps"),
+        "obs_mean": obs_mean.cpu(),
+        "obs_std": obs_std.cpu(),
+        "ref_min_score": ref_min,
+        "ref_max_score": ref_max,
+        **{key: getattr(args, key) for key in ("init", "finetune_condition", "curriculum")},
+        "epsilon": float(perturbations["epsilon"]),
+        **PERTURBATION.record(str(perturbations["perturbation_model"])),
+        "perturbations_path": path,
+        "perturbations_sha256": sha256_file(path),
+        "initial_checkpoint": args.checkpoint,
+    }
+
+
+def save_policy(run_dir: str, checkpoint: dict, args: Args):
+    """checkpoint.pt, and a copy as checkpoint_step{N}.pt at each of the last --keep-checkpoints evaluations."""
+    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint)
+    evaluations = sorted({*range(args.eval_freq, args.total_steps + 1, args.eval_freq), args.total_steps})
+    if args.keep_checkpoints and checkpoint["step"] in evaluations[-args.keep_checkpoints :]:
+        save_checkpoint(os.path.join(run_dir, f"checkpoint_step{checkpoint['step']}.pt"), checkpoint)
+
+
+def restore(resumed: dict, modules: dict, online: OnlineBuffer, env: gym.Env, device, args: Args) -> tuple:
+    """A resumed run's networks, buffer, env and RNGs, as state.pt left them. -> (counters, norm_obs, losses)"""
+    load_module_states(modules, resumed, device, capturable=args.cudagraphs)
+    online.load_state_dict(resumed)
+    set_env_state(env, resumed["env"])
+    set_rng_state(resumed["rng"])
+    print(f"resuming at step {resumed['step']}")
+    return EpisodeCounters(**resumed["episode"]), resumed["norm_obs"].to(device), resumed["losses"].to(device)
+
+
+def evaluation_summary(m: dict) -> dict:
+    """The checkpoint's headline: the normal condition's mean return and normalized score."""
+    return {"eval_return": m["eval/normal_return"], "eval_normalized_score": m["eval/normal_normalized"]}
+
+
+@dataclass
+class EpisodeCounters:
+    """The training episodes' bookkeeping: the current episode's return, length and whether its δ ≠ 0, and the
+    realized exposure so far (episodes and env steps under a non-zero δ). Saved and restored by name."""
+
+    episode_return: float = 0.0
+    episode_len: int = 0
+    perturbed: bool = False
+    episodes: int = 0
+    perturbed_episodes: int = 0
+    steps: int = 0
+    perturbed_steps: int = 0
+
+    def start(self, delta: np.ndarray):
+        self.episode_return, self.episode_len, self.perturbed = 0.0, 0, bool(np.any(delta))
+        self.episodes, self.perturbed_episodes = self.episodes + 1, self.perturbed_episodes + int(self.perturbed)
+
+    def step(self, reward: float):
+        self.episode_return, self.episode_len = self.episode_return + float(reward), self.episode_len + 1
+        self.steps, self.perturbed_steps = self.steps + 1, self.perturbed_steps + int(self.perturbed)
+
+    def episode_metrics(self) -> dict:
+        names = ("charts/episodic_return", "charts/episodic_length", "charts/perturbed")
+        return dict(zip(names, (self.episode_return, self.episode_len, self.perturbed)))
+
+    def exposure(self) -> dict:
+        """Fractions of the training episodes (the current one included) and env steps that ran under δ ≠ 0."""
+        episodes, steps = self.perturbed_episodes / max(self.episodes, 1), self.perturbed_steps / max(self.steps, 1)
+        return {"charts/perturbed_fraction": episodes, "charts/perturbed_step_fraction": steps}
+
+
 def main(args: Args):
+    # TRY NOT TO MODIFY: the inputs, checked; the run folder; seeding and the device
     check_args(args)
-    ckpt, perturbations, perturbations_path = load_inputs(args)
+    ckpt, perturbations, npz_path = load_inputs(args)
     env_id, max_steps = ckpt["env_id"], ckpt.get("max_episode_steps")
-    adaptive = args.curriculum == "adaptive"  # it reads normalized returns, so it needs reference scores
-    ref_min, ref_max = reference_scores(ckpt, args.ref_min_score, args.ref_max_score, required=adaptive)
-    scratch = args.init == "scratch"
+    ref_min, ref_max = reference_scores(ckpt, args.ref_min_score, args.ref_max_score, args.curriculum == "adaptive")
     learning_starts = resolve_learning_starts(args)
     run_name = args.run_name or default_run_name(args, env_id)
     run_dir, resumed = open_run(args, run_name, STAGE, "state.pt")
     if already_complete(resumed, args.total_steps, run_dir):
         return
-    if args.capture_video:
-        check_rendering(env_id, max_steps)
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
@@ -420,9 +528,8 @@ def main(args: Args):
     q = args.q if args.curriculum == "fixed" else args.q_init
     env = make_training_env(args, env_id, max_steps, perturbations, q)
     evaluator = make_evaluator(args, env_id, max_steps, perturbations)
-    run_info = {"env_id": env_id, "perturbations": perturbations_path, "learning_starts": learning_starts}
-    header = checkpoint_header(args, ckpt, obs_mean, obs_std, ref_min, ref_max, perturbations_path)
-    run = Run(run_dir, run_name, args, resumed, **run_info)
+    header = checkpoint_header(args, ckpt, obs_mean, obs_std, ref_min, ref_max, perturbations, npz_path)
+    run = Run(run_dir, run_name, args, resumed, env_id=env_id, perturbations=npz_path, learning_starts=learning_starts)
     low, high = ckpt["action_low"].to(device), ckpt["action_high"].to(device)  # the action bounds
 
     def normalize(obs) -> torch.Tensor:
@@ -431,10 +538,10 @@ def main(args: Args):
     def evaluate(step: int) -> dict:
         policy, mean, std = copy.deepcopy(actor).cpu(), obs_mean.cpu(), obs_std.cpu()
         if args.capture_video:
-            evaluator.record(run, step, policy, mean, std, "adversarial")
+            record_condition(evaluator, run, step, policy, mean, std, "adversarial")
         return condition_metrics(evaluator(policy, mean, std), ref_min, ref_max)
 
-    def save(step: int):  # checkpoint.pt: the policy and this evaluation; state.pt: that and what continuing needs
+    def save(step: int):  # TRY NOT TO MODIFY: checkpoint.pt, the policy and its evaluation; state.pt, all of the run
         losses = torch.stack([critic_loss, q1_mean, actor_loss]).cpu()
         results = {"step": step, "eval": eval_metrics, "q": q, "q_ema": ema, **evaluation_summary(eval_metrics)}
         checkpoint = {**header, **results, **module_states(modules)}
@@ -454,20 +561,14 @@ def main(args: Args):
         eval_metrics = evaluate(0)
         ema = eval_metrics["eval/normal_normalized"]
         run.log({"step": 0, **eval_metrics, "curriculum/q": q, "curriculum/ema": ema})
-    else:  # continue exactly where state.pt left off
-        load_module_states(modules, resumed, device, capturable=args.cudagraphs)
-        online.load_state_dict(resumed)
-        set_env_state(env, resumed["env"])
-        set_rng_state(resumed["rng"])
-        counters, norm_obs = EpisodeCounters(**resumed["episode"]), resumed["norm_obs"].to(device)
-        critic_loss, q1_mean, actor_loss = resumed["losses"].to(device)
+    else:  # TRY NOT TO MODIFY: continue exactly where state.pt left off
+        counters, norm_obs, (critic_loss, q1_mean, actor_loss) = restore(resumed, modules, online, env, device, args)
         start_step, q, ema, eval_metrics = resumed["step"], resumed["q"], resumed["q_ema"], resumed["eval"]
-        print(f"resuming {run_dir} at step {start_step}")
     start_time, steps = time.time(), range(start_step + 1, args.total_steps + 1)
     pbar = tqdm(steps, initial=start_step, total=args.total_steps, desc=STAGE, mininterval=2)
     for step in pbar:
         # ALGO LOGIC: act. The policy chooses a; the wrapper executes ã = perturb(a, δ); the buffer keeps a.
-        if scratch and step <= learning_starts:
+        if args.init == "scratch" and step <= learning_starts:
             action = env.action_space.sample()
         else:
             with torch.no_grad():
@@ -500,7 +601,7 @@ def main(args: Args):
         if step % args.eval_freq == 0 or step == args.total_steps:
             sentinel.check()
             eval_metrics = evaluate(step)
-            if adaptive:
+            if args.curriculum == "adaptive":
                 R = eval_metrics["eval/normal_normalized"]
                 q, ema = adaptive_q(q, ema, R, beta=args.beta, eta=args.eta, q_min=args.q_min, q_max=args.q_max)
             losses = {"critic_loss": critic_loss, "q1_mean": q1_mean, "actor_loss": actor_loss}
@@ -513,167 +614,6 @@ def main(args: Args):
     run.close()
     final = ", ".join(f"{c} {eval_metrics[f'eval/{c}_return']:.1f}" for c in CONDITIONS)
     print(f"done: {time.time() - start_time:.1f}s; final returns {final}; q = {q:.3f}; {run_dir}/checkpoint.pt")
-
-
-# Setup and bookkeeping (the loop above reads them by name)
-def check_args(args: Args):
-    check_ranges(args)  # each field's range is declared next to it in Args
-    if not args.q_min <= args.q_init <= args.q_max:
-        raise UserError("need --q-min <= --q-init <= --q-max")
-    setup_fast_path(args)
-
-
-def load_inputs(args: Args) -> tuple:
-    """The TD3+BC checkpoint and the DE perturbations made for it -> (checkpoint, perturbations, perturbations path)."""
-    args.checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
-    checkpoint = load_checkpoint(args.checkpoint)
-    path = args.perturbations or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
-    return checkpoint, load_perturbations(path, checkpoint["env_id"], checkpoint["act_dim"]), path
-
-
-def resolve_learning_starts(args: Args) -> int:
-    """--learning-starts, or TD3's 25k uniform-random steps for scratch and one batch for an offline start."""
-    if args.learning_starts is not None:
-        return args.learning_starts
-    return 25_000 if args.init == "scratch" else args.batch_size
-
-
-def make_training_env(args: Args, env_id: str, max_steps: int | None, perturbations: dict, q: float) -> gym.Env:
-    """The env, wrapped to inject δ per episode with probability q under the fine-tuning condition."""
-    epsilon, perturbation_model = float(perturbations["epsilon"]), str(perturbations["perturbation_model"])
-    env = gym.make(env_id, max_episode_steps=max_steps)
-    deltas = perturbations["perturbations"]
-    env = ActionPerturbation(env, epsilon, perturbation_model, args.finetune_condition, deltas, q=q)
-    env.action_space.seed(args.seed)
-    return env
-
-
-def make_evaluator(args: Args, env_id: str, max_steps: int | None, perturbations: dict) -> ConditionEvaluator:
-    """The same episodes under normal (δ = 0), random (the .npz's draws) and adversarial ({δ_a}) conditions."""
-    conditions = {
-        "normal": np.zeros((1, perturbations["perturbations"].shape[1])),
-        "random": perturbations["random_deltas"],
-        "adversarial": perturbations["perturbations"],
-    }
-    return ConditionEvaluator(
-        env_id,
-        max_steps,
-        conditions,
-        episodes=args.eval_episodes,
-        eval_seed=args.eval_seed,
-        perturbation_model=str(perturbations["perturbation_model"]),
-        perturb=perturb_action,
-    )
-
-
-def default_run_name(args: Args, env_id: str) -> str:
-    arm = f"{args.init}-{args.finetune_condition}-{args.curriculum}"
-    return f"{env_id}__{args.exp_name}__{arm}__{args.seed}__{int(time.time())}"
-
-
-def make_learner(ckpt: dict, args: Args, device) -> tuple:
-    """Actor, twin critic, their targets and Adams, loaded from the checkpoint for --init offline (bar the Adam states
-    --reset-optimizers names), with its observation statistics and offline data; fresh, raw and none for scratch.
-    -> (modules by name, obs_mean, obs_std, offline transitions or None)"""
-    obs_dim, act_dim, hidden_dim = ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"]
-    actor = Actor(obs_dim, act_dim, ckpt["action_low"], ckpt["action_high"], hidden_dim).to(device)
-    critic = Critic(obs_dim, act_dim, hidden_dim).to(device)
-    actor_optimizer = adam(actor.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
-    critic_optimizer = adam(critic.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
-    modules = {
-        "actor": actor,
-        "critic": critic,
-        "actor_target": copy.deepcopy(actor),
-        "critic_target": copy.deepcopy(critic),
-        "actor_optimizer": actor_optimizer,
-        "critic_optimizer": critic_optimizer,
-    }
-    if args.init == "scratch":  # TD3 from random init, no offline data, raw observations
-        return modules, torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device), None
-    fresh = {"none": (), "actor": ("actor_optimizer",), "both": ("actor_optimizer", "critic_optimizer")}
-    kept = {name: module for name, module in modules.items() if name not in fresh[args.reset_optimizers]}
-    load_module_states(kept, ckpt, device, capturable=args.cudagraphs)
-    obs_mean, obs_std = ckpt["obs_mean"].to(device), ckpt["obs_std"].to(device)
-    return modules, obs_mean, obs_std, offline_transitions(ckpt["dataset_id"], obs_mean, obs_std, device)
-
-
-def checkpoint_header(args: Args, ckpt: dict, obs_mean, obs_std, ref_min, ref_max, perturbations_path: str) -> dict:
-    """What every fine-tuning checkpoint holds besides the networks and the step's results (docs/file_contracts.md)."""
-    perturbations = load_perturbations(perturbations_path)
-    copied = ("env_id", "dataset_id", "obs_dim", "act_dim", "hidden_dim", "action_low", "action_high")
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "stage": STAGE,
-        "args": dataclasses.asdict(args),
-        **{key: ckpt[key] for key in copied},
-        "max_episode_steps": ckpt.get("max_episode_steps"),
-        "obs_mean": obs_mean.cpu(),
-        "obs_std": obs_std.cpu(),
-        "ref_min_score": ref_min,
-        "ref_max_score": ref_max,
-        "init": args.init,
-        "finetune_condition": args.finetune_condition,
-        "curriculum": args.curriculum,
-        "epsilon": float(perturbations["epsilon"]),
-        "perturbation_model": str(perturbations["perturbation_model"]),
-        "perturbations_path": perturbations_path,
-        "perturbations_sha256": sha256_file(perturbations_path),
-        "initial_checkpoint": args.checkpoint,
-    }
-
-
-def save_policy(run_dir: str, checkpoint: dict, args: Args):
-    """checkpoint.pt, and a copy kept as checkpoint_step{N}.pt at each of the last --keep-checkpoints evaluations
-    (every --eval-freq steps and at --total-steps)."""
-    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), checkpoint)
-    evaluations = sorted({*range(args.eval_freq, args.total_steps + 1, args.eval_freq), args.total_steps})
-    if args.keep_checkpoints and checkpoint["step"] in evaluations[-args.keep_checkpoints :]:
-        save_checkpoint(os.path.join(run_dir, f"checkpoint_step{checkpoint['step']}.pt"), checkpoint)
-
-
-def evaluation_summary(eval_metrics: dict) -> dict:
-    """The checkpoint's headline: the normal condition's mean return and normalized score."""
-    return {
-        "eval_return": eval_metrics["eval/normal_return"],
-        "eval_normalized_score": eval_metrics["eval/normal_normalized"],
-    }
-
-
-@dataclass
-class EpisodeCounters:
-    """The training episodes' bookkeeping: the current episode's return, length and whether its δ ≠ 0, and the
-    realized exposure so far (episodes and env steps under a non-zero δ). Saved and restored by name."""
-
-    episode_return: float = 0.0
-    episode_len: int = 0
-    perturbed: bool = False
-    episodes: int = 0
-    perturbed_episodes: int = 0
-    steps: int = 0
-    perturbed_steps: int = 0
-
-    def start(self, delta: np.ndarray):
-        self.episode_return, self.episode_len, self.perturbed = 0.0, 0, bool(np.any(delta))
-        self.episodes, self.perturbed_episodes = self.episodes + 1, self.perturbed_episodes + int(self.perturbed)
-
-    def step(self, reward: float):
-        self.episode_return, self.episode_len = self.episode_return + float(reward), self.episode_len + 1
-        self.steps, self.perturbed_steps = self.steps + 1, self.perturbed_steps + int(self.perturbed)
-
-    def episode_metrics(self) -> dict:
-        return {
-            "charts/episodic_return": self.episode_return,
-            "charts/episodic_length": self.episode_len,
-            "charts/perturbed": self.perturbed,
-        }
-
-    def exposure(self) -> dict:
-        """Fractions of the training episodes (the current one included) and env steps that ran under δ ≠ 0."""
-        return {
-            "charts/perturbed_fraction": self.perturbed_episodes / max(self.episodes, 1),
-            "charts/perturbed_step_fraction": self.perturbed_steps / max(self.steps, 1),
-        }
 
 
 if __name__ == "__main__":

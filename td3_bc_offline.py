@@ -12,7 +12,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated
 
 import gymnasium as gym
 import minari
@@ -26,18 +26,18 @@ from robust_o2o.cli import Range, UserError, check_ranges, cli
 from robust_o2o.datasets import dataset_to_transitions, reading_dataset
 from robust_o2o.envs import make_env
 from robust_o2o.evaluation import normalized_score
-from robust_o2o.fast_path import CudaGraph, adam, setup_fast_path
+from robust_o2o.fast_path import CudaGraph, FastPathOptions, adam, setup_fast_path
 from robust_o2o.files import save_checkpoint
 from robust_o2o.formats import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from robust_o2o.resume import load_module_states, module_states, set_rng_state
-from robust_o2o.runs import NonFiniteSentinel, Run, already_complete, open_run, seed_everything
+from robust_o2o.runs import NonFiniteSentinel, Run, RunOptions, already_complete, open_run, seed_everything
 
 # the checkpoints' stage tag: a fork under a new name has its own
 STAGE = os.path.splitext(os.path.basename(__file__))[0]
 
 
 @dataclass
-class Args:
+class Args(RunOptions, FastPathOptions):  # the flags the shared plumbing reads (--cuda, --track, ...) come first
     # the paper's knob: α weighs the Q term against the BC term
     alpha: Annotated[float, Range(0)] = 2.5
     """α of TD3+BC: λ = α / mean|Q(s, π(s))| weighs the Q term against the BC term"""
@@ -83,36 +83,15 @@ class Args:
     log_freq: Annotated[int, Range(1)] = 1_000
     """updates between training-loss rows in metrics.jsonl (the only host syncs between evaluations)"""
 
-    # fast path (benchmarks/fast_path.py measures it); the defaults are exact fp32 and run anywhere
-    compile: bool = False
-    """torch.compile the two halves of the update"""
-    cudagraphs: bool = False
-    """capture the two halves of the update in CUDA graphs (CUDA only; capturable fused Adam; not with --compile)"""
-    matmul_precision: Literal["highest", "high", "medium"] = "highest"
-    """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs
-    with AMX)"""
-
     # run management
     exp_name: str = STAGE
     """the name of this experiment (the script's file name, so a fork's runs are named after the fork)"""
     run_name: str | None = None
     """output folder under runs/ (if unset: {dataset}__{exp_name}__{seed})"""
-    overwrite: bool = False
-    """replace an existing run folder of the same name"""
-    resume: bool = False
-    """continue the run in runs/{run_name}/ from its last checkpoint (same arguments; --total-steps may grow)"""
     seed: Annotated[int, Range(0)] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
     """sets `torch.backends.cudnn.deterministic`"""
-    cuda: bool = True
-    """use CUDA when available"""
-    track: bool = False
-    """log to Weights & Biases (honours WANDB_MODE=offline)"""
-    wandb_project_name: str = "robust-o2o"
-    """the wandb project name"""
-    wandb_entity: str | None = None
-    """the wandb entity (team)"""
 
 
 # ALGO LOGIC: networks (copied verbatim into every stage script; tests/test_contracts.py proves the copies agree)
@@ -165,23 +144,13 @@ class Critic(nn.Module):
 
 
 # ALGO LOGIC: the TD3+BC losses, as functions so tests can check them piece by piece
-def td_target(
-    critic_target: Critic,
-    actor_target: Actor,
-    next_obs,
-    reward,
-    termination,
-    gamma: float,
-    policy_noise: float,
-    noise_clip: float,
-) -> torch.Tensor:
+def td_target(critic_target, actor_target, next_obs, reward, termination, gamma, policy_noise, noise_clip):
     """y = r + γ (1 − terminated) min_i Q'_i(s', clip(π'(s') + clip(ε, −c, c)))  with ε ~ N(0, σ²), in action units.
     Truncated transitions have termination = 0, so they bootstrap."""
     with torch.no_grad():
         scale, bias = actor_target.action_scale, actor_target.action_bias
-        noise = (torch.randn(reward.shape[0], scale.shape[0], device=reward.device) * policy_noise).clamp(
-            -noise_clip, noise_clip
-        )
+        noise = torch.randn(reward.shape[0], scale.shape[0], device=reward.device) * policy_noise
+        noise = noise.clamp(-noise_clip, noise_clip)
         next_action = (actor_target(next_obs) + noise * scale).clamp(bias - scale, bias + scale)
         next_q = critic_target(next_obs, next_action).min(0).values
         return reward + gamma * (1.0 - termination) * next_q
@@ -302,6 +271,78 @@ def actor_from_checkpoint(ckpt: dict, device="cpu") -> Actor:
     return actor.to(device).eval()
 
 
+# Setup (main reads these by name)
+def load_data(args: Args) -> tuple:
+    """The dataset's transitions, its env (the dataset's own eval env unless --env-id names another) and reference
+    scores, checked against each other. -> (env_id, env, transitions, ref_min, ref_max)"""
+    with reading_dataset(args.dataset_id):
+        dataset = load_minari_dataset(args.dataset_id, args.download)
+        env_id = dataset_env_id(dataset, args.env_id)
+        env = make_eval_env(dataset, env_id)
+        transitions = dataset_to_transitions(dataset)
+        ref_min, ref_max = dataset.storage.metadata.get("ref_min_score"), dataset.storage.metadata.get("ref_max_score")
+    if ref_min is not None and ref_max is not None and not ref_min < ref_max:
+        raise UserError(
+            f"dataset '{args.dataset_id}' has reference scores that cannot normalize a return (ref_min_score "
+            f"{ref_min}, ref_max_score {ref_max}); re-create it with collect_dataset.py"
+        )
+    obs_dim, act_dim = transitions["obs"].shape[1], transitions["actions"].shape[1]
+    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
+        raise UserError(
+            f"env {env_id} (obs {env.observation_space.shape}, act {env.action_space.shape}) does not match "
+            f"dataset '{args.dataset_id}' (obs ({obs_dim},), act ({act_dim},)); pass the right --env-id"
+        )
+    return env_id, env, transitions, ref_min, ref_max
+
+
+def pack_transitions(transitions: dict, normalize_obs: bool, device) -> tuple:
+    """The transitions as one [n, obs + act + 1 + obs + 1] tensor (normalized s, a, r, normalized s', terminated).
+    -> (that tensor, obs_mean, obs_std)"""
+    columns = {key: torch.as_tensor(value, device=device) for key, value in transitions.items()}
+    obs_dim = columns["obs"].shape[1]
+    if normalize_obs:
+        obs_mean, obs_std = columns["obs"].mean(0), columns["obs"].std(0) + 1e-3
+    else:
+        obs_mean, obs_std = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device)
+    obs, next_obs = (columns["obs"] - obs_mean) / obs_std, (columns["next_obs"] - obs_mean) / obs_std
+    rewards, terminations = columns["rewards"][:, None], columns["terminations"][:, None]
+    return torch.cat([obs, columns["actions"], rewards, next_obs, terminations], 1), obs_mean, obs_std
+
+
+def make_learner(obs_dim: int, act_dim: int, action_space, args: Args, device) -> dict:
+    """Actor, twin critic, their targets and Adams, by the names the checkpoint stores them under."""
+    actor = Actor(obs_dim, act_dim, action_space.low, action_space.high, args.hidden_dim).to(device)
+    critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
+    actor_optimizer = adam(actor.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
+    critic_optimizer = adam(critic.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
+    targets = {"actor_target": copy.deepcopy(actor), "critic_target": copy.deepcopy(critic)}
+    optimizers = {"actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
+    return {"actor": actor, "critic": critic, **targets, **optimizers}
+
+
+def checkpoint_header(args: Args, env: gym.Env, obs_mean, obs_std, ref_min, ref_max) -> dict:
+    """What every TD3+BC checkpoint holds besides the networks and the step's results (docs/file_contracts.md)."""
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "stage": STAGE,
+        "env_id": env.spec.id,
+        "max_episode_steps": env.spec.max_episode_steps,
+        "dataset_id": args.dataset_id,
+        "obs_dim": obs_dim,
+        "act_dim": act_dim,
+        "hidden_dim": args.hidden_dim,
+        "action_low": torch.as_tensor(env.action_space.low),
+        "action_high": torch.as_tensor(env.action_space.high),
+        "obs_mean": obs_mean.cpu(),
+        "obs_std": obs_std.cpu(),
+        "ref_min_score": ref_min,
+        "ref_max_score": ref_max,
+        "args": dataclasses.asdict(args),
+    }
+
+
 def main(args: Args):
     check_ranges(args)  # each field's range is declared next to it in Args
     setup_fast_path(args)
@@ -385,78 +426,6 @@ def main(args: Args):
     updates_per_sec = (args.total_steps - start_step) / (time.time() - start_time)
     summary = f"final return {returns.mean():.1f}" + ("" if score is None else f", normalized score {score:.1f}")
     print(f"done: {updates_per_sec:.0f} updates/s incl. evaluation; {summary}; checkpoint {run_dir}/checkpoint.pt")
-
-
-# Setup (main reads these by name)
-def load_data(args: Args) -> tuple:
-    """The dataset's transitions, its env (the dataset's own eval env unless --env-id names another) and reference
-    scores, checked against each other. -> (env_id, env, transitions, ref_min, ref_max)"""
-    with reading_dataset(args.dataset_id):
-        dataset = load_minari_dataset(args.dataset_id, args.download)
-        env_id = dataset_env_id(dataset, args.env_id)
-        env = make_eval_env(dataset, env_id)
-        transitions = dataset_to_transitions(dataset)
-        ref_min, ref_max = dataset.storage.metadata.get("ref_min_score"), dataset.storage.metadata.get("ref_max_score")
-    if ref_min is not None and ref_max is not None and not ref_min < ref_max:
-        raise UserError(
-            f"dataset '{args.dataset_id}' has reference scores that cannot normalize a return (ref_min_score "
-            f"{ref_min}, ref_max_score {ref_max}); re-create it with collect_dataset.py"
-        )
-    obs_dim, act_dim = transitions["obs"].shape[1], transitions["actions"].shape[1]
-    if env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
-        raise UserError(
-            f"env {env_id} (obs {env.observation_space.shape}, act {env.action_space.shape}) does not match "
-            f"dataset '{args.dataset_id}' (obs ({obs_dim},), act ({act_dim},)); pass the right --env-id"
-        )
-    return env_id, env, transitions, ref_min, ref_max
-
-
-def pack_transitions(transitions: dict, normalize_obs: bool, device) -> tuple:
-    """The transitions as one [n, obs + act + 1 + obs + 1] tensor (normalized s, a, r, normalized s', terminated).
-    -> (that tensor, obs_mean, obs_std)"""
-    columns = {key: torch.as_tensor(value, device=device) for key, value in transitions.items()}
-    obs_dim = columns["obs"].shape[1]
-    if normalize_obs:
-        obs_mean, obs_std = columns["obs"].mean(0), columns["obs"].std(0) + 1e-3
-    else:
-        obs_mean, obs_std = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device)
-    obs, next_obs = (columns["obs"] - obs_mean) / obs_std, (columns["next_obs"] - obs_mean) / obs_std
-    rewards, terminations = columns["rewards"][:, None], columns["terminations"][:, None]
-    return torch.cat([obs, columns["actions"], rewards, next_obs, terminations], 1), obs_mean, obs_std
-
-
-def make_learner(obs_dim: int, act_dim: int, action_space, args: Args, device) -> dict:
-    """Actor, twin critic, their targets and Adams, by the names the checkpoint stores them under."""
-    actor = Actor(obs_dim, act_dim, action_space.low, action_space.high, args.hidden_dim).to(device)
-    critic = Critic(obs_dim, act_dim, args.hidden_dim).to(device)
-    actor_optimizer = adam(actor.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
-    critic_optimizer = adam(critic.parameters(), args.learning_rate, device, capturable=args.cudagraphs)
-    targets = {"actor_target": copy.deepcopy(actor), "critic_target": copy.deepcopy(critic)}
-    optimizers = {"actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer}
-    return {"actor": actor, "critic": critic, **targets, **optimizers}
-
-
-def checkpoint_header(args: Args, env: gym.Env, obs_mean, obs_std, ref_min, ref_max) -> dict:
-    """What every TD3+BC checkpoint holds besides the networks and the step's results (docs/file_contracts.md)."""
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "stage": STAGE,
-        "env_id": env.spec.id,
-        "max_episode_steps": env.spec.max_episode_steps,
-        "dataset_id": args.dataset_id,
-        "obs_dim": obs_dim,
-        "act_dim": act_dim,
-        "hidden_dim": args.hidden_dim,
-        "action_low": torch.as_tensor(env.action_space.low),
-        "action_high": torch.as_tensor(env.action_space.high),
-        "obs_mean": obs_mean.cpu(),
-        "obs_std": obs_std.cpu(),
-        "ref_min_score": ref_min,
-        "ref_max_score": ref_max,
-        "args": dataclasses.asdict(args),
-    }
 
 
 if __name__ == "__main__":

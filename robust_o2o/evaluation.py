@@ -1,17 +1,16 @@
 """The method's evaluation protocol: the one score scale (0 = random, 100 = expert), and a policy's deterministic
 returns on fixed episodes under each perturbation condition (normal, random, adversarial), played in lockstep.
-Fine-tuning's evaluations (which the adaptive curriculum reads), DE's and the final matrix all use it."""
+Fine-tuning's evaluations (which the adaptive curriculum reads), DE's and the final matrix all use it, each with the
+perturbation its script declares (robust_o2o/perturbation.py)."""
 
 import copy
-import os
 
 import gymnasium as gym
 import numpy as np
 import torch
 
 from robust_o2o.cli import UserError
-from robust_o2o.runs import Run
-from robust_o2o.video import captioned, record_episode, write_video
+from robust_o2o.perturbation import Perturbation
 
 
 def normalized_score(ret: float, ref_min, ref_max) -> float | None:
@@ -53,8 +52,8 @@ def condition_metrics(returns: dict, ref_min, ref_max) -> dict:
 
 class ConditionEvaluator:
     """A policy's deterministic returns on the same `episodes` episodes (seeds eval_seed + i) under each condition
-    (name -> δ set; episode i plays δ_{i mod len}), all in lockstep through `rollout_batch`. `perturb` is the calling
-    script's perturbation model (its perturb_action)."""
+    (name -> δ set; episode i plays δ_{i mod len}), all in lockstep through `rollout_batch`, under the calling
+    script's perturbation (its PERTURBATION) with `perturbation_model`."""
 
     def __init__(
         self,
@@ -64,7 +63,7 @@ class ConditionEvaluator:
         episodes: int,
         eval_seed: int,
         perturbation_model: str,
-        perturb,
+        perturbation: Perturbation,
     ):
         self.env_id, self.max_episode_steps, self.conditions, self.episodes = (
             env_id,
@@ -72,7 +71,7 @@ class ConditionEvaluator:
             conditions,
             episodes,
         )
-        self.eval_seed, self.perturbation_model, self.perturb = eval_seed, perturbation_model, perturb
+        self.eval_seed, self.perturbation_model, self.perturbation = eval_seed, perturbation_model, perturbation
         n_envs = min(len(conditions) * episodes, MAX_LOCKSTEP_ENVS)
         self.envs = [gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(n_envs)]
         self.deltas = np.vstack([d[np.arange(episodes) % len(d)] for d in conditions.values()])
@@ -81,41 +80,24 @@ class ConditionEvaluator:
     def __call__(self, actor, obs_mean, obs_std) -> dict:
         """-> {condition: per-episode returns [episodes]}"""
         returns, _ = rollout_batch(
-            self.envs, actor, obs_mean, obs_std, self.deltas, self.seeds, self.perturbation_model, self.perturb
+            self.envs, actor, obs_mean, obs_std, self.deltas, self.seeds, self.perturbation_model, self.perturbation
         )
         return {name: returns[i * self.episodes : (i + 1) * self.episodes] for i, name in enumerate(self.conditions)}
-
-    def record(self, run: Run, step: int, actor, obs_mean, obs_std, condition: str):
-        """The condition's first episode (its δ_0, the first evaluation seed), rendered and captioned, into
-        {run dir}/videos/eval_step{step}.mp4 and, with --track, to W&B."""
-        delta, path = self.conditions[condition][0], os.path.join(run.dir, "videos", f"eval_step{step:08d}.mp4")
-        ep = record_episode(
-            self.env_id,
-            self.max_episode_steps,
-            actor,
-            obs_mean,
-            obs_std,
-            delta,
-            self.perturb,
-            self.perturbation_model,
-            self.eval_seed,
-        )
-        write_video(path, captioned(ep, f"step {step}, {condition}", delta), ep.fps)
-        run.video(path, f"videos/eval_{condition}", step)
 
 
 MAX_LOCKSTEP_ENVS = 256  # envs stepped together (about 1 MB each for Hopper, benchmarks/evaluation_facts.py)
 
 
-def rollout_batch(envs, actor, obs_mean, obs_std, deltas: np.ndarray, seeds, perturbation_model: str, perturb):
-    """Run one episode per (δ_j, seed_j) in lockstep, one batched policy call per step; `perturb` is the calling
-    script's perturbation model (its perturb_action). More pairs than envs play in successive chunks of len(envs), so
-    memory is bounded by the envs given, whatever the episode count. Returns (returns [B], env steps taken)."""
+def rollout_batch(envs, actor, obs_mean, obs_std, deltas, seeds, perturbation_model: str, perturbation: Perturbation):
+    """Run one episode per (δ_j, seed_j) in lockstep, one batched policy call per step, under the calling script's
+    perturbation (its PERTURBATION: of the executed actions or of the observations the policy sees). More pairs than
+    envs play in successive chunks of len(envs), so memory is bounded by the envs given, whatever the episode count.
+    Returns (returns [B], env steps taken)."""
     returns, steps = np.zeros(len(seeds)), 0
     for start in range(0, len(seeds), len(envs)):
         chunk = slice(start, start + len(envs))
         returns[chunk], chunk_steps = lockstep(
-            envs, actor, obs_mean, obs_std, deltas[chunk], seeds[chunk], perturbation_model, perturb
+            envs, actor, obs_mean, obs_std, deltas[chunk], seeds[chunk], perturbation_model, perturbation
         )
         steps += chunk_steps
     return returns, steps
@@ -138,16 +120,17 @@ def float64_policy(actor, obs_mean, obs_std):
     return act
 
 
-def lockstep(envs, actor, obs_mean, obs_std, deltas: np.ndarray, seeds, perturbation_model: str, perturb):
+def lockstep(envs, actor, obs_mean, obs_std, deltas, seeds, perturbation_model: str, perturbation: Perturbation):
     """One episode per (δ_j, seed_j) on envs[j], all stepped together. -> (returns [B], env steps taken)"""
     low, high = envs[0].action_space.low, envs[0].action_space.high
+    obs_low, obs_high = envs[0].observation_space.low, envs[0].observation_space.high
     act = float64_policy(actor, obs_mean, obs_std)
     obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
     returns, alive, steps = np.zeros(len(seeds)), np.ones(len(seeds), bool), 0
     while alive.any():
         idx = np.flatnonzero(alive)
-        actions = act(obs[idx])
-        executed = perturb(actions, deltas[idx], low, high, perturbation_model)
+        actions = act(perturbation.seen(obs[idx], deltas[idx], obs_low, obs_high, perturbation_model))
+        executed = perturbation.executed(actions, deltas[idx], low, high, perturbation_model)
         for j, i in enumerate(idx):
             obs[i], reward, terminated, truncated, _ = envs[i].step(executed[j])
             returns[i] += reward

@@ -1,9 +1,28 @@
 """The update's fast path (benchmarks/fast_path.py measures it): fused Adam, the CUDA-graph capture, and the flags'
 checks. The scripts show what --compile and --cudagraphs do to their update; the mechanics live here."""
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
 from robust_o2o.cli import UserError
+
+
+@dataclass
+class FastPathOptions:
+    """The device and fast-path flags this module reads from a training script's Args, declared once:
+    td3_bc_offline.py's and td3_adv_finetune.py's Args extend it. The defaults are exact fp32 and run anywhere."""
+
+    cuda: bool = True
+    """use CUDA when available"""
+    compile: bool = False
+    """torch.compile the two halves of the update"""
+    cudagraphs: bool = False
+    """capture the two halves of the update in CUDA graphs (CUDA only; capturable fused Adam; not with --compile)"""
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """torch.set_float32_matmul_precision: highest (fp32), high (TF32 on CUDA), medium (bf16 matmuls: CUDA, CPUs
+    with AMX)"""
 
 
 def adam(params, lr: float, device: torch.device, capturable: bool = False) -> torch.optim.Adam:

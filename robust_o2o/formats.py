@@ -12,17 +12,8 @@ from robust_o2o.envs import env_mismatch
 from robust_o2o.files import read_npz, recorded_stage, recreate
 
 CHECKPOINT_FORMAT = "o2o-adv-checkpoint"
-
-
 CHECKPOINT_VERSION = 1
-
-
 PERTURBATION_FORMAT = "o2o-adv-perturbations"
-
-
-PERTURBATION_MODELS = ("multiplicative", "additive")
-
-
 DEFAULT_CHECKPOINTS = (
     "runs/local-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
     "runs/local-quick-hopper-medium-v0__td3_bc_offline__1/checkpoint.pt",
@@ -159,10 +150,10 @@ def tensor_problem(tree, path: str = "") -> str | None:
     return next((problem for problem in problems if problem), None)
 
 
-def load_perturbations(path: str, env_id: str | None = None, act_dim: int | None = None, require=()) -> dict:
+def load_perturbations(path: str, env_id: str | None = None, width: int | None = None, require=()) -> dict:
     """A perturbations file of this project (allow_pickle=False), checked before any use: its keys (and `require`), a
-    non-empty δ set and random draws of finite values inside [−ε, ε], an ε its model can take, and the env and action
-    size it must fit."""
+    non-empty δ set and random draws of finite values inside [−ε, ε], an ε its model can take, and the env and δ
+    width it must fit. Whether the reader can apply its perturbation is the reader's PERTURBATION.check."""
     if not os.path.isfile(path):
         raise UserError(
             f"perturbations {path} not found; make them with "
@@ -180,14 +171,20 @@ def load_perturbations(path: str, env_id: str | None = None, act_dim: int | None
     problem = perturbations_problem(npz, require)
     if problem:
         raise UserError(f"perturbations {path} are malformed: {problem}; re-create them with de_perturbations.py")
+    check_fit(npz, path, env_id, width)
+    return npz
+
+
+def check_fit(npz: dict, path: str, env_id: str | None, width: int | None):
+    """A δ set fits the env a checkpoint is for and the width of its perturbation's δ."""
     if (env_id is not None and str(npz["env_id"]) != env_id) or (
-        act_dim is not None and npz["perturbations"].shape[1:] != (act_dim,)
+        width is not None and npz["perturbations"].shape[1:] != (width,)
     ):
         raise UserError(
-            f"{path} was made for {npz['env_id']} with action dimension {npz['perturbations'].shape[1:]}, "
-            f"but the checkpoint is {env_id} with {act_dim}; run de_perturbations.py on this checkpoint"
+            f"{path} was made for {npz['env_id']} with δ of width {npz['perturbations'].shape[1:]}, but the "
+            f"checkpoint is {env_id} and its perturbation's δ has width {width} (the action dimension for a "
+            f"perturbation of actions); run de_perturbations.py on this checkpoint"
         )
-    return npz
 
 
 def perturbations_problem(npz: dict, require=()) -> str | None:
@@ -200,8 +197,8 @@ def perturbations_problem(npz: dict, require=()) -> str | None:
     if missing:
         return f"'{missing[0]}' is missing"
     model, eps = str(npz["perturbation_model"]), np.asarray(npz["epsilon"])
-    if model not in PERTURBATION_MODELS:
-        return f"perturbation model '{model}' is not one of {', '.join(PERTURBATION_MODELS)}"
+    if not model:  # which names a stage can apply is its script's to say (its PERTURBATION, checked by the reader)
+        return "the perturbation model is unnamed"
     if eps.dtype.kind not in "fiu":
         return f"ε must be a real number (got {eps.dtype} {eps!r})"
     eps = eps.astype(float)
@@ -218,7 +215,7 @@ def perturbations_problem(npz: dict, require=()) -> str | None:
         if np.abs(d).max() > float(eps) * (1 + 1e-6):
             return f"'{key}' reaches |δ| = {np.abs(d).max():.3g}, outside [−ε, ε] with ε = {float(eps)}"
     if npz["perturbations"].shape[1] != npz["random_deltas"].shape[1]:
-        return "'perturbations' and 'random_deltas' disagree on the action dimension"
+        return "'perturbations' and 'random_deltas' disagree on the width of δ"
     return None
 
 

@@ -15,6 +15,24 @@ from robust_o2o.folders import lock_run_dir, move_old_run_aside
 from robust_o2o.resume import rng_state
 
 
+@dataclasses.dataclass
+class RunOptions:
+    """The run-management flags this module reads from a training script's Args, declared once: td3_bc_offline.py's
+    and td3_adv_finetune.py's Args extend it (a fork inherits it). open_run also reads `run_name` and `total_steps`,
+    which each script declares itself: how a run is named by default and what a step is are the stage's."""
+
+    overwrite: bool = False
+    """replace an existing run folder of the same name"""
+    resume: bool = False
+    """continue runs/{run_name}/ (give --run-name) from its last saved state (same arguments; --total-steps may grow)"""
+    track: bool = False
+    """log to Weights & Biases (honours WANDB_MODE=offline)"""
+    wandb_project_name: str = "robust-o2o"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+
+
 def seed_everything(seed: int, torch_deterministic: bool = True):
     """Seed Python's, NumPy's and torch's global generators; cuDNN deterministic or not (CleanRL's seeding block)."""
     random.seed(seed)

@@ -14,6 +14,9 @@ from matplotlib import font_manager
 from PIL import Image, ImageDraw, ImageFont
 
 from robust_o2o.cli import UserError
+from robust_o2o.evaluation import ConditionEvaluator, float64_policy
+from robust_o2o.perturbation import Perturbation
+from robust_o2o.runs import Run
 
 
 def check_rendering(env_id: str, max_episode_steps: int | None = None):
@@ -72,26 +75,26 @@ def record_episode(
     obs_mean,
     obs_std,
     delta: np.ndarray,
-    perturb,
+    perturbation: Perturbation,
     perturbation_model: str,
     seed: int,
     size: int = 160,
     frame_skip: int = 4,
 ) -> Episode:
-    """One deterministic episode of `actor` with δ held fixed, rendered off-screen. The executed action is computed as
+    """One deterministic episode of `actor` with δ held fixed under the script's perturbation, rendered off-screen.
+    The policy's observation and the executed action are computed as
     the stage scripts' lockstep evaluator (`rollout_batch`) computes it (`float64_policy`, whose result does not depend
     on the batch), and rendering only reads the simulation, so the return equals the unrecorded evaluation's
     (tests/test_video.py checks it)."""
     env = gym.make(env_id, render_mode="rgb_array", width=size, height=size, max_episode_steps=max_episode_steps)
     low, high = env.action_space.low, env.action_space.high
-    from robust_o2o.evaluation import float64_policy  # here: evaluation imports this module
-
+    obs_low, obs_high = env.observation_space.low, env.observation_space.high
     obs, act = np.stack([env.reset(seed=int(seed))[0]]), float64_policy(actor, obs_mean, obs_std)
     frames, running, ret, steps, done = [env.render()], [0.0], 0.0, 0, False
     while not done:
-        action = act(obs)
+        action = act(perturbation.seen(obs, delta[None], obs_low, obs_high, perturbation_model))
         obs[0], reward, terminated, truncated, _ = env.step(
-            perturb(action, delta[None], low, high, perturbation_model)[0]
+            perturbation.executed(action, delta[None], low, high, perturbation_model)[0]
         )
         ret, steps, done = ret + reward, steps + 1, terminated or truncated
         if steps % frame_skip == 0 or done:
@@ -100,6 +103,26 @@ def record_episode(
     fps = env.metadata.get("render_fps", 30) / frame_skip
     env.close()
     return Episode(np.stack(frames), np.array(running), float(ret), steps, fps)
+
+
+def record_condition(evaluator: ConditionEvaluator, run: Run, step: int, actor, obs_mean, obs_std, condition: str):
+    """The evaluator's first episode of `condition` (its δ_0, the first evaluation seed), rendered and captioned, into
+    {run dir}/videos/eval_step{step}.mp4 and, with --track, to W&B."""
+    delta, path = evaluator.conditions[condition][0], os.path.join(run.dir, "videos", f"eval_step{step:08d}.mp4")
+    e = evaluator
+    ep = record_episode(
+        e.env_id,
+        e.max_episode_steps,
+        actor,
+        obs_mean,
+        obs_std,
+        delta,
+        e.perturbation,
+        e.perturbation_model,
+        e.eval_seed,
+    )
+    write_video(path, captioned(ep, f"step {step}, {condition}", delta), ep.fps)
+    run.video(path, f"videos/eval_{condition}", step)
 
 
 def captioned(ep: Episode, title: str, delta: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ import torch
 from conftest import ROOT, assert_one_line_error, offline_run, run_cli, run_script
 from robust_o2o import cli, formats
 from robust_o2o.files import save_checkpoint, save_npz
+from robust_o2o.perturbation import Perturbation
 
 
 def tree(root) -> dict:
@@ -198,7 +199,7 @@ BAD_PERTURBATIONS = {
     ),
     "ε the model cannot take": (setter("epsilon", 1.5), "does not fit the multiplicative model"),
     "non-finite ε": (setter("epsilon", np.inf), "does not fit"),
-    "unknown model": (setter("perturbation_model", "sideways"), "not one of multiplicative, additive"),
+    "unnamed model": (setter("perturbation_model", ""), "unnamed"),
     "a string ε": (setter("epsilon", np.asarray("0.1")), "ε must be a real number"),
     "complex δ": (setter("perturbations", lambda d: d["perturbations"] + 0j), "real numbers"),
 }
@@ -230,6 +231,29 @@ def test_every_perturbations_reader_refuses_through_the_loader_in_one_line(
     path = bad_perturbations(case, hopper_checkpoint, hopper_perturbations, tmp_path)
     flag = "--checkpoints" if script == "evaluate_matrix.py" else "--checkpoint"
     run_refused(tmp_path, script, [flag, path, *CHECKPOINT_READERS[script]], "malformed", BAD_PERTURBATIONS[case][1])
+
+
+@pytest.mark.parametrize("script", ["td3_adv_finetune.py", "evaluate_matrix.py"])
+@pytest.mark.parametrize(
+    "record,needle",
+    [
+        ({"perturbation_model": "sideways"}, "sideways"),  # a model another script (a fork) declares
+        ({"perturbation_target": "observation"}, "observation"),  # a set made under a fork's observation perturbation
+        ({"perturbation_code": "0123456789abcdef"}, "0123456789abcdef"),  # under an edited copy of perturb_action
+    ],
+)
+def test_a_set_made_under_another_perturbation_is_refused_by_each_reader_naming_perturbation_from(
+    script, record, needle, hopper_checkpoint, hopper_perturbations, tmp_path
+):
+    """Which perturbations a stage applies is its script's PERTURBATION to say (robust_o2o/perturbation.py): a set
+    made under another is refused in one line that names it and the fix, before anything is written."""
+    d = {**dict(np.load(hopper_perturbations, allow_pickle=False)), **record}
+    (tmp_path / "run").mkdir()
+    shutil.copy(hopper_checkpoint, tmp_path / "run" / "checkpoint.pt")
+    save_npz(str(tmp_path / "run" / "perturbations.npz"), d)
+    flag = "--checkpoints" if script == "evaluate_matrix.py" else "--checkpoint"
+    args = [flag, str(tmp_path / "run" / "checkpoint.pt"), *CHECKPOINT_READERS[script]]
+    run_refused(tmp_path, script, args, needle, "--perturbation-from")
 
 
 def test_the_project_s_own_perturbations_pass_the_check(hopper_perturbations):
@@ -593,12 +617,20 @@ def test_an_evaluation_of_any_size_steps_at_most_a_bounded_number_of_envs():
     def constant_policy(x):
         return torch.full((len(x), 3), 0.3)
 
-    def perturb(actions, deltas, low, high, model):
+    def scale(actions, deltas, low, high, model):
         return np.clip(actions * (1 + deltas), low, high)
+
+    perturb = Perturbation(target="action", models=("multiplicative",), apply=scale)
 
     conditions = {"normal": np.zeros((1, 3)), "random": np.linspace(-0.1, 0.1, 12).reshape(4, 3)}
     evaluator = evaluation.ConditionEvaluator(
-        "Hopper-v5", 20, conditions, episodes=200, eval_seed=0, perturbation_model="multiplicative", perturb=perturb
+        "Hopper-v5",
+        20,
+        conditions,
+        episodes=200,
+        eval_seed=0,
+        perturbation_model="multiplicative",
+        perturbation=perturb,
     )
     assert len(evaluator.envs) == evaluation.MAX_LOCKSTEP_ENVS < 2 * 200
     chunked = evaluator(constant_policy, torch.zeros(11), torch.ones(11))

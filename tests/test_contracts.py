@@ -145,9 +145,9 @@ def test_network_classes_are_identical_copies():
         assert inspect.getsource(getattr(ft, fn)) == inspect.getsource(getattr(tb, fn)), fn
     assert inspect.getsource(ft.perturb_action) == inspect.getsource(de.perturb_action)
     assert inspect.getsource(em.perturb_action) == inspect.getsource(de.perturb_action)
-    from robust_o2o import formats
-
-    assert ft.PERTURBATION_MODELS == de.PERTURBATION_MODELS == formats.PERTURBATION_MODELS  # files are checked with it
+    # each script declares the same perturbation: what a fine-tune records, DE and the matrix apply and accept
+    declared = [(m.PERTURBATION.target, m.PERTURBATION.models, m.PERTURBATION.code) for m in (ft, de, em)]
+    assert declared[0] == declared[1] == declared[2] == ("action", ("multiplicative", "additive"), declared[0][2])
 
 
 def test_plumbing_is_shared_not_copied():
@@ -223,33 +223,100 @@ STAGE_SCRIPTS = (
     "td3_adv_finetune.py",
     "evaluate_matrix.py",
 )
-# fine-tuning holds the paper's whole algorithm (ε, δ, q and its curricula, r_off) besides TD3, its guarded copies
-# of the networks and the perturbation model, and 46 documented flags: formatted, it is longer than the other stages
-# the matrix evaluates a fine-tune's kept policies too (part 2's endpoints averaged over the end of training)
-LINE_LIMITS = {"td3_adv_finetune.py": 680, "evaluate_matrix.py": 620}
+# formatted lines per stage script: each cap leaves a fork at least 50 lines over today's size (fine-tuning is at 620:
+# the paper's whole algorithm, its guarded copies of the networks and the perturbation model, and 39 documented flags)
+LINE_LIMITS = {
+    "collect_dataset.py": 550,
+    "td3_bc_offline.py": 500,
+    "de_perturbations.py": 600,
+    "td3_adv_finetune.py": 670,
+    "evaluate_matrix.py": 670,
+}
+MAIN_LIMIT = 120  # lines of main(): fine-tuning's holds the loop, at 110
 
 
-def test_stage_scripts_stay_readable():
+def test_stage_scripts_stay_readable_and_leave_a_fork_room():
     """Measured on the formatted source (.ci/run fails on a formatting diff, so the file is what the formatter made):
-    each stage script at most 500 lines (fine-tuning: LINE_LIMITS), each main() at most 120, fine-tuning's training
-    loop within the first 70 % of its file; shared modules at most 250 lines, and no script takes more than 8 names
-    from one of them."""
+    each stage script under its cap with at least 50 lines to spare, and main() under MAIN_LIMIT; shared modules at
+    most 250 lines, and no script takes more than 8 names from one of them."""
     import ast
 
     for name in STAGE_SCRIPTS:
         src = (ROOT / name).read_text()
         tree = ast.parse(src)
         main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
-        assert len(src.splitlines()) <= LINE_LIMITS.get(name, 500), name
-        assert main.end_lineno - main.lineno + 1 <= 120, name
+        assert len(src.splitlines()) + 50 <= LINE_LIMITS[name], name
+        assert main.end_lineno - main.lineno + 1 <= MAIN_LIMIT, name
         for node in tree.body:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("robust_o2o"):
                 assert len(node.names) <= 8, (name, node.module)
-    src = (ROOT / "td3_adv_finetune.py").read_text()
-    loop = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.For) and getattr(n.iter, "id", "") == "pbar")
-    assert loop.lineno <= 0.7 * len(src.splitlines())
+    assert len((ROOT / "td3_adv_finetune.py").read_text().splitlines()) <= 620
     for module in (ROOT / "robust_o2o").glob("*.py"):
         assert len(module.read_text().splitlines()) <= 250, module.name
+
+
+def test_stage_scripts_read_top_to_bottom():
+    """As CleanRL's: Args first, then the algorithm's parts and the setup helpers, then main() last, holding the loop
+    (fine-tuning's loop is in main); main's plumbing is marked TRY NOT TO MODIFY, as CleanRL marks its own."""
+    import ast
+
+    for name in STAGE_SCRIPTS:
+        src = (ROOT / name).read_text()
+        defs = [n for n in ast.parse(src).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        assert defs[0].name == "Args" and defs[-1].name == "main", (name, defs[0].name, defs[-1].name)
+    src = (ROOT / "td3_adv_finetune.py").read_text()
+    main = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    loops = [n for n in ast.walk(main) if isinstance(n, ast.For) and getattr(n.iter, "id", "") == "pbar"]
+    assert len(loops) == 1
+    body = "\n".join(src.splitlines()[main.lineno - 1 : main.end_lineno])
+    assert body.count("# TRY NOT TO MODIFY") >= 3 and body.count("# ALGO LOGIC") >= 3
+
+
+def test_the_run_interface_is_declared_once_beside_the_code_that_reads_it():
+    """The Args fields shared code reads are declared in RunOptions (robust_o2o/runs.py) and FastPathOptions
+    (robust_o2o/fast_path.py), which the training scripts' Args extend; bar run_name and total_steps, which each
+    declares itself (what a step is and a run's default name are the stage's). Nothing else is read."""
+    import dataclasses
+    import re
+
+    import td3_adv_finetune as ft
+    import td3_bc_offline as tb
+    from robust_o2o.fast_path import FastPathOptions
+    from robust_o2o.runs import RunOptions
+
+    for module, options in (("runs.py", RunOptions), ("fast_path.py", FastPathOptions)):
+        read = set(re.findall(r"\bargs\.([a-z_]+)", (ROOT / "robust_o2o" / module).read_text())) - {"json"}
+        declared = {f.name for f in dataclasses.fields(options)} | {"run_name", "total_steps"}
+        assert read <= declared and read >= {f.name for f in dataclasses.fields(options)}, (module, read - declared)
+    for script in (ft, tb):
+        assert issubclass(script.Args, RunOptions) and issubclass(script.Args, FastPathOptions)
+        own = script.Args.__dict__["__annotations__"]
+        assert {"run_name", "total_steps"} <= set(own) and not set(own) & {"cuda", "track", "resume", "compile"}
+
+
+def test_the_shared_modules_import_no_circle():
+    """robust_o2o's modules import one another as a tree (imports inside functions count too): no circles, such as the
+    evaluator and the video writer importing each other."""
+    import ast
+
+    graph = {}
+    for path in (ROOT / "robust_o2o").glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("robust_o2o."):
+                found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("robust_o2o.")}
+        graph[path.stem] = found
+
+    def visit(module, trail):
+        assert module not in trail, " -> ".join([*trail, module])
+        for other in graph.get(module, ()):
+            visit(other, (*trail, module))
+
+    for module in graph:
+        visit(module, ())
+    assert "video" in graph["evaluation"] or "evaluation" in graph["video"]  # the pair this test was written for
 
 
 def test_shared_arguments_are_declared_alike():

@@ -36,7 +36,7 @@ def test_recorded_episode_returns_exactly_the_unrecorded_evaluation(hopper_check
         ckpt["obs_mean"],
         ckpt["obs_std"],
         delta,
-        de.perturb_action,
+        de.PERTURBATION,
         "multiplicative",
         10_000,
         size=48,
@@ -44,7 +44,7 @@ def test_recorded_episode_returns_exactly_the_unrecorded_evaluation(hopper_check
     )
     env = gym.make(ckpt["env_id"], max_episode_steps=ckpt["max_episode_steps"])
     returns, steps = de.rollout_batch(
-        [env], actor, ckpt["obs_mean"], ckpt["obs_std"], delta[None], [10_000], "multiplicative", de.perturb_action
+        [env], actor, ckpt["obs_mean"], ckpt["obs_std"], delta[None], [10_000], "multiplicative", de.PERTURBATION
     )
     assert ep.ret == returns[0] and ep.steps == steps  # bit for bit: rendering only reads the simulation
     assert ep.frames.shape == (expected_frames(steps, 3), 48, 48, 3) and ep.frames.dtype == np.uint8
@@ -87,7 +87,7 @@ def test_finetune_records_one_playable_video_per_evaluation(video_runs):
     delta = np.load(ckpt["perturbations_path"])["perturbations"][0]
     policy = (de.actor_from_checkpoint(ckpt), ckpt["obs_mean"], ckpt["obs_std"])
     ep = record_episode(
-        ckpt["env_id"], ckpt["max_episode_steps"], *policy, delta, de.perturb_action, "multiplicative", 10_000
+        ckpt["env_id"], ckpt["max_episode_steps"], *policy, delta, de.PERTURBATION, "multiplicative", 10_000
     )
     assert frames.shape == (expected_frames(ep.steps, 4), 160, 160, 3)
 
@@ -123,7 +123,7 @@ def test_evaluate_matrix_records_each_condition_and_a_side_by_side_gif(video_run
         ckpt["obs_mean"],
         ckpt["obs_std"],
         np.zeros(3),
-        de.perturb_action,
+        de.PERTURBATION,
         "multiplicative",
         10_000,
         size=64,
