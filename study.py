@@ -30,6 +30,7 @@ import tyro
 from tqdm import tqdm
 
 from robust_o2o.cli import die_with_parent
+from robust_o2o.files import write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -491,20 +492,21 @@ def export_chain(results_dir: str, env_id: str, seed: int, stages: list, cwd: st
     """A finished (env, seed) chain's per-seed rows into {results_dir}/chains/: its evaluations and fine-tuning curves
     (the report's inputs) and its provenance (commit, machine, wall time of its stages), so that the chain can be
     committed as soon as it finishes and the report built from committed files alone."""
-    import study_report
+    from study_tools.loading import ReportError, load_runs
+    from study_tools.tables import per_seed_tables
 
     mine = chain_stages(stages, env_id, seed)
     try:
-        rows, curves, missing = study_report.load_runs({"policies": [s.policy for s in mine if s.policy]}, cwd)
-    except study_report.ReportError as e:  # a damaged matrix.csv or log: its stage must run again
+        rows, curves, missing = load_runs({"policies": [s.policy for s in mine if s.policy]}, cwd)
+    except ReportError as e:  # a damaged matrix.csv or log: its stage must run again
         raise SystemExit(f"error: chain {env_id} seed {seed} cannot be exported: {e}") from None
     if missing:
         return
     base = os.path.join(results_dir, "chains", f"{env_id}__seed{seed}")
     os.makedirs(os.path.dirname(base), exist_ok=True)
-    evaluations, curve_table = study_report.per_seed_tables(rows, curves)
-    study_report.write_text(f"{base}__evaluations.csv", evaluations)
-    study_report.write_text(f"{base}__curves.csv", curve_table)
+    evaluations, curve_table = per_seed_tables(rows, curves)
+    write_text(f"{base}__evaluations.csv", evaluations)
+    write_text(f"{base}__curves.csv", curve_table)
     markers = [json.load(open(marker_path(s))) for s in mine if os.path.exists(marker_path(s))]
     write_json_atomic(
         f"{base}.json",

@@ -33,7 +33,8 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import study_report as sr  # noqa: E402
+import paired_stats
+from study_tools import claims
 
 
 @dataclass
@@ -90,7 +91,7 @@ def load(chains: str, last_k: int) -> dict:
 def effects(values: dict) -> list:
     """(claim, comparison, n, mean, SD, dz) of every component of every claim."""
     out = []
-    for claim in sr.CLAIMS:
+    for claim in claims.CLAIMS:
         for comp in claim.components:
             x, y = values[(comp.x, comp.endpoint)], values[(comp.y, comp.endpoint)]
             d = np.array([x[s] - y[s] for s in sorted(set(x) & set(y))])
@@ -129,7 +130,7 @@ def verdicts(values: dict, n: int, reps: int, alpha: float, rng, directional: bo
     seeds' correlations kept, every difference zero in mean: the boundary between the claim and its contradiction)."""
     signs = sign_patterns(n)
     claim_p, side = {}, {}
-    for claim in sr.CLAIMS:
+    for claim in claims.CLAIMS:
         arms, mean, cov = arm_model(values, claim)
         if claim.number == boundary:
             for endpoint in {e for _, e in arms}:
@@ -140,7 +141,7 @@ def verdicts(values: dict, n: int, reps: int, alpha: float, rng, directional: bo
         for comp in claim.components:
             d = draw[..., arms.index((comp.x, comp.endpoint))] - draw[..., arms.index((comp.y, comp.endpoint))]
             if comp.test == "equivalence":
-                m = sr.EQUIVALENCE_MARGIN
+                m = claims.EQUIVALENCE_MARGIN
                 p = np.maximum(p_values(d + m, signs, "greater"), p_values(d - m, signs, "less"))
                 ps.append((p, None, "equivalence"))
             else:
@@ -154,12 +155,12 @@ def verdicts(values: dict, n: int, reps: int, alpha: float, rng, directional: bo
         any_against = against.any(0)
         claim_p[claim.number] = np.where(any_against, np.minimum(1.0, contra), for_p)
         side[claim.number] = np.where(any_against, "against", "for")
-    numbers = [c.number for c in sr.CLAIMS]
+    numbers = [c.number for c in claims.CLAIMS]
     p = np.stack([claim_p[k] for k in numbers], axis=1)  # [reps, claims]
-    adjusted = np.stack([sr.holm(row) for row in p])
+    adjusted = np.stack([paired_stats.holm(row) for row in p])
     out = {}
     for j, k in enumerate(numbers):
-        decided = (adjusted[:, j] <= alpha) & (n >= sr.min_seeds(alpha))
+        decided = (adjusted[:, j] <= alpha) & (n >= claims.min_seeds(alpha))
         out[k] = (float(np.mean(decided & (side[k] == "for"))), float(np.mean(decided & (side[k] == "against"))))
     return out
 
@@ -183,9 +184,11 @@ def main(args: Args):
     rng = np.random.default_rng(args.seed)
     print(f"\nChance of each verdict, {args.reps} simulated studies per size, α = {args.alpha:g} (Holm over 4 claims)")
     print(
-        "| endpoints | seeds | " + " | ".join(f"claim {c.number}: supported / contradicted" for c in sr.CLAIMS) + " |"
+        "| endpoints | seeds | "
+        + " | ".join(f"claim {c.number}: supported / contradicted" for c in claims.CLAIMS)
+        + " |"
     )
-    print("|---|---|" + "---|" * len(sr.CLAIMS))
+    print("|---|---|" + "---|" * len(claims.CLAIMS))
     for definition in ("final", "averaged", "mixed"):
         for n in args.seeds:
             v = verdicts(data[definition], n, args.reps, args.alpha, rng)
@@ -194,7 +197,7 @@ def main(args: Args):
     print("verdict, which is an error either way. Part 1's two-sided contradiction test against a one-sided one.")
     print("| claim | seeds | two-sided: supported / contradicted | one-sided: supported / contradicted |")
     print("|---|---|---|---|")
-    for claim in sr.CLAIMS:
+    for claim in claims.CLAIMS:
         for n in args.seeds[:2]:
             k, at = claim.number, dict(boundary=claim.number)
             two = verdicts(data["averaged"], n, args.reps, args.alpha, np.random.default_rng(args.seed + n), **at)[k]

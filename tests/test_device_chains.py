@@ -122,24 +122,24 @@ def test_finished_stages_are_adopted_and_the_driver_skips_them(tmp_path, monkeyp
         dc.main([*adopt[:4], str(tmp_path / "elsewhere"), *adopt[5:]])
 
     # the report: these stages are not this machine's core-hours, and each chain says which of its stages ran where
-    import study_report as sr
+    from study_tools import costs, tables
 
     local = os.path.join(study.marker_path(next(s for s in stages if s.id == f"evaluate:{adaptive}")))
     with open(local, "w") as f:
         json.dump({"argv": manifest["commands"][f"evaluate:{adaptive}"], "wall_s": 300.0}, f)
-    (cost,) = sr.stage_costs(manifest, str(root), str(tmp_path))
+    (cost,) = costs.stage_costs(manifest, str(root), str(tmp_path))
     assert (cost["stage"], cost["runs"], cost["total_s"]) == ("evaluate", 1, 300.0)
-    elsewhere = sr.stages_elsewhere(manifest, str(root), str(tmp_path))
+    elsewhere = costs.stages_elsewhere(manifest, str(root), str(tmp_path))
     assert sorted(e["stage"] for e in elsewhere) == sorted(finished)
     assert {(e["env_id"], e["seed"]) for e in elsewhere} == {("Hopper-v5", 19)}
-    text = "\n".join(sr.costs_section([cost], elsewhere))
+    text = "\n".join(costs.costs_section([cost], elsewhere))
     assert f"Not in the table: 11 stage(s) ran on {records[adaptive]['ran_on']}" in text
     assert "1 attack, 5 evaluate, 4 finetune, 1 pretrain" in text
     (tmp_path / "chains").mkdir()
     chain = {"env_id": "Hopper-v5", "seed": 19, "commit": "abc", "machine": "vm", "stages": 12, "wall_s": 3600.0}
     (tmp_path / "chains" / "Hopper-v5__seed19.json").write_text(json.dumps({**chain, "finished": 0.0}))
-    text = "\n".join(sr.chains_section(str(tmp_path), elsewhere))
+    text = "\n".join(costs.chains_section(str(tmp_path), elsewhere))
     assert f"| vm; 11 of its stages on {records[adaptive]['ran_on']} | 12 |" in text
-    (tmp_path / "stages_elsewhere.csv").write_text(sr.to_csv(elsewhere))  # a fresh clone reads the committed copy
-    again = sr.stages_elsewhere({"namespace": "gone"}, str(root), str(tmp_path))
+    (tmp_path / "stages_elsewhere.csv").write_text(tables.to_csv(elsewhere))  # a fresh clone reads the committed copy
+    again = costs.stages_elsewhere({"namespace": "gone"}, str(root), str(tmp_path))
     assert [{**e, "wall_s": pytest.approx(e["wall_s"], rel=1e-5)} for e in elsewhere] == again

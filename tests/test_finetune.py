@@ -284,7 +284,15 @@ def test_cli_bad_input_is_one_clear_line(hopper_checkpoint, hopper_perturbations
     np.savez(tmp_path / "bad.npz", **d)
     assert_one_line_error(
         run_cli("td3_adv_finetune.py", *base, "--perturbations", str(tmp_path / "bad.npz"), cwd=tmp_path),
-        "action dimension",
+        "width of δ",
+        "de_perturbations.py",
+    )
+    d["random_deltas"] = np.zeros((3, 5))  # both of width 5: a set for another env's actions
+    np.savez(tmp_path / "bad.npz", **d)
+    assert_one_line_error(
+        run_cli("td3_adv_finetune.py", *base, "--perturbations", str(tmp_path / "bad.npz"), cwd=tmp_path),
+        "width (5,)",
+        "width 3 (the action dimension",
         "de_perturbations.py",
     )
     assert not (tmp_path / "runs").exists()

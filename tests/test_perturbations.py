@@ -9,7 +9,7 @@ import torch
 
 import de_perturbations as de
 import td3_adv_finetune as ft
-from conftest import assert_one_line_error, assert_usage_error, run_cli, run_script
+from conftest import assert_one_line_error, run_cli, run_script
 from robust_o2o.files import sha256_file
 
 LOW, HIGH = np.array([-1.0, -2.0, 0.0]), np.array([1.0, 2.0, 4.0])
@@ -253,12 +253,14 @@ def test_cli_bad_input_is_one_clear_line(hopper_checkpoint, tmp_path, argv, need
     assert not list(tmp_path.glob("*.npz*"))
 
 
-def test_an_unknown_perturbation_model_is_refused_by_tyro_naming_the_choices(hopper_checkpoint, tmp_path):
+def test_an_unknown_perturbation_model_is_refused_naming_the_script_s_models(hopper_checkpoint, tmp_path):
+    """Which models DE takes is its PERTURBATION's to say (or a fork's, given --perturbation-from): refused in one line
+    naming them, before anything is written."""
     proc = run_script(
         "de_perturbations.py", "--checkpoint", hopper_checkpoint, "--perturbation-model", "sideways", cwd=tmp_path
     )
-    assert_usage_error(proc, "--perturbation-model")
-    assert "multiplicative" in proc.stderr and not list(tmp_path.iterdir())
+    assert_one_line_error(proc, "--perturbation-model", "multiplicative, additive", "sideways")
+    assert not list(tmp_path.iterdir())
 
 
 def test_additive_model_allows_epsilon_at_or_above_one(hopper_checkpoint, tmp_path):

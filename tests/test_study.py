@@ -17,6 +17,7 @@ import pytest
 import study
 import study_report as sr
 from conftest import ROOT, free_port
+from study_tools import claims, costs, loading, tables
 
 CONDS = ("normal", "random", "adversarial", "transfer")
 
@@ -61,7 +62,7 @@ def fake_study(root: Path, scores: dict, seeds=tuple(range(1, 9)), steps=(0, 500
                             "attack_budget": "K=2 maxiter=3 popsize=4 episodes=2",
                         }
                     )
-            stage = "pretrain" if label == sr.OFFLINE else "finetune"
+            stage = "pretrain" if label == claims.OFFLINE else "finetune"
             if stage == "finetune":
                 with open(root / run / "metrics.jsonl", "w") as f:
                     for i, s in enumerate(steps):
@@ -108,11 +109,11 @@ def fake_study(root: Path, scores: dict, seeds=tuple(range(1, 9)), steps=(0, 500
 def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp_path):
     x = np.array([3.0, 9.0, 1.0, 4.0, 7.0, 20.0, 5.0, 11.0])  # IQM of 8 runs: trim 2 at each end -> mean of 4, 5, 7, 9
     scores = {
-        sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0 if c == "normal" else 30.0),
-        sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 60.0 + x[s - 1]),
-        sr.ADAPTIVE: ("offline", "adversarial", "adaptive", lambda s, c: 60.0 + x[s - 1]),
-        sr.NORMAL_FT: ("offline", "normal", "fixed", lambda s, c: 80.0 if c == "normal" else 20.0),
-        sr.SCRATCH: ("scratch", "adversarial", "adaptive", lambda s, c: 5.0),
+        claims.OFFLINE: ("offline", "", "", lambda s, c: 50.0 if c == "normal" else 30.0),
+        claims.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 60.0 + x[s - 1]),
+        claims.ADAPTIVE: ("offline", "adversarial", "adaptive", lambda s, c: 60.0 + x[s - 1]),
+        claims.NORMAL_FT: ("offline", "normal", "fixed", lambda s, c: 80.0 if c == "normal" else 20.0),
+        claims.SCRATCH: ("scratch", "adversarial", "adaptive", lambda s, c: 5.0),
     }
     res = fake_study(tmp_path, scores)
     (tmp_path / "runs" / "_study").mkdir()  # two finished fine-tunes' markers: the report states what the stages cost
@@ -122,7 +123,7 @@ def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp
         )
     sr.main(sr.Args(results_dir=str(res), reps=2000))
     rows = {(r["policy"], r["eval_condition"]): r for r in csv.DictReader(open(res / "scores.csv"))}
-    adv = rows[(sr.ADV_FIXED, "adversarial")]
+    adv = rows[(claims.ADV_FIXED, "adversarial")]
     assert float(adv["iqm"]) == pytest.approx(60 + np.mean([4, 5, 7, 9]), abs=1e-4)
     assert float(adv["mean"]) == pytest.approx(60 + x.mean(), abs=1e-4)
     # the CI of the mean against a percentile bootstrap written out by hand (the same resampling of 8 runs)
@@ -135,11 +136,11 @@ def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp
     boot_iqm = trim_mean((60 + x)[rng.integers(0, 8, size=(20000, 8))], 0.25, axis=1)
     lo, hi = np.percentile(boot_iqm, [2.5, 97.5])
     assert float(adv["iqm_lo"]) == pytest.approx(lo, abs=0.4) and float(adv["iqm_hi"]) == pytest.approx(hi, abs=0.4)
-    off = rows[(sr.OFFLINE, "normal")]  # identical seeds: a zero-width interval
+    off = rows[(claims.OFFLINE, "normal")]  # identical seeds: a zero-width interval
     assert float(off["iqm_lo"]) == float(off["iqm"]) == float(off["iqm_hi"]) == 50.0
     # claim 1's paired test by hand: d = 60 + x − 30 > 0 in all 8 seeds, so p = 2 / 2^8; Holm over the 2 judged claims
     paired = {(r["role"], r["x"], r["y"]): r for r in csv.DictReader(open(res / "paired.csv"))}
-    c1 = paired[("claim 1", sr.ADV_FIXED, sr.OFFLINE)]
+    c1 = paired[("claim 1", claims.ADV_FIXED, claims.OFFLINE)]
     d = 30 + x
     half = 2.364624 * d.std(ddof=1) / np.sqrt(8)  # t(7, 0.975)
     assert float(c1["mean_difference"]) == pytest.approx(d.mean(), rel=1e-5) and int(c1["seeds"]) == 8
@@ -161,17 +162,17 @@ def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp
     for name in ("curves.png", "q_trajectory.png", "heatmap.png", "poi.csv"):
         assert (res / name).stat().st_size > 0
     per_seed = list(csv.DictReader(open(res / "evaluations.csv")))  # the inputs, one row per (policy, seed, condition)
-    assert len(per_seed) == len(scores) * 8 * len(sr.EVAL_CONDITIONS)
+    assert len(per_seed) == len(scores) * 8 * len(claims.EVAL_CONDITIONS)
     assert {
         float(r["normalized_mean"])
         for r in per_seed
-        if r["policy"] == sr.ADV_FIXED and r["eval_condition"] == "adversarial"
+        if r["policy"] == claims.ADV_FIXED and r["eval_condition"] == "adversarial"
     } == set(60 + x)
     assert {r["policy"] for r in csv.DictReader(open(res / "curves.csv"))} == {
-        sr.ADV_FIXED,
-        sr.ADAPTIVE,
-        sr.NORMAL_FT,
-        sr.SCRATCH,
+        claims.ADV_FIXED,
+        claims.ADAPTIVE,
+        claims.NORMAL_FT,
+        claims.SCRATCH,
     }
     # reproducible: the same inputs give the same files (at fewer resamples, which only the CIs above needed)
     sr.main(sr.Args(results_dir=str(res), reps=200))
@@ -189,8 +190,8 @@ def test_report_iqm_cis_paired_tests_and_verdicts_match_hand_computed_values(tmp
 
 
 TWO_ARMS = {  # offline-only and adversarial fine-tuning, enough for claim 1 (the scores as fake_study takes them)
-    sr.OFFLINE: ("offline", "", "", lambda s, c: 30.0 + s),
-    sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 40.0 + (s * 7) % 5),
+    claims.OFFLINE: ("offline", "", "", lambda s, c: 30.0 + s),
+    claims.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 40.0 + (s * 7) % 5),
 }
 
 
@@ -198,8 +199,8 @@ def test_seeds_rebuilds_a_first_look_once_later_chains_are_in(tmp_path):
     """--seeds: the report of a subset of seeds is the report of a study that had only those seeds (the first look of
     a study whose extension's chains sit in the same folder)."""
     scores = {
-        sr.OFFLINE: ("offline", "", "", lambda s, c: 30.0 + s),
-        sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 40.0 + (s * 7) % 5 - (30 if s > 8 else 0)),
+        claims.OFFLINE: ("offline", "", "", lambda s, c: 30.0 + s),
+        claims.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 40.0 + (s * 7) % 5 - (30 if s > 8 else 0)),
     }
     both = fake_study(tmp_path / "all", scores, seeds=tuple(range(1, 11)))
     only = fake_study(tmp_path / "first", scores, seeds=tuple(range(1, 9)))
@@ -298,7 +299,7 @@ def test_a_second_look_counts_policies_per_chain_and_costs_unlisted_chains_by_th
         json.dumps({**manifest, "study": "fake-ext", "seeds": [7, 8, 9], "policies": listed})
     )
     cost = {"stage": "finetune", "runs": 3, "mean_s": 1200.0, "min_s": 1200.0, "max_s": 1200.0, "total_s": 3600.0}
-    (ext / "stage_costs.csv").write_text(sr.to_csv([{**cost, "cpu_s": "", "resumed": 0, "untimed": 0}]))
+    (ext / "stage_costs.csv").write_text(tables.to_csv([{**cost, "cpu_s": "", "resumed": 0, "untimed": 0}]))
     (res / "chains").mkdir()
     for seed in (5, 6):  # in no manifest: the extension's first seeds, their manifest lost with their machine
         chain = {"env_id": "Hopper-v5", "seed": seed, "commit": "abc", "machine": "old-vm", "stages": 9}
@@ -324,8 +325,8 @@ def test_a_second_look_counts_policies_per_chain_and_costs_unlisted_chains_by_th
 
 def test_one_seed_judges_no_claim(tmp_path, capsys):
     scores = {
-        sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0),
-        sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 90.0),
+        claims.OFFLINE: ("offline", "", "", lambda s, c: 50.0),
+        claims.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 90.0),
     }
     res = fake_study(tmp_path, scores, seeds=(1,))
     sr.main(sr.Args(results_dir=str(res), reps=200))
@@ -343,28 +344,28 @@ def test_a_one_seed_interval_is_rliables_without_the_resampling(monkeypatch):
 
     one = {"a": np.array([[0.4, 0.9]]), "b": np.array([[0.7]])}
     pair = {"pair": (np.array([[0.2, 0.5]]), np.array([[0.3, 0.1]]))}
-    for scores, func in [(one, sr.iqm_and_mean), (pair, metrics.probability_of_improvement)]:
-        got = sr.interval(scores, func, 300, 0.9)
+    for scores, func in [(one, tables.iqm_and_mean), (pair, metrics.probability_of_improvement)]:
+        got = tables.interval(scores, func, 300, 0.9)
         point, ci = rly.get_interval_estimates(scores, func, reps=300, confidence_interval_size=0.9)
         for k in scores:
             assert np.array_equal(got[k][0], np.atleast_1d(point[k]))
             assert np.array_equal(got[k][1], np.atleast_1d(ci[k][0]))
             assert np.array_equal(got[k][2], np.atleast_1d(ci[k][1]))
     calls = []
-    counted = lambda x: calls.append(1) or sr.iqm_and_mean(x)  # noqa: E731
-    sr.interval(one, counted, 300, 0.9)
+    counted = lambda x: calls.append(1) or tables.iqm_and_mean(x)  # noqa: E731
+    tables.interval(one, counted, 300, 0.9)
     assert len(calls) == 2  # one call per array, not 300 resamples
-    sr.interval({"two runs": np.array([[0.4], [0.9]])}, counted, 300, 0.9)
+    tables.interval({"two runs": np.array([[0.4], [0.9]])}, counted, 300, 0.9)
     assert len(calls) > 300  # two runs: the bootstrap proper
 
 
 def test_report_labels_a_partial_study_and_refuses_an_empty_one(tmp_path):
     scores = {
-        sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0),
-        sr.ADAPTIVE: ("offline", "adversarial", "adaptive", lambda s, c: 55.0),
+        claims.OFFLINE: ("offline", "", "", lambda s, c: 50.0),
+        claims.ADAPTIVE: ("offline", "adversarial", "adaptive", lambda s, c: 55.0),
     }
     res = fake_study(tmp_path, scores, seeds=(1, 2))
-    os.remove(tmp_path / "runs" / f"{sr.ADAPTIVE.replace(' ', '_')}_2" / "matrix.csv")
+    os.remove(tmp_path / "runs" / f"{claims.ADAPTIVE.replace(' ', '_')}_2" / "matrix.csv")
     sr.main(sr.Args(results_dir=str(res), reps=200))
     report = (res / "report.md").read_text()
     assert "PARTIAL: 3 of 4 policies evaluated" in report
@@ -388,7 +389,7 @@ def test_the_chains_table_lists_seeds_in_numeric_order(tmp_path):
         chain = {"env_id": "Hopper-v5", "seed": seed, "commit": "a" * 40, "machine": "vm (2 cores)", "stages": 15}
         chain |= {"wall_s": 3600.0, "cpu_s": 3000.0, "finished": 1.8e9}
         (tmp_path / "chains" / f"Hopper-v5__seed{seed}.json").write_text(json.dumps(chain))
-    rows = [line for line in sr.chains_section(str(tmp_path)) if line.startswith("| Hopper-v5 |")]
+    rows = [line for line in costs.chains_section(str(tmp_path)) if line.startswith("| Hopper-v5 |")]
     assert [int(row.split("|")[2]) for row in rows] == [1, 2, 10]
 
 
@@ -584,22 +585,24 @@ def test_stage_costs_count_every_attempt_and_estimate_the_ones_an_older_driver_d
     (folder / "logs" / "finetune__Hopper-v5__1.log").write_text("\n$ python td3.py\n10%|█ | 1/10 [00:01<$ \n")
     (folder / "finetune__Hopper-v5__11.json").write_text(json.dumps({"argv": [], "wall_s": 5000.0}))
     ours = {"namespace": "ns", "commands": {f"finetune:Hopper-v5:{seed}": [] for seed in (1, 2, 3)}}
-    (cost,) = sr.stage_costs(ours, str(tmp_path), str(tmp_path))  # seed 11's stage belongs to another study
+    (cost,) = costs.stage_costs(ours, str(tmp_path), str(tmp_path))  # seed 11's stage belongs to another study
     assert (cost["runs"], cost["total_s"], cost["resumed"], cost["untimed"]) == (3, 960.0, 2, 1)
     assert cost["cpu_s"] is None  # not every marker has it
     assert cost["estimate_s"] == 600.0 + 300.0 + (600.0 + 300.0) / 2  # stage 2 at the mean of the complete ones
-    text = "\n".join(sr.costs_section([cost]))
+    text = "\n".join(costs.costs_section([cost]))
     assert "| finetune | 3 | 5.3 min | 1.0 min | 10.0 min | 0.27 h | – | 2 |" in text
     assert "1 stage(s) ran in several attempts" in text and "about 0.38 core-hours" in text
-    (tmp_path / "stage_costs.csv").write_text(sr.to_csv([cost]))  # the committed copy reads back the same
-    assert sr.stage_costs({"namespace": "elsewhere"}, str(tmp_path), str(tmp_path)) == [cost]
+    (tmp_path / "stage_costs.csv").write_text(tables.to_csv([cost]))  # the committed copy reads back the same
+    assert costs.stage_costs({"namespace": "elsewhere"}, str(tmp_path), str(tmp_path)) == [cost]
     (tmp_path / "stage_costs.csv").write_text("stage,runs,mean_s,min_s,max_s,total_s\nattack,1,5,5,5,5\n")
-    (old,) = sr.stage_costs({"namespace": "elsewhere"}, str(tmp_path), str(tmp_path))  # written by an older report
+    (old,) = costs.stage_costs({"namespace": "elsewhere"}, str(tmp_path), str(tmp_path))  # written by an older report
     assert (old["total_s"], old["cpu_s"], old["untimed"], old["estimate_s"]) == (5.0, None, 0, 5.0)
-    (tmp_path / "stage_costs.csv").write_text(sr.to_csv([{**cost, "runs": 4}]))  # the study ran on a machine now gone
-    assert sr.stage_costs(ours, str(tmp_path), str(tmp_path))[0]["runs"] == 4  # 3 markers here: the table knows more
-    (tmp_path / "stage_costs.csv").write_text(sr.to_csv([{**cost, "runs": 2}]))
-    assert sr.costs_and_source(ours, str(tmp_path), str(tmp_path)) == ([cost], True)
+    (tmp_path / "stage_costs.csv").write_text(
+        tables.to_csv([{**cost, "runs": 4}])
+    )  # the study ran on a machine now gone
+    assert costs.stage_costs(ours, str(tmp_path), str(tmp_path))[0]["runs"] == 4  # 3 markers here: the table knows more
+    (tmp_path / "stage_costs.csv").write_text(tables.to_csv([{**cost, "runs": 2}]))
+    assert costs.costs_and_source(ours, str(tmp_path), str(tmp_path)) == ([cost], True)
 
 
 def test_a_medium_dataset_below_its_target_is_refused_and_one_above_it_is_taken(tmp_path):
@@ -681,14 +684,14 @@ def test_an_impossible_grid_is_refused_up_front(bad, message, tmp_path, monkeypa
 
 def small_study(root: Path):
     scores = {
-        sr.OFFLINE: ("offline", "", "", lambda s, c: 50.0 + s),
-        sr.ADAPTIVE: ("offline", "adversarial", "adaptive", lambda s, c: 55.0 + s),
+        claims.OFFLINE: ("offline", "", "", lambda s, c: 50.0 + s),
+        claims.ADAPTIVE: ("offline", "adversarial", "adaptive", lambda s, c: 55.0 + s),
     }
     return fake_study(root, scores, seeds=(1, 2))
 
 
 def first_finetune(root: Path) -> Path:
-    return root / "runs" / f"{sr.ADAPTIVE.replace(' ', '_')}_1"
+    return root / "runs" / f"{claims.ADAPTIVE.replace(' ', '_')}_1"
 
 
 def edit(path: Path, old: str, new: str):
@@ -780,10 +783,10 @@ def test_a_cluster_that_does_not_answer_is_one_line_within_seconds(tmp_path):
 
 
 def test_a_p_below_one_in_a_thousand_is_printed_not_rounded_to_zero(tmp_path):
-    assert [sr.p_text(p) for p in (0.0123, 0.001, 2 / 2**12, 2 / 2**20)] == ["0.012", "0.001", "0.0005", "2e-06"]
+    assert [tables.p_text(p) for p in (0.0123, 0.001, 2 / 2**12, 2 / 2**20)] == ["0.012", "0.001", "0.0005", "2e-06"]
     scores = {
-        sr.OFFLINE: ("offline", "", "", lambda s, c: 30.0 + s),
-        sr.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 60.0 + s % 3),
+        claims.OFFLINE: ("offline", "", "", lambda s, c: 30.0 + s),
+        claims.ADV_FIXED: ("offline", "adversarial", "fixed", lambda s, c: 60.0 + s % 3),
     }
     res = fake_study(tmp_path, scores, seeds=tuple(range(1, 13)))
     sr.main(sr.Args(results_dir=str(res), reps=200))
@@ -799,15 +802,15 @@ def test_part_2_judges_normal_and_random_on_the_kept_policies_and_robustness_on_
     is unlucky (below offline-only's), the kept ones' are not; the kept policies' attack rows are far below the final
     policy's, and must not reach claim 1."""
     scores = {
-        sr.OFFLINE: ("offline", "", "", lambda s, c: 40.0 if c == "normal" else 10.0 + s % 3),
-        sr.ADV_FIXED: (
+        claims.OFFLINE: ("offline", "", "", lambda s, c: 40.0 if c == "normal" else 10.0 + s % 3),
+        claims.ADV_FIXED: (
             "offline",
             "adversarial",
             "fixed",
             lambda s, c: {"normal": 30.0, "random": 28.0, "adversarial": 20.0 + s % 2, "transfer": 25.0}[c],
             lambda s, c: {"normal": 60.0, "random": 55.0, "adversarial": 3.0, "transfer": 4.0}[c],
         ),
-        sr.SCRATCH: (  # no fresh attack on scratch: no adversarial rows at all
+        claims.SCRATCH: (  # no fresh attack on scratch: no adversarial rows at all
             "scratch",
             "adversarial",
             "adaptive",
@@ -818,13 +821,13 @@ def test_part_2_judges_normal_and_random_on_the_kept_policies_and_robustness_on_
     res = fake_study(tmp_path, scores, seeds=tuple(range(1, 11)))
     sr.main(sr.Args(results_dir=str(res), reps=200))
     paired = {(r["role"], r["x"], r["y"], r["endpoint"]): r for r in csv.DictReader(open(res / "paired.csv"))}
-    claim1 = paired[("claim 1", sr.ADV_FIXED, sr.OFFLINE, "robustness")]
+    claim1 = paired[("claim 1", claims.ADV_FIXED, claims.OFFLINE, "robustness")]
     robustness = [min(20.0 + s % 2, 25.0) - (10.0 + s % 3) for s in range(1, 11)]
     assert float(claim1["mean_difference"]) == pytest.approx(np.mean(robustness)) and claim1["x_higher"] == "10"
-    normal = paired[("secondary", sr.ADV_FIXED, sr.OFFLINE, "normal")]
+    normal = paired[("secondary", claims.ADV_FIXED, claims.OFFLINE, "normal")]
     assert float(normal["mean_difference"]) == pytest.approx(60.0 - 40.0)
     assert not any(e == "robustness (final)" for *_, e in paired)  # robustness is the final policy's already
-    retained = paired[("secondary", sr.ADV_FIXED, sr.OFFLINE, "retained")]
+    retained = paired[("secondary", claims.ADV_FIXED, claims.OFFLINE, "retained")]
     shares = [min(20.0 + s % 2, 25.0) / 30.0 - (10.0 + s % 3) / 40.0 for s in range(1, 11)]
     assert float(retained["mean_difference"]) == pytest.approx(np.mean(shares), abs=1e-6)
     report = (res / "report.md").read_text()
@@ -832,10 +835,10 @@ def test_part_2_judges_normal_and_random_on_the_kept_policies_and_robustness_on_
     assert "## T1b: policy × evaluation condition, Hopper-v5, averaged over the kept policies" in report
     assert "averaged over a fine-tune's kept policies" in report  # the endpoints' definitions are part 2's
     t1 = report.split("## T1: ")[1].split("## T1b")[0]
-    assert next(ln for ln in t1.splitlines() if ln.startswith(f"| {sr.SCRATCH}")).split("|")[5].strip() == "–"
+    assert next(ln for ln in t1.splitlines() if ln.startswith(f"| {claims.SCRATCH}")).split("|")[5].strip() == "–"
     evaluations = list(csv.DictReader(open(res / "evaluations.csv")))
     assert {r["eval_condition"] for r in evaluations} == set(CONDS) | {c + "@kept" for c in CONDS}
-    again = sr.load_csvs(str(res))[0]  # the committed tables judge alike
+    again = loading.load_csvs(str(res))[0]  # the committed tables judge alike
     assert {r["eval_condition"] for r in again} == set(CONDS) | {c + "@kept" for c in CONDS}
 
 
@@ -849,7 +852,7 @@ def test_a_study_is_complete_only_with_every_file_its_claims_read_and_an_extensi
     (res / "curves.csv").unlink()
     sr.main(sr.Args(results_dir=str(res), reps=200, source="csv"))
     status = next(ln for ln in (res / "report.md").read_text().splitlines() if ln.startswith("Status:"))
-    assert "PARTIAL" in status and "without their learning curve" in status and sr.ADV_FIXED in status
+    assert "PARTIAL" in status and "without their learning curve" in status and claims.ADV_FIXED in status
     with pytest.raises(sr.ReportError, match="is the study itself"):
         sr.main(sr.Args(results_dir=str(res), reps=200, source="csv", extensions=(str(res),)))
     other = fake_study(tmp_path / "other", TWO_ARMS, seeds=(9, 10))
