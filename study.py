@@ -14,91 +14,30 @@ script in its own process, exactly the command a user would type. Re-running the
     python study.py --ray-address auto ...                           # the same study on a running Ray cluster
 """
 
-import json
 import os
-import platform
-import resource
-import socket
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import tyro
 from tqdm import tqdm
 
-from robust_o2o.cli import die_with_parent
-from robust_o2o.files import write_text
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-# Stage budgets per scale. medium: a behaviour policy at D4RL's medium level (a third of the expert reference) and
-# budgets under which the fine-tuned and offline-only policies differ, sized for a 5-seed Hopper study in one sitting
-# on 2 CPU cores (docs/study.md, "What the medium scale costs").
-SCALES = {
-    "tiny": dict(
-        namespace="local-tiny",
-        collect="--levels medium --num-transitions 1000 --max-train-steps 1500 --learning-starts 500".split()
-        + "--batch-size 64 --eval-freq 500 --eval-episodes 2 --ref-episodes 3".split()
-        + "--medium-target-return 50 --max-episode-steps 100".split(),
-        pretrain="--total-steps 200 --eval-freq 100 --eval-episodes 2 --batch-size 64".split(),
-        de="--num-perturbations 1 --popsize 4 --maxiter 2 --de-episodes 2 --eval-episodes 2 --random-draws 2".split(),
-        finetune="--total-steps 300 --eval-freq 150 --eval-episodes 2 --batch-size 64".split(),
-        scratch_starts=100,
-        evaluate="--eval-episodes 2".split(),
-    ),
-    "small": dict(  # a weak "medium" (return ~200 where D4RL's Hopper medium is ~1400): exercises every stage
-        namespace="local-quick",
-        collect="--levels random medium --num-transitions 50000 --max-train-steps 40000 --learning-starts 5000".split()
-        + "--eval-freq 5000 --eval-episodes 5 --ref-episodes 20 --medium-target-return 200".split(),
-        pretrain="--total-steps 10000 --eval-freq 2500 --eval-episodes 5".split(),
-        de="--num-perturbations 3 --maxiter 10".split(),
-        finetune="--total-steps 20000 --eval-freq 5000 --eval-episodes 5".split(),
-        scratch_starts=5000,
-        evaluate="--eval-episodes 10".split(),
-    ),
-    "medium": dict(  # sized so that 5 Hopper seeds finish in one sitting (~2 hours) on 2 cores after the dataset
-        namespace="local-medium",
-        collect="--levels medium --num-transitions 200000 --max-train-steps 400000 --strict-targets".split(),
-        pretrain="--total-steps 20000 --eval-freq 5000 --eval-episodes 10".split(),
-        de="--num-perturbations 3 --maxiter 10".split(),
-        finetune="--total-steps 30000 --eval-freq 5000 --eval-episodes 10".split(),
-        scratch_starts=10000,
-        evaluate=[],
-    ),
-    "decisive": dict(  # the 100k study's budgets (docs/protocol.md §4): TD3+BC past its plateau, 100k fine-tuning
-        namespace="local-medium",  # steps, the final matrix at its defaults (30 episodes, fresh attacks with every
-        tag="decisive",  # setting of the precomputed one); the medium dataset, its own runs
-        collect="--levels medium --num-transitions 200000 --max-train-steps 400000 --strict-targets".split(),
-        pretrain="--total-steps 50000 --eval-freq 5000 --eval-episodes 10".split(),
-        de="--de-episodes 2".split(),  # K, popsize and generations at their defaults; episodes cut for cost (§6)
-        finetune="--total-steps 100000 --eval-freq 5000 --eval-episodes 10".split(),
-        scratch_starts=10000,
-        evaluate=[],
-    ),
-    "decisive2": dict(  # part 2's budgets (docs/protocol-part2.md): decisive's, plus the policies of the last 4
-        namespace="local-medium",  # evaluations kept and evaluated on held-out episodes (averaged endpoints); no
-        tag="decisive2",  # fresh attack where no endpoint reads it (scratch: claim 2 reads its learning curve)
-        collect="--levels medium --num-transitions 200000 --max-train-steps 400000 --strict-targets".split(),
-        pretrain="--total-steps 50000 --eval-freq 5000 --eval-episodes 10".split(),
-        de="--de-episodes 2".split(),
-        finetune="--total-steps 100000 --eval-freq 5000 --eval-episodes 10 --keep-checkpoints 4".split(),
-        scratch_starts=10000,
-        evaluate="--kept-episodes 10".split(),
-        scratch_evaluate=["--no-fresh-attack"],
-    ),
-    "paper": dict(
-        namespace="local",
-        collect=[],
-        pretrain="--total-steps 5000000".split(),
-        de=[],
-        finetune="--total-steps 1000000".split(),
-        scratch_starts=25000,
-        evaluate=[],
-    ),
-}
+from study_tools.grid import Stage, build_stages, run_tag
+from study_tools.running import (
+    HERE,
+    StageKilled,
+    attempts_path,
+    chain_stages,
+    export_chain,
+    is_done,
+    log_path,
+    marker_path,
+    provenance,
+    run_stage,
+    start_ray,
+    write_json_atomic,
+)
 
 
 @dataclass
@@ -155,451 +94,8 @@ class Args:
     """log every stage to Weights & Biases, grouped under the study name (honours WANDB_MODE=offline)"""
 
 
-@dataclass
-class Stage:
-    id: str
-    kind: str  # dataset, pretrain, attack, finetune, evaluate
-    script: str
-    argv: list
-    deps: list
-    env_id: str
-    seed: int | None = None
-    resume_file: str | None = None  # exists -> the stage continues with --resume
-    fresh: list = field(default_factory=list)  # flags for a fresh start
-    done_file: str | None = None  # for a dataset: exists (and resume_file does not) -> finished outside the study
-    gpu: bool = False
-    policy: dict | None = None  # evaluate stages: what the report needs to know of the policy
-    ns: str = ""  # the scale's Minari namespace: markers and logs live in runs/_study/{ns}/
-
-
-def env_short(env_id: str) -> str:
-    return env_id.split("-")[0].lower()
-
-
-def namespace(args: Args) -> str:
-    """The scale's Minari namespace; a behaviour seed other than 1 gets its own datasets (suffix -b{seed})."""
-    ns = SCALES[args.scale]["namespace"]
-    return ns if args.behaviour_seed == 1 else f"{ns}-b{args.behaviour_seed}"
-
-
-def run_tag(args: Args) -> str:
-    """What names the study's runs and markers: the dataset namespace, plus the scale's tag where two scales share
-    one dataset (decisive reuses medium's) so that their runs never collide."""
-    tag = SCALES[args.scale].get("tag")
-    return namespace(args) + (f"-{tag}" if tag else "")
-
-
-def build_stages(args: Args, store: str) -> list:
-    """The DAG in an order that finishes one (env, seed) chain before the next where the CPUs allow."""
-    sc, ns, tag = SCALES[args.scale], namespace(args), run_tag(args)
-    gpu = ["--cuda"] if args.cuda else ["--no-cuda"]
-    track = ["--track"] if args.track else []
-    workers = ["--num-workers", str(args.cpus_per_task)]
-    stages = []
-    for env_id in args.env_ids:
-        dataset = f"{ns}/{env_short(env_id)}/medium-v0"
-        ds = Stage(
-            f"dataset:{env_id}",
-            "dataset",
-            "collect_dataset.py",
-            ["--env-id", env_id, "--namespace", ns, "--seed", str(args.behaviour_seed), *sc["collect"], *gpu],
-            [],
-            env_id,
-            resume_file=f"runs/collect_dataset__{ns}-{env_short(env_id)}-v0/state.pt",
-            fresh=["--overwrite"],
-            done_file=os.path.join(store, dataset),
-        )
-        stages.append(ds)
-        for seed in args.seeds:
-            run = f"runs/{tag}-{env_short(env_id)}-medium-v0__td3_bc_offline__{seed}"
-            ckpt, npz = f"{run}/checkpoint.pt", f"{run}/perturbations.npz"
-            pre = Stage(
-                f"pretrain:{env_id}:{seed}",
-                "pretrain",
-                "td3_bc_offline.py",
-                ["--dataset-id", dataset, "--seed", str(seed), "--run-name", run[5:], *sc["pretrain"], *gpu, *track],
-                [ds.id],
-                env_id,
-                seed,
-                resume_file=ckpt,
-                fresh=["--overwrite"],
-                gpu=args.cuda,
-            )
-            att = Stage(
-                f"attack:{env_id}:{seed}",
-                "attack",
-                "de_perturbations.py",
-                [
-                    "--checkpoint",
-                    ckpt,
-                    "--output",
-                    npz,
-                    "--epsilon",
-                    str(args.epsilon),
-                    "--seed",
-                    str(seed),
-                    *sc["de"],
-                    *workers,
-                    *track,
-                ],
-                [pre.id],
-                env_id,
-                seed,
-                resume_file=npz + ".state.npz",
-                fresh=["--overwrite"] if args.overwrite else [],  # else an existing set is refused, never replaced
-            )
-            stages += [pre, att]
-            policies = [(pre, run, {"init": "offline", "finetune_condition": "", "curriculum": ""})]
-            specs = [("offline", c, "fixed") for c in args.finetune_conditions]
-            specs += [
-                ("offline", "adversarial", c) for c in args.curricula if ("offline", "adversarial", c) not in specs
-            ]
-            if args.scratch:
-                specs.append(("scratch", "adversarial", "adaptive"))
-            for init, cond, curr in specs:
-                name = f"{tag}-{env_id}__td3_adv_finetune__{init}-{cond}-{curr}__{seed}"
-                extra = ["--learning-starts", str(sc["scratch_starts"])] if init == "scratch" else []
-                extra += ["--q", str(args.q)] if curr == "fixed" else []
-                ft = Stage(
-                    f"finetune:{env_id}:{seed}:{init}-{cond}-{curr}",
-                    "finetune",
-                    "td3_adv_finetune.py",
-                    [
-                        "--checkpoint",
-                        ckpt,
-                        "--perturbations",
-                        npz,
-                        "--seed",
-                        str(seed),
-                        "--run-name",
-                        name,
-                        "--init",
-                        init,
-                        "--finetune-condition",
-                        cond,
-                        "--curriculum",
-                        curr,
-                        *sc["finetune"],
-                        *extra,
-                        *gpu,
-                        *track,
-                    ],
-                    [att.id],
-                    env_id,
-                    seed,
-                    resume_file=f"runs/{name}/state.pt",
-                    fresh=["--overwrite"],
-                    gpu=args.cuda,
-                )
-                stages.append(ft)
-                policies.append((ft, f"runs/{name}", {"init": init, "finetune_condition": cond, "curriculum": curr}))
-            for st, run_dir, info in policies:
-                out = f"runs/{tag}-study-eval/{os.path.basename(run_dir)}"
-                stages.append(
-                    Stage(
-                        f"evaluate:{st.id}",
-                        "evaluate",
-                        "evaluate_matrix.py",
-                        [
-                            "--checkpoints",
-                            f"{run_dir}/checkpoint.pt",
-                            "--output-dir",
-                            out,
-                            *sc["evaluate"],
-                            *(sc.get("scratch_evaluate", []) if info["init"] == "scratch" else []),
-                            *workers,
-                        ],
-                        [st.id, att.id],
-                        env_id,
-                        seed,
-                        policy={
-                            "env_id": env_id,
-                            "seed": seed,
-                            "run_dir": run_dir,
-                            "stage": st.kind,
-                            "matrix": f"{out}/matrix.csv",
-                            **info,
-                        },
-                    )
-                )
-    for s in stages:
-        s.ns = tag
-    return stages
-
-
-# Running one stage (inside a Ray worker)
-class StageKilled(Exception):
-    """The stage's process died by a signal (out of memory, a killed node): Ray retries the task, which resumes."""
-
-
-HEARTBEAT_S = 30.0  # how often a running stage's time so far is saved: a killed attempt loses at most this much
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a live process and of the children it has reaped (Linux /proc), else None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # after the command name: field 3 (state) onwards
-    except OSError:
-        return None
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime, stime, cutime, cstime
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def attempts_path(log_path: str) -> str:
-    return os.path.splitext(log_path)[0] + ".attempts.json"
-
-
-def run_stage(
-    cmd: list, resume_file: str | None, fresh: list, cwd: str, env: dict, log_path: str, heartbeat_s=HEARTBEAT_S
-) -> dict:
-    """Run one stage command to completion: --resume where it left resume state, else its fresh-start flags.
-
-    Every attempt's wall and CPU time is kept in {log}.attempts.json, saved every heartbeat_s while it runs, so an
-    attempt killed with its session (its resume state continues it later) still counts in what the stage cost."""
-    flags = ["--resume"] if resume_file and os.path.exists(os.path.join(cwd, resume_file)) else fresh
-    if cmd[1].endswith("collect_dataset.py") and flags == ["--resume"]:
-        flags = ["--resume", "--overwrite"]
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    attempts = []  # this stage's earlier attempts, killed with their sessions
-    if os.path.exists(attempts_path(log_path)):
-        with open(attempts_path(log_path)) as f:
-            attempts = json.load(f)
-    attempt = {"started": time.time(), "flags": flags, "wall_s": 0.0, "cpu_s": 0.0}
-    attempts.append(attempt)
-    cpu_before = children_cpu_seconds()
-    with open(log_path, "a") as log:
-        log.write(f"\n$ {' '.join(cmd + flags)}\n")
-        log.flush()
-        proc = subprocess.Popen(
-            cmd + flags,
-            cwd=cwd,
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,  # no orphan outlives a killed study
-        )
-        while True:
-            try:
-                proc.wait(timeout=heartbeat_s)
-                break
-            except subprocess.TimeoutExpired:
-                attempt["wall_s"] = time.time() - attempt["started"]
-                attempt["cpu_s"] = cpu_seconds(proc.pid) or attempt["cpu_s"]
-                write_json_atomic(attempts_path(log_path), attempts)
-    attempt["wall_s"] = time.time() - attempt["started"]
-    attempt["cpu_s"] = children_cpu_seconds() - cpu_before
-    write_json_atomic(attempts_path(log_path), attempts)
-    if proc.returncode < 0:
-        raise StageKilled(f"{' '.join(cmd)} was killed by signal {-proc.returncode}")
-    with open(log_path, errors="replace") as f:
-        lines = [ln.strip() for ln in f.read().splitlines()[-200:] if ln.strip()]
-    error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "no output")
-    return {
-        "returncode": proc.returncode,
-        "wall_s": sum(a["wall_s"] for a in attempts),
-        "cpu_s": sum(a["cpu_s"] for a in attempts),
-        "attempts": attempts,
-        "flags": flags,
-        "error": None if proc.returncode == 0 else error,
-    }
-
-
-# The driver
-def marker_path(stage: Stage) -> str:
-    return os.path.join("runs", "_study", stage.ns, stage.id.replace(":", "__") + ".json")
-
-
-def log_path(stage: Stage) -> str:
-    return os.path.join("runs", "_study", stage.ns, "logs", stage.id.replace(":", "__") + ".log")
-
-
-def _json_or_raw(v):
-    """Minari keeps its own metadata as plain values and ours JSON-encoded (collect_dataset.py)."""
-    try:
-        return json.loads(v) if isinstance(v, str) else v
-    except json.JSONDecodeError:
-        return v
-
-
-def is_done(stage: Stage, cmd: list) -> bool:
-    """Finished before: the study's marker with the same command, or a dataset in the store with no resume state."""
-    path = marker_path(stage)
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                saved = json.load(f)["argv"]
-        except (OSError, ValueError, KeyError, TypeError) as e:  # a 0-byte or torn marker (a disk that filled)
-            raise SystemExit(
-                f"error: the marker of finished stage {stage.id} ({path}) is damaged ({type(e).__name__}); delete it "
-                f"to run that stage again (its resume state, if any, continues it)"
-            ) from None
-        if saved != cmd[1:]:
-            raise SystemExit(
-                f"error: stage {stage.id} finished earlier with other arguments ({marker_path(stage)}); "
-                f"pass --overwrite to redo it, or give this study another --scale or --results-dir"
-            )
-        return True
-    if not (stage.done_file and os.path.isdir(stage.done_file) and not os.path.exists(stage.resume_file)):
-        return False
-    if "--strict-targets" in stage.argv:  # never take a weak policy's data for medium, whoever made it
-        with open(os.path.join(stage.done_file, "data", "metadata.json")) as f:
-            meta = {k: _json_or_raw(v) for k, v in json.load(f).items()}
-        target = meta.get("target_return") or meta["collect_args"].get("medium_target_return")
-        if target is None:
-            from collect_dataset import EXPERT_RETURN
-
-            target = EXPERT_RETURN[stage.env_id.split("-")[0]] / 3
-        if meta["policy_eval_return"] < target:
-            raise SystemExit(
-                f"error: {stage.done_file} was collected by a policy with return {meta['policy_eval_return']:.1f}, "
-                f"below the medium target {target:.1f}; delete it, or pass another --behaviour-seed"
-            )
-    return True
-
-
-def provenance() -> dict:
-    """What produced a chain: this code's git commit (+dirty if it has uncommitted changes) and the machine."""
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", "-C", HERE, *a], capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-
-    cpu = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    commit = git("rev-parse", "HEAD") or "unknown"
-    return {
-        "commit": commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
-        "machine": f"{platform.node()} ({cpu or platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores)",
-    }
-
-
-def chain_stages(stages: list, env_id: str, seed: int) -> list:
-    """The stages of one (env, seed) chain: TD3+BC, DE, the fine-tunes and every policy's evaluation."""
-    return [s for s in stages if s.env_id == env_id and s.seed == seed]
-
-
-def export_chain(results_dir: str, env_id: str, seed: int, stages: list, cwd: str):
-    """A finished (env, seed) chain's per-seed rows into {results_dir}/chains/: its evaluations and fine-tuning curves
-    (the report's inputs) and its provenance (commit, machine, wall time of its stages), so that the chain can be
-    committed as soon as it finishes and the report built from committed files alone."""
-    from study_tools.loading import ReportError, load_runs
-    from study_tools.tables import per_seed_tables
-
-    mine = chain_stages(stages, env_id, seed)
-    try:
-        rows, curves, missing = load_runs({"policies": [s.policy for s in mine if s.policy]}, cwd)
-    except ReportError as e:  # a damaged matrix.csv or log: its stage must run again
-        raise SystemExit(f"error: chain {env_id} seed {seed} cannot be exported: {e}") from None
-    if missing:
-        return
-    base = os.path.join(results_dir, "chains", f"{env_id}__seed{seed}")
-    os.makedirs(os.path.dirname(base), exist_ok=True)
-    evaluations, curve_table = per_seed_tables(rows, curves)
-    write_text(f"{base}__evaluations.csv", evaluations)
-    write_text(f"{base}__curves.csv", curve_table)
-    markers = [json.load(open(marker_path(s))) for s in mine if os.path.exists(marker_path(s))]
-    write_json_atomic(
-        f"{base}.json",
-        {
-            "env_id": env_id,
-            "seed": seed,
-            **provenance(),
-            "wall_s": sum(m["wall_s"] for m in markers),
-            "cpu_s": sum(m["cpu_s"] for m in markers) if all("cpu_s" in m for m in markers) else None,
-            "stages": len(markers),
-            "started": min(m["started"] for m in markers),
-            "finished": max(m["finished"] for m in markers),
-        },
-    )
-
-
-def write_json_atomic(path: str, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-CONNECT_TIMEOUT_S = 10  # a cluster address that does not accept a connection within this is refused
-
-
-def start_ray(args: Args):
-    """A private Ray on this machine (address "local": never a head that happens to run here, such as a user's own
-    `ray start --head`), or the cluster at --ray-address, which must answer within CONNECT_TIMEOUT_S. Ray 2.60's heads
-    require a token by default: a driver that has one (RAY_AUTH_TOKEN, or ~/.ray/auth_token as `ray start` writes it)
-    sends it."""
-    if args.ray_address:  # read when ray is imported, so set first
-        has_token = os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(os.path.expanduser("~/.ray/auth_token"))
-        if has_token and "RAY_AUTH_MODE" not in os.environ:
-            os.environ["RAY_AUTH_MODE"] = "token"
-    import ray
-
-    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=False)
-    if not args.ray_address:
-        ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=100 * 1024**2, **quiet)
-        return ray
-    if args.ray_address != "auto":
-        host, _, port = args.ray_address.removeprefix("ray://").rpartition(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-        except (OSError, ValueError) as e:
-            raise SystemExit(
-                f"error: nothing answers at --ray-address {args.ray_address} within {CONNECT_TIMEOUT_S} s "
-                f"({type(e).__name__}); start the head there (`ray start --head --port PORT`) or fix the address "
-                f"(HOST:PORT, or auto for a head on this machine)"
-            ) from None
-    stderr, sink = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(sink, 2)  # Ray's C++ client logs each failed attempt (about 20) straight to fd 2: one line below instead
-    joined = {}
-    joining = threading.Thread(target=lambda: joined.update(error=join_ray(ray, args.ray_address, quiet)), daemon=True)
-    joining.start()
-    joining.join(args.ray_timeout)
-    if joining.is_alive():  # a live TCP service that is not Ray: ray.init would wait forever; nothing was written yet
-        os.dup2(stderr, 2)
-        sys.stderr.write(
-            f"error: {args.ray_address} accepts connections but did not answer as a Ray cluster within "
-            f"{args.ray_timeout:g} s; check the address (the head's GCS port, default 6379), or raise --ray-timeout\n"
-        )
-        sys.stderr.flush()
-        os._exit(1)  # the joining thread cannot be stopped, and Ray's exit handlers would wait on it
-    try:
-        if joined["error"] is not None:
-            raise joined["error"]
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise SystemExit(
-            f"error: could not join the Ray cluster at {args.ray_address} ({first}); if it uses token authentication "
-            f"(Ray's default), give this machine the head's token (`ray get-auth-token` there; RAY_AUTH_TOKEN or "
-            f"~/.ray/auth_token here)"
-        ) from None
-    finally:
-        os.dup2(stderr, 2)
-        os.close(stderr)
-        os.close(sink)
-    return ray
-
-
-def join_ray(ray, address: str, quiet: dict) -> Exception | None:
-    """ray.init(address): None once joined, else the exception it raised."""
-    try:
-        ray.init(address=address, **quiet)
-    except Exception as e:  # noqa: BLE001 (start_ray names it in one line)
-        return e
-    return None
-
-
-def main(args: Args) -> int:
+def check_args(args: Args) -> tuple:
+    """Refuse settings no study can run with, before anything starts. -> (results folder, study name)"""
     if not args.seeds or not args.env_ids:
         raise SystemExit("error: --seeds and --env-ids need at least one value each")
     if not 0 < args.epsilon <= 1 or not 0 <= args.q <= 1 or args.cpus_per_task < 1 or args.max_retries < 0:
@@ -621,17 +117,12 @@ def main(args: Args) -> int:
     results_dir = args.results_dir or f"results/study-{args.scale}"
     if os.path.exists(results_dir) and not os.path.isdir(results_dir):
         raise SystemExit(f"error: --results-dir {results_dir} is a file; pass a folder for the report")
-    name = args.study_name or os.path.basename(os.path.normpath(results_dir))
-    cwd = os.getcwd()
-    store = os.environ.get("MINARI_DATASETS_PATH") or os.path.expanduser("~/.minari/datasets")
-    stages = build_stages(args, store)
-    by_id = {s.id: s for s in stages}
-    cmds = {s.id: [sys.executable, os.path.join(HERE, s.script), *s.argv] for s in stages}
-    if args.dry_run:
-        for s in stages:
-            print(f"{s.id}  <-  {', '.join(s.deps) or '-'}\n    {' '.join(cmds[s.id][1:])}")
-        return 0
-    manifest = {
+    return results_dir, args.study_name or os.path.basename(os.path.normpath(results_dir))
+
+
+def study_manifest(args: Args, name: str, stages: list, cmds: dict, cwd: str) -> dict:
+    """study.json: the grid, every policy and command, and where and at which commit the driver ran."""
+    return {
         "study": name,
         "scale": args.scale,
         "env_ids": list(args.env_ids),
@@ -645,14 +136,10 @@ def main(args: Args) -> int:
         "commands": {s.id: cmds[s.id][1:] for s in stages},
     }
 
-    ray = start_ray(args)  # before anything is written or removed: a cluster that does not answer leaves no trace
-    done = set() if args.overwrite else {s.id for s in stages if is_done(s, cmds[s.id])}
-    if args.overwrite:
-        for s in stages:
-            for path in (marker_path(s), attempts_path(log_path(s))):
-                if os.path.exists(path):
-                    os.remove(path)
 
+def stage_env(args: Args, name: str) -> dict:
+    """Each stage's environment: its threads set to the CPUs Ray gives it (two torch processes on the same cores
+    thrash otherwise), unbuffered output, one W&B group per study."""
     env = {
         "OMP_NUM_THREADS": str(args.cpus_per_task),
         "MKL_NUM_THREADS": str(args.cpus_per_task),
@@ -661,13 +148,53 @@ def main(args: Args) -> int:
     }
     if "MINARI_DATASETS_PATH" in os.environ:
         env["MINARI_DATASETS_PATH"] = os.environ["MINARI_DATASETS_PATH"]
+    return env
+
+
+def forget_markers(stages: list):
+    """--overwrite: every stage runs again, so no marker or attempt count of an earlier run stays."""
+    for s in stages:
+        for path in (marker_path(s), attempts_path(log_path(s))):
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def export_unexported_chains(stages: list, done: set, results_dir: str, cwd: str):
+    """Chains finished by a driver that was stopped before exporting them."""
     for env_id, seed in sorted({(s.env_id, s.seed) for s in stages if s.seed is not None}):
         if all(s.id in done for s in chain_stages(stages, env_id, seed)) and not os.path.exists(
             os.path.join(results_dir, "chains", f"{env_id}__seed{seed}.json")
         ):
-            # finished by a driver that was stopped before exporting
             export_chain(results_dir, env_id, seed, stages, cwd)
-    write_json_atomic(os.path.join(results_dir, "study.json"), manifest)  # before any stage: a partial study reports
+
+
+def finished(s: Stage, res: dict, cmds: dict, done: set, stages: list, results_dir: str, cwd: str):
+    """A stage that succeeded: its marker (what ran, its cost, every attempt), and its chain's rows once the chain is
+    complete."""
+    done.add(s.id)
+    write_json_atomic(
+        marker_path(s),
+        {
+            "argv": cmds[s.id][1:],
+            "flags": res["flags"],
+            "wall_s": res["wall_s"],  # all attempts, with those killed earlier
+            "cpu_s": res["cpu_s"],
+            "attempts": res["attempts"],
+            "started": res["attempts"][0]["started"],
+            "finished": time.time(),
+        },
+    )
+    attempts = len(res["attempts"])
+    tqdm.write(f"done    {s.id}  ({res['wall_s']:.1f} s{f', {attempts} attempts' if attempts > 1 else ''})")
+    if s.kind == "evaluate" and all(c.id in done for c in chain_stages(stages, s.env_id, s.seed)):
+        export_chain(results_dir, s.env_id, s.seed, stages, cwd)
+        tqdm.write(f"chain   {s.env_id} seed {s.seed} finished: its rows are in {results_dir}/chains/")
+
+
+def run_dag(ray, args: Args, stages: list, cmds: dict, done: set, env: dict, where: tuple) -> tuple:
+    """Every stage not done, as a Ray task once its inputs are, as many at a time as the CPUs allow; a stage
+    downstream of a failure is skipped. -> (failed: {stage id: error}, skipped stage ids)"""
+    name, results_dir, cwd = where
     remote = ray.remote(run_stage)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // args.cpus_per_task))
     failed, skipped, running = {}, set(), {}
@@ -699,42 +226,45 @@ def main(args: Args) -> int:
         status()
         if not running:
             continue
-        finished, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
-        for ref in finished:
+        ended, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
+        for ref in ended:
             s, t0 = running.pop(ref)
             try:
                 res = ray.get(ref)
             except Exception as e:  # the worker died more than --max-retries times
-                res = {
-                    "returncode": -1,
-                    "wall_s": time.time() - t0,
-                    "error": f"{type(e).__name__}: {str(e).splitlines()[0]}",
-                }
+                error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                res = {"returncode": -1, "wall_s": time.time() - t0, "error": error}
             bar.update(1)
             if res["returncode"] == 0:
-                done.add(s.id)
-                write_json_atomic(
-                    marker_path(s),
-                    {
-                        "argv": cmds[s.id][1:],
-                        "flags": res["flags"],
-                        "wall_s": res["wall_s"],  # all attempts, with those killed earlier
-                        "cpu_s": res["cpu_s"],
-                        "attempts": res["attempts"],
-                        "started": res["attempts"][0]["started"],
-                        "finished": time.time(),
-                    },
-                )
-                attempts = len(res["attempts"])
-                tqdm.write(f"done    {s.id}  ({res['wall_s']:.1f} s{f', {attempts} attempts' if attempts > 1 else ''})")
-                if s.kind == "evaluate" and all(c.id in done for c in chain_stages(stages, s.env_id, s.seed)):
-                    export_chain(results_dir, s.env_id, s.seed, stages, cwd)
-                    tqdm.write(f"chain   {s.env_id} seed {s.seed} finished: its rows are in {results_dir}/chains/")
+                finished(s, res, cmds, done, stages, results_dir, cwd)
             else:
                 failed[s.id] = res["error"]
                 tqdm.write(f"FAILED  {s.id}  ({res['wall_s']:.1f} s): {res['error']}")
         status()
     bar.close()
+    return failed, skipped
+
+
+def main(args: Args) -> int:
+    results_dir, name = check_args(args)
+    cwd = os.getcwd()
+    store = os.environ.get("MINARI_DATASETS_PATH") or os.path.expanduser("~/.minari/datasets")
+    stages = build_stages(args, store)
+    by_id = {s.id: s for s in stages}
+    cmds = {s.id: [sys.executable, os.path.join(HERE, s.script), *s.argv] for s in stages}
+    if args.dry_run:
+        for s in stages:
+            print(f"{s.id}  <-  {', '.join(s.deps) or '-'}\n    {' '.join(cmds[s.id][1:])}")
+        return 0
+    manifest = study_manifest(args, name, stages, cmds, cwd)
+
+    ray = start_ray(args)  # before anything is written or removed: a cluster that does not answer leaves no trace
+    done = set() if args.overwrite else {s.id for s in stages if is_done(s, cmds[s.id])}
+    if args.overwrite:
+        forget_markers(stages)
+    export_unexported_chains(stages, done, results_dir, cwd)
+    write_json_atomic(os.path.join(results_dir, "study.json"), manifest)  # before any stage: a partial study reports
+    failed, skipped = run_dag(ray, args, stages, cmds, done, stage_env(args, name), (name, results_dir, cwd))
     ray.shutdown()
 
     print(f"study {name}: {len(done)} of {len(stages)} stages done, {len(failed)} failed, {len(skipped)} skipped")

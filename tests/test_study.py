@@ -631,9 +631,9 @@ def test_a_medium_dataset_below_its_target_is_refused_and_one_above_it_is_taken(
 
 def test_the_decisive_scale_is_the_protocol_s_budgets():
     """docs/protocol.md §4 in force: a change to these budgets is an amendment there first."""
-    import study
+    from study_tools import grid
 
-    sc = study.SCALES["decisive"]
+    sc = grid.SCALES["decisive"]
 
     def flag(stage, name):
         return sc[stage][sc[stage].index(name) + 1]
@@ -647,9 +647,9 @@ def test_the_decisive_scale_is_the_protocol_s_budgets():
 def test_the_decisive2_scale_is_part_1_s_budgets_with_kept_policies_and_no_unread_attack():
     """docs/protocol-part2.md §4: part 1's budgets, plus the last 4 evaluations' policies kept by every fine-tune and
     evaluated on 10 held-out episodes each, and no fresh attack on the scratch arm (no endpoint reads it)."""
-    import study
+    from study_tools import grid
 
-    one, two = study.SCALES["decisive"], study.SCALES["decisive2"]
+    one, two = grid.SCALES["decisive"], grid.SCALES["decisive2"]
     assert {k: two[k] for k in ("namespace", "collect", "pretrain", "de", "scratch_starts")} == {
         k: one[k] for k in ("namespace", "collect", "pretrain", "de", "scratch_starts")
     }
