@@ -344,6 +344,7 @@ def checkpoint_header(args: Args, env: gym.Env, obs_mean, obs_std, ref_min, ref_
 
 
 def main(args: Args):
+    # TRY NOT TO MODIFY: the inputs, checked; the run folder; seeding and the device
     check_ranges(args)  # each field's range is declared next to it in Args
     setup_fast_path(args)
     env_id, env, transitions, ref_min, ref_max = load_data(args)
@@ -370,7 +371,7 @@ def main(args: Args):
     update_critic, update_actor = make_update(**modules, sample_batch=sample_batch, args=args)
     header = checkpoint_header(args, env, obs_mean, obs_std, ref_min, ref_max)
 
-    def save(step: int, eval_return: float, eval_score):  # the checkpoint is also what resuming needs
+    def save(step: int, eval_return: float, eval_score):  # TRY NOT TO MODIFY: the checkpoint, also the resume state
         results = {"step": step, "eval_return": eval_return, "eval_normalized_score": eval_score}
         resume = {**run.resume_state(), "q_loss_sum": q_loss_sum.cpu()}  # the open loss window too
         save_checkpoint(
