@@ -96,13 +96,13 @@ def test_fork_1_a_cosine_schedule_for_q_runs_through_fine_tuning_and_the_matrix(
 
 OBSERVATIONS = [  # the perturbation section: δ is added to the observation the policy sees; actions run as chosen
     (
-        "# what δ perturbs and how, declared once:",
+        "# what δ perturbs and how:",
         "def perturb_observation(obs: np.ndarray, delta: np.ndarray, low, high, perturbation_model: str):\n"
         '    """The observation the policy sees, s + δ, row-wise on batches [..., No]."""\n'
         '    if perturbation_model != "additive":\n'
         '        raise ValueError(f"unknown perturbation model {perturbation_model!r}")\n'
         "    return (obs + delta).astype(obs.dtype, copy=False)\n\n\n"
-        "# what δ perturbs and how, declared once:",
+        "# what δ perturbs and how:",
     ),
     (
         'PERTURBATION = Perturbation(target="action", models=PERTURBATION_MODELS, apply=perturb_action)',

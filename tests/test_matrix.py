@@ -413,7 +413,8 @@ def test_kept_policies_are_evaluated_and_pooled_and_no_fresh_attack_leaves_its_c
     conditions["transfer"] = ref["perturbations"]
     expected = {c: [] for c in conditions}
     for name in kept:
-        returns = em.evaluate_policy(de.load_checkpoint(str(ft1 / name)), conditions, 2, em.EVAL_SEED, "multiplicative")
+        policy = de.load_checkpoint(str(ft1 / name))
+        returns = em.evaluate_policy(policy, conditions, 2, em.EVAL_SEED, "multiplicative", em.PERTURBATION)
         for c in conditions:
             expected[c] += list(returns[c])
     for c in conditions:
