@@ -51,7 +51,15 @@ from study_tools.costs import (
     unlisted_chains,
 )
 from study_tools.curves import curricula_section, efficiency_section, poi, poi_reps
-from study_tools.loading import ReportError, csv_inputs, evaluated, load, missing_curves, seed_ranges
+from study_tools.loading import (
+    ReportError,
+    csv_inputs,
+    evaluated,
+    load,
+    missing_curves,
+    plain_td3_reference,
+    seed_ranges,
+)
 from study_tools.plots import plot_curves, plot_heatmap
 from study_tools.tables import (
     attack_budgets,
@@ -62,6 +70,7 @@ from study_tools.tables import (
     matrix_section,
     paired_section,
     per_seed_tables,
+    reference_section,
     score_table,
     to_csv,
 )
@@ -270,6 +279,7 @@ def main(args: Args):
     judged = judge(values, envs, C, args.alpha, first_look)
 
     out = header(args, manifest, status, source, out_dir) + claims_section(judged, C, args.alpha, args.first_look_seeds)
+    out += reference_section(plain_td3_reference(args.results_dir), values, envs)
     section, paired_rows = paired_section(values, envs, C, args.alpha)
     out += section
     section, csv_rows = matrix_section(groups, policies, est, R, C, attack_budgets(rows, manifest))

@@ -228,3 +228,18 @@ def seed_ranges(seeds) -> str:
         else:
             runs.append([s, s])
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def plain_td3_reference(results_dir: str) -> list:
+    """The plain-TD3 runs beside claim 2 (benchmarks/plain_td3_reference.py writes plain_td3_reference.csv), or []."""
+    path = os.path.join(results_dir, "plain_td3_reference.csv")
+    if not os.path.isfile(path):
+        return []
+    try:
+        rows = list(csv.DictReader(open(path)))
+        return [
+            {**r, "seed": int(r["seed"]), **{k: float(r[k]) for k in ("online_auc", "final_normalized")}} for r in rows
+        ]
+    except (KeyError, ValueError) as e:
+        fix = "write it again with benchmarks/plain_td3_reference.py"
+        raise ReportError(f"{path} is malformed ({type(e).__name__}: {e}); {fix}") from None

@@ -794,6 +794,32 @@ def test_a_p_below_one_in_a_thousand_is_printed_not_rounded_to_zero(tmp_path):
     assert "p = 0.0005, X higher in 12 of 12 seeds" in report and "sign-flip p 0.0005 |" in report
 
 
+def test_the_report_names_what_a_plain_td3_reaches_beside_claim_2_when_the_study_has_the_runs(tmp_path):
+    """plain_td3_reference.csv (benchmarks/plain_td3_reference.py) in the results folder: one descriptive paragraph
+    after the claims, with each run's online AUC and final score and the scratch arm's mean AUC; without the file the
+    report has no such paragraph; a malformed file is one line."""
+    scores = {
+        sr.OFFLINE: ("offline", "", "", lambda s, c: 30.0),
+        sr.SCRATCH: ("scratch", "adversarial", "adaptive", lambda s, c: 10.0 + s),
+    }
+    res = fake_study(tmp_path, scores, seeds=(1, 2))
+    sr.main(sr.Args(results_dir=str(res), reps=200))
+    assert "plain TD3" not in (res / "report.md").read_text()
+    header = "env_id,seed,total_steps,learning_starts,online_auc,final_normalized,final_return,run\n"
+    rows = "Hopper-v5,1,100000,10000,17.88,34.56,4012.0,ref1\nHopper-v5,2,100000,10000,19.49,41.98,4932.6,ref2\n"
+    (res / "plain_td3_reference.csv").write_text(header + rows)
+    sr.main(sr.Args(results_dir=str(res), reps=200))
+    report = (res / "report.md").read_text()
+    paragraph = next(p for p in report.split("\n\n") if "A plain TD3 at the same budget (Hopper-v5" in p)
+    assert "seed 1: 17.9 (final 34.6), seed 2: 19.5 (final 42.0)" in paragraph and "100,000 steps" in paragraph
+    scratch_auc = [r for r in csv.DictReader(open(res / "curves.csv")) if r["policy"] == sr.SCRATCH]
+    assert "the scratch arm's" in paragraph and scratch_auc
+    assert report.index("A plain TD3") < report.index("## Paired differences")
+    (res / "plain_td3_reference.csv").write_text(header + "Hopper-v5,one,100000,10000,1,2,3,ref\n")
+    with pytest.raises(sr.ReportError, match="plain_td3_reference.csv is malformed"):
+        sr.main(sr.Args(results_dir=str(res), reps=200))
+
+
 def test_part_2_judges_normal_and_random_on_the_kept_policies_and_robustness_on_the_final_one(tmp_path):
     """Where the matrices hold `{condition}@kept` rows (part 2, docs/protocol-part2.md §2a), normal and random average
     the fine-tune's kept policies; robustness stays the final policy's (its fresh attack was found against it alone,
