@@ -32,7 +32,7 @@ from robust_o2o.envs import route_mujoco_warnings
 from robust_o2o.evaluation import MAX_LOCKSTEP_ENVS, rollout_batch
 from robust_o2o.files import read_npz, save_npz, sha256_file
 from robust_o2o.formats import PERTURBATION_FORMAT, default_checkpoint, load_checkpoint
-from robust_o2o.perturbation import Perturbation, from_script
+from robust_o2o.perturbation import Perturbation, chosen
 from robust_o2o.plots import save_figure
 from robust_o2o.runs import check_resume_args
 
@@ -161,11 +161,6 @@ def perturb_action(action: np.ndarray, delta: np.ndarray, low, high, perturbatio
 PERTURBATION = Perturbation(target="action", models=PERTURBATION_MODELS, apply=perturb_action)
 
 
-def script_perturbation(perturbation_from: str | None) -> Perturbation:
-    """This script's PERTURBATION, or the one the fork named by --perturbation-from declares."""
-    return PERTURBATION if perturbation_from is None else from_script(perturbation_from)
-
-
 # ALGO LOGIC: one DE run, the paper's adversary
 class DERun(NamedTuple):
     delta: np.ndarray  # the best δ found [Na]
@@ -218,7 +213,7 @@ def _init_worker(ckpt_small: dict, env_id: str, max_episode_steps, perturbation_
     route_mujoco_warnings()  # a worker process makes its envs without make_env
     _WORKER.update(actor=actor_from_checkpoint(ckpt_small), obs_stats=(ckpt_small["obs_mean"], ckpt_small["obs_std"]))
     _WORKER.update(env_spec=(env_id, max_episode_steps), perturbation_model=perturbation_model, envs=[])
-    _WORKER.update(perturbation=script_perturbation(perturbation_from))  # a worker imports the fork itself
+    _WORKER.update(perturbation=chosen(PERTURBATION, perturbation_from))  # a worker imports the fork itself
 
 
 def _worker_rollout(deltas: np.ndarray, seeds: np.ndarray):
@@ -316,7 +311,7 @@ def check_args(args: Args):
             f"--epsilon must be in (0, 1) for the multiplicative model (got {args.epsilon}): δ = −1 would "
             f"switch an actuator off and δ < −1 reverse it; use 0.3 or 0.5 as the paper does"
         )
-    models = script_perturbation(args.perturbation_from).models
+    models = chosen(PERTURBATION, args.perturbation_from).models
     if args.perturbation_model not in models:
         raise UserError(f"--perturbation-model must be one of {', '.join(models)} (got {args.perturbation_model!r})")
     if args.mutation[0] > args.mutation[1]:
@@ -390,7 +385,7 @@ def resolve_inputs(args: Args) -> tuple:
     ckpt = load_checkpoint(args.checkpoint)
     if "finetune_condition" in ckpt:  # a fine-tuned policy is attacked under the perturbation it was trained with
         script = args.perturbation_from or os.path.basename(__file__)
-        script_perturbation(args.perturbation_from).check(ckpt, f"the checkpoint {args.checkpoint}", script)
+        chosen(PERTURBATION, args.perturbation_from).check(ckpt, f"the checkpoint {args.checkpoint}", script)
     env_id = ckpt["env_id"]
     max_steps = args.max_episode_steps if args.max_episode_steps is not None else ckpt.get("max_episode_steps")
     output = args.output or os.path.join(os.path.dirname(args.checkpoint) or ".", "perturbations.npz")
@@ -417,16 +412,17 @@ def stacked(runs: list, width: int) -> dict:
     return {"deltas": deltas, "objective": objective, "histories": padded([run.history for run in runs])}
 
 
-def file_header(args: Args, env_id: str, max_steps: int | None, act_dim: int) -> dict:
-    """What the perturbations file says besides the results: its format, the threat model, the env, the policy and
-    the DE settings (docs/file_contracts.md); evaluate_matrix.py's fresh attack repeats them."""
+def file_header(args: Args, env_id: str, max_steps: int | None, act_dim: int, perturbation: Perturbation) -> dict:
+    """What the perturbations file says besides the results: its format, the threat model (ε and the perturbation:
+    target, model, code), the env, the policy and the DE settings (docs/file_contracts.md); evaluate_matrix.py's fresh
+    attack repeats them."""
     de_settings = {key: getattr(args, key) for key in ("de_seed", "de_episodes", "popsize", "maxiter", "strategy")}
     de_settings.update(mutation=np.asarray(args.mutation), recombination=args.recombination, tol=args.tol)
     return {
         "format": PERTURBATION_FORMAT,
         "format_version": PERTURBATION_VERSION,
         "epsilon": args.epsilon,
-        "perturbation_model": args.perturbation_model,
+        **perturbation.record(args.perturbation_model),
         "env_id": env_id,
         "max_episode_steps": -1 if max_steps is None else int(max_steps),
         "act_dim": act_dim,
@@ -440,7 +436,7 @@ def file_header(args: Args, env_id: str, max_steps: int | None, act_dim: int) ->
 def main(args: Args):
     check_args(args)
     ckpt, env_id, max_steps, output = resolve_inputs(args)
-    perturbation, eps = script_perturbation(args.perturbation_from), args.epsilon
+    perturbation, eps = chosen(PERTURBATION, args.perturbation_from), args.epsilon
     width = perturbation.width(ckpt["obs_dim"], ckpt["act_dim"])  # of δ: Na for a perturbation of actions
     state_path = output + ".state.npz"  # written after every DE generation; removed when the run is complete
     saved = load_state(state_path, args)
@@ -497,10 +493,7 @@ def main(args: Args):
     results.update(random_deltas=random_deltas, random_returns=random_returns, eval_seeds=eval_seeds)
     results.update(random_return_mean=random_returns.mean(), random_return_std=random_returns.std())
     cost = {"env_steps": env_steps, "wall_time_sec": wall, "num_workers": workers}
-    header = {
-        **file_header(args, env_id, max_steps, int(ckpt["act_dim"])),
-        **perturbation.record(args.perturbation_model),
-    }
+    header = file_header(args, env_id, max_steps, int(ckpt["act_dim"]), perturbation)
     save_npz(output, {**header, **results, **cost})
     if os.path.exists(state_path):
         os.remove(state_path)

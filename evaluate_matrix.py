@@ -40,7 +40,7 @@ from robust_o2o.cli import Range, UserError, check_ranges, cli, die_with_parent
 from robust_o2o.evaluation import ConditionEvaluator, normalized_score
 from robust_o2o.files import check_recorded_set, sha256_file, write_text
 from robust_o2o.formats import check_fit, find_checkpoints, load_checkpoint, load_perturbations
-from robust_o2o.perturbation import Perturbation, from_script
+from robust_o2o.perturbation import Perturbation, chosen
 from robust_o2o.plots import save_curve_panels, save_figure, save_q_plot
 from robust_o2o.video import captioned, check_rendering, record_episode, side_by_side, write_video
 
@@ -139,13 +139,6 @@ def perturb_action(action: np.ndarray, delta: np.ndarray, low, high, perturbatio
 PERTURBATION = Perturbation(target="action", models=("multiplicative", "additive"), apply=perturb_action)
 
 
-def script_perturbation(args: Args) -> tuple:
-    """This script's PERTURBATION, or the one the fork named by --perturbation-from declares. -> (it, its script)"""
-    if args.perturbation_from is None:
-        return PERTURBATION, os.path.basename(__file__)
-    return from_script(args.perturbation_from), args.perturbation_from
-
-
 def is_finetuned(ckpt: dict) -> bool:
     """Decided by what the checkpoint holds, not by which script wrote it, so a fork under another name counts too."""
     return "finetune_condition" in ckpt
@@ -219,7 +212,9 @@ def same_attack(ref: dict, path: str, settings: dict) -> bool:
 def fresh_attack(path: str, settings: dict, args: Args, out_dir: str) -> dict:
     """Run de_perturbations.py against this policy with `settings` (attack_settings). Cached under a key made of
     the checkpoint's hash and the settings, so a different budget never reuses an old attack."""
-    fork = [script_perturbation(args)[0].code] if args.perturbation_from else []  # another perturbation, another key
+    fork = (
+        [chosen(PERTURBATION, args.perturbation_from).code] if args.perturbation_from else []
+    )  # another perturbation, another key
     key = hashlib.sha256(" ".join([sha256_file(path), *as_argv(settings), *fork]).encode()).hexdigest()[:16]
     out = os.path.join(out_dir, "attacks", f"{key}.npz")
     if not os.path.exists(out):
@@ -461,7 +456,7 @@ def capture_videos(args: Args, ckpts: dict, sets: dict) -> list:
         env_spec, size = (ckpt["env_id"], ckpt.get("max_episode_steps")), (args.video_size, args.video_frame_skip)
         return record_episode(*env_spec, *policy, delta, perturbation, perturbation_model, args.eval_seed, *size)
 
-    perturbation = script_perturbation(args)[0]
+    perturbation = chosen(PERTURBATION, args.perturbation_from)
     for path, ckpt in tqdm(ckpts.items(), desc="videos"):
         ref, attack = sets[path]
         attack = attack if attack is not None else ref  # no fresh attack: the precomputed set's worst δ
@@ -530,7 +525,8 @@ def main(args: Args):
         check_rendering(env_id)
     # every input is checked before anything is written: the perturbation sets (made under the perturbation this
     # matrix applies, as the fine-tunes were), and each fine-tune's learning curve
-    perturbation, script = script_perturbation(args)
+    perturbation = chosen(PERTURBATION, args.perturbation_from)
+    script = args.perturbation_from or os.path.basename(__file__)
     refs = {}
     for p, c in ckpts.items():
         width, npz = perturbation.width(c["obs_dim"], c["act_dim"]), reference_npz_path(p, c)

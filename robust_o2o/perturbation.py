@@ -82,3 +82,8 @@ def from_script(path: str) -> Perturbation:
         raise UserError(f"--perturbation-from {path} declares no PERTURBATION = Perturbation(...) (docs/forking.md)")
     sys.modules[name] = module
     return perturbation
+
+
+def chosen(own: Perturbation, perturbation_from: str | None) -> Perturbation:
+    """The calling script's own PERTURBATION, or the one the fork named by --perturbation-from declares."""
+    return own if perturbation_from is None else from_script(perturbation_from)

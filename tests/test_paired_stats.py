@@ -72,15 +72,7 @@ def test_a_planted_effect_of_one_sd_is_detected_at_ten_seeds():
 
 def judge_simulated(effects: dict, n_seeds: int, rng) -> list:
     """judge() on simulated per-seed endpoint values: every arm N(0, 1) per seed, plus the planted effects."""
-    arms = {
-        claims.OFFLINE,
-        claims.NORMAL_FT,
-        claims.RANDOM_FT,
-        claims.ADV_FIXED,
-        claims.LINEAR,
-        claims.ADAPTIVE,
-        claims.SCRATCH,
-    }
+    arms = set(claims.ORDER)  # every arm of the study
     values = {}
     for arm in arms:
         for endpoint in ("normal", "random", "robustness", "online_auc"):
@@ -146,15 +138,7 @@ def test_a_second_look_keeps_the_first_looks_verdicts_and_holm_family():
     data alone would not give), the open claims are judged on every seed, and Holm's step-down runs over all four
     claims with the decided ones' first-look p."""
     rng = np.random.default_rng(3)
-    arms = {
-        claims.OFFLINE,
-        claims.NORMAL_FT,
-        claims.RANDOM_FT,
-        claims.ADV_FIXED,
-        claims.LINEAR,
-        claims.ADAPTIVE,
-        claims.SCRATCH,
-    }
+    arms = set(claims.ORDER)  # every arm of the study
     first, later = range(10), range(10, 20)
     values = {
         ("E", arm, endpoint): {s: rng.normal() for s in [*first, *later]}
