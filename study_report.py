@@ -51,6 +51,7 @@ from study_tools.costs import (
     unlisted_chains,
 )
 from study_tools.curves import curricula_section, efficiency_section, poi, poi_reps
+from study_tools.evidence import claim_rows
 from study_tools.loading import (
     ReportError,
     csv_inputs,
@@ -241,11 +242,13 @@ def write_inputs(args: Args, source: str, study: tuple, costs: list, elsewhere: 
     """The report's inputs, per seed, beside study.json (and each extension's costs in its folder), so the report can
     be rebuilt without the runs."""
     study_rows, study_curves = study
-    if source == "runs":
+    from_chains = source != "runs" and csv_inputs(args.results_dir)[0][0].endswith("__evaluations.csv")
+    if source == "runs" or from_chains:  # every seed the report read, in one table each
         order = in_report_order({r["policy"] for r in study_rows} | {k[1] for k in study_curves})
         evaluations, curve_table = per_seed_tables(study_rows, study_curves, order.index)
         write_text(os.path.join(args.results_dir, "evaluations.csv"), evaluations)
         write_text(os.path.join(args.results_dir, "curves.csv"), curve_table)
+    if source == "runs":
         if costs:
             write_text(os.path.join(args.results_dir, "stage_costs.csv"), to_csv(costs))
         if elsewhere:
@@ -303,6 +306,8 @@ def main(args: Args):
     plot_heatmap(os.path.join(out_dir, "heatmap.png"), groups[-1], policies, est, C)
     write_text(os.path.join(out_dir, "scores.csv"), to_csv(csv_rows))
     write_text(os.path.join(out_dir, "paired.csv"), to_csv(paired_rows) if paired_rows else "")
+    complete, second_look = status.startswith("complete"), bool(args.first_look_seeds)
+    write_text(os.path.join(out_dir, "claims.csv"), to_csv(claim_rows(judged, C, args.alpha, complete, second_look)))
     write_inputs(args, source, (study_rows, study_curves), costs, study_elsewhere, extensions)
     if poi_rows:
         write_text(os.path.join(out_dir, "poi.csv"), to_csv(poi_rows))
@@ -310,7 +315,7 @@ def main(args: Args):
     print(f"Study {manifest['study']}: {status}.")
     for e in judged:
         print(f"  claim {e['claim'].number} ({e['env']}): {e['status']}")
-    print(f"wrote {out_dir}/report.md, paired.csv, scores.csv, poi.csv and plots")
+    print(f"wrote {out_dir}/report.md, claims.csv, paired.csv, scores.csv, poi.csv and plots")
 
 
 if __name__ == "__main__":

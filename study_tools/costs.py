@@ -189,10 +189,29 @@ def unlisted_chains(results_dir: str, listed: list, seeds=()) -> list:
     return [c for c in finished_chains(results_dir, seeds) if (c["env_id"], c["seed"]) not in chains_listed]
 
 
+CHAIN_KEYS = {
+    "env_id": str,
+    "seed": int,
+    "commit": str,
+    "machine": str,
+    "stages": int,
+    "wall_s": (int, float),
+    "finished": (int, float),
+}
+
+
+def checked_chain(chain, path: str) -> dict:
+    """A chain's provenance file with every key the report reads, or one line naming it."""
+    bad = [k for k, kind in CHAIN_KEYS.items() if not isinstance(chain, dict) or not isinstance(chain.get(k), kind)]
+    if bad:
+        raise ReportError(f"{path} lacks {', '.join(bad)} or holds another type; copy the chain's file from the study")
+    return chain
+
+
 def finished_chains(results_dir: str, seeds=()) -> list:
     """The provenance of each finished chain (chains/*.json, written by study.py), in (env, seed) order (seed 10 after
     seed 9, not after seed 1). --seeds: the report's seeds only."""
-    chains = [read_json(p) for p in glob.glob(os.path.join(results_dir, "chains", "*.json"))]
+    chains = [checked_chain(read_json(p), p) for p in sorted(glob.glob(os.path.join(results_dir, "chains", "*.json")))]
     chains = [c for c in chains if not seeds or c["seed"] in seeds]
     return sorted(chains, key=lambda c: (c["env_id"], c["seed"]))
 
