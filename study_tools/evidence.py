@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import tyro
 
 from study_tools.claims import CLAIMS, EQUIVALENCE_MARGIN
+from study_tools.tables import p_text
 
 CLAIM_FIELDS = (
     "env_id",
@@ -111,10 +112,6 @@ class EvidenceError(Exception):
 
 
 ENDPOINT_NAMES = {"online_auc": "online AUC", "normal": "normal return", "random": "return under random δ"}
-
-
-def p_text(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1g}"
 
 
 def signed(x: float) -> str:
