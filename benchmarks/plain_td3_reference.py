@@ -8,7 +8,8 @@ project's TD3 from scratch *without* δ reaches at the same budget. The runs are
         --run-name td3-reference-halfcheetah__1 --seed 1          # --init scratch uses none of its weights
 
 This script reads their folders (args.json and metrics.jsonl) and writes one row per run: the online area under the
-curve (claim 2's endpoint: mean normalized normal return over the evaluations after step 0) and the final evaluation.
+curve (claim 2's endpoint: mean normalized normal return over the evaluations after step 0), the final evaluation and
+the run's wall time (what the reference cost).
 study_report.py prints the rows beside claim 2 when the results folder holds the file.
 
     python benchmarks/plain_td3_reference.py --runs runs/td3-reference-halfcheetah__1 \\
@@ -28,7 +29,17 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from robust_o2o.files import write_text  # noqa: E402
 
-FIELDS = ("env_id", "seed", "total_steps", "learning_starts", "online_auc", "final_normalized", "final_return", "run")
+FIELDS = (
+    "env_id",
+    "seed",
+    "total_steps",
+    "learning_starts",
+    "online_auc",
+    "final_normalized",
+    "final_return",
+    "wall_s",
+    "run",
+)
 
 
 @dataclass
@@ -37,6 +48,15 @@ class Args:
     """run folders of td3_adv_finetune.py --init scratch --finetune-condition normal"""
     output: str = "plain_td3_reference.csv"
     """the table to write (put it in the study's results folder)"""
+
+
+def wall_time(args: dict, rows: list) -> float | None:
+    """The run's wall time, training and evaluations, from its last logged steps per second (steps since the run
+    started ÷ seconds since then); None for a resumed run, whose last rate covers only its last part."""
+    rates = [r for r in rows if "charts/sps" in r]
+    if args.get("resume") or not rates:
+        return None
+    return rates[-1]["step"] / rates[-1]["charts/sps"]
 
 
 def reference_row(run: str) -> dict:
@@ -56,6 +76,7 @@ def reference_row(run: str) -> dict:
         "online_auc": float(np.mean([r["eval/normal_normalized"] for r in evals if r["step"] > 0])),
         "final_normalized": evals[-1]["eval/normal_normalized"],
         "final_return": evals[-1]["eval/normal_return"],
+        "wall_s": wall_time(args, rows),
         "run": os.path.basename(os.path.normpath(run)),
     }
 

@@ -238,7 +238,13 @@ def plain_td3_reference(results_dir: str) -> list:
     try:
         rows = list(csv.DictReader(open(path)))
         return [
-            {**r, "seed": int(r["seed"]), **{k: float(r[k]) for k in ("online_auc", "final_normalized")}} for r in rows
+            {
+                **r,
+                "seed": int(r["seed"]),
+                **{k: float(r[k]) for k in ("online_auc", "final_normalized")},
+                "wall_s": float(r["wall_s"]) if r.get("wall_s") else None,  # older files and resumed runs: none
+            }
+            for r in rows
         ]
     except (KeyError, ValueError) as e:
         fix = "write it again with benchmarks/plain_td3_reference.py"

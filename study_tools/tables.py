@@ -320,11 +320,18 @@ def reference_section(reference: list, values: dict, envs: list) -> list:
         arm = f"; the scratch arm's, {np.mean(list(scratch.values())):.1f} over {len(scratch)} seeds" if scratch else ""
         runs = ", ".join(f"seed {r['seed']}: {r['online_auc']:.1f} (final {r['final_normalized']:.1f})" for r in mine)
         steps, warmup = int(float(mine[0]["total_steps"])), int(float(mine[0]["learning_starts"]))
+        walls = [r.get("wall_s") for r in mine]
+        cost = (
+            f" They took {' and '.join(f'{w:,.0f}' for w in walls)} s of wall time (training and evaluations, from "
+            "each run's logged steps per second)."
+            if all(w is not None for w in walls)
+            else ""
+        )
         out += [
             f"**A plain TD3 at the same budget ({env}; descriptive, no test).** Claim 2's comparator is adversarial "
             "from random networks; this project's TD3 from scratch without δ (`td3_adv_finetune.py --init scratch "
             f"--finetune-condition normal`, {steps:,} steps, {warmup:,} warm-up) reached an online area under the "
-            f"curve of {runs}{arm}. From `plain_td3_reference.csv` (`benchmarks/plain_td3_reference.py`).",
+            f"curve of {runs}{arm}.{cost} From `plain_td3_reference.csv` (`benchmarks/plain_td3_reference.py`).",
             "",
         ]
     return out

@@ -16,7 +16,7 @@ import pytest
 
 import study
 import study_report as sr
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, run_script
 from study_tools import claims, costs, loading, tables
 
 CONDS = ("normal", "random", "adversarial", "transfer")
@@ -815,9 +815,39 @@ def test_the_report_names_what_a_plain_td3_reaches_beside_claim_2_when_the_study
     scratch_auc = [r for r in csv.DictReader(open(res / "curves.csv")) if r["policy"] == sr.SCRATCH]
     assert "the scratch arm's" in paragraph and scratch_auc
     assert report.index("A plain TD3") < report.index("## Paired differences")
+    assert "wall time" not in paragraph  # a file written before the runs' wall time was kept
+    timed = "env_id,seed,total_steps,learning_starts,online_auc,final_normalized,final_return,wall_s,run\n"
+    rows = (
+        "Hopper-v5,1,100000,10000,17.88,34.56,4012.0,748.4,ref1\nHopper-v5,2,100000,10000,19.49,41.98,4932.6,756.4,r2\n"
+    )
+    (res / "plain_td3_reference.csv").write_text(timed + rows)
+    sr.main(sr.Args(results_dir=str(res), reps=200))
+    assert "They took 748 and 756 s of wall time" in (res / "report.md").read_text()
     (res / "plain_td3_reference.csv").write_text(header + "Hopper-v5,one,100000,10000,1,2,3,ref\n")
     with pytest.raises(sr.ReportError, match="plain_td3_reference.csv is malformed"):
         sr.main(sr.Args(results_dir=str(res), reps=200))
+
+
+def test_the_plain_td3_reference_reads_a_finished_plain_run_with_its_wall_time_and_refuses_any_other(
+    hopper_checkpoint, hopper_perturbations, tmp_path
+):
+    tiny = ["--checkpoint", hopper_checkpoint, "--total-steps", "60", "--eval-freq", "30", "--eval-episodes", "1"]
+    tiny += ["--batch-size", "16", "--learning-starts", "20"]
+    plain = ["--init", "scratch", "--finetune-condition", "normal", "--run-name", "plain"]
+    for flags in (plain, ["--run-name", "adversarial"]):
+        proc = run_script("td3_adv_finetune.py", *tiny, *flags, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    bench, out = "benchmarks/plain_td3_reference.py", str(tmp_path / "ref.csv")
+    proc = run_script(bench, "--runs", "runs/plain", "--output", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = list(csv.DictReader(open(out)))
+    metrics = [json.loads(line) for line in open(tmp_path / "runs" / "plain" / "metrics.jsonl")]
+    evals = [r for r in metrics if "eval/normal_normalized" in r]
+    assert float(row["online_auc"]) == pytest.approx(np.mean([r["eval/normal_normalized"] for r in evals[1:]]))
+    assert float(row["final_normalized"]) == pytest.approx(evals[-1]["eval/normal_normalized"])
+    assert float(row["wall_s"]) == pytest.approx(60 / [r for r in metrics if "charts/sps" in r][-1]["charts/sps"])
+    proc = run_script(bench, "--runs", "runs/plain", "runs/adversarial", "--output", out, cwd=tmp_path)
+    assert proc.returncode != 0 and "runs/adversarial is not a plain TD3 run" in proc.stderr
 
 
 def test_part_2_judges_normal_and_random_on_the_kept_policies_and_robustness_on_the_final_one(tmp_path):
