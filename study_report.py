@@ -44,9 +44,9 @@ from study_tools.claims import (
 )
 from study_tools.costs import (
     chains_section,
+    costs_and_source,
     costs_section,
     load_extension,
-    stage_costs,
     stages_elsewhere,
     unlisted_chains,
 )
@@ -238,17 +238,18 @@ def poi_section(table: dict, groups: list, R: int, C: float) -> tuple:
     return out, poi_rows
 
 
-def write_inputs(args: Args, source: str, study: tuple, costs: list, elsewhere: list, extensions: list):
-    """The report's inputs, per seed, beside study.json (and each extension's costs in its folder), so the report can
-    be rebuilt without the runs."""
+def write_inputs(args: Args, source: str, study: tuple, costs: tuple, elsewhere: list, extensions: list):
+    """The report's inputs, per seed, beside study.json, and the stages' costs wherever they were read from the
+    markers (each extension's in its folder), so the report can be rebuilt without the runs."""
     study_rows, study_curves = study
+    costs, from_markers = costs
     from_chains = source != "runs" and csv_inputs(args.results_dir)[0][0].endswith("__evaluations.csv")
     if source == "runs" or from_chains:  # every seed the report read, in one table each
         order = in_report_order({r["policy"] for r in study_rows} | {k[1] for k in study_curves})
         evaluations, curve_table = per_seed_tables(study_rows, study_curves, order.index)
         write_text(os.path.join(args.results_dir, "evaluations.csv"), evaluations)
         write_text(os.path.join(args.results_dir, "curves.csv"), curve_table)
-    if source == "runs":
+    if from_markers:  # also for a report read from the chains' files on the machine that ran the study
         if costs:
             write_text(os.path.join(args.results_dir, "stage_costs.csv"), to_csv(costs))
         if elsewhere:
@@ -293,8 +294,8 @@ def main(args: Args):
     section, poi_rows = poi_section(table, groups, R, C)
     out += section + curricula_section(envs, est, curves, C) + efficiency_section(curves, policies, R, C)
     root = args.runs_root or manifest["runs_root"]
-    costs, study_elsewhere = (
-        stage_costs(manifest, root, args.results_dir),
+    (costs, from_markers), study_elsewhere = (
+        costs_and_source(manifest, root, args.results_dir),
         stages_elsewhere(manifest, root, args.results_dir),
     )
     elsewhere = [e for e in study_elsewhere if not args.seeds or e["seed"] in args.seeds]
@@ -308,7 +309,7 @@ def main(args: Args):
     write_text(os.path.join(out_dir, "paired.csv"), to_csv(paired_rows) if paired_rows else "")
     complete, second_look = status.startswith("complete"), bool(args.first_look_seeds)
     write_text(os.path.join(out_dir, "claims.csv"), to_csv(claim_rows(judged, C, args.alpha, complete, second_look)))
-    write_inputs(args, source, (study_rows, study_curves), costs, study_elsewhere, extensions)
+    write_inputs(args, source, (study_rows, study_curves), (costs, from_markers), study_elsewhere, extensions)
     if poi_rows:
         write_text(os.path.join(out_dir, "poi.csv"), to_csv(poi_rows))
     write_text(os.path.join(out_dir, "report.md"), "\n".join(out) + "\n")

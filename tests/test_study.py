@@ -283,6 +283,26 @@ def test_an_extensions_stage_costs_join_the_report_and_are_kept_for_a_fresh_clon
     assert "Status: PARTIAL: 8 of 10 policies evaluated" in (res / "report.md").read_text()
 
 
+def test_a_report_read_from_the_chains_on_the_study_s_machine_keeps_its_stage_costs_for_a_fresh_clone(tmp_path):
+    """The last report of a study is built from its committed chain files (--source csv) on the machine whose markers
+    time its stages: it writes stage_costs.csv, so a clone without the runs builds the same report."""
+    res = fake_study(tmp_path, TWO_ARMS, seeds=(1, 2, 3, 4))
+    manifest = json.loads((res / "study.json").read_text())
+    manifest |= {"namespace": "ns", "commands": {f"finetune:Hopper-v5:{s}": [] for s in (1, 2, 3, 4)}}
+    (res / "study.json").write_text(json.dumps(manifest))
+    sr.main(sr.Args(results_dir=str(res), reps=200))  # writes the per-seed tables a --source csv report reads
+    markers = tmp_path / "runs" / "_study" / "ns"
+    markers.mkdir(parents=True)
+    for s in (1, 2, 3, 4):
+        (markers / f"finetune__Hopper-v5__{s}.json").write_text(json.dumps({"argv": [], "wall_s": 600.0}))
+    sr.main(sr.Args(results_dir=str(res), reps=200, source="csv"))
+    report = (res / "report.md").read_text()
+    assert "| finetune | 4 | 10.0 min |" in report and (res / "stage_costs.csv").is_file()
+    shutil.rmtree(tmp_path / "runs")  # a fresh clone: no runs, no markers
+    sr.main(sr.Args(results_dir=str(res), reps=200, source="csv"))
+    assert (res / "report.md").read_text() == report
+
+
 def test_a_second_look_counts_policies_per_chain_and_costs_unlisted_chains_by_their_totals(tmp_path):
     """An extension resumed on a new machine lists only its remaining seeds: the status counts the listed policies per
     (env, seed) chain (rows of chains no manifest lists do not make up for a listed chain that has none), and those
