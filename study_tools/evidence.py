@@ -202,6 +202,8 @@ def rewrite_readme(path: str, table: str):
 
 
 def main(args: Args):
+    if not args.folders:
+        raise EvidenceError("name at least one study's results folder, e.g. results/study-hopper-100k")
     table = claims_table(args.folders)
     if args.readme:
         rewrite_readme(args.readme, table)

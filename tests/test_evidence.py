@@ -90,6 +90,8 @@ def test_the_command_rewrites_only_the_marked_table_and_refuses_in_one_line(tmp_
     (res / "study.json").write_text(json.dumps({**manifest, "env_ids": ["Hopper-v5", "Walker2d-v5"]}))
     proc = subprocess.run(cmd[:4], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "one study folder per env" in proc.stderr
+    proc = subprocess.run(cmd[:3], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and proc.stderr.startswith("error: name at least one study")
 
 
 def test_a_report_from_the_chains_files_rewrites_the_per_seed_tables_with_every_seed_it_read(tmp_path):
