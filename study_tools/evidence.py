@@ -172,9 +172,13 @@ def env_cells(folder: str) -> tuple:
     if os.path.exists(path):
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r["env_id"] == env]
-    if not rows or any(r["study_status"] != "complete" for r in rows):
-        return env, {c.number: running_cell(folder, manifest, env) for c in CLAIMS}
-    return env, {c.number: verdict_cell([r for r in rows if r["claim"] == str(c.number)]) for c in CLAIMS}
+    try:
+        if not rows or any(r["study_status"] != "complete" for r in rows):
+            return env, {c.number: running_cell(folder, manifest, env) for c in CLAIMS}
+        return env, {c.number: verdict_cell([r for r in rows if r["claim"] == str(c.number)]) for c in CLAIMS}
+    except (KeyError, ValueError, TypeError) as e:
+        fix = f"rebuild it with python study_report.py --results-dir {folder}"
+        raise EvidenceError(f"{path} is damaged ({type(e).__name__}: {e}); {fix}") from None
 
 
 def claims_table(folders) -> str:

@@ -90,6 +90,14 @@ def test_the_command_rewrites_only_the_marked_table_and_refuses_in_one_line(tmp_
     (res / "study.json").write_text(json.dumps({**manifest, "env_ids": ["Hopper-v5", "Walker2d-v5"]}))
     proc = subprocess.run(cmd[:4], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "one study folder per env" in proc.stderr
+    (res / "study.json").write_text(json.dumps(manifest))
+    claims_csv = (res / "claims.csv").read_text()
+    (res / "claims.csv").write_text(claims_csv.replace(",complete", ",").replace("study_status", "status"))
+    proc = subprocess.run(cmd[:4], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and proc.stderr.startswith("error: ") and "claims.csv is damaged" in proc.stderr
+    (res / "claims.csv").write_text(claims_csv.replace(",1,0.0078125,", ",1,eight,", 1))  # claim 1: claim_p a word
+    proc = subprocess.run(cmd[:4], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "claims.csv is damaged (ValueError" in proc.stderr
     proc = subprocess.run(cmd[:3], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and proc.stderr.startswith("error: name at least one study")
 
