@@ -161,11 +161,16 @@ def study_status(listed: list, study_rows: list, study_curves: dict) -> str:
     return f"PARTIAL: {n_done} of {n_total} policies evaluated; the study is still running or failed; do not cite"
 
 
+def reads_chains(results_dir: str, source: str) -> bool:
+    """Whether the report reads the finished chains' own files (chains/*__evaluations.csv)."""
+    return source != "runs" and csv_inputs(results_dir)[0][0].endswith("__evaluations.csv")
+
+
 def header(args: Args, manifest: dict, status: str, source: str, out_dir: str) -> list:
     """The report's title, status, provenance and the command that rebuilds it."""
     same_folder = os.path.abspath(out_dir) == os.path.abspath(args.results_dir)
     csv_folder = "per-seed CSVs in this folder" if same_folder else f"per-seed CSVs in `{args.results_dir}`"
-    if source != "runs" and csv_inputs(args.results_dir)[0][0].endswith("__evaluations.csv"):  # the chains' own files
+    if reads_chains(args.results_dir, source):
         where = "" if same_folder else f" of `{args.results_dir}`"
         csv_folder = f"finished chains' per-seed CSVs{where} (`chains/*__evaluations.csv`, `chains/*__curves.csv`)"
     driver = (
@@ -243,8 +248,7 @@ def write_inputs(args: Args, source: str, study: tuple, costs: tuple, elsewhere:
     markers (each extension's in its folder), so the report can be rebuilt without the runs."""
     study_rows, study_curves = study
     costs, from_markers = costs
-    from_chains = source != "runs" and csv_inputs(args.results_dir)[0][0].endswith("__evaluations.csv")
-    if source == "runs" or from_chains:  # every seed the report read, in one table each
+    if source == "runs" or reads_chains(args.results_dir, source):  # every seed the report read, in one table each
         order = in_report_order({r["policy"] for r in study_rows} | {k[1] for k in study_curves})
         evaluations, curve_table = per_seed_tables(study_rows, study_curves, order.index)
         write_text(os.path.join(args.results_dir, "evaluations.csv"), evaluations)

@@ -24,29 +24,6 @@ import tyro
 from study_tools.claims import CLAIMS, EQUIVALENCE_MARGIN
 from study_tools.tables import p_text
 
-CLAIM_FIELDS = (
-    "env_id",
-    "claim",
-    "x",
-    "y",
-    "endpoint",
-    "test",
-    "n",
-    "mean_difference",
-    "lo",
-    "hi",
-    "ci_level",
-    "x_higher",
-    "p",
-    "deciding",
-    "claim_p",
-    "side",
-    "p_holm",
-    "alpha",
-    "verdict",
-    "look",
-    "study_status",
-)
 BEGIN, END = "<!-- claims-by-env: begin (python -m study_tools.evidence) -->", "<!-- claims-by-env: end -->"
 
 
