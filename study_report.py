@@ -49,6 +49,7 @@ from study_tools.costs import (
     load_extension,
     stages_elsewhere,
     unlisted_chains,
+    whole_cost_section,
 )
 from study_tools.curves import curricula_section, efficiency_section, poi, poi_reps
 from study_tools.evidence import claim_rows
@@ -305,6 +306,7 @@ def main(args: Args):
     elsewhere = [e for e in study_elsewhere if not args.seeds or e["seed"] in args.seeds]
     out += costs_section(costs, elsewhere, extensions, unlisted_chains(args.results_dir, listed, args.seeds))
     out += chains_section(args.results_dir, elsewhere + [e for x in extensions for e in x["elsewhere"]], args.seeds)
+    out += whole_cost_section(args.results_dir, len(manifest["env_ids"]) * len(manifest["seeds"]), args.seeds)
 
     os.makedirs(out_dir, exist_ok=True)  # TRY NOT TO MODIFY: the outputs, each written atomically
     plot_curves(out_dir, envs, curves, policies, est, R, C)

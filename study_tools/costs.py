@@ -283,6 +283,53 @@ def chains_section(results_dir: str, elsewhere: list = (), seeds=()) -> list:
     return out + ["", total + ", each stage on one core.", ""]
 
 
+OUTSIDE_CHAINS = (
+    "costs_outside_chains.csv"  # item, core_s, measured_as, source: the work a study needed besides its chains
+)
+
+
+def outside_chains(results_dir: str) -> list:
+    """The work the study needed besides its chains (the dataset, a cost pilot, reference runs), one row each, from
+    costs_outside_chains.csv in its results folder, or [] without that file."""
+    path = os.path.join(results_dir, OUTSIDE_CHAINS)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    fix = "give each row item, core_s (seconds, >= 0), measured_as and source"
+    try:
+        out = [{**r, "core_s": float(r["core_s"])} for r in rows]
+        if any(not (r["item"] and r["measured_as"] and r["source"] and r["core_s"] >= 0) for r in out):
+            raise ValueError("a row has an empty field or a negative or NaN core_s")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ReportError(f"{path} is malformed ({type(e).__name__}: {e}); {fix}") from None
+    return out
+
+
+def whole_cost_section(results_dir: str, planned: int, seeds=()) -> list:
+    """What the whole study cost: its chains' CPU time (chains/*.json) and the work outside them that it needed
+    (outside_chains), summed; [] for a report on some seeds only (--seeds) or without costs_outside_chains.csv."""
+    outside = outside_chains(results_dir)
+    chains = finished_chains(results_dir)
+    if seeds or not outside or any(c.get("cpu_s") is None for c in chains):
+        return []
+    chain_s = sum(c["cpu_s"] for c in chains)
+    so_far = "" if len(chains) >= planned else f" so far ({len(chains)} of its {planned} chains)"
+    out = [
+        "## What the whole study cost",
+        "",
+        f"Its chains and the work outside them that it needed (`{OUTSIDE_CHAINS}`), in core-hours.",
+        "",
+        "| work | core-hours | measured as | source |",
+        "|---|---|---|---|",
+        f"| the study's {len(chains)} chains | {chain_s / 3600:.2f} | CPU time of every attempt of their stages | "
+        "`chains/*.json` |",
+    ]
+    out += [f"| {r['item']} | {r['core_s'] / 3600:.2f} | {r['measured_as']} | {r['source']} |" for r in outside]
+    total = chain_s + sum(r["core_s"] for r in outside)
+    return out + ["", f"The whole study{so_far}: **{total / 3600:.2f} core-hours**.", ""]
+
+
 def elsewhere_note(chain: dict, elsewhere: list) -> str:
     mine = [e for e in elsewhere if (e["env_id"], e["seed"]) == (chain["env_id"], chain["seed"])]
     machines = sorted({e["ran_on"] for e in mine})

@@ -10,7 +10,7 @@ from test_study import fake_study
 
 import study_report as sr
 from conftest import ROOT
-from study_tools import claims, evidence, loading
+from study_tools import claims, costs, evidence, loading
 from study_tools.tables import per_seed_tables
 
 README_FOLDERS = ("results/study-hopper-100k", "results/study-halfcheetah-100k")  # the README's columns
@@ -120,3 +120,12 @@ def test_a_report_from_the_chains_files_rewrites_the_per_seed_tables_with_every_
     sr.main(sr.Args(results_dir=str(res), reps=200, source="csv"))
     assert "Read from the finished chains' per-seed CSVs" in (res / "report.md").read_text()
     assert ((res / "evaluations.csv").read_text(), (res / "curves.csv").read_text()) == every_seed
+
+
+def test_part_2_s_cost_outside_its_chains_repeats_the_committed_files_it_names():
+    outside = {r["item"]: r["core_s"] for r in costs.outside_chains(f"{ROOT}/results/study-halfcheetah-100k")}
+    with open(f"{ROOT}/results/chain-cost-halfcheetah/chains/HalfCheetah-v5__seed101.json") as f:
+        assert outside["cost pilot: the chain of seed 101 at the study's budgets"] == json.load(f)["cpu_s"]
+    for row in loading.plain_td3_reference(f"{ROOT}/results/study-halfcheetah-100k"):
+        assert outside[f"plain TD3 reference, seed {row['seed']}"] == row["wall_s"]
+    assert len(outside) == 4 and outside[next(k for k in outside if k.startswith("dataset"))] == 981.53 + 5.98

@@ -977,3 +977,32 @@ def test_a_live_service_that_is_not_ray_is_one_line_within_the_timeout(tmp_path)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith(f"error: {address} accepts"), proc.stderr
     assert "--ray-timeout" in lines[0] and time.time() - started < 60 and os.listdir(tmp_path) == []
+
+
+def test_the_whole_study_cost_adds_the_work_outside_its_chains_and_refuses_a_malformed_table(tmp_path):
+    (tmp_path / "chains").mkdir()
+    for seed, cpu_s in ((1, 3600.0), (2, 7200.0)):
+        chain = {"env_id": "Hopper-v5", "seed": seed, "commit": "a" * 40, "machine": "vm (2 cores)", "stages": 15}
+        chain |= {"wall_s": 9000.0, "cpu_s": cpu_s, "finished": 1.8e9}
+        (tmp_path / "chains" / f"Hopper-v5__seed{seed}.json").write_text(json.dumps(chain))
+    assert costs.whole_cost_section(str(tmp_path), planned=3) == []  # no costs_outside_chains.csv: no section
+    table = tmp_path / costs.OUTSIDE_CHAINS
+    table.write_text("item,core_s,measured_as,source\ndataset,1800,CPU,time\npilot,5400,CPU,chains/x.json\n")
+    text = "\n".join(costs.whole_cost_section(str(tmp_path), planned=3))
+    assert "| the study's 2 chains | 3.00 |" in text and "| dataset | 0.50 | CPU | time |" in text
+    assert "The whole study so far (2 of its 3 chains): **5.00 core-hours**." in text
+    assert "so far" not in "\n".join(costs.whole_cost_section(str(tmp_path), planned=2))  # every chain is in
+    assert costs.whole_cost_section(str(tmp_path), planned=3, seeds=(1,)) == []  # a report on some seeds only
+    for bad in ("item,core_s\ndataset,1800\n", "item,core_s,measured_as,source\ndataset,lots,CPU,time\n"):
+        table.write_text(bad)
+        with pytest.raises(loading.ReportError, match="costs_outside_chains.csv"):
+            costs.whole_cost_section(str(tmp_path), planned=3)
+    table.write_text("item,core_s,measured_as,source\ndataset,-5,CPU,time\n")
+    with pytest.raises(loading.ReportError, match="negative"):
+        costs.whole_cost_section(str(tmp_path), planned=3)
+    table.write_text("item,core_s,measured_as,source\ndataset,1800,CPU,time\n")
+    res = fake_study(tmp_path / "study", TWO_ARMS, seeds=(1, 2))  # the report adds the section after its chains
+    shutil.copytree(tmp_path / "chains", res / "chains")
+    shutil.copy(table, res / costs.OUTSIDE_CHAINS)
+    sr.main(sr.Args(results_dir=str(res), reps=50))
+    assert "The whole study: **3.50 core-hours**." in (res / "report.md").read_text()
