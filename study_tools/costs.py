@@ -283,9 +283,8 @@ def chains_section(results_dir: str, elsewhere: list = (), seeds=()) -> list:
     return out + ["", total + ", each stage on one core.", ""]
 
 
-OUTSIDE_CHAINS = (
-    "costs_outside_chains.csv"  # item, core_s, measured_as, source: the work a study needed besides its chains
-)
+# The work a study needed besides its chains, one row each: item, core_s, measured_as, source
+OUTSIDE_CHAINS = "costs_outside_chains.csv"
 
 
 def outside_chains(results_dir: str) -> list:
@@ -308,7 +307,8 @@ def outside_chains(results_dir: str) -> list:
 
 def whole_cost_section(results_dir: str, planned: int, seeds=()) -> list:
     """What the whole study cost: its chains' CPU time (chains/*.json) and the work outside them that it needed
-    (outside_chains), summed; [] for a report on some seeds only (--seeds) or without costs_outside_chains.csv."""
+    (outside_chains), summed; [] for a report on some seeds only (--seeds), without costs_outside_chains.csv, or
+    with a chain from a study.py that did not time its CPU."""
     outside = outside_chains(results_dir)
     chains = finished_chains(results_dir)
     if seeds or not outside or any(c.get("cpu_s") is None for c in chains):
