@@ -34,18 +34,23 @@ def p_text(p: float) -> str:
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1g}"
 
 
-def ci_text(r: dict) -> str:
-    return f"[{r['lo']:+.1f}, {r['hi']:+.1f}]" if np.isfinite(r["lo"]) else "[no CI from 1 seed]"
+def difference_text(r: dict, endpoint: str) -> str:
+    """A paired difference and its CI: "+1.2 [-0.3, +2.7]" in normalized points, to two decimals for the retained share
+    (a ratio in [0, 1], where one decimal would print "+0.0 [-0.0, +0.1]")."""
+    d = 2 if endpoint == "retained" else 1
+    ci = f"[{r['lo']:+.{d}f}, {r['hi']:+.{d}f}]" if np.isfinite(r["lo"]) else "[no CI from 1 seed]"
+    return f"{r['mean']:+.{d}f} {ci}"
 
 
 def describe(r: dict, comp: Comparison, alpha: float) -> str:
+    difference = difference_text(r, comp.endpoint)
     if comp.test == "equivalence":
         return (
-            f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} {ci_text(r)} ({100 * (1 - 2 * alpha):.0f}% CI; "
+            f"{comp.x} − {comp.y}, {comp.endpoint}: {difference} ({100 * (1 - 2 * alpha):.0f}% CI; "
             f"margin ±{EQUIVALENCE_MARGIN:g}), TOST p = {p_text(r['p'])}, n = {r['n']}"
         )
     return (
-        f"{comp.x} − {comp.y}, {comp.endpoint}: {r['mean']:+.1f} {ci_text(r)}, p = {p_text(r['p'])}, X higher in "
+        f"{comp.x} − {comp.y}, {comp.endpoint}: {difference}, p = {p_text(r['p'])}, X higher in "
         f"{r['up']} of {r['n']} seeds"
     )
 
@@ -262,7 +267,7 @@ def paired_section(values: dict, envs: list, confidence: float, alpha: float) ->
             if r is None:
                 continue
             test = "TOST p" if comp.test == "equivalence" else "sign-flip p"
-            ci = f"{r['mean']:+.1f} {ci_text(r)}" + (
+            ci = difference_text(r, comp.endpoint) + (
                 f" ({100 * (1 - 2 * alpha):.0f}% CI)" if comp.test == "equivalence" else ""
             )
             out.append(

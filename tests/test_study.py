@@ -907,6 +907,8 @@ def test_part_2_judges_normal_and_random_on_the_kept_policies_and_robustness_on_
     shares = [min(20.0 + s % 2, 25.0) / 30.0 - (10.0 + s % 3) / 40.0 for s in range(1, 11)]
     assert float(retained["mean_difference"]) == pytest.approx(np.mean(shares), abs=1e-6)
     report = (res / "report.md").read_text()
+    row = next(ln for ln in report.splitlines() if "| retained |" in ln)  # a share: two decimals, not "+0.4 [+0.4, …"
+    assert f"| {np.mean(shares):+.2f} [" in row, row
     assert "1. Adversarial fine-tuning is more robust" in report and "**supported**" in report.split("## Paired")[0]
     assert "## T1b: policy × evaluation condition, Hopper-v5, averaged over the kept policies" in report
     assert "averaged over a fine-tune's kept policies" in report  # the endpoints' definitions are part 2's
